@@ -1,0 +1,118 @@
+//! Pieces the examples share: device choice, sampling flags, the corpus download.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+use tinygpt::candle::Device;
+use tinygpt::SamplingParams;
+
+/// `--device cpu|cuda` (cuda needs the `cuda` cargo feature and a GPU).
+pub fn device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(0)
+            .context("--device cuda: build with `--features cuda` on a machine with an NVIDIA GPU"),
+        other => bail!("--device must be cpu or cuda, got {other:?}"),
+    }
+}
+
+/// The sampling flags of `generate`, `chat` and friends.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SamplingArgs {
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 500)]
+    pub max_new_tokens: usize,
+    /// Softmax temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 200)]
+    pub top_k: usize,
+    /// Nucleus sampling: keep the most likely tokens up to this total probability.
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Drop tokens less likely than min_p × the most likely one.
+    #[arg(long)]
+    pub min_p: Option<f32>,
+    /// CTRL repetition penalty (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 1337)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> SamplingParams {
+        SamplingParams::default()
+            .with_max_new_tokens(self.max_new_tokens)
+            .with_temperature(self.temperature)
+            .with_top_k((self.top_k > 0).then_some(self.top_k))
+            .with_top_p(self.top_p)
+            .with_min_p(self.min_p)
+            .with_repetition_penalty(self.repetition_penalty)
+            .with_seed(self.seed)
+    }
+}
+
+/// Tiny Shakespeare, as nanoGPT's `data/shakespeare_char/prepare.py` fetches it.
+pub const SHAKESPEARE_URL: &str =
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt";
+pub const SHAKESPEARE_SHA256: &str =
+    "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed";
+pub const SHAKESPEARE_BYTES: u64 = 1_115_394;
+
+/// `--data` if given, else `data/tinyshakespeare.txt`, downloaded (and checked) if missing.
+pub fn corpus(data: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = data {
+        return Ok(p.to_path_buf());
+    }
+    let path = PathBuf::from("data/tinyshakespeare.txt");
+    if path.is_file() && sha256_file(&path)? == SHAKESPEARE_SHA256 {
+        return Ok(path);
+    }
+    eprintln!("downloading Tiny Shakespeare from {SHAKESPEARE_URL}");
+    let mut bytes = Vec::new();
+    ureq::get(SHAKESPEARE_URL)
+        .call()
+        .with_context(|| format!("downloading {SHAKESPEARE_URL} (offline? pass --data FILE)"))?
+        .into_body()
+        .into_reader()
+        .take(SHAKESPEARE_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    let digest = hex(&Sha256::digest(&bytes));
+    if bytes.len() as u64 != SHAKESPEARE_BYTES || digest != SHAKESPEARE_SHA256 {
+        bail!(
+            "downloaded {} bytes with sha256 {digest}, expected {SHAKESPEARE_BYTES} bytes with \
+             sha256 {SHAKESPEARE_SHA256}",
+            bytes.len()
+        );
+    }
+    std::fs::create_dir_all("data")?;
+    let tmp = path.with_extension("txt.part");
+    std::fs::write(&tmp, &bytes)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    Ok(hex(&Sha256::digest(std::fs::read(path)?)))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// 12345.6 → "12.3k".
+pub fn human(x: f64) -> String {
+    if x >= 1e6 {
+        format!("{:.2}M", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.1}k", x / 1e3)
+    } else {
+        format!("{x:.0}")
+    }
+}

@@ -1,0 +1,60 @@
+//! Generate text from a checkpoint, streaming it as it comes.
+//!
+//! ```text
+//! cargo run --release --example generate -- --ckpt out/pretrain --prompt "ROMEO:"
+//! ```
+
+#[path = "common/mod.rs"]
+mod common;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Parser;
+use tinygpt::{checkpoint, sampler};
+
+/// Sample from a trained model.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Checkpoint directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    ckpt: PathBuf,
+    /// Text to continue ("" starts from <|endoftext|>).
+    #[arg(long, default_value = "\n")]
+    prompt: String,
+    #[command(flatten)]
+    sampling: common::SamplingArgs,
+    /// cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let device = common::device(&args.device)?;
+    let (model, tokenizer) = checkpoint::load_model(&args.ckpt, &device)?;
+    let params = args.sampling.params();
+    let t0 = Instant::now();
+    let mut generation = sampler::generate(&model, &tokenizer, &args.prompt, &params)?;
+    let mut stdout = std::io::stdout();
+    print!("{}", args.prompt);
+    for piece in generation.by_ref() {
+        print!("{}", piece?);
+        stdout.flush()?;
+    }
+    let n = generation.tokens().generated().len();
+    let dt = t0.elapsed().as_secs_f64();
+    println!();
+    eprintln!(
+        "generate: {n} tokens in {dt:.2} s ({:.1} tokens/s), finished by {:?}",
+        n as f64 / dt.max(1e-9),
+        generation.tokens().finish_reason()
+    );
+    Ok(())
+}

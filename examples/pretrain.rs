@@ -1,0 +1,316 @@
+//! Pre-train a GPT on raw text: nanoGPT's `shakespeare_char` CPU recipe by default.
+//!
+//! ```text
+//! cargo run --release --example pretrain                          # downloads Tiny Shakespeare
+//! cargo run --release --example pretrain -- --data ../shared/data/tinyshakespeare.txt
+//! cargo run --release --example pretrain -- --tokenizer bpe --vocab-size 2048
+//! cargo run --release --example pretrain -- --resume out/pretrain  # continue a run
+//! ```
+
+#[path = "common/mod.rs"]
+mod common;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use tinygpt::{
+    checkpoint, data, sampler, Gpt, GptConfig, Objective, Pretraining, SamplingParams,
+    TokenDataset, Tokenizer, TrainConfig, TrainEvent, Trainer,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum TokenizerChoice {
+    /// One token per character (nanoGPT's shakespeare_char).
+    Char,
+    /// Byte-level BPE trained on the corpus (GPT-2 style).
+    Bpe,
+}
+
+/// Pre-train a GPT on a text file. Defaults reproduce nanoGPT's CPU recipe for shakespeare_char.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// UTF-8 text to train on [default: Tiny Shakespeare, downloaded into data/].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Checkpoint directory (holds the best-validation-loss checkpoint).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run saved in this checkpoint directory (flags given override its settings).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = TokenizerChoice::Char)]
+    tokenizer: TokenizerChoice,
+    /// Vocabulary size of the BPE tokenizer (with --tokenizer bpe).
+    #[arg(long, default_value_t = 2048)]
+    vocab_size: usize,
+    #[arg(long, default_value_t = 4)]
+    n_layer: usize,
+    #[arg(long, default_value_t = 4)]
+    n_head: usize,
+    #[arg(long, default_value_t = 128)]
+    n_embd: usize,
+    #[arg(long, default_value_t = 64)]
+    block_size: usize,
+    #[arg(long, default_value_t = 0.0)]
+    dropout: f32,
+    /// Biases in projections and LayerNorms.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    bias: bool,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    gradient_accumulation_steps: Option<usize>,
+    #[arg(long)]
+    max_iters: Option<usize>,
+    #[arg(long)]
+    eval_interval: Option<usize>,
+    #[arg(long)]
+    eval_iters: Option<usize>,
+    #[arg(long)]
+    log_interval: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    min_lr: Option<f64>,
+    #[arg(long)]
+    warmup_iters: Option<usize>,
+    /// Defaults to max_iters.
+    #[arg(long)]
+    lr_decay_iters: Option<usize>,
+    #[arg(long)]
+    beta1: Option<f64>,
+    #[arg(long)]
+    beta2: Option<f64>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Clip the global gradient norm (0 = off).
+    #[arg(long)]
+    grad_clip: Option<f64>,
+    /// Checkpoint at every evaluation, not only on a new best validation loss.
+    #[arg(long)]
+    always_save_checkpoint: bool,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Characters of sample text printed at the end (0 = none).
+    #[arg(long, default_value_t = 500)]
+    sample_chars: usize,
+}
+
+impl Args {
+    /// The training settings: saved ones (on resume) or the defaults, overridden by flags.
+    fn train_config(&self, base: TrainConfig) -> TrainConfig {
+        let mut c = base;
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
+        }
+        set!(
+            batch_size,
+            gradient_accumulation_steps,
+            max_iters,
+            eval_interval,
+            eval_iters,
+            log_interval,
+            lr,
+            min_lr,
+            warmup_iters,
+            lr_decay_iters,
+            beta1,
+            beta2,
+            weight_decay,
+            grad_clip,
+            seed
+        );
+        if self.lr_decay_iters.is_none() && self.max_iters.is_some() {
+            c.lr_decay_iters = c.max_iters;
+        }
+        if self.lr.is_some() && self.min_lr.is_none() {
+            c.min_lr = c.lr / 10.0; // nanoGPT: min_lr ~= learning_rate / 10
+        }
+        c.always_save_checkpoint |= self.always_save_checkpoint;
+        c
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let device = common::device(&args.device)?;
+    let started = Instant::now();
+
+    // 1. Data, tokenizer and model: fresh, or from the checkpoint to resume.
+    let (model, tokenizer, train_cfg, data_path, out) = match &args.resume {
+        Some(dir) => {
+            let state = tinygpt::train::TrainerState::load(dir)?;
+            let data_path = match (&args.data, state.extra.get("data").and_then(|d| d.as_str())) {
+                (Some(p), _) => p.clone(),
+                (None, Some(p)) => PathBuf::from(p),
+                (None, None) => bail!("{}: no data path recorded; pass --data", dir.display()),
+            };
+            let (model, tokenizer) = checkpoint::load_trainable(dir, &device)?;
+            let cfg = args.train_config(state.train_config.clone());
+            let out = args.out.clone().unwrap_or_else(|| dir.clone());
+            println!("resuming {} at step {}", dir.display(), state.step);
+            (model, tokenizer, cfg, data_path, out)
+        }
+        None => {
+            let data_path = common::corpus(args.data.as_deref())?;
+            let text = data::read_text(&data_path)?;
+            let t0 = Instant::now();
+            let tokenizer = match args.tokenizer {
+                TokenizerChoice::Char => Tokenizer::train_char(&text)?,
+                TokenizerChoice::Bpe => Tokenizer::train_bpe(&text, args.vocab_size)?,
+            };
+            println!(
+                "tokenizer: {:?}, {} tokens in the vocabulary ({:.1} s)",
+                args.tokenizer,
+                tokenizer.vocab_size(),
+                t0.elapsed().as_secs_f64()
+            );
+            let cfg = GptConfig {
+                vocab_size: tokenizer.vocab_size(),
+                block_size: args.block_size,
+                n_layer: args.n_layer,
+                n_head: args.n_head,
+                n_embd: args.n_embd,
+                dropout: args.dropout,
+                bias: args.bias,
+            };
+            let train_cfg = args.train_config(TrainConfig::default());
+            let model = Gpt::init(&cfg, train_cfg.seed, &device)?;
+            let out = args
+                .out
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("out/pretrain"));
+            (model, tokenizer, train_cfg, data_path, out)
+        }
+    };
+    let cfg = model.config().clone();
+    let dataset = TokenDataset::from_file(&data_path, &tokenizer, 0.1)
+        .with_context(|| format!("preparing {}", data_path.display()))?;
+    println!(
+        "data: {} ({} train / {} val tokens)",
+        data_path.display(),
+        dataset.tokens(tinygpt::Split::Train).len(),
+        dataset.tokens(tinygpt::Split::Val).len()
+    );
+    println!(
+        "model: {} layers, {} heads, {} wide, context {}, {:.2}M parameters",
+        cfg.n_layer,
+        cfg.n_head,
+        cfg.n_embd,
+        cfg.block_size,
+        cfg.num_parameters() as f64 / 1e6
+    );
+
+    // 2. Train.
+    let mut objective = Pretraining::new(model, tokenizer, dataset, train_cfg.batch_size)?;
+    let extra = serde_json::json!({
+        "data": data_path.display().to_string(),
+        "tokenizer": format!("{:?}", args.tokenizer).to_lowercase(),
+    });
+    let mut trainer = Trainer::new(train_cfg.clone(), objective.parameters()?)?
+        .with_out_dir(&out)
+        .with_extra(extra);
+    if let Some(dir) = &args.resume {
+        trainer = trainer.resume_from(dir)?;
+    }
+    let pb = ProgressBar::new(train_cfg.max_iters as u64);
+    pb.set_position(trainer.step() as u64);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    // indicatif hides the bar (and its println) when stdout is not a terminal: print plainly.
+    let say = |line: String| {
+        if pb.is_hidden() {
+            println!("{line}")
+        } else {
+            pb.println(line)
+        }
+    };
+    let summary = trainer.fit(&mut objective, |event| match event {
+        TrainEvent::Step {
+            step,
+            loss,
+            tokens_per_sec,
+            lr,
+            ..
+        } => {
+            pb.set_position(*step as u64);
+            pb.set_message(format!(
+                "loss {loss:.4} | lr {lr:.2e} | {} tok/s",
+                common::human(*tokens_per_sec)
+            ));
+        }
+        TrainEvent::Eval { step, metrics } => {
+            let get = |k: &str| {
+                metrics
+                    .iter()
+                    .find(|(n, _)| n == k)
+                    .map(|(_, v)| *v)
+                    .unwrap_or(f64::NAN)
+            };
+            say(format!(
+                "step {step:>5}: train loss {:.4}, val loss {:.4}",
+                get("train_loss"),
+                get("val_loss")
+            ));
+        }
+        TrainEvent::Checkpoint { step, dir } => {
+            say(format!(
+                "step {step:>5}: saved checkpoint to {}",
+                dir.display()
+            ));
+        }
+    })?;
+    pb.finish_and_clear();
+
+    // 3. A sample from the best checkpoint, then the summary.
+    if args.sample_chars > 0 && out.join(checkpoint::files::MODEL).is_file() {
+        let (model, tokenizer) = checkpoint::load_model(&out, &device)?;
+        let params = SamplingParams::default()
+            .with_temperature(0.8)
+            .with_top_k(200)
+            .with_max_new_tokens(args.sample_chars)
+            .with_seed(train_cfg.seed);
+        println!("--- sample ---");
+        let mut chars = 0;
+        let mut stdout = std::io::stdout();
+        for piece in sampler::generate(&model, &tokenizer, "\n", &params)? {
+            let piece = piece?;
+            let room = args.sample_chars - chars;
+            let piece: String = piece.chars().take(room).collect();
+            chars += piece.chars().count();
+            print!("{piece}");
+            stdout.flush()?;
+            if chars >= args.sample_chars {
+                break;
+            }
+        }
+        println!("\n--------------");
+    }
+    println!(
+        "pretrain: best val loss {} | {} steps | {:.1} s training, {:.1} s wall | {} tokens/s | checkpoint {}",
+        summary.best_val_loss.map(|v| format!("{v:.4}")).unwrap_or_else(|| "n/a".into()),
+        summary.steps,
+        summary.elapsed_s,
+        started.elapsed().as_secs_f64(),
+        common::human(summary.tokens_per_sec),
+        out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,172 @@
+//! One error type for the whole crate.
+//!
+//! Every fallible function in tinygpt returns [`Result<T>`]. Messages say *what* was wrong,
+//! *where* (file, line, tensor name, character position) and, where it helps, what was expected,
+//! so a user can fix their input without reading our source.
+
+use std::path::{Path, PathBuf};
+
+/// `Result<T, tinygpt::Error>`.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Everything that can go wrong in tinygpt.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A tensor operation failed inside candle (shape mismatch in an op, device error, …).
+    #[error("tensor error: {0}")]
+    Candle(#[from] candle_core::Error),
+
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying OS error.
+        source: std::io::Error,
+    },
+
+    /// A data or config file is empty, malformed or otherwise unusable.
+    #[error("{path}{}: {msg}", line.map(|l| format!(":{l}")).unwrap_or_default())]
+    BadFile {
+        /// The offending file.
+        path: PathBuf,
+        /// 1-based line number, when the problem is on one line.
+        line: Option<usize>,
+        /// What is wrong.
+        msg: String,
+    },
+
+    /// A configuration value is out of range or inconsistent (e.g. `n_embd % n_head != 0`).
+    #[error("invalid config: {0}")]
+    Config(String),
+
+    /// Text contains a character the (char-level) tokenizer has never seen.
+    #[error(
+        "character {ch:?} (U+{:04X}) at position {position} (line {line}, column {column}) is not in the tokenizer's vocabulary",
+        *ch as u32
+    )]
+    UnknownChar {
+        /// The character.
+        ch: char,
+        /// 0-based index of the character in the text (in characters, not bytes).
+        position: usize,
+        /// 1-based line of the character.
+        line: usize,
+        /// 1-based column of the character (in characters).
+        column: usize,
+    },
+
+    /// The `tokenizers` crate reported an error.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// A tensor in a checkpoint has the wrong shape.
+    #[error(
+        "tensor `{name}` has shape {got:?}, expected {expected:?}{}",
+        path_suffix(path)
+    )]
+    ShapeMismatch {
+        /// Tensor name, e.g. `transformer.h.0.attn.c_attn.weight`.
+        name: String,
+        /// Shape implied by the config.
+        expected: Vec<usize>,
+        /// Shape found in the file.
+        got: Vec<usize>,
+        /// The file it came from, when known.
+        path: Option<PathBuf>,
+    },
+
+    /// A tensor the model needs is absent from a checkpoint.
+    #[error("tensor `{name}` is missing{}", path_suffix(path))]
+    MissingTensor {
+        /// Tensor name.
+        name: String,
+        /// The file that lacked it, when known.
+        path: Option<PathBuf>,
+    },
+
+    /// A checkpoint directory is incomplete or inconsistent.
+    #[error("checkpoint {path}: {msg}")]
+    Checkpoint {
+        /// The checkpoint directory or file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+
+    /// A caller passed an argument outside its documented range (empty prompt, bad shape, …).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+fn path_suffix(path: &Option<PathBuf>) -> String {
+    path.as_ref()
+        .map(|p| format!(" in {}", p.display()))
+        .unwrap_or_default()
+}
+
+impl Error {
+    /// An [`Error::Io`] for `path`.
+    pub(crate) fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
+    }
+
+    /// An [`Error::BadFile`] for `path`, optionally at a 1-based `line`.
+    pub(crate) fn bad_file(
+        path: impl AsRef<Path>,
+        line: Option<usize>,
+        msg: impl Into<String>,
+    ) -> Self {
+        Error::BadFile {
+            path: path.as_ref().to_path_buf(),
+            line,
+            msg: msg.into(),
+        }
+    }
+
+    /// An [`Error::Checkpoint`] for `path`.
+    pub(crate) fn checkpoint(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
+        Error::Checkpoint {
+            path: path.as_ref().to_path_buf(),
+            msg: msg.into(),
+        }
+    }
+}
+
+impl From<tokenizers::Error> for Error {
+    fn from(e: tokenizers::Error) -> Self {
+        Error::Tokenizer(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_where() {
+        let e = Error::bad_file("data.jsonl", Some(3), "expected `messages`");
+        assert_eq!(e.to_string(), "data.jsonl:3: expected `messages`");
+        let e = Error::ShapeMismatch {
+            name: "transformer.wte.weight".into(),
+            expected: vec![65, 128],
+            got: vec![64, 128],
+            path: Some("m.safetensors".into()),
+        };
+        assert_eq!(
+            e.to_string(),
+            "tensor `transformer.wte.weight` has shape [64, 128], expected [65, 128] in m.safetensors"
+        );
+        let e = Error::UnknownChar {
+            ch: 'é',
+            position: 4,
+            line: 1,
+            column: 5,
+        };
+        assert!(e.to_string().contains("'é' (U+00E9) at position 4"));
+    }
+}

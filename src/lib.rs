@@ -1,0 +1,69 @@
+//! # tinygpt: build a small ChatGPT from scratch
+//!
+//! A generative language model plays a word-chain game: given text, predict the next token.
+//! tinygpt teaches a GPT that game and then plays it out loud, in the stages a ChatGPT is
+//! built in, each a file of this crate:
+//!
+//! 1. **Text → tokens** ([`tokenizer`]): a character-level vocabulary or a byte-level BPE
+//!    trained on your corpus, saved as a Hugging Face `tokenizer.json`.
+//! 2. **The model** ([`model`]): GPT-2 — token and position embeddings, pre-LayerNorm blocks
+//!    of causal self-attention and an MLP, a head tied to the embedding — under Hugging Face
+//!    GPT-2's weight names.
+//! 3. **Pre-training** ([`pretrain`] over [`data`]): next-token prediction on raw text, run by
+//!    the one training loop every stage shares ([`train`], with our own AdamW, schedule and
+//!    clipping in [`optim`]) and saved as checkpoint directories ([`checkpoint`]).
+//! 4. **Sampling** ([`sampler`]): temperature, top-k, top-p, min-p, repetition penalty, stop
+//!    tokens, a seed, and streaming text as it is generated.
+//!
+//! ```
+//! use tinygpt::candle::Device;
+//! use tinygpt::{Gpt, GptConfig, SamplingParams, Tokenizer};
+//!
+//! // A tokenizer and an (untrained) model small enough for a doctest.
+//! let text = "to be or not to be, that is the question";
+//! let tokenizer = Tokenizer::train_char(text)?;
+//! let cfg = GptConfig { vocab_size: tokenizer.vocab_size(), block_size: 16, n_layer: 2,
+//!                       n_head: 2, n_embd: 16, dropout: 0.0, bias: true };
+//! let model = Gpt::init(&cfg, 1337, &Device::Cpu)?;
+//!
+//! // Play the game: 20 new characters after a prompt, deterministic for a seed.
+//! let params = SamplingParams::default().with_max_new_tokens(20).with_seed(42);
+//! let mut generation = tinygpt::generate(&model, &tokenizer, "to be", &params)?;
+//! let text: String = generation.by_ref().collect::<tinygpt::Result<_>>()?;
+//! assert_eq!(generation.tokens().generated().len(), 20);
+//! println!("to be{text}");
+//! # Ok::<(), tinygpt::Error>(())
+//! ```
+//!
+//! Shapes in the docs use nanoGPT's letters: `B` batch, `T` time, `C` channels (`n_embd`),
+//! `V` vocabulary. Tensors are f32 unless said otherwise; token ids are u32.
+#![warn(missing_docs)]
+
+pub mod checkpoint;
+pub mod data;
+pub mod error;
+pub mod model;
+pub mod optim;
+pub mod pretrain;
+pub mod sampler;
+pub mod tokenizer;
+pub mod train;
+
+/// candle, re-exported so users need not match its version.
+pub use candle_core as candle;
+/// candle-nn, re-exported for `VarBuilder` and friends.
+pub use candle_nn;
+
+pub use data::{Split, TokenDataset};
+pub use error::{Error, Result};
+pub use model::{Gpt, GptConfig, KvCache};
+pub use optim::{AdamW, AdamWConfig, LrSchedule};
+pub use pretrain::Pretraining;
+pub use sampler::{generate, LogitsProcessor, SamplingParams};
+pub use tokenizer::Tokenizer;
+pub use train::{Objective, TrainConfig, TrainEvent, Trainer};
+
+/// The README's code blocks, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

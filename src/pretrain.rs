@@ -1,0 +1,112 @@
+//! Stage one, pre-training: next-token prediction on raw text.
+//!
+//! The objective is the mean cross-entropy of the model's prediction at every position of a
+//! random window against the token that actually follows (nanoGPT's `train.py`).
+
+use std::path::Path;
+
+use candle_core::{Tensor, Var};
+use rand_chacha::ChaCha8Rng;
+
+use crate::checkpoint::save_model;
+use crate::data::{Split, TokenDataset};
+use crate::model::{cross_entropy, Gpt};
+use crate::tokenizer::Tokenizer;
+use crate::train::Objective;
+use crate::Result;
+
+/// The pre-training [`Objective`]: a model, its tokenizer and a tokenised corpus.
+#[derive(Debug)]
+pub struct Pretraining {
+    model: Gpt,
+    tokenizer: Tokenizer,
+    data: TokenDataset,
+    batch_size: usize,
+}
+
+impl Pretraining {
+    /// Pre-training of `model` on `data` in batches of `batch_size` windows of the model's
+    /// `block_size` tokens.
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidArgument`] if a split is shorter than `block_size + 1` tokens.
+    pub fn new(
+        model: Gpt,
+        tokenizer: Tokenizer,
+        data: TokenDataset,
+        batch_size: usize,
+    ) -> Result<Self> {
+        data.check_block_size(model.config().block_size)?;
+        Ok(Self {
+            model,
+            tokenizer,
+            data,
+            batch_size,
+        })
+    }
+
+    /// The model being trained.
+    pub fn model(&self) -> &Gpt {
+        &self.model
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Mean next-token loss of `model` on one batch; (B, T) inputs and targets.
+    fn batch_loss(&self, x: &Tensor, y: &Tensor, rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+        let logits = match rng {
+            Some(rng) => self.model.forward_train(x, rng)?,
+            None => self.model.forward(x)?,
+        }; // (B, T, V)
+        let (b, t, v) = logits.dims3()?;
+        cross_entropy(&logits.reshape((b * t, v))?, &y.flatten_all()?, None)
+    }
+}
+
+impl Objective for Pretraining {
+    fn stage(&self) -> &str {
+        "pretrain"
+    }
+
+    fn parameters(&self) -> Result<Vec<(String, Var)>> {
+        self.model.vars()
+    }
+
+    fn train_loss(&mut self, rng: &mut ChaCha8Rng) -> Result<(Tensor, usize)> {
+        let block = self.model.config().block_size;
+        let (x, y) = self.data.batch(
+            Split::Train,
+            self.batch_size,
+            block,
+            rng,
+            self.model.device(),
+        )?;
+        let loss = self.batch_loss(&x, &y, Some(rng))?;
+        Ok((loss, self.batch_size * block))
+    }
+
+    /// Mean loss over `eval_iters` random batches of each split, as nanoGPT's
+    /// `estimate_loss()`: metrics `train_loss` and `val_loss`.
+    fn evaluate(&mut self, eval_iters: usize, rng: &mut ChaCha8Rng) -> Result<Vec<(String, f64)>> {
+        let block = self.model.config().block_size;
+        let mut out = Vec::new();
+        for split in [Split::Train, Split::Val] {
+            let mut sum = 0f64;
+            for _ in 0..eval_iters {
+                let (x, y) =
+                    self.data
+                        .batch(split, self.batch_size, block, rng, self.model.device())?;
+                sum += self.batch_loss(&x.detach(), &y, None)?.to_scalar::<f32>()? as f64;
+            }
+            out.push((format!("{split}_loss"), sum / eval_iters as f64));
+        }
+        Ok(out)
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        save_model(dir, &self.model, &self.tokenizer)
+    }
+}

@@ -1,0 +1,99 @@
+//! Whole-corpus round trips for the tokenizers, on the public data in `../shared/data`
+//! (skipped with a message when that directory is absent).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use tinygpt::tokenizer::{Tokenizer, TokenizerKind};
+
+fn data_dir() -> Option<PathBuf> {
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data"));
+    if dir.is_dir() {
+        Some(dir)
+    } else {
+        eprintln!("skipping: data directory {} not found", dir.display());
+        None
+    }
+}
+
+fn read(dir: &std::path::Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(name)).expect("data file readable")
+}
+
+#[test]
+fn bpe_2048_round_trips_shakespeare_and_tang_poems() {
+    let Some(dir) = data_dir() else { return };
+    let shakespeare = read(&dir, "tinyshakespeare.txt");
+    let poems = read(&dir, "tang_poems.txt");
+
+    let t = Instant::now();
+    let tok = Tokenizer::train_bpe(&shakespeare, 2048).unwrap();
+    eprintln!("train_bpe(tinyshakespeare, 2048): {:.2?}", t.elapsed());
+    assert_eq!(tok.kind(), TokenizerKind::ByteLevelBpe);
+    assert_eq!(tok.vocab_size(), 2048);
+    assert_eq!(tok.eot_id(), 2047);
+
+    let t = Instant::now();
+    let ids = tok.encode(&shakespeare).unwrap();
+    eprintln!(
+        "encode(tinyshakespeare): {} tokens ({:.2} bytes/token) in {:.2?}",
+        ids.len(),
+        shakespeare.len() as f64 / ids.len() as f64,
+        t.elapsed()
+    );
+    // Byte-level BPE at 2048 compresses English well beyond one byte per token.
+    assert!(ids.len() * 2 < shakespeare.len(), "{} tokens", ids.len());
+    let t = Instant::now();
+    assert!(
+        tok.decode(&ids).unwrap() == shakespeare,
+        "shakespeare round trip"
+    );
+    eprintln!("decode(tinyshakespeare): {:.2?}", t.elapsed());
+
+    // Chinese never seen in training: falls back to bytes, still exact.
+    let t = Instant::now();
+    let ids = tok.encode(&poems).unwrap();
+    assert!(tok.decode(&ids).unwrap() == poems, "tang poems round trip");
+    eprintln!(
+        "round trip tang_poems: {} tokens in {:.2?}",
+        ids.len(),
+        t.elapsed()
+    );
+
+    // Same corpus, same tokenizer.
+    let t = Instant::now();
+    let again = Tokenizer::train_bpe(&shakespeare, 2048).unwrap();
+    eprintln!("train_bpe again: {:.2?}", t.elapsed());
+    assert!(
+        again.to_json(false).unwrap() == tok.to_json(false).unwrap(),
+        "deterministic"
+    );
+}
+
+#[test]
+fn char_round_trips_shakespeare() {
+    let Some(dir) = data_dir() else { return };
+    let shakespeare = read(&dir, "tinyshakespeare.txt");
+
+    let t = Instant::now();
+    let tok = Tokenizer::train_char(&shakespeare).unwrap();
+    assert_eq!(tok.kind(), TokenizerKind::Char);
+    // nanoGPT shakespeare_char: 65 characters, plus <|endoftext|>.
+    assert_eq!(tok.vocab_size(), 66);
+    assert_eq!(tok.eot_id(), 65);
+    // sorted(set(data)) starts with '\n', ' ', '!' and ends with 'z'.
+    assert_eq!(tok.token_to_id("\n"), Some(0));
+    assert_eq!(tok.token_to_id(" "), Some(1));
+    assert_eq!(tok.token_to_id("!"), Some(2));
+    assert_eq!(tok.token_to_id("z"), Some(64));
+
+    let ids = tok.encode(&shakespeare).unwrap();
+    assert_eq!(ids.len(), shakespeare.chars().count());
+    // nanoGPT's first ids: "First Citizen" -> [18, 47, 56, 57, 58, 1, 15, 47, 58, 47, 64, 43, 52].
+    assert_eq!(
+        ids[..13],
+        [18, 47, 56, 57, 58, 1, 15, 47, 58, 47, 64, 43, 52]
+    );
+    assert!(tok.decode(&ids).unwrap() == shakespeare, "char round trip");
+    eprintln!("char tokenizer train + round trip: {:.2?}", t.elapsed());
+}
