@@ -62,8 +62,8 @@ struct Args {
     block_size: usize,
     #[arg(long, default_value_t = 0.0)]
     dropout: f32,
-    /// Biases in projections and LayerNorms.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    /// Biases in projections and LayerNorms (nanoGPT's default: false; GPT-2: true).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     bias: bool,
     #[arg(long)]
     batch_size: Option<usize>,

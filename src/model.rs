@@ -303,7 +303,8 @@ impl Default for GptConfig {
 
 impl GptConfig {
     /// nanoGPT's CPU recipe for `shakespeare_char` (its README: `--n_layer=4 --n_head=4
-    /// --n_embd=128 --block_size=64 --dropout=0.0`): about 0.8M parameters.
+    /// --n_embd=128 --block_size=64 --dropout=0.0`; no biases, nanoGPT's `bias = False`
+    /// default): about 0.8M parameters.
     pub fn shakespeare_char_cpu(vocab_size: usize) -> Self {
         Self {
             vocab_size,
@@ -312,12 +313,12 @@ impl GptConfig {
             n_head: 4,
             n_embd: 128,
             dropout: 0.0,
-            bias: true,
+            bias: false,
         }
     }
 
     /// nanoGPT's GPU config `train_shakespeare_char.py`: 6 layers, 6 heads, 384 wide, context
-    /// 256, dropout 0.2 (about 10.7M parameters).
+    /// 256, dropout 0.2, no biases (about 10.7M parameters).
     pub fn shakespeare_char(vocab_size: usize) -> Self {
         Self {
             vocab_size,
@@ -326,7 +327,7 @@ impl GptConfig {
             n_head: 6,
             n_embd: 384,
             dropout: 0.2,
-            bias: true,
+            bias: false,
         }
     }
 
