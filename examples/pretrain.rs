@@ -19,10 +19,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
-use indicatif::{ProgressBar, ProgressStyle};
 use tinygpt::{
     checkpoint, data, sampler, Gpt, GptConfig, Objective, Pretraining, SamplingParams,
-    TokenDataset, Tokenizer, TrainConfig, TrainEvent, Trainer,
+    TokenDataset, Tokenizer, TrainConfig, Trainer,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -65,83 +64,14 @@ struct Args {
     /// Biases in projections and LayerNorms (nanoGPT's default: false; GPT-2: true).
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     bias: bool,
-    #[arg(long)]
-    batch_size: Option<usize>,
-    #[arg(long)]
-    gradient_accumulation_steps: Option<usize>,
-    #[arg(long)]
-    max_iters: Option<usize>,
-    #[arg(long)]
-    eval_interval: Option<usize>,
-    #[arg(long)]
-    eval_iters: Option<usize>,
-    #[arg(long)]
-    log_interval: Option<usize>,
-    /// Peak learning rate.
-    #[arg(long)]
-    lr: Option<f64>,
-    #[arg(long)]
-    min_lr: Option<f64>,
-    #[arg(long)]
-    warmup_iters: Option<usize>,
-    /// Defaults to max_iters.
-    #[arg(long)]
-    lr_decay_iters: Option<usize>,
-    #[arg(long)]
-    beta1: Option<f64>,
-    #[arg(long)]
-    beta2: Option<f64>,
-    #[arg(long)]
-    weight_decay: Option<f64>,
-    /// Clip the global gradient norm (0 = off).
-    #[arg(long)]
-    grad_clip: Option<f64>,
-    /// Checkpoint at every evaluation, not only on a new best validation loss.
-    #[arg(long)]
-    always_save_checkpoint: bool,
-    #[arg(long)]
-    seed: Option<u64>,
+    #[command(flatten)]
+    train: common::TrainArgs,
     /// cpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Characters of sample text printed at the end (0 = none).
     #[arg(long, default_value_t = 500)]
     sample_chars: usize,
-}
-
-impl Args {
-    /// The training settings: saved ones (on resume) or the defaults, overridden by flags.
-    fn train_config(&self, base: TrainConfig) -> TrainConfig {
-        let mut c = base;
-        macro_rules! set {
-            ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
-        }
-        set!(
-            batch_size,
-            gradient_accumulation_steps,
-            max_iters,
-            eval_interval,
-            eval_iters,
-            log_interval,
-            lr,
-            min_lr,
-            warmup_iters,
-            lr_decay_iters,
-            beta1,
-            beta2,
-            weight_decay,
-            grad_clip,
-            seed
-        );
-        if self.lr_decay_iters.is_none() && self.max_iters.is_some() {
-            c.lr_decay_iters = c.max_iters;
-        }
-        if self.lr.is_some() && self.min_lr.is_none() {
-            c.min_lr = c.lr / 10.0; // nanoGPT: min_lr ~= learning_rate / 10
-        }
-        c.always_save_checkpoint |= self.always_save_checkpoint;
-        c
-    }
 }
 
 fn main() -> Result<()> {
@@ -159,7 +89,7 @@ fn main() -> Result<()> {
                 (None, None) => bail!("{}: no data path recorded; pass --data", dir.display()),
             };
             let (model, tokenizer) = checkpoint::load_trainable(dir, &device)?;
-            let cfg = args.train_config(state.train_config.clone());
+            let cfg = args.train.apply(state.train_config.clone());
             let out = args.out.clone().unwrap_or_else(|| dir.clone());
             println!("resuming {} at step {}", dir.display(), state.step);
             (model, tokenizer, cfg, data_path, out)
@@ -178,8 +108,12 @@ fn main() -> Result<()> {
                 tokenizer.vocab_size(),
                 t0.elapsed().as_secs_f64()
             );
+            // Rows for the four chat tokens are reserved now, so that fine-tuning for chat later
+            // adds them without growing the model: rows that are never a target learn to be
+            // improbable, and the model's loss on plain text stays exactly what it was.
+            let reserved = tinygpt::ChatTemplate::SPECIAL_TOKENS.len();
             let cfg = GptConfig {
-                vocab_size: tokenizer.vocab_size(),
+                vocab_size: tokenizer.vocab_size() + reserved,
                 block_size: args.block_size,
                 n_layer: args.n_layer,
                 n_head: args.n_head,
@@ -187,7 +121,7 @@ fn main() -> Result<()> {
                 dropout: args.dropout,
                 bias: args.bias,
             };
-            let train_cfg = args.train_config(TrainConfig::default());
+            let train_cfg = args.train.apply(TrainConfig::default());
             let model = Gpt::init(&cfg, train_cfg.seed, &device)?;
             let out = args
                 .out
@@ -226,58 +160,9 @@ fn main() -> Result<()> {
     if let Some(dir) = &args.resume {
         trainer = trainer.resume_from(dir)?;
     }
-    let pb = ProgressBar::new(train_cfg.max_iters as u64);
-    pb.set_position(trainer.step() as u64);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    // indicatif hides the bar (and its println) when stdout is not a terminal: print plainly.
-    let say = |line: String| {
-        if pb.is_hidden() {
-            println!("{line}")
-        } else {
-            pb.println(line)
-        }
-    };
-    let summary = trainer.fit(&mut objective, |event| match event {
-        TrainEvent::Step {
-            step,
-            loss,
-            tokens_per_sec,
-            lr,
-            ..
-        } => {
-            pb.set_position(*step as u64);
-            pb.set_message(format!(
-                "loss {loss:.4} | lr {lr:.2e} | {} tok/s",
-                common::human(*tokens_per_sec)
-            ));
-        }
-        TrainEvent::Eval { step, metrics } => {
-            let get = |k: &str| {
-                metrics
-                    .iter()
-                    .find(|(n, _)| n == k)
-                    .map(|(_, v)| *v)
-                    .unwrap_or(f64::NAN)
-            };
-            say(format!(
-                "step {step:>5}: train loss {:.4}, val loss {:.4}",
-                get("train_loss"),
-                get("val_loss")
-            ));
-        }
-        TrainEvent::Checkpoint { step, dir } => {
-            say(format!(
-                "step {step:>5}: saved checkpoint to {}",
-                dir.display()
-            ));
-        }
-    })?;
-    pb.finish_and_clear();
+    let progress = common::Progress::new(train_cfg.max_iters, trainer.step());
+    let summary = trainer.fit(&mut objective, |event| progress.event(event))?;
+    progress.finish();
 
     // 3. A sample from the best checkpoint, then the summary.
     if args.sample_chars > 0 && out.join(checkpoint::files::MODEL).is_file() {

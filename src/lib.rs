@@ -39,6 +39,7 @@
 //! `V` vocabulary. Tensors are f32 unless said otherwise; token ids are u32.
 #![warn(missing_docs)]
 
+pub mod chat;
 pub mod checkpoint;
 pub mod data;
 pub mod error;
@@ -46,6 +47,7 @@ pub mod model;
 pub mod optim;
 pub mod pretrain;
 pub mod sampler;
+pub mod sft;
 pub mod tokenizer;
 pub mod train;
 
@@ -54,12 +56,14 @@ pub use candle_core as candle;
 /// candle-nn, re-exported for `VarBuilder` and friends.
 pub use candle_nn;
 
+pub use chat::{ChatSession, ChatTemplate, Message, Role};
 pub use data::{Split, TokenDataset};
 pub use error::{Error, Result};
 pub use model::{Gpt, GptConfig, KvCache};
 pub use optim::{AdamW, AdamWConfig, LrSchedule};
 pub use pretrain::Pretraining;
 pub use sampler::{generate, LogitsProcessor, SamplingParams};
+pub use sft::Sft;
 pub use tokenizer::Tokenizer;
 pub use train::{Objective, TrainConfig, TrainEvent, Trainer};
 

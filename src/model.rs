@@ -748,6 +748,42 @@ impl Gpt {
     pub fn tensors(&self) -> HashMap<String, Tensor> {
         self.params.iter().cloned().collect()
     }
+
+    /// A copy of the model with `vocab_size` token ids, for a tokenizer that gained tokens
+    /// (e.g. the chat tokens). Rows of `wte` for existing ids — and so the tied head's logits
+    /// for them — are kept bit for bit; each new row starts as the mean of the existing rows
+    /// (Hewitt 2021, "Initializing New Word Embeddings for Pretrained Language Models"; what
+    /// Hugging Face's `resize_token_embeddings` does), so a new token starts out as likely as
+    /// an average one and its input embedding is a typical one. Shrinking is refused.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] if `vocab_size` is smaller than the current one.
+    pub fn resize_vocab(&self, vocab_size: usize, trainable: bool) -> Result<Gpt> {
+        let old = self.cfg.vocab_size;
+        if vocab_size < old {
+            return Err(Error::InvalidArgument(format!(
+                "cannot shrink the vocabulary from {old} to {vocab_size} ids"
+            )));
+        }
+        let mut cfg = self.cfg.clone();
+        cfg.vocab_size = vocab_size;
+        let mut tensors = self.tensors();
+        if vocab_size > old {
+            let wte = self.wte.detach(); // (V_old, C)
+            let mean = wte
+                .to_dtype(DType::F32)?
+                .mean_keepdim(0)?
+                .to_dtype(wte.dtype())?; // (1, C)
+            let new_rows = mean
+                .broadcast_as((vocab_size - old, self.cfg.n_embd))?
+                .contiguous()?;
+            tensors.insert(
+                "transformer.wte.weight".to_string(),
+                Tensor::cat(&[&wte, &new_rows], 0)?, // (V_new, C)
+            );
+        }
+        Self::from_tensors(&cfg, tensors, trainable)
+    }
 }
 
 /// Mean cross-entropy of `logits` (N, V) against `targets` (N,) u32, optionally weighted by

@@ -27,6 +27,9 @@ use crate::checkpoint::{
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
 use crate::{Error, Result};
 
+/// Mixed into the seed of the evaluation RNG, so it differs from the training RNG.
+const EVAL_SEED: u64 = 0x5eed_e7a1;
+
 /// What a stage contributes to training: its parameters, its loss and how to save its model.
 pub trait Objective {
     /// The stage's name (`"pretrain"`, `"sft"`, …), recorded in `trainer_state.json`.
@@ -240,6 +243,8 @@ pub struct TrainerState {
     pub best_val_loss: Option<f64>,
     /// The training RNG (batches, dropout) at `step`.
     pub rng: RngState,
+    /// The evaluation RNG (which batches the next evaluation draws) at `step`.
+    pub eval_rng: RngState,
     /// The stage that wrote it (`pretrain`, `sft`, …).
     pub stage: String,
     /// Training wall time so far, seconds.
@@ -324,6 +329,7 @@ pub struct Trainer {
     out_dir: Option<PathBuf>,
     metrics: Vec<String>,
     rng: ChaCha8Rng,
+    eval_rng: ChaCha8Rng,
 }
 
 impl Trainer {
@@ -334,12 +340,14 @@ impl Trainer {
     pub fn new(cfg: TrainConfig, params: Vec<(String, Var)>) -> Result<Self> {
         cfg.validate()?;
         let rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        let eval_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ EVAL_SEED);
         let opt = AdamW::new(params, cfg.adamw())?;
         Ok(Self {
             state: TrainerState {
                 step: 0,
                 best_val_loss: None,
                 rng: RngState::of(&rng),
+                eval_rng: RngState::of(&eval_rng),
                 stage: String::new(),
                 elapsed_s: 0.0,
                 tokens_seen: 0,
@@ -351,6 +359,7 @@ impl Trainer {
             out_dir: None,
             metrics: Vec::new(),
             rng,
+            eval_rng,
         })
     }
 
@@ -406,6 +415,7 @@ impl Trainer {
                 e => e,
             })?;
         self.rng = state.rng.restore()?;
+        self.eval_rng = state.eval_rng.restore()?;
         let metrics_path = dir.join(files::METRICS);
         if metrics_path.is_file() {
             let text =
@@ -572,8 +582,9 @@ impl Trainer {
         })
     }
 
-    /// Runs the objective's evaluation with a fixed RNG (the same batches at every
-    /// evaluation, so losses are comparable) and records a metrics line.
+    /// Runs the objective's evaluation and records a metrics line. As nanoGPT's
+    /// `estimate_loss()`, every evaluation draws fresh random batches (from an RNG of its own,
+    /// so evaluating never changes the training batches).
     fn evaluate<O: Objective + ?Sized>(
         &mut self,
         objective: &mut O,
@@ -581,9 +592,8 @@ impl Trainer {
         lr: f64,
         tokens_per_sec: f64,
     ) -> Result<Vec<(String, f64)>> {
-        let mut eval_rng = ChaCha8Rng::seed_from_u64(self.cfg.seed ^ 0x5eed_e7a1);
         let mut metrics = vec![("step".to_string(), step as f64)];
-        metrics.extend(objective.evaluate(self.cfg.eval_iters, &mut eval_rng)?);
+        metrics.extend(objective.evaluate(self.cfg.eval_iters, &mut self.eval_rng)?);
         metrics.push(("lr".into(), lr));
         metrics.push(("tokens_per_sec".into(), tokens_per_sec));
         metrics.push(("elapsed_s".into(), self.state.elapsed_s));
@@ -629,6 +639,7 @@ impl Trainer {
         objective.save(&tmp)?;
         save_safetensors(&self.opt.state_tensors(), tmp.join(files::OPTIMIZER))?;
         self.state.rng = RngState::of(&self.rng);
+        self.state.eval_rng = RngState::of(&self.eval_rng);
         self.state.train_config = self.cfg.clone();
         let state_path = tmp.join(files::TRAINER_STATE);
         let json = serde_json::to_string_pretty(&self.state)

@@ -116,3 +116,156 @@ pub fn human(x: f64) -> String {
         format!("{x:.0}")
     }
 }
+
+/// The training flags every training example shares (unset flags keep the example's
+/// defaults, or the saved settings when resuming).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TrainArgs {
+    /// Sequences per micro-batch.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimiser step.
+    #[arg(long)]
+    pub gradient_accumulation_steps: Option<usize>,
+    /// Optimiser steps.
+    #[arg(long)]
+    pub max_iters: Option<usize>,
+    /// Evaluate (and checkpoint on improvement) every N steps.
+    #[arg(long)]
+    pub eval_interval: Option<usize>,
+    /// Batches per evaluation.
+    #[arg(long)]
+    pub eval_iters: Option<usize>,
+    /// Report the training loss every N steps.
+    #[arg(long)]
+    pub log_interval: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Final learning rate [default: lr / 10 when --lr is given].
+    #[arg(long)]
+    pub min_lr: Option<f64>,
+    /// Linear warm-up steps.
+    #[arg(long)]
+    pub warmup_iters: Option<usize>,
+    /// Step where the cosine reaches min_lr [default: max_iters].
+    #[arg(long)]
+    pub lr_decay_iters: Option<usize>,
+    #[arg(long)]
+    pub beta1: Option<f64>,
+    #[arg(long)]
+    pub beta2: Option<f64>,
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Clip the global gradient norm (0 = off).
+    #[arg(long)]
+    pub grad_clip: Option<f64>,
+    /// Checkpoint at every evaluation, not only on a new best validation loss.
+    #[arg(long)]
+    pub always_save_checkpoint: bool,
+    /// Seed of every random choice in training.
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+impl TrainArgs {
+    /// `base` with the given flags applied.
+    pub fn apply(&self, base: tinygpt::TrainConfig) -> tinygpt::TrainConfig {
+        let mut c = base;
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
+        }
+        set!(
+            batch_size,
+            gradient_accumulation_steps,
+            max_iters,
+            eval_interval,
+            eval_iters,
+            log_interval,
+            lr,
+            min_lr,
+            warmup_iters,
+            lr_decay_iters,
+            beta1,
+            beta2,
+            weight_decay,
+            grad_clip,
+            seed
+        );
+        if self.lr_decay_iters.is_none() && self.max_iters.is_some() {
+            c.lr_decay_iters = c.max_iters;
+        }
+        if self.lr.is_some() && self.min_lr.is_none() {
+            c.min_lr = c.lr / 10.0; // nanoGPT: min_lr ~= learning_rate / 10
+        }
+        c.always_save_checkpoint |= self.always_save_checkpoint;
+        c
+    }
+}
+
+/// Prints training events: a progress bar with loss and throughput, eval and checkpoint lines.
+pub struct Progress {
+    bar: indicatif::ProgressBar,
+}
+
+impl Progress {
+    pub fn new(max_iters: usize, start: usize) -> Self {
+        let bar = indicatif::ProgressBar::new(max_iters as u64);
+        bar.set_position(start as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Self { bar }
+    }
+
+    /// A line above the bar (plain stdout when the bar is hidden, e.g. not a terminal).
+    pub fn say(&self, line: String) {
+        if self.bar.is_hidden() {
+            println!("{line}");
+        } else {
+            self.bar.println(line);
+        }
+    }
+
+    pub fn event(&self, event: &tinygpt::TrainEvent) {
+        use tinygpt::TrainEvent;
+        match event {
+            TrainEvent::Step {
+                step,
+                loss,
+                tokens_per_sec,
+                lr,
+                ..
+            } => {
+                self.bar.set_position(*step as u64);
+                self.bar.set_message(format!(
+                    "loss {loss:.4} | lr {lr:.2e} | {} tok/s",
+                    human(*tokens_per_sec)
+                ));
+            }
+            TrainEvent::Eval { step, metrics } => {
+                let shown: Vec<String> = metrics
+                    .iter()
+                    .filter(|(k, _)| {
+                        !matches!(k.as_str(), "step" | "lr" | "elapsed_s" | "tokens_per_sec")
+                    })
+                    .map(|(k, v)| format!("{} {v:.4}", k.replace('_', " ")))
+                    .collect();
+                self.say(format!("step {step:>5}: {}", shown.join(", ")));
+            }
+            TrainEvent::Checkpoint { step, dir } => {
+                self.say(format!(
+                    "step {step:>5}: saved checkpoint to {}",
+                    dir.display()
+                ));
+            }
+        }
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}

@@ -1,0 +1,99 @@
+//! Talk to a chat checkpoint: an interactive REPL, or one answer with `--prompt`.
+//!
+//! ```text
+//! cargo run --release --example chat -- --ckpt out/sft
+//! cargo run --release --example chat -- --ckpt out/sft --prompt "What is 2 + 3?"
+//! printf 'hi\nhow are you?\nbye\n' | cargo run --release --example chat -- --ckpt out/sft
+//! ```
+//! In the REPL: `/reset` forgets the conversation, `/system TEXT` sets the system message,
+//! `/quit` (or end of input) leaves.
+
+#[path = "common/mod.rs"]
+mod common;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Parser;
+use tinygpt::{checkpoint, ChatSession};
+
+/// Chat with a fine-tuned model.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Checkpoint directory of a chat model (its tokenizer has the chat tokens).
+    #[arg(long)]
+    ckpt: PathBuf,
+    /// Answer this one message and exit.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// System message.
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    sampling: common::SamplingArgs,
+    /// cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let device = common::device(&args.device)?;
+    let (model, tokenizer) = checkpoint::load_model(&args.ckpt, &device)?;
+    let mut session = ChatSession::new(&model, &tokenizer, args.sampling.params())?;
+    session.set_system(args.system.clone());
+    let mut stdout = std::io::stdout();
+    let reply = |session: &mut ChatSession, text: &str| -> Result<()> {
+        session.send(text, |piece| {
+            print!("{piece}");
+            let _ = std::io::stdout().flush();
+        })?;
+        println!();
+        Ok(())
+    };
+
+    if let Some(prompt) = &args.prompt {
+        return reply(&mut session, prompt);
+    }
+    let interactive = std::io::stdin().is_terminal();
+    if interactive {
+        println!(
+            "chatting with {} (/reset, /system TEXT, /quit)",
+            args.ckpt.display()
+        );
+    }
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        if interactive {
+            print!("> ");
+            stdout.flush()?;
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line?;
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/quit" | "/exit" => break,
+            "/reset" => {
+                session.reset();
+                println!("(conversation cleared)");
+            }
+            _ if line.starts_with("/system") => {
+                let text = line["/system".len()..].trim();
+                session.set_system((!text.is_empty()).then(|| text.to_string()));
+                println!(
+                    "(system message {})",
+                    if text.is_empty() { "cleared" } else { "set" }
+                );
+            }
+            _ => reply(&mut session, line)?,
+        }
+    }
+    Ok(())
+}

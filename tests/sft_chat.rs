@@ -1,0 +1,163 @@
+//! SFT and chat end to end on small generated data.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tinygpt::candle::{Device, Tensor};
+use tinygpt::chat::{ChatTemplate, Message};
+use tinygpt::sft::{prepare_for_chat, reply_stats, Sft, SftDataset};
+use tinygpt::{
+    model::cross_entropy, ChatSession, Gpt, GptConfig, Objective, SamplingParams, Tokenizer,
+    TrainConfig, TrainEvent, Trainer,
+};
+
+const ALPHABET: &str = "abcdefghij +=0123456789\n";
+
+fn cfg(vocab_size: usize, block_size: usize) -> GptConfig {
+    GptConfig {
+        vocab_size,
+        block_size,
+        n_layer: 2,
+        n_head: 2,
+        n_embd: 32,
+        dropout: 0.0,
+        bias: true,
+    }
+}
+
+/// Conversations with a rule a tiny model can learn: the assistant repeats the user's letters
+/// reversed.
+fn conversations(n: usize, seed: u64) -> Vec<Vec<Message>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let len = rng.random_range(2..6);
+            let q: String = (0..len)
+                .map(|_| (b'a' + rng.random_range(0..10u8)) as char)
+                .collect();
+            let a: String = q.chars().rev().collect();
+            vec![Message::user(q), Message::assistant(a)]
+        })
+        .collect()
+}
+
+fn plain_loss(model: &Gpt, ids: &[u32]) -> f32 {
+    let t = model.config().block_size;
+    let x = Tensor::from_slice(&ids[..t], (1, t), &Device::Cpu).unwrap();
+    let y = Tensor::from_slice(&ids[1..t + 1], (t,), &Device::Cpu).unwrap();
+    let logits = model.forward(&x).unwrap().squeeze(0).unwrap();
+    cross_entropy(&logits, &y, None)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn adding_chat_tokens_leaves_plain_text_loss_unchanged() {
+    let tok = Tokenizer::train_char(ALPHABET).unwrap();
+    let text: String = "abc def 12+3=15\n".repeat(4);
+    let ids = tok.encode(&text).unwrap();
+    // A model with rows reserved for the chat tokens (what the pretrain example builds).
+    let reserved = Gpt::init(&cfg(tok.vocab_size() + 4, 32), 1, &Device::Cpu).unwrap();
+    let (chat, chat_tok, _) = prepare_for_chat(&reserved, tok.clone()).unwrap();
+    assert_eq!(chat.config().vocab_size, reserved.config().vocab_size); // no growth needed
+    assert_eq!(chat_tok.encode(&text).unwrap(), ids);
+    let (before, after) = (plain_loss(&reserved, &ids), plain_loss(&chat, &ids));
+    assert!((before - after).abs() <= 1e-6, "{before} vs {after}");
+
+    // A model without room grows: logits of old ids are bit-identical.
+    let tight = Gpt::init(&cfg(tok.vocab_size(), 32), 1, &Device::Cpu).unwrap();
+    let (grown, grown_tok, _) = prepare_for_chat(&tight, tok.clone()).unwrap();
+    assert_eq!(grown.config().vocab_size, tok.vocab_size() + 4);
+    assert_eq!(grown_tok.vocab_size(), tok.vocab_size() + 4);
+    let x = Tensor::from_slice(&ids[..32], (1, 32), &Device::Cpu).unwrap();
+    let old = tight.forward(&x).unwrap();
+    let new = grown
+        .forward(&x)
+        .unwrap()
+        .narrow(2, 0, tok.vocab_size())
+        .unwrap();
+    let diff = (old - new)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(diff, 0.0);
+}
+
+#[test]
+fn sft_lowers_held_out_assistant_loss_and_learns_to_stop() {
+    let tok = Tokenizer::train_char(ALPHABET).unwrap();
+    let base = Gpt::init(&cfg(tok.vocab_size() + 4, 32), 3, &Device::Cpu).unwrap();
+    let (model, tok, template) = prepare_for_chat(&base, tok).unwrap();
+    let train_convs = conversations(400, 1);
+    let val_convs = conversations(40, 2);
+    let (train, _) = SftDataset::new(&train_convs, &tok, &template, 32).unwrap();
+    let (val, _) = SftDataset::new(&val_convs, &tok, &template, 32).unwrap();
+    let mut sft = Sft::new(model, tok, train, val, 16).unwrap();
+    let params = SamplingParams::greedy().with_max_new_tokens(12);
+    let before = reply_stats(sft.model(), sft.tokenizer(), &val_convs[..10], &params).unwrap();
+    let train_cfg = TrainConfig {
+        max_iters: 300,
+        eval_interval: 300,
+        eval_iters: 3,
+        lr: 3e-3,
+        min_lr: 3e-4,
+        warmup_iters: 10,
+        lr_decay_iters: 300,
+        weight_decay: 0.0,
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::new(train_cfg, sft.parameters().unwrap()).unwrap();
+    let mut val_losses = vec![];
+    trainer
+        .fit(&mut sft, |e| {
+            if let TrainEvent::Eval { metrics, .. } = e {
+                val_losses.extend(
+                    metrics
+                        .iter()
+                        .filter(|(k, _)| k == "val_loss")
+                        .map(|(_, v)| *v),
+                );
+            }
+        })
+        .unwrap();
+    assert_eq!(val_losses.len(), 2); // before (step 0) and after (step 300)
+    assert!(
+        val_losses[1] < 0.5 * val_losses[0],
+        "held-out loss {val_losses:?}"
+    );
+    let after = reply_stats(sft.model(), sft.tokenizer(), &val_convs[..10], &params).unwrap();
+    assert_eq!(before.ended, 0);
+    assert_eq!(after.ended, 10, "{after:?}");
+}
+
+#[test]
+fn chat_session_keeps_working_past_the_context() {
+    let mut tok = Tokenizer::train_char(ALPHABET).unwrap();
+    ChatTemplate::add_tokens(&mut tok).unwrap();
+    let model = Gpt::init(&cfg(tok.vocab_size(), 24), 5, &Device::Cpu).unwrap();
+    let params = SamplingParams::default()
+        .with_max_new_tokens(8)
+        .with_seed(3);
+    let mut session = ChatSession::new(&model, &tok, params).unwrap();
+    session.set_system(Some("be cheap".replace("p", "")));
+    let mut streamed = String::new();
+    for turn in 0..12 {
+        streamed.clear();
+        let reply = session
+            .send(&format!("ab {turn}"), |p| streamed.push_str(p))
+            .unwrap();
+        assert_eq!(reply, streamed);
+    }
+    // The history was trimmed to fit 24 tokens; the newest exchange is always kept.
+    let h = session.history();
+    assert!(h.len() < 24, "{}", h.len());
+    assert_eq!(h[h.len() - 2], Message::user("ab 11"));
+    // A char the tokenizer does not know is an error, and the history is unchanged.
+    let n = session.history().len();
+    assert!(session.send("ZZZ", |_| {}).is_err());
+    assert_eq!(session.history().len(), n);
+}
