@@ -49,20 +49,60 @@ impl Default for AdamWConfig {
 /// v ← β2 v + (1 − β2) g²
 /// p ← p − lr / (1 − β1ᵗ) · m / (sqrt(v) / sqrt(1 − β2ᵗ) + eps)
 /// ```
+/// On the CPU with f32 parameters each tensor is updated in place in one pass (the moments are
+/// plain vectors); elsewhere the same arithmetic runs as candle tensor ops.
 #[derive(Debug)]
 pub struct AdamW {
     cfg: AdamWConfig,
     params: Vec<(String, Var)>,
-    exp_avg: Vec<Tensor>,    // m, same shapes as params
-    exp_avg_sq: Vec<Tensor>, // v
+    moments: Vec<Moments>, // one per parameter
     step: usize,
+}
+
+/// The first and second moments of one parameter.
+#[derive(Debug)]
+enum Moments {
+    /// CPU, f32: updated in place by [`AdamWKernel`].
+    Host { m: Vec<f32>, v: Vec<f32> },
+    /// Any other device or dtype: f32 tensors, updated with tensor ops.
+    Device { m: Tensor, v: Tensor },
+}
+
+impl Moments {
+    fn zeros(p: &Var) -> Result<Self> {
+        Ok(if fast_path(p.as_tensor()) {
+            let n = p.elem_count();
+            Moments::Host {
+                m: vec![0.0; n],
+                v: vec![0.0; n],
+            }
+        } else {
+            let z = p.zeros_like()?.to_dtype(DType::F32)?.detach();
+            Moments::Device { m: z.clone(), v: z }
+        })
+    }
+
+    fn tensors(&self, p: &Var) -> Result<(Tensor, Tensor)> {
+        Ok(match self {
+            Moments::Host { m, v } => (
+                Tensor::from_slice(m, p.shape(), p.device())?,
+                Tensor::from_slice(v, p.shape(), p.device())?,
+            ),
+            Moments::Device { m, v } => (m.clone(), v.clone()),
+        })
+    }
+}
+
+/// Whether `t` can take the in-place CPU update.
+fn fast_path(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()
 }
 
 impl AdamW {
     /// An optimiser over `params` with zeroed moments.
     ///
     /// # Errors
-    /// [`Error::Config`] for a non-positive learning rate or betas outside `[0, 1)`.
+    /// [`Error::Config`] for a negative learning rate or betas outside `[0, 1)`.
     pub fn new(params: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
         if cfg.lr.is_nan()
             || cfg.lr < 0.0
@@ -74,20 +114,14 @@ impl AdamW {
                 cfg.lr, cfg.beta1, cfg.beta2
             )));
         }
-        let zeros = |v: &Var| v.zeros_like().map(|t| t.detach());
-        let exp_avg = params
+        let moments = params
             .iter()
-            .map(|(_, v)| zeros(v))
-            .collect::<candle_core::Result<_>>()?;
-        let exp_avg_sq = params
-            .iter()
-            .map(|(_, v)| zeros(v))
-            .collect::<candle_core::Result<_>>()?;
+            .map(|(_, p)| Moments::zeros(p))
+            .collect::<Result<_>>()?;
         Ok(Self {
             cfg,
             params,
-            exp_avg,
-            exp_avg_sq,
+            moments,
             step: 0,
         })
     }
@@ -112,11 +146,12 @@ impl AdamW {
         self.cfg.lr = lr;
     }
 
-    /// One update. `grads[i]` is the gradient of `params()[i]`, same shape.
+    /// One update. `grads[i]` is the gradient of `params()[i]`, same shape; every gradient is
+    /// multiplied by `grad_scale` first (how gradient clipping is applied without another pass).
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] if the number or shapes of gradients do not match.
-    pub fn step(&mut self, grads: &[Tensor]) -> Result<()> {
+    pub fn step(&mut self, grads: &[Tensor], grad_scale: f64) -> Result<()> {
         if grads.len() != self.params.len() {
             return Err(Error::InvalidArgument(format!(
                 "AdamW got {} gradients for {} parameters",
@@ -125,16 +160,19 @@ impl AdamW {
             )));
         }
         self.step += 1;
-        let AdamWConfig {
-            lr,
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-        } = self.cfg;
-        let bias_correction1 = 1.0 - beta1.powi(self.step as i32);
-        let bias_correction2_sqrt = (1.0 - beta2.powi(self.step as i32)).sqrt();
-        for (i, ((name, p), g)) in self.params.iter().zip(grads).enumerate() {
+        let c = &self.cfg;
+        let hyper = Hyper {
+            lr: c.lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            weight_decay: c.weight_decay,
+            bias_correction1: 1.0 - c.beta1.powi(self.step as i32),
+            bias_correction2_sqrt: (1.0 - c.beta2.powi(self.step as i32)).sqrt(),
+            grad_scale,
+        };
+        for (((name, p), g), moments) in self.params.iter().zip(grads).zip(self.moments.iter_mut())
+        {
             if g.dims() != p.dims() {
                 return Err(Error::InvalidArgument(format!(
                     "gradient of `{name}` has shape {:?}, parameter has {:?}",
@@ -142,30 +180,49 @@ impl AdamW {
                     p.dims()
                 )));
             }
-            let g = g.detach().to_dtype(DType::F32)?; // no autograd history in the state
-            let m = ((&self.exp_avg[i] * beta1)? + (&g * (1.0 - beta1))?)?;
-            let v = ((&self.exp_avg_sq[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
-            let denom = ((v.sqrt()? / bias_correction2_sqrt)? + eps)?;
-            let update = ((&m / denom)? * (lr / bias_correction1))?;
-            let mut new_p = p.as_tensor().detach();
-            if weight_decay != 0.0 && p.rank() >= 2 {
-                new_p = (new_p * (1.0 - lr * weight_decay))?;
+            let decay = hyper.weight_decay != 0.0 && p.rank() >= 2;
+            match moments {
+                Moments::Host { m, v } if fast_path(g) => {
+                    let kernel = AdamWKernel {
+                        hyper,
+                        decay,
+                        state: std::sync::Mutex::new((m, v)),
+                    };
+                    p.as_tensor().inplace_op2(&g.detach(), &kernel)?;
+                }
+                Moments::Host { m, v } => {
+                    // A gradient in another layout: go through tensors once.
+                    let g = g.detach().to_dtype(DType::F32)?.contiguous()?;
+                    let kernel = AdamWKernel {
+                        hyper,
+                        decay,
+                        state: std::sync::Mutex::new((m, v)),
+                    };
+                    p.as_tensor().inplace_op2(&g, &kernel)?;
+                }
+                Moments::Device { m, v } => {
+                    let (new_m, new_v, new_p) = hyper.tensor_update(p, &g.detach(), m, v, decay)?;
+                    p.set(&new_p)?;
+                    *m = new_m;
+                    *v = new_v;
+                }
             }
-            p.set(&(new_p - update)?)?;
-            self.exp_avg[i] = m.detach();
-            self.exp_avg_sq[i] = v.detach();
         }
         Ok(())
     }
 
     /// The moments by name, as PyTorch names them: `{param}.exp_avg`, `{param}.exp_avg_sq`.
-    pub fn state_tensors(&self) -> HashMap<String, Tensor> {
+    ///
+    /// # Errors
+    /// candle errors when copying the moments into tensors.
+    pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
-        for (i, (name, _)) in self.params.iter().enumerate() {
-            out.insert(format!("{name}.exp_avg"), self.exp_avg[i].clone());
-            out.insert(format!("{name}.exp_avg_sq"), self.exp_avg_sq[i].clone());
+        for ((name, p), moments) in self.params.iter().zip(&self.moments) {
+            let (m, v) = moments.tensors(p)?;
+            out.insert(format!("{name}.exp_avg"), m);
+            out.insert(format!("{name}.exp_avg_sq"), v);
         }
-        out
+        Ok(out)
     }
 
     /// Restores moments saved by [`AdamW::state_tensors`] and the step count.
@@ -174,11 +231,10 @@ impl AdamW {
     /// [`Error::MissingTensor`] / [`Error::ShapeMismatch`] naming the moment that is absent or
     /// of the wrong shape (e.g. an optimiser file from another model).
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>, step: usize) -> Result<()> {
-        let device = self.params.first().map(|(_, v)| v.device().clone());
-        let mut m = Vec::with_capacity(self.params.len());
-        let mut v = Vec::with_capacity(self.params.len());
+        let mut loaded = Vec::with_capacity(self.params.len());
         for (name, p) in &self.params {
-            for (suffix, out) in [("exp_avg", &mut m), ("exp_avg_sq", &mut v)] {
+            let mut pair = Vec::with_capacity(2);
+            for suffix in ["exp_avg", "exp_avg_sq"] {
                 let key = format!("{name}.{suffix}");
                 let t = state.get(&key).ok_or_else(|| Error::MissingTensor {
                     name: key.clone(),
@@ -192,16 +248,117 @@ impl AdamW {
                         path: None,
                     });
                 }
-                let t = match &device {
-                    Some(d) => t.to_device(d)?,
-                    None => t.clone(),
-                };
-                out.push(t.to_dtype(DType::F32)?);
+                pair.push(t.to_device(p.device())?.to_dtype(DType::F32)?.detach());
             }
+            let (m, v) = (pair.remove(0), pair.remove(0));
+            loaded.push(if fast_path(p.as_tensor()) {
+                Moments::Host {
+                    m: m.flatten_all()?.to_vec1::<f32>()?,
+                    v: v.flatten_all()?.to_vec1::<f32>()?,
+                }
+            } else {
+                Moments::Device { m, v }
+            });
         }
-        self.exp_avg = m;
-        self.exp_avg_sq = v;
+        self.moments = loaded;
         self.step = step;
+        Ok(())
+    }
+}
+
+/// The numbers one AdamW step needs.
+#[derive(Debug, Clone, Copy)]
+struct Hyper {
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+    bias_correction1: f64,
+    bias_correction2_sqrt: f64,
+    grad_scale: f64,
+}
+
+impl Hyper {
+    /// The update with tensor ops (any device): returns the new m, v and parameter.
+    fn tensor_update(
+        &self,
+        p: &Var,
+        g: &Tensor,
+        m: &Tensor,
+        v: &Tensor,
+        decay: bool,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let g = (g.to_dtype(DType::F32)? * self.grad_scale)?;
+        let m = ((m * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
+        let v = ((v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+        let denom = ((v.sqrt()? / self.bias_correction2_sqrt)? + self.eps)?;
+        let update = ((&m / denom)? * (self.lr / self.bias_correction1))?;
+        let mut new_p = p.as_tensor().detach().to_dtype(DType::F32)?;
+        if decay {
+            new_p = (new_p * (1.0 - self.lr * self.weight_decay))?;
+        }
+        let new_p = (new_p - update)?.to_dtype(p.dtype())?;
+        Ok((m, v, new_p))
+    }
+}
+
+/// The in-place CPU update of one f32 parameter from its gradient, in a single pass.
+struct AdamWKernel<'a> {
+    hyper: Hyper,
+    decay: bool,
+    state: std::sync::Mutex<(&'a mut Vec<f32>, &'a mut Vec<f32>)>,
+}
+
+impl candle_core::InplaceOp2 for AdamWKernel<'_> {
+    fn name(&self) -> &'static str {
+        "adamw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        p: &mut candle_core::CpuStorage,
+        p_layout: &candle_core::Layout,
+        g: &candle_core::CpuStorage,
+        g_layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let (candle_core::CpuStorage::F32(p), candle_core::CpuStorage::F32(g)) = (p, g) else {
+            candle_core::bail!("adamw: parameters and gradients must be f32");
+        };
+        let (Some((p0, p1)), Some((g0, g1))) =
+            (p_layout.contiguous_offsets(), g_layout.contiguous_offsets())
+        else {
+            candle_core::bail!("adamw: parameters and gradients must be contiguous");
+        };
+        let (p, g) = (&mut p[p0..p1], &g[g0..g1]);
+        let mut state = match self.state.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let (m, v) = &mut *state;
+        if m.len() != p.len() || v.len() != p.len() || g.len() != p.len() {
+            candle_core::bail!("adamw: parameter, gradient and moments differ in length");
+        }
+        let h = &self.hyper;
+        let (b1, b2) = (h.beta1 as f32, h.beta2 as f32);
+        let (one_b1, one_b2) = ((1.0 - h.beta1) as f32, (1.0 - h.beta2) as f32);
+        let scale = h.grad_scale as f32;
+        let step = (h.lr / h.bias_correction1) as f32;
+        let inv_bc2 = (1.0 / h.bias_correction2_sqrt) as f32;
+        let eps = h.eps as f32;
+        let keep = if self.decay {
+            (1.0 - h.lr * h.weight_decay) as f32
+        } else {
+            1.0
+        };
+        for i in 0..p.len() {
+            let gi = g[i] * scale;
+            let mi = b1 * m[i] + one_b1 * gi;
+            let vi = b2 * v[i] + one_b2 * gi * gi;
+            m[i] = mi;
+            v[i] = vi;
+            p[i] = p[i] * keep - step * mi / (vi.sqrt() * inv_bc2 + eps);
+        }
         Ok(())
     }
 }
@@ -242,29 +399,36 @@ impl LrSchedule {
     }
 }
 
-/// Scales `grads` in place so their global L2 norm is at most `max_norm`, as
-/// `torch.nn.utils.clip_grad_norm_` does (factor `max_norm / (norm + 1e-6)`, only when below
-/// 1). Returns the norm before clipping.
+/// The global L2 norm of `grads` and the factor that brings it down to `max_norm`, as
+/// `torch.nn.utils.clip_grad_norm_` computes it: `max_norm / (norm + 1e-6)` when that is below
+/// 1, else 1. Pass the factor to [`AdamW::step`], which scales while it updates.
 ///
 /// # Errors
 /// candle errors only.
-pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+pub fn clip_grad_norm(grads: &[Tensor], max_norm: f64) -> Result<(f64, f64)> {
     let mut sq = 0f64;
-    for g in grads.iter() {
-        sq += g
-            .to_dtype(DType::F32)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f32>()? as f64;
+    for g in grads {
+        sq += sum_of_squares(g)?;
     }
     let norm = sq.sqrt();
     let coef = max_norm / (norm + 1e-6);
-    if coef < 1.0 {
-        for g in grads.iter_mut() {
-            *g = (&*g * coef)?;
+    Ok((norm, if coef < 1.0 { coef } else { 1.0 }))
+}
+
+/// Σ g², read straight from memory on the CPU.
+fn sum_of_squares(g: &Tensor) -> Result<f64> {
+    if fast_path(g) {
+        let (storage, layout) = g.storage_and_layout();
+        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(data[a..b].iter().map(|&x| (x as f64) * (x as f64)).sum());
         }
     }
-    Ok(norm)
+    Ok(g.to_dtype(DType::F32)?
+        .sqr()?
+        .sum_all()?
+        .to_scalar::<f32>()? as f64)
 }
 
 #[cfg(test)]
@@ -305,7 +469,7 @@ mod tests {
             AdamW::new(vec![("w".into(), w.clone()), ("b".into(), b.clone())], cfg).unwrap();
         let gw = Tensor::new(&[[0.5f32, -1.0]], &Device::Cpu).unwrap();
         let gb = Tensor::new(&[2f32], &Device::Cpu).unwrap();
-        opt.step(&[gw, gb]).unwrap();
+        opt.step(&[gw, gb], 1.0).unwrap();
         // Step 1: m̂ = g, v̂ = g², so the update is lr · g / (|g| + eps) ≈ lr · sign(g).
         let w1 = w.as_tensor().to_vec2::<f32>().unwrap();
         let want_w = [1.0 * (1.0 - 0.01) - 0.1, -2.0 * (1.0 - 0.01) + 0.1];
@@ -316,7 +480,7 @@ mod tests {
         let b1 = b.as_tensor().to_vec1::<f32>().unwrap();
         assert!((b1[0] - 0.4).abs() < 1e-6, "bias not decayed: {b1:?}");
         // State round-trip keeps the step and moments.
-        let st = opt.state_tensors();
+        let st = opt.state_tensors().unwrap();
         assert_eq!(
             st["w.exp_avg"].to_vec2::<f32>().unwrap(),
             vec![vec![0.05f32, -0.1]]
@@ -334,16 +498,46 @@ mod tests {
 
     #[test]
     fn clipping_scales_to_max_norm() {
-        let mut g = vec![
+        let g = vec![
             Tensor::new(&[3f32], &Device::Cpu).unwrap(),
             Tensor::new(&[[4f32]], &Device::Cpu).unwrap(),
         ];
-        let norm = clip_grad_norm(&mut g, 1.0).unwrap();
+        let (norm, scale) = clip_grad_norm(&g, 1.0).unwrap();
         assert!((norm - 5.0).abs() < 1e-9);
-        let a = g[0].to_vec1::<f32>().unwrap()[0];
-        assert!((a - 0.6).abs() < 1e-6);
-        let mut small = vec![Tensor::new(&[0.3f32], &Device::Cpu).unwrap()];
-        clip_grad_norm(&mut small, 1.0).unwrap();
-        assert_eq!(small[0].to_vec1::<f32>().unwrap(), vec![0.3]);
+        assert!((scale - 1.0 / (5.0 + 1e-6)).abs() < 1e-12);
+        let small = vec![Tensor::new(&[0.3f32], &Device::Cpu).unwrap()];
+        assert_eq!(clip_grad_norm(&small, 1.0).unwrap().1, 1.0);
+    }
+
+    #[test]
+    fn host_and_tensor_paths_agree() {
+        // The in-place CPU kernel and the tensor-op path compute the same update.
+        let cfg = AdamWConfig {
+            lr: 0.01,
+            ..AdamWConfig::default()
+        };
+        let w0 = Tensor::new(&[[0.5f32, -1.5, 2.0], [0.1, 0.0, -0.3]], &Device::Cpu).unwrap();
+        let g = Tensor::new(&[[0.2f32, -0.7, 1.1], [0.05, 3.0, -0.2]], &Device::Cpu).unwrap();
+        let a = Var::from_tensor(&w0).unwrap();
+        let mut fast = AdamW::new(vec![("w".into(), a.clone())], cfg.clone()).unwrap();
+        let b = Var::from_tensor(&w0).unwrap();
+        let mut slow = AdamW::new(vec![("w".into(), b.clone())], cfg).unwrap();
+        slow.moments = vec![Moments::Device {
+            m: w0.zeros_like().unwrap(),
+            v: w0.zeros_like().unwrap(),
+        }];
+        for _ in 0..3 {
+            fast.step(std::slice::from_ref(&g), 0.5).unwrap();
+            slow.step(std::slice::from_ref(&g), 0.5).unwrap();
+        }
+        let (x, y) = (
+            a.as_tensor().to_vec2::<f32>().unwrap(),
+            b.as_tensor().to_vec2::<f32>().unwrap(),
+        );
+        for (r, s) in x.iter().zip(&y) {
+            for (p, q) in r.iter().zip(s) {
+                assert!((p - q).abs() < 1e-6, "{p} vs {q}");
+            }
+        }
     }
 }

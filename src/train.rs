@@ -535,7 +535,7 @@ impl Trainer {
                     }
                 }
             }
-            let mut grads = params
+            let grads = params
                 .iter()
                 .zip(grads)
                 .map(|((_, v), g)| match g {
@@ -543,12 +543,12 @@ impl Trainer {
                     None => Ok(v.zeros_like()?),
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let grad_norm = if self.cfg.grad_clip > 0.0 {
-                clip_grad_norm(&mut grads, self.cfg.grad_clip)?
+            let (grad_norm, grad_scale) = if self.cfg.grad_clip > 0.0 {
+                clip_grad_norm(&grads, self.cfg.grad_clip)?
             } else {
-                f64::NAN
+                (f64::NAN, 1.0)
             };
-            self.opt.step(&grads)?;
+            self.opt.step(&grads, grad_scale)?;
             let dt = t0.elapsed().as_secs_f64();
 
             self.state.step = it + 1;
@@ -637,7 +637,7 @@ impl Trainer {
         let writer = CheckpointWriter::begin(dir)?;
         let tmp = writer.path().to_path_buf();
         objective.save(&tmp)?;
-        save_safetensors(&self.opt.state_tensors(), tmp.join(files::OPTIMIZER))?;
+        save_safetensors(&self.opt.state_tensors()?, tmp.join(files::OPTIMIZER))?;
         self.state.rng = RngState::of(&self.rng);
         self.state.eval_rng = RngState::of(&self.eval_rng);
         self.state.train_config = self.cfg.clone();
