@@ -42,6 +42,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod error;
+pub mod hf;
 pub mod model;
 pub mod optim;
 pub mod pretrain;
@@ -56,6 +57,7 @@ pub use candle_nn;
 
 pub use data::{Split, TokenDataset};
 pub use error::{Error, Result};
+pub use hf::Gpt2Config;
 pub use model::{Gpt, GptConfig, KvCache};
 pub use optim::{AdamW, AdamWConfig, LrSchedule};
 pub use pretrain::Pretraining;
