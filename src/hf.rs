@@ -197,12 +197,22 @@ impl Gpt2Config {
     ///
     /// # Errors
     /// [`Error::Io`] if the file cannot be read; [`Error::BadFile`] (with the line) if it is
-    /// not a JSON object of `GPT2Config` keys with the right types.
+    /// not a JSON object of `GPT2Config` keys with the right types, or if it is a tinygpt
+    /// checkpoint's [`GptConfig`] (it has `block_size`, which HF spells `n_positions`).
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text)
-            .map_err(|e| Error::bad_file(path, Some(e.line()), e.to_string()))
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::bad_file(path, Some(e.line()), e.to_string()))?;
+        if value.get("block_size").is_some() && value.get("n_positions").is_none() {
+            return Err(Error::bad_file(
+                path,
+                None,
+                "this is a tinygpt checkpoint's config (it has `block_size`), not a Hugging Face \
+                 GPT2Config: load the directory with tinygpt::checkpoint::load_model",
+            ));
+        }
+        serde_json::from_value(value).map_err(|e| Error::bad_file(path, None, e.to_string()))
     }
 
     /// Writes the config as pretty JSON (keys sorted, as `save_pretrained` does).

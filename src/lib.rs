@@ -15,6 +15,9 @@
 //! 4. **Sampling** ([`sampler`]): temperature, top-k, top-p, min-p, repetition penalty, stop
 //!    tokens, a seed, and streaming text as it is generated.
 //!
+//! Real GPT-2 checkpoints in Hugging Face format load into the same model, and tinygpt models
+//! save in that format for transformers and other tools ([`hf`]).
+//!
 //! ```
 //! use tinygpt::candle::Device;
 //! use tinygpt::{Gpt, GptConfig, SamplingParams, Tokenizer};

@@ -412,6 +412,13 @@ fn unsupported_config_keys_are_refused_by_name() {
     std::fs::write(dir.path().join("config.json"), "{\"n_embd\": \"wide\"}").unwrap();
     let e = Gpt::from_hf_dir(dir.path(), &Device::Cpu).unwrap_err();
     assert!(matches!(e, Error::BadFile { .. }), "{e:?}");
+    // A tinygpt checkpoint's own config.json is pointed to the right loader.
+    GptConfig::gpt2()
+        .save(dir.path().join("config.json"))
+        .unwrap();
+    let e = Gpt::from_hf_dir(dir.path(), &Device::Cpu).unwrap_err();
+    assert!(matches!(e, Error::BadFile { .. }), "{e:?}");
+    assert!(e.to_string().contains("checkpoint::load_model"), "{e}");
 }
 
 fn data_dir() -> Option<PathBuf> {
