@@ -15,6 +15,9 @@
 //! 4. **Sampling** ([`sampler`]): temperature, top-k, top-p, min-p, repetition penalty, stop
 //!    tokens, a seed, and streaming text as it is generated.
 //!
+//! Real GPT-2 checkpoints in Hugging Face format load into the same model, and tinygpt models
+//! save in that format for transformers and other tools ([`hf`]).
+//!
 //! ```
 //! use tinygpt::candle::Device;
 //! use tinygpt::{Gpt, GptConfig, SamplingParams, Tokenizer};
@@ -43,6 +46,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod data;
 pub mod error;
+pub mod hf;
 pub mod model;
 pub mod optim;
 pub mod pretrain;
@@ -59,6 +63,7 @@ pub use candle_nn;
 pub use chat::{ChatSession, ChatTemplate, Message, Role};
 pub use data::{Split, TokenDataset};
 pub use error::{Error, Result};
+pub use hf::Gpt2Config;
 pub use model::{Gpt, GptConfig, KvCache};
 pub use optim::{AdamW, AdamWConfig, LrSchedule};
 pub use pretrain::Pretraining;
