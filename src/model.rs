@@ -194,9 +194,9 @@ impl CausalSelfAttention {
         };
         let t_k = past + t;
         // Causal attention: (B, nh, T, hs) x (B, nh, hs, T_k) -> (B, nh, T, T_k)
-        let att = (q.matmul(&k.t()?)? * (1.0 / (hs as f64).sqrt()))?;
-        let att = att.broadcast_add(&causal_mask(t, t_k, att.dtype(), att.device())?)?;
-        let att = softmax_last_dim(&att)?;
+        let att = (q.matmul(&k.t()?)? * (1.0 / (hs as f64).sqrt()))?.to_dtype(DType::F32)?;
+        let att = att.broadcast_add(&causal_mask(t, t_k, DType::F32, att.device())?)?;
+        let att = softmax_last_dim(&att)?.to_dtype(v.dtype())?; // softmax in f32
         let att = maybe_dropout(att, train)?; // attn_dropout
         let y = att.matmul(&v)?; // (B, nh, T, hs)
         let y = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C): re-assemble heads
@@ -747,6 +747,21 @@ impl Gpt {
     /// The weights as a name → tensor map (for saving).
     pub fn tensors(&self) -> HashMap<String, Tensor> {
         self.params.iter().cloned().collect()
+    }
+
+    /// A copy of the model with its weights in `dtype` (e.g. f16 for faster decoding: half the
+    /// bytes to read per token). LayerNorm and the attention softmax still compute in f32.
+    /// The copy holds constant weights (for inference).
+    ///
+    /// # Errors
+    /// candle errors on conversion.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Gpt> {
+        let tensors = self
+            .params
+            .iter()
+            .map(|(n, t)| Ok((n.clone(), t.detach().to_dtype(dtype)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        Self::from_tensors(&self.cfg, tensors, false)
     }
 
     /// A copy of the model with `vocab_size` token ids, for a tokenizer that gained tokens

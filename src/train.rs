@@ -320,6 +320,17 @@ pub struct TrainSummary {
     pub last_metrics: Vec<(String, f64)>,
 }
 
+/// What one optimiser step did.
+#[derive(Debug, Clone, Copy)]
+pub struct StepStats {
+    /// Mean micro-batch loss.
+    pub loss: f64,
+    /// Global gradient norm before clipping (NaN when clipping is off).
+    pub grad_norm: f64,
+    /// Tokens processed.
+    pub tokens: usize,
+}
+
 /// The training loop. See the module docs for the order of operations.
 #[derive(Debug)]
 pub struct Trainer {
@@ -460,7 +471,6 @@ impl Trainer {
     ) -> Result<TrainSummary> {
         self.state.stage = objective.stage().to_string();
         let schedule = self.cfg.schedule();
-        let accum = self.cfg.gradient_accumulation_steps;
         let start_step = self.state.step;
         let mut last_metrics = Vec::new();
         let mut window_tokens = 0u64;
@@ -510,45 +520,11 @@ impl Trainer {
 
             // One optimiser step over `accum` micro-batches.
             let t0 = Instant::now();
-            let params = self.opt.params().to_vec();
-            let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
-            let mut loss_sum = 0f64;
-            let mut tokens = 0usize;
-            for _ in 0..accum {
-                let (loss, n) = objective.train_loss(&mut self.rng)?;
-                let value = loss.to_scalar::<f32>()? as f64;
-                if !value.is_finite() {
-                    return Err(Error::InvalidArgument(format!(
-                        "training loss is {value} at step {it}: lower lr or check the data"
-                    )));
-                }
-                loss_sum += value;
-                tokens += n;
-                let store = (loss / accum as f64)?.backward()?;
-                for ((_, var), acc) in params.iter().zip(grads.iter_mut()) {
-                    if let Some(g) = store.get(var.as_tensor()) {
-                        let g = g.detach(); // keep no reference to this step's graph
-                        *acc = Some(match acc.take() {
-                            Some(a) => (a + g)?,
-                            None => g,
-                        });
-                    }
-                }
-            }
-            let grads = params
-                .iter()
-                .zip(grads)
-                .map(|((_, v), g)| match g {
-                    Some(g) => Ok(g),
-                    None => Ok(v.zeros_like()?),
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let (grad_norm, grad_scale) = if self.cfg.grad_clip > 0.0 {
-                clip_grad_norm(&grads, self.cfg.grad_clip)?
-            } else {
-                (f64::NAN, 1.0)
-            };
-            self.opt.step(&grads, grad_scale)?;
+            let StepStats {
+                loss,
+                grad_norm,
+                tokens,
+            } = self.optimizer_step(objective, it, lr)?;
             let dt = t0.elapsed().as_secs_f64();
 
             self.state.step = it + 1;
@@ -563,7 +539,7 @@ impl Trainer {
             {
                 on_event(&TrainEvent::Step {
                     step: self.state.step,
-                    loss: loss_sum / accum as f64,
+                    loss,
                     lr,
                     grad_norm,
                     tokens_per_sec: window_tokens as f64 / window_time.max(1e-9),
@@ -579,6 +555,73 @@ impl Trainer {
             elapsed_s: self.state.elapsed_s,
             tokens_per_sec: self.state.tokens_seen as f64 / self.state.elapsed_s.max(1e-9),
             last_metrics,
+        })
+    }
+
+    /// One optimiser step at iteration `it` with learning rate `lr`: gradients accumulated over
+    /// `gradient_accumulation_steps` micro-batches (each loss divided by their number), the
+    /// global norm clipped to `grad_clip`, one AdamW update. Does not advance the step count
+    /// or write anything: [`Trainer::fit`] does that around it. Public for benchmarks.
+    ///
+    /// # Errors
+    /// Errors of the objective or the optimiser; a NaN or infinite loss is
+    /// [`Error::InvalidArgument`] (the parameters are then left as they were).
+    pub fn optimizer_step<O: Objective + ?Sized>(
+        &mut self,
+        objective: &mut O,
+        it: usize,
+        lr: f64,
+    ) -> Result<StepStats> {
+        self.opt.set_lr(lr);
+        let accum = self.cfg.gradient_accumulation_steps;
+        let params = self.opt.params().to_vec();
+        let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
+        let mut loss_sum = 0f64;
+        let mut tokens = 0usize;
+        for _ in 0..accum {
+            let (loss, n) = objective.train_loss(&mut self.rng)?;
+            let value = loss.to_scalar::<f32>()? as f64;
+            if !value.is_finite() {
+                return Err(Error::InvalidArgument(format!(
+                    "training loss is {value} at step {it}: lower lr or check the data"
+                )));
+            }
+            loss_sum += value;
+            tokens += n;
+            let loss = if accum > 1 {
+                (loss / accum as f64)?
+            } else {
+                loss
+            };
+            let store = loss.backward()?;
+            for ((_, var), acc) in params.iter().zip(grads.iter_mut()) {
+                if let Some(g) = store.get(var.as_tensor()) {
+                    let g = g.detach(); // keep no reference to this step's graph
+                    *acc = Some(match acc.take() {
+                        Some(a) => (a + g)?,
+                        None => g,
+                    });
+                }
+            }
+        }
+        let grads = params
+            .iter()
+            .zip(grads)
+            .map(|((_, v), g)| match g {
+                Some(g) => Ok(g),
+                None => Ok(v.zeros_like()?),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (grad_norm, grad_scale) = if self.cfg.grad_clip > 0.0 {
+            clip_grad_norm(&grads, self.cfg.grad_clip)?
+        } else {
+            (f64::NAN, 1.0)
+        };
+        self.opt.step(&grads, grad_scale)?;
+        Ok(StepStats {
+            loss: loss_sum / accum as f64,
+            grad_norm,
+            tokens,
         })
     }
 

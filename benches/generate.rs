@@ -1,0 +1,79 @@
+//! Decoding speed of a GPT-2-small-shaped model (random weights, batch 1): tokens per second with
+//! the KV cache (one position per step) and without (the whole window recomputed every step), f32
+//! and f16 weights.
+//!
+//! `cargo bench --bench generate` (threads: `RAYON_NUM_THREADS`, default 2).
+
+#[path = "common.rs"]
+mod common;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use tinygpt::candle::{DType, Tensor};
+use tinygpt::{Gpt, GptConfig, KvCache};
+
+const PROMPT: usize = 16;
+const NEW: usize = 16;
+
+fn bench(c: &mut Criterion) {
+    common::pin_threads();
+    for (dev_name, device) in common::devices() {
+        let cfg = GptConfig::gpt2();
+        let f32_model = Gpt::init(&cfg, 0, &device).expect("model");
+        let prompt: Vec<u32> = (0..PROMPT as u32).map(|i| (i * 997) % 50257).collect();
+        let mut group = c.benchmark_group(format!("generate/{dev_name}/gpt2-124M"));
+        group.sample_size(10);
+        group.throughput(Throughput::Elements(NEW as u64)); // tokens
+        for dtype in [DType::F32, DType::F16] {
+            let model = if dtype == DType::F32 {
+                f32_model.clone()
+            } else {
+                match f32_model.to_dtype(dtype) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        eprintln!("{dtype:?} skipped: {e}");
+                        continue;
+                    }
+                }
+            };
+            group.bench_function(format!("kv_cache/{dtype:?}"), |b| {
+                b.iter(|| {
+                    let mut cache = KvCache::new(cfg.n_layer);
+                    let x = Tensor::from_slice(&prompt, (1, PROMPT), &device).expect("x");
+                    let mut logits = model.forward_with_cache(&x, &mut cache).expect("prefill");
+                    for _ in 0..NEW {
+                        let next = logits.argmax(1).expect("argmax"); // (1,)
+                        let x = next.unsqueeze(0).expect("x"); // (1, 1)
+                        logits = model.forward_with_cache(&x, &mut cache).expect("step");
+                    }
+                    common::sync(&device);
+                    logits
+                })
+            });
+            if dtype == DType::F32 {
+                group.bench_function("recompute/F32", |b| {
+                    b.iter(|| {
+                        let mut ids = prompt.clone();
+                        for _ in 0..NEW {
+                            let x = Tensor::from_slice(&ids, (1, ids.len()), &device).expect("x");
+                            let logits = model.forward(&x).expect("forward"); // (1, T, V)
+                            let last = logits
+                                .get(0)
+                                .and_then(|l| l.get(ids.len() - 1))
+                                .expect("last");
+                            let id = last
+                                .argmax(0)
+                                .and_then(|t| t.to_scalar::<u32>())
+                                .expect("argmax");
+                            ids.push(id);
+                        }
+                        ids
+                    })
+                });
+            }
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
