@@ -42,6 +42,7 @@
 //! `V` vocabulary. Tensors are f32 unless said otherwise; token ids are u32.
 #![warn(missing_docs)]
 
+pub mod attention;
 pub mod chat;
 pub mod checkpoint;
 pub mod data;

@@ -1,0 +1,1237 @@
+//! Causal self-attention: `softmax(q kᵀ · scale + causal mask) v`, two ways.
+//!
+//! - [`causal_attention_reference`] writes it with plain candle ops: a matmul, an additive
+//!   `-inf` mask, softmax from primitives (in f32), a matmul. It materialises the
+//!   `(B, nh, Tq, Tk)` score matrix, runs on every device and dtype, and is the reference the
+//!   fused op is tested against.
+//! - [`causal_attention`] is the one the model calls. On the CPU in f32 it runs a fused
+//!   kernel with a forward *and* a backward pass, written after FlashAttention-2 (Dao 2023,
+//!   "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning",
+//!   arXiv:2307.08691, Algorithms 1 and 2) and adapted to a CPU; elsewhere (CUDA, f16, bf16)
+//!   it falls back to the reference path. That fallback *is* the CUDA path for now: a CUDA
+//!   kernel needs a GPU to be tested on, and cuBLAS matmuls already do the heavy lifting there.
+//!
+//! # The fused CPU kernel
+//!
+//! Work is split over the `B · nh` heads with rayon (one head per task; problems too small
+//! to repay the hand-off run on the calling thread). Within a head:
+//!
+//! - **Forward** (FA2 Algorithm 1): queries in blocks of [`BR`] rows, keys in blocks of
+//!   [`BC`]. For each query block the key blocks are visited in order, keeping per row a
+//!   running maximum `m` and sum `l` of the exponentials and an unnormalised output
+//!   accumulator, rescaled by `exp(m_old - m_new)` when the maximum grows (the *online
+//!   softmax*). Key blocks wholly in the causal future are never visited; a block straddling
+//!   the diagonal is masked row by row. The `Tq × Tk` scores never exist at once, only one
+//!   `BR × BC` tile. Each row's log-sum-exp `LSE = m + ln l` is kept for the backward pass.
+//! - **Backward** (FA2 Algorithm 2): `D_i = rowsum(dO_i ∘ O_i)`; then key blocks outer and
+//!   query blocks inner, recomputing `P_ij = exp(S_ij − LSE_i)` from the saved LSE, and
+//!   `dV_j += P_ijᵀ dO_i`, `dP_ij = dO_i V_jᵀ`, `dS_ij = P_ij ∘ (dP_ij − D_i)`,
+//!   `dQ_i += dS_ij K_j · scale`, `dK_j += dS_ijᵀ Q_i · scale`. A head belongs to one
+//!   thread, so `dQ` is accumulated without atomics.
+//!
+//! The LSE is *stashed*, not recomputed: candle's [`CustomOp3::bwd`] sees only the inputs,
+//! the output and its gradient, so the op instance — created afresh by every call and owned
+//! by the graph node of that call's output — keeps the `B · nh · Tq` floats that its forward
+//! computed in a [`OnceLock`]. Recomputing them would cost one more `Q Kᵀ` pass, a fifth of
+//! the backward's matmul work, to save 4 bytes per query row.
+//!
+//! All tile products are one small matmul kernel (`C (+)= A · B`, both row-major) whose
+//! `4 × 64` register tile the compiler vectorises; operands it reads along a column
+//! (`Kᵀ`, `Qᵀ`, `dOᵀ`) are first transposed into `hs × 64` panels, so every inner loop reads
+//! contiguous memory. The kernels are compiled three times — AVX-512, AVX2+FMA and plain —
+//! and the best one the CPU supports is picked at run time. `exp` is a polynomial that
+//! vectorises (Cephes' `expf`, relative error below 2e-7).
+//!
+//! Threads come from rayon's global pool: set `RAYON_NUM_THREADS` to choose how many.
+
+use std::sync::OnceLock;
+
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+use crate::model::softmax_last_dim;
+use crate::{Error, Result};
+
+/// Query rows per block of the fused kernel.
+const BR: usize = 64;
+/// Keys per block of the fused kernel.
+const BC: usize = 64;
+/// Below this many multiply-adds (`B · nh · Tq · Tk · hs`) the fused op runs on the calling
+/// thread: handing heads to rayon's pool costs more than it saves (measured with the bench).
+const PARALLEL_MIN_WORK: usize = 1 << 16;
+
+/// Causal self-attention, `softmax(q kᵀ · scale + causal mask) v`.
+///
+/// Shapes: `q` is `(B, nh, Tq, hs)`, `k` and `v` are `(B, nh, Tk, hs)` with `Tq <= Tk`.
+/// Query `i` sits at absolute position `Tk - Tq + i` and sees keys `0..=Tk - Tq + i`, so
+/// training passes `Tq = Tk` and KV-cache decoding passes the new queries against every
+/// cached key (often `Tq = 1`). Returns `(B, nh, Tq, hs)` in the dtype of the inputs.
+/// `scale` is usually `1 / sqrt(hs)`.
+///
+/// Differentiable with respect to `q`, `k` and `v`. On the CPU with f32 inputs this is the
+/// fused FlashAttention-2 style op of this module (see the [module docs](self)); inputs that
+/// are not contiguous are copied first. On other devices (CUDA) or dtypes (f16, bf16) it is
+/// [`causal_attention_reference`].
+///
+/// # Errors
+/// [`Error::InvalidArgument`] if a tensor is not 4-D, the shapes disagree, `Tq > Tk` or the
+/// dtypes differ; [`Error::Candle`] if a tensor operation fails (e.g. mixed devices).
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    check_shapes(q, k, v)?;
+    let fused = matches!(q.device(), Device::Cpu)
+        && matches!(k.device(), Device::Cpu)
+        && matches!(v.device(), Device::Cpu)
+        && q.dtype() == DType::F32;
+    if !fused {
+        return causal_attention_reference(q, k, v, scale);
+    }
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let op = FusedCausalAttention {
+        scale: scale as f32,
+        lse: OnceLock::new(),
+    };
+    Ok(q.apply_op3(&k, &v, op)?)
+}
+
+/// Causal self-attention with plain candle ops: the reference for [`causal_attention`], and
+/// its path on devices and dtypes the fused op does not cover.
+///
+/// Same contract as [`causal_attention`]: `q` `(B, nh, Tq, hs)`, `k`, `v` `(B, nh, Tk, hs)`,
+/// `Tq <= Tk`, query `i` at absolute position `Tk - Tq + i`; returns `(B, nh, Tq, hs)` in the
+/// inputs' dtype. The scores are masked and softmaxed in f32 whatever the dtype. It builds the
+/// whole `(B, nh, Tq, Tk)` score matrix, so it needs `O(Tq · Tk)` memory per head.
+///
+/// # Errors
+/// As [`causal_attention`].
+pub fn causal_attention_reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let (_, _, tq, tk, _) = check_shapes(q, k, v)?;
+    let dtype = q.dtype();
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let att = q.matmul(&k.t()?)?.to_dtype(DType::F32)?; // (B, nh, Tq, Tk)
+    let att = (att * scale)?.broadcast_add(&causal_mask(tq, tk, q.device())?)?;
+    let att = softmax_last_dim(&att)?.to_dtype(dtype)?; // (B, nh, Tq, Tk)
+    Ok(att.matmul(&v)?) // (B, nh, Tq, hs)
+}
+
+/// Checks the shapes and dtypes of `q`, `k`, `v`; returns `(B, nh, Tq, Tk, hs)`.
+fn check_shapes(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(usize, usize, usize, usize, usize)> {
+    let dims4 = |t: &Tensor, name: &str| {
+        t.dims4().map_err(|_| {
+            Error::InvalidArgument(format!(
+                "attention: {name} must be 4-D (B, nh, T, hs), got shape {:?}",
+                t.dims()
+            ))
+        })
+    };
+    let (b, nh, tq, hs) = dims4(q, "q")?;
+    let (kb, knh, tk, khs) = dims4(k, "k")?;
+    if (kb, knh, khs) != (b, nh, hs) || v.dims() != k.dims() {
+        return Err(Error::InvalidArgument(format!(
+            "attention: q {:?}, k {:?} and v {:?} must be (B, nh, Tq, hs), (B, nh, Tk, hs) and \
+             (B, nh, Tk, hs)",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )));
+    }
+    if tq > tk {
+        return Err(Error::InvalidArgument(format!(
+            "attention: {tq} queries but only {tk} keys; Tq must be at most Tk"
+        )));
+    }
+    if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+        return Err(Error::InvalidArgument(format!(
+            "attention: q, k and v must share a dtype, got {:?}, {:?} and {:?}",
+            q.dtype(),
+            k.dtype(),
+            v.dtype()
+        )));
+    }
+    Ok((b, nh, tq, tk, hs))
+}
+
+/// Additive mask (Tq, Tk) in f32: 0 where query `i` (absolute position `Tk - Tq + i`) may see
+/// key `j`, `-inf` where `j` lies in its future.
+fn causal_mask(tq: usize, tk: usize, device: &Device) -> Result<Tensor> {
+    let past = tk - tq;
+    let mask: Vec<f32> = (0..tq)
+        .flat_map(|i| (0..tk).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(mask, (tq, tk), device)?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The candle op
+// ---------------------------------------------------------------------------------------------
+
+/// The fused op over `(q, k, v)`. One instance per call: it stashes that call's LSE.
+struct FusedCausalAttention {
+    scale: f32,
+    /// Per query row `m + ln l`, `(B · nh · Tq)` floats, set by `cpu_fwd`, read by `bwd`.
+    lse: OnceLock<Vec<f32>>,
+}
+
+/// Sizes of one call: `heads = B · nh`.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    heads: usize,
+    tq: usize,
+    tk: usize,
+    hs: usize,
+    scale: f32,
+}
+
+impl Dims {
+    /// Keys before the first query: query `i` sits at position `past + i`.
+    fn past(&self) -> usize {
+        self.tk - self.tq
+    }
+
+    fn parallel(&self) -> bool {
+        self.heads > 1 && self.heads * self.tq * self.tk * self.hs >= PARALLEL_MIN_WORK
+    }
+
+    fn from_layouts(q: &Layout, k: &Layout, scale: f32) -> candle_core::Result<Self> {
+        let (b, nh, tq, hs) = q.shape().dims4()?;
+        let (_, _, tk, _) = k.shape().dims4()?;
+        Ok(Self {
+            heads: b * nh,
+            tq,
+            tk,
+            hs,
+            scale,
+        })
+    }
+}
+
+/// The f32 data of a contiguous CPU tensor.
+fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, name: &str) -> candle_core::Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("fused attention: {name} must be contiguous"),
+    }
+}
+
+impl CustomOp3 for FusedCausalAttention {
+    fn name(&self) -> &'static str {
+        "tinygpt-fused-causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = Dims::from_layouts(l1, l2, self.scale)?;
+        let q = cpu_f32(s1, l1, "q")?;
+        let k = cpu_f32(s2, l2, "k")?;
+        let v = cpu_f32(s3, l3, "v")?;
+        let (out, lse) = forward(Isa::detect(), q, k, v, d);
+        // A fresh op per call, so the cell is empty; were it not, the first LSE stands.
+        let _ = self.lse.set(lse);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(lse) = self.lse.get() else {
+            candle_core::bail!("fused attention: backward before forward")
+        };
+        let grad_res = grad_res.contiguous()?;
+        let d = Dims::from_layouts(q.layout(), k.layout(), self.scale)?;
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (os, ol) = res.storage_and_layout();
+        let (gs, gl) = grad_res.storage_and_layout();
+        let (dq, dk, dv) = match (&*qs, &*ks, &*vs, &*os, &*gs) {
+            (
+                Storage::Cpu(qs),
+                Storage::Cpu(ks),
+                Storage::Cpu(vs),
+                Storage::Cpu(os),
+                Storage::Cpu(gs),
+            ) => backward(
+                Isa::detect(),
+                BwdInputs {
+                    q: cpu_f32(qs, ql, "q")?,
+                    k: cpu_f32(ks, kl, "k")?,
+                    v: cpu_f32(vs, vl, "v")?,
+                    o: cpu_f32(os, ol, "output")?,
+                    d_o: cpu_f32(gs, gl, "output gradient")?,
+                    lse,
+                },
+                d,
+            ),
+            _ => candle_core::bail!("fused attention: backward needs CPU tensors"),
+        };
+        let dq = Tensor::from_vec(dq, q.shape(), q.device())?;
+        let dk = Tensor::from_vec(dk, k.shape(), k.device())?;
+        let dv = Tensor::from_vec(dv, v.shape(), v.device())?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Driving the kernels over heads
+// ---------------------------------------------------------------------------------------------
+
+/// Forward over all heads: returns the output `(heads, Tq, hs)` and the LSE `(heads, Tq)`.
+fn forward(isa: Isa, q: &[f32], k: &[f32], v: &[f32], d: Dims) -> (Vec<f32>, Vec<f32>) {
+    let (tq, tk, hs) = (d.tq, d.tk, d.hs);
+    let mut out = vec![0f32; d.heads * tq * hs];
+    let mut lse = vec![0f32; d.heads * tq];
+    if out.is_empty() {
+        return (out, lse);
+    }
+    let run = |scratch: &mut FwdScratch, (h, (o, lse)): (usize, (&mut [f32], &mut [f32]))| {
+        let job = FwdJob {
+            q: &q[h * tq * hs..(h + 1) * tq * hs],
+            k: &k[h * tk * hs..(h + 1) * tk * hs],
+            v: &v[h * tk * hs..(h + 1) * tk * hs],
+            o,
+            lse,
+            d,
+        };
+        isa.forward_head(job, scratch);
+    };
+    if d.parallel() {
+        out.par_chunks_mut(tq * hs)
+            .zip(lse.par_chunks_mut(tq))
+            .enumerate()
+            .for_each_init(|| FwdScratch::new(d), run);
+    } else {
+        let mut scratch = FwdScratch::new(d);
+        out.chunks_mut(tq * hs)
+            .zip(lse.chunks_mut(tq))
+            .enumerate()
+            .for_each(|job| run(&mut scratch, job));
+    }
+    (out, lse)
+}
+
+/// What the backward pass reads, all contiguous: `q`, `o`, `d_o` `(heads, Tq, hs)`, `k`, `v`
+/// `(heads, Tk, hs)`, `lse` `(heads, Tq)`.
+struct BwdInputs<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    o: &'a [f32],
+    d_o: &'a [f32],
+    lse: &'a [f32],
+}
+
+/// Backward over all heads: returns `dq`, `dk`, `dv`, shaped as `q`, `k`, `v`.
+fn backward(isa: Isa, x: BwdInputs, d: Dims) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (tq, tk, hs) = (d.tq, d.tk, d.hs);
+    let mut dq = vec![0f32; d.heads * tq * hs];
+    let mut dk = vec![0f32; d.heads * tk * hs];
+    let mut dv = vec![0f32; d.heads * tk * hs];
+    if dq.is_empty() {
+        return (dq, dk, dv);
+    }
+    type Grads<'g> = ((&'g mut [f32], &'g mut [f32]), &'g mut [f32]);
+    let run = |scratch: &mut BwdScratch, (h, ((dq, dk), dv)): (usize, Grads)| {
+        let (q_rows, k_rows) = (
+            h * tq * hs..(h + 1) * tq * hs,
+            h * tk * hs..(h + 1) * tk * hs,
+        );
+        let job = BwdJob {
+            q: &x.q[q_rows.clone()],
+            k: &x.k[k_rows.clone()],
+            v: &x.v[k_rows],
+            o: &x.o[q_rows.clone()],
+            d_o: &x.d_o[q_rows],
+            lse: &x.lse[h * tq..(h + 1) * tq],
+            dq,
+            dk,
+            dv,
+            d,
+        };
+        isa.backward_head(job, scratch);
+    };
+    if d.parallel() {
+        dq.par_chunks_mut(tq * hs)
+            .zip(dk.par_chunks_mut(tk * hs))
+            .zip(dv.par_chunks_mut(tk * hs))
+            .enumerate()
+            .for_each_init(|| BwdScratch::new(d), run);
+    } else {
+        let mut scratch = BwdScratch::new(d);
+        dq.chunks_mut(tq * hs)
+            .zip(dk.chunks_mut(tk * hs))
+            .zip(dv.chunks_mut(tk * hs))
+            .enumerate()
+            .for_each(|job| run(&mut scratch, job));
+    }
+    (dq, dk, dv)
+}
+
+/// The instruction set the kernels are compiled for, picked once per call at run time.
+#[derive(Debug, Clone, Copy)]
+enum Isa {
+    /// Whatever the build target guarantees (SSE2 on x86-64, NEON on aarch64).
+    Baseline,
+    /// AVX2 with FMA (x86-64 since 2013).
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    /// AVX-512F (with AVX2 and FMA): 16 floats a register, 32 registers.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Isa {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            if avx2 && is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if avx2 {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Baseline
+    }
+
+    fn forward_head(self, job: FwdJob, scratch: &mut FwdScratch) {
+        match self {
+            Isa::Baseline => forward_head::<Baseline>(job, scratch),
+            // SAFETY: `detect` chose these only after confirming the features at run time.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { forward_head_avx2(job, scratch) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { forward_head_avx512(job, scratch) },
+        }
+    }
+
+    fn backward_head(self, job: BwdJob, scratch: &mut BwdScratch) {
+        match self {
+            Isa::Baseline => backward_head::<Baseline>(job, scratch),
+            // SAFETY: `detect` chose these only after confirming the features at run time.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { backward_head_avx2(job, scratch) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { backward_head_avx512(job, scratch) },
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn forward_head_avx2(job: FwdJob, scratch: &mut FwdScratch) {
+    forward_head::<Avx2>(job, scratch)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn forward_head_avx512(job: FwdJob, scratch: &mut FwdScratch) {
+    forward_head::<Avx512>(job, scratch)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn backward_head_avx2(job: BwdJob, scratch: &mut BwdScratch) {
+    backward_head::<Avx2>(job, scratch)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn backward_head_avx512(job: BwdJob, scratch: &mut BwdScratch) {
+    backward_head::<Avx512>(job, scratch)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-head kernels. Everything below is `#[inline(always)]` so that it is compiled into each
+// `*_avx2` / `*_avx512` wrapper with that wrapper's instruction set.
+// ---------------------------------------------------------------------------------------------
+
+/// How a kernel build multiplies and adds, and how wide its register tile is.
+trait Arith {
+    /// Register tile width in floats: 64 = four AVX-512 registers a row, else 16.
+    const WIDE: bool;
+    /// `a * b + c`, fused where the instruction set has FMA.
+    fn fma(a: f32, b: f32, c: f32) -> f32;
+}
+
+/// The baseline build: FMA only where the target guarantees it (aarch64).
+struct Baseline;
+/// The AVX2 + FMA build.
+#[cfg(target_arch = "x86_64")]
+struct Avx2;
+/// The AVX-512 build.
+#[cfg(target_arch = "x86_64")]
+struct Avx512;
+
+impl Arith for Baseline {
+    const WIDE: bool = false;
+    #[inline(always)]
+    fn fma(a: f32, b: f32, c: f32) -> f32 {
+        if cfg!(target_arch = "aarch64") {
+            a.mul_add(b, c)
+        } else {
+            a * b + c
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Arith for Avx2 {
+    const WIDE: bool = false;
+    #[inline(always)]
+    fn fma(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Arith for Avx512 {
+    const WIDE: bool = true;
+    #[inline(always)]
+    fn fma(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+/// One head's forward: `q` `(Tq, hs)`, `k`, `v` `(Tk, hs)` in; `o` `(Tq, hs)`, `lse` `(Tq,)`
+/// out.
+struct FwdJob<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    o: &'a mut [f32],
+    lse: &'a mut [f32],
+    d: Dims,
+}
+
+/// A forward worker's buffers, allocated once per rayon task and reused across heads.
+struct FwdScratch {
+    /// `Kᵀ` in panels of [`BC`] keys: panel `p` is `(hs, BC)` at `p · BC · hs`.
+    kt: Vec<f32>,
+    /// Scores, then probabilities, of one tile: `(BR, BC)`.
+    s: Vec<f32>,
+    /// Unnormalised output of one query block: `(BR, hs)`.
+    acc: Vec<f32>,
+    /// Running row maximum (of scaled scores) and running sum of exponentials: `(BR,)` each.
+    m: Vec<f32>,
+    l: Vec<f32>,
+}
+
+impl FwdScratch {
+    fn new(d: Dims) -> Self {
+        Self {
+            kt: vec![0.0; d.tk.div_ceil(BC) * BC * d.hs],
+            s: vec![0.0; BR * BC],
+            acc: vec![0.0; BR * d.hs],
+            m: vec![0.0; BR],
+            l: vec![0.0; BR],
+        }
+    }
+}
+
+/// FlashAttention-2's forward (Algorithm 1) for one head.
+#[inline(always)]
+fn forward_head<F: Arith>(job: FwdJob, sc: &mut FwdScratch) {
+    let FwdJob { q, k, v, o, lse, d } = job;
+    let (tq, tk, hs, scale, past) = (d.tq, d.tk, d.hs, d.scale, d.past());
+    to_panels(k, tk, hs, BC, &mut sc.kt);
+    for i0 in (0..tq).step_by(BR) {
+        let br = BR.min(tq - i0);
+        sc.m[..br].fill(f32::NEG_INFINITY);
+        sc.l[..br].fill(0.0);
+        sc.acc[..br * hs].fill(0.0);
+        // The last row of the block sees keys up to `past + i0 + br - 1`.
+        let k_end = past + i0 + br;
+        for j0 in (0..k_end).step_by(BC) {
+            let bc = BC.min(k_end - j0);
+            // S = Q_i K_jᵀ: (br, hs) · (hs, bc)
+            let kt = &sc.kt[j0 * hs..];
+            matmul::<F>(br, bc, hs, &q[i0 * hs..], hs, kt, BC, &mut sc.s, BC, false);
+            for r in 0..br {
+                // Row r (position past + i0 + r) sees the first `seen` keys of this block.
+                let seen = (past + i0 + r + 1).saturating_sub(j0).min(bc);
+                let row = &mut sc.s[r * BC..r * BC + bc];
+                row[seen..].fill(0.0);
+                if seen == 0 {
+                    continue;
+                }
+                let row = &mut row[..seen];
+                let m_new = scale_max(row, scale).max(sc.m[r]);
+                let alpha = (sc.m[r] - m_new).exp(); // 0 on the first block
+                let sum = exp_sub_sum::<F>(row, m_new);
+                sc.l[r] = sc.l[r] * alpha + sum;
+                if alpha != 1.0 {
+                    sc.acc[r * hs..(r + 1) * hs]
+                        .iter_mut()
+                        .for_each(|a| *a *= alpha);
+                }
+                sc.m[r] = m_new;
+            }
+            // O_i += P V_j: (br, bc) · (bc, hs)
+            let v_j = &v[j0 * hs..];
+            matmul::<F>(br, hs, bc, &sc.s, BC, v_j, hs, &mut sc.acc, hs, true);
+        }
+        for r in 0..br {
+            let inv = 1.0 / sc.l[r];
+            let out = &mut o[(i0 + r) * hs..(i0 + r + 1) * hs];
+            for (o, a) in out.iter_mut().zip(&sc.acc[r * hs..(r + 1) * hs]) {
+                *o = a * inv;
+            }
+            lse[i0 + r] = sc.m[r] + sc.l[r].ln();
+        }
+    }
+}
+
+/// One head's backward: `q`, `o`, `d_o` `(Tq, hs)`, `k`, `v` `(Tk, hs)`, `lse` `(Tq,)` in;
+/// `dq` `(Tq, hs)`, `dk`, `dv` `(Tk, hs)` out (zeroed by the caller).
+struct BwdJob<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    o: &'a [f32],
+    d_o: &'a [f32],
+    lse: &'a [f32],
+    dq: &'a mut [f32],
+    dk: &'a mut [f32],
+    dv: &'a mut [f32],
+    d: Dims,
+}
+
+/// A backward worker's buffers, allocated once per rayon task and reused across heads.
+struct BwdScratch {
+    /// `Qᵀ`, `dOᵀ` and the accumulated `dQᵀ` in panels of [`BR`] queries: `(hs, BR)` each.
+    qt: Vec<f32>,
+    dot: Vec<f32>,
+    dqt: Vec<f32>,
+    /// `Kᵀ` in panels of [`BC`] keys: `(hs, BC)` each.
+    kt: Vec<f32>,
+    /// `D_i = rowsum(dO ∘ O)`: `(Tq,)`.
+    delta: Vec<f32>,
+    /// `Pᵀ` and `dSᵀ · scale` (first `dPᵀ`) of one tile: `(BC, BR)`.
+    pt: Vec<f32>,
+    dst: Vec<f32>,
+}
+
+impl BwdScratch {
+    fn new(d: Dims) -> Self {
+        let q_panels = d.tq.div_ceil(BR) * BR * d.hs;
+        Self {
+            qt: vec![0.0; q_panels],
+            dot: vec![0.0; q_panels],
+            dqt: vec![0.0; q_panels],
+            kt: vec![0.0; d.tk.div_ceil(BC) * BC * d.hs],
+            delta: vec![0.0; d.tq],
+            pt: vec![0.0; BC * BR],
+            dst: vec![0.0; BC * BR],
+        }
+    }
+}
+
+/// FlashAttention-2's backward (Algorithm 2) for one head, worked in transposed tiles
+/// (`Sᵀ = K_j Q_iᵀ`) so that the softmax terms `LSE_i` and `D_i` run along rows.
+#[inline(always)]
+fn backward_head<F: Arith>(job: BwdJob, sc: &mut BwdScratch) {
+    let BwdJob {
+        q,
+        k,
+        v,
+        o,
+        d_o,
+        lse,
+        dq,
+        dk,
+        dv,
+        d,
+    } = job;
+    let (tq, tk, hs, scale, past) = (d.tq, d.tk, d.hs, d.scale, d.past());
+    to_panels(q, tq, hs, BR, &mut sc.qt);
+    to_panels(d_o, tq, hs, BR, &mut sc.dot);
+    to_panels(k, tk, hs, BC, &mut sc.kt);
+    sc.dqt.fill(0.0);
+    for ((delta, o), d_o) in sc
+        .delta
+        .iter_mut()
+        .zip(o.chunks_exact(hs))
+        .zip(d_o.chunks_exact(hs))
+    {
+        *delta = dot::<F>(o, d_o);
+    }
+    for j0 in (0..tk).step_by(BC) {
+        let bc = BC.min(tk - j0);
+        // The first query that sees key j0 is row j0 - past; start at its block.
+        let i_first = j0.saturating_sub(past) / BR * BR;
+        for i0 in (i_first..tq).step_by(BR) {
+            let br = BR.min(tq - i0);
+            let (qt, dot_i) = (&sc.qt[i0 * hs..], &sc.dot[i0 * hs..]);
+            // Sᵀ = K_j Q_iᵀ and dPᵀ = V_j dO_iᵀ: (bc, hs) · (hs, br)
+            matmul::<F>(bc, br, hs, &k[j0 * hs..], hs, qt, BR, &mut sc.pt, BR, false);
+            matmul::<F>(
+                bc,
+                br,
+                hs,
+                &v[j0 * hs..],
+                hs,
+                dot_i,
+                BR,
+                &mut sc.dst,
+                BR,
+                false,
+            );
+            let (lse_i, delta_i) = (&lse[i0..i0 + br], &sc.delta[i0..i0 + br]);
+            for c in 0..bc {
+                // Key j0 + c is seen by rows past + i0 + r >= j0 + c.
+                let first = (j0 + c).saturating_sub(past + i0).min(br);
+                let p = &mut sc.pt[c * BR..c * BR + br];
+                let ds = &mut sc.dst[c * BR..c * BR + br];
+                p[..first].fill(0.0);
+                ds[..first].fill(0.0);
+                softmax_grad::<F>(
+                    &mut p[first..],
+                    &mut ds[first..],
+                    &lse_i[first..],
+                    &delta_i[first..],
+                    scale,
+                );
+            }
+            // dV_j += P_ijᵀ dO_i and dK_j += dS_ijᵀ Q_i · scale: (bc, br) · (br, hs)
+            let (dv_j, dk_j) = (&mut dv[j0 * hs..], &mut dk[j0 * hs..]);
+            matmul::<F>(bc, hs, br, &sc.pt, BR, &d_o[i0 * hs..], hs, dv_j, hs, true);
+            matmul::<F>(bc, hs, br, &sc.dst, BR, &q[i0 * hs..], hs, dk_j, hs, true);
+            // dQ_iᵀ += K_jᵀ dS_ijᵀ · scale: (hs, bc) · (bc, br)
+            let (kt, dqt) = (&sc.kt[j0 * hs..], &mut sc.dqt[i0 * hs..]);
+            matmul::<F>(hs, br, bc, kt, BC, &sc.dst, BR, dqt, BR, true);
+        }
+    }
+    from_panels(&sc.dqt, tq, hs, BR, dq);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inner loops
+// ---------------------------------------------------------------------------------------------
+
+/// Writes `x` `(n, hs)` transposed into panels of `w` rows: panel `p` holds rows
+/// `p·w..p·w + w` as an `(hs, w)` matrix at offset `p · w · hs`.
+#[inline(always)]
+fn to_panels(x: &[f32], n: usize, hs: usize, w: usize, panels: &mut [f32]) {
+    for (p, rows) in x[..n * hs].chunks(w * hs).enumerate() {
+        let panel = &mut panels[p * w * hs..(p + 1) * w * hs];
+        for (c, row) in rows.chunks_exact(hs).enumerate() {
+            for (dd, &value) in row.iter().enumerate() {
+                panel[dd * w + c] = value;
+            }
+        }
+    }
+}
+
+/// The inverse of [`to_panels`]: reads `(n, hs)` row-major into `x`.
+#[inline(always)]
+fn from_panels(panels: &[f32], n: usize, hs: usize, w: usize, x: &mut [f32]) {
+    for (p, rows) in x[..n * hs].chunks_mut(w * hs).enumerate() {
+        let panel = &panels[p * w * hs..(p + 1) * w * hs];
+        for (c, row) in rows.chunks_exact_mut(hs).enumerate() {
+            for (dd, value) in row.iter_mut().enumerate() {
+                *value = panel[dd * w + c];
+            }
+        }
+    }
+}
+
+/// `C (m, n) = [C +] A (m, k) · B (k, n)`, all row-major with row strides `lda`, `ldb`, `ldc`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn matmul<F: Arith>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    let mut j = 0;
+    while j < n {
+        let left = n - j;
+        let (b, c) = (&b[j..], &mut c[j..]);
+        if F::WIDE && left >= 64 {
+            row_tiles::<F, 64>(m, k, a, lda, b, ldb, c, ldc, accumulate);
+            j += 64;
+        } else if left >= 16 {
+            row_tiles::<F, 16>(m, k, a, lda, b, ldb, c, ldc, accumulate);
+            j += 16;
+        } else {
+            row_tiles::<F, 1>(m, k, a, lda, b, ldb, c, ldc, accumulate);
+            j += 1;
+        }
+    }
+}
+
+/// [`matmul`] for one strip of `W` columns, four rows at a time.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn row_tiles<F: Arith, const W: usize>(
+    m: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    let mut i = 0;
+    while i + 4 <= m {
+        tile::<F, 4, W>(
+            k,
+            &a[i * lda..],
+            lda,
+            b,
+            ldb,
+            &mut c[i * ldc..],
+            ldc,
+            accumulate,
+        );
+        i += 4;
+    }
+    let rest = m - i;
+    if rest > 0 {
+        let (a, c) = (&a[i * lda..], &mut c[i * ldc..]);
+        match rest {
+            3 => tile::<F, 3, W>(k, a, lda, b, ldb, c, ldc, accumulate),
+            2 => tile::<F, 2, W>(k, a, lda, b, ldb, c, ldc, accumulate),
+            _ => tile::<F, 1, W>(k, a, lda, b, ldb, c, ldc, accumulate),
+        }
+    }
+}
+
+/// The register tile: `C (R, W) = [C +] A (R, k) · B (k, W)`. The `R × W` accumulators stay in
+/// registers (16 AVX-512 registers for 4 × 64) while `k` rows of `B` stream past.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn tile<F: Arith, const R: usize, const W: usize>(
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    let mut acc = [[0f32; W]; R];
+    if accumulate {
+        for (r, acc) in acc.iter_mut().enumerate() {
+            acc.copy_from_slice(&c[r * ldc..r * ldc + W]);
+        }
+    }
+    let a: [&[f32]; R] = std::array::from_fn(|r| &a[r * lda..r * lda + k]);
+    for kk in 0..k {
+        let b = &b[kk * ldb..kk * ldb + W];
+        for (acc, a) in acc.iter_mut().zip(&a) {
+            let x = a[kk];
+            for (acc, &b) in acc.iter_mut().zip(b) {
+                *acc = F::fma(x, b, *acc);
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        c[r * ldc..r * ldc + W].copy_from_slice(acc);
+    }
+}
+
+/// Lanes of the vectorised reductions: one AVX-512 register.
+const LANES: usize = 16;
+
+/// Multiplies `row` by `scale` in place and returns its maximum.
+#[inline(always)]
+fn scale_max(row: &mut [f32], scale: f32) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for chunk in &mut chunks {
+        for (x, m) in chunk.iter_mut().zip(lanes.iter_mut()) {
+            *x *= scale;
+            *m = if *x > *m { *x } else { *m };
+        }
+    }
+    let mut max = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    for x in chunks.into_remainder() {
+        *x *= scale;
+        max = max.max(*x);
+    }
+    max
+}
+
+/// Replaces each `x` of `row` by `exp(x - m)` and returns their sum.
+#[inline(always)]
+fn exp_sub_sum<F: Arith>(row: &mut [f32], m: f32) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for chunk in &mut chunks {
+        for (x, s) in chunk.iter_mut().zip(lanes.iter_mut()) {
+            *x = exp::<F>(*x - m);
+            *s += *x;
+        }
+    }
+    let mut sum: f32 = lanes.iter().sum();
+    for x in chunks.into_remainder() {
+        *x = exp::<F>(*x - m);
+        sum += *x;
+    }
+    sum
+}
+
+/// The softmax backward of one row of a transposed tile (one key, several queries): takes
+/// scores `p` and `dPᵀ` in `ds`, leaves `P = exp(scale · s − LSE)` in `p` and
+/// `dS · scale = P ∘ (dP − D) · scale` in `ds`.
+#[inline(always)]
+fn softmax_grad<F: Arith>(p: &mut [f32], ds: &mut [f32], lse: &[f32], delta: &[f32], scale: f32) {
+    for (((p, ds), &lse), &delta) in p.iter_mut().zip(ds.iter_mut()).zip(lse).zip(delta) {
+        let e = exp::<F>(F::fma(*p, scale, -lse));
+        *p = e;
+        *ds = e * (*ds - delta) * scale;
+    }
+}
+
+/// `Σ a_i b_i`.
+#[inline(always)]
+fn dot<F: Arith>(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (ca, cb) in ca.zip(cb) {
+        for ((s, &x), &y) in lanes.iter_mut().zip(ca).zip(cb) {
+            *s = F::fma(x, y, *s);
+        }
+    }
+    let mut sum: f32 = lanes.iter().sum();
+    for (&x, &y) in ra.iter().zip(rb) {
+        sum = F::fma(x, y, sum);
+    }
+    sum
+}
+
+/// `e^x` for `x <= 88`, as Cephes' `expf`: `x = n ln 2 + r` with `|r| <= ln 2 / 2`, a degree-6
+/// polynomial for `e^r`, and `2^n` built in the exponent bits. Relative error below 2e-7;
+/// inputs below -87.3 give a number below 2e-38 rather than a denormal or 0. Branch-free, so
+/// loops over it vectorise.
+#[inline(always)]
+fn exp<F: Arith>(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding 1.5 · 2^23 rounds to an integer, which lands in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let x = if x < -87.3 { -87.3 } else { x };
+    let x = if x > 88.0 { 88.0 } else { x };
+    let shifted = F::fma(x, LOG2E, ROUND);
+    let n = shifted - ROUND;
+    let r = F::fma(n, -LN2_LO, F::fma(n, -LN2_HI, x));
+    let mut p = 1.987_569_1e-4;
+    p = F::fma(p, r, 1.398_199_9e-3);
+    p = F::fma(p, r, 8.333_452e-3);
+    p = F::fma(p, r, 4.166_579_6e-2);
+    p = F::fma(p, r, 1.666_666_5e-1);
+    p = F::fma(p, r, 0.5);
+    let p = F::fma(p, r * r, r) + 1.0;
+    // The bits of `shifted` are those of ROUND plus n; rebias n by 127 into the exponent.
+    let pow2n = f32::from_bits(shifted.to_bits().wrapping_sub(ROUND.to_bits() - 127) << 23);
+    p * pow2n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+    use rand_distr::{Distribution, Normal};
+
+    fn randn(rng: &mut ChaCha8Rng, shape: &[usize], std: f32) -> Tensor {
+        let normal = Normal::new(0f32, std).unwrap();
+        let n = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| normal.sample(rng)).collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Values and gradients of `loss = Σ y ∘ w` through `f`.
+    fn value_and_grads(
+        f: fn(&Tensor, &Tensor, &Tensor, f64) -> Result<Tensor>,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        w: &Tensor,
+        scale: f64,
+    ) -> [Tensor; 4] {
+        let (q, k, v) = (
+            Var::from_tensor(q).unwrap(),
+            Var::from_tensor(k).unwrap(),
+            Var::from_tensor(v).unwrap(),
+        );
+        let y = f(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale).unwrap();
+        let grads = (&y * w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = |x: &Var| grads.get(x.as_tensor()).unwrap().clone();
+        [y, g(&q), g(&k), g(&v)]
+    }
+
+    /// Fused against the reference on random inputs: values and the gradients of q, k, v.
+    fn check(b: usize, nh: usize, tq: usize, tk: usize, hs: usize, std: f32, seed: u64) -> f32 {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let q = randn(&mut rng, &[b, nh, tq, hs], std);
+        let k = randn(&mut rng, &[b, nh, tk, hs], std);
+        let v = randn(&mut rng, &[b, nh, tk, hs], 1.0);
+        let w = randn(&mut rng, &[b, nh, tq, hs], 1.0);
+        let scale = 1.0 / (hs as f64).sqrt();
+        let fused = value_and_grads(causal_attention, &q, &k, &v, &w, scale);
+        let reference = value_and_grads(causal_attention_reference, &q, &k, &v, &w, scale);
+        let mut worst = 0f32;
+        for (name, (f, r)) in ["y", "dq", "dk", "dv"]
+            .iter()
+            .zip(fused.iter().zip(&reference))
+        {
+            let values = f.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(values.iter().all(|x| x.is_finite()), "{name} is not finite");
+            let diff = max_abs_diff(f, r);
+            eprintln!(
+                "B{b} nh{nh} Tq{tq} Tk{tk} hs{hs}: {name} max |fused - reference| = {diff:.2e}"
+            );
+            assert!(
+                diff <= 1e-4,
+                "{name}: {diff} for B{b} nh{nh} Tq{tq} Tk{tk} hs{hs}"
+            );
+            worst = worst.max(diff);
+        }
+        worst
+    }
+
+    #[test]
+    fn single_token() {
+        check(1, 1, 1, 1, 8, 1.0, 1);
+    }
+
+    #[test]
+    fn odd_length() {
+        check(2, 3, 17, 17, 8, 1.0, 2);
+    }
+
+    #[test]
+    fn one_tile() {
+        check(2, 4, 64, 64, 32, 1.0, 3);
+    }
+
+    #[test]
+    fn crossing_tile_boundaries() {
+        check(1, 2, 130, 130, 64, 1.0, 4);
+    }
+
+    #[test]
+    fn fewer_queries_than_keys() {
+        // KV-cache decoding: one new query, then a chunk of five, against cached keys.
+        check(2, 2, 1, 9, 16, 1.0, 5);
+        check(1, 3, 5, 12, 8, 1.0, 6);
+        check(1, 2, 70, 150, 64, 1.0, 7);
+    }
+
+    #[test]
+    fn every_instruction_set_agrees() {
+        // The kernels are built per instruction set; test each this CPU can run, not only
+        // the one `causal_attention` picks. hs = 24 exercises the 16-wide and 1-wide strips.
+        let mut isas = vec![Isa::Baseline];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                isas.push(Isa::Avx2);
+                if is_x86_feature_detected!("avx512f") {
+                    isas.push(Isa::Avx512);
+                }
+            }
+        }
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (b, nh, tq, tk, hs) in [(2, 3, 70, 70, 24), (1, 2, 130, 200, 64)] {
+            let mut rng = ChaCha8Rng::seed_from_u64(10);
+            let q = randn(&mut rng, &[b, nh, tq, hs], 1.0);
+            let k = randn(&mut rng, &[b, nh, tk, hs], 1.0);
+            let v = randn(&mut rng, &[b, nh, tk, hs], 1.0);
+            let w = randn(&mut rng, &[b, nh, tq, hs], 1.0);
+            let scale = 1.0 / (hs as f64).sqrt();
+            let want = value_and_grads(causal_attention_reference, &q, &k, &v, &w, scale);
+            let want: Vec<Vec<f32>> = want.iter().map(flat).collect();
+            let d = Dims {
+                heads: b * nh,
+                tq,
+                tk,
+                hs,
+                scale: scale as f32,
+            };
+            let (q, k, v, w) = (flat(&q), flat(&k), flat(&v), flat(&w));
+            for &isa in &isas {
+                let (o, lse) = forward(isa, &q, &k, &v, d);
+                let x = BwdInputs {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                    o: &o,
+                    d_o: &w,
+                    lse: &lse,
+                };
+                let (dq, dk, dv) = backward(isa, x, d);
+                for (name, got, want) in [
+                    ("y", &o, &want[0]),
+                    ("dq", &dq, &want[1]),
+                    ("dk", &dk, &want[2]),
+                    ("dv", &dv, &want[3]),
+                ] {
+                    let diff = got
+                        .iter()
+                        .zip(want)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(diff <= 1e-4, "{isa:?} {name}: {diff}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn large_scores_stay_finite() {
+        // q, k ~ N(0, 7²): scores q·k/sqrt(hs) have a standard deviation of 49, so rows are
+        // dominated by one key and exp(s) alone would overflow f32 for scores above 88.
+        let mut rng = ChaCha8Rng::seed_from_u64(8);
+        let (q, k) = (
+            randn(&mut rng, &[1, 2, 80, 16], 7.0),
+            randn(&mut rng, &[1, 2, 80, 16], 7.0),
+        );
+        let s = (q.matmul(&k.t().unwrap()).unwrap() * 0.25).unwrap();
+        let s_max = s
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(s_max > 100.0, "scores reach only {s_max}");
+        check(1, 2, 80, 80, 16, 7.0, 8);
+    }
+
+    #[test]
+    fn uniform_attention_averages_the_values() {
+        // q = 0: every visible key scores the same, so output row i is the mean of v[0..=i].
+        let v = Tensor::arange(0f32, 12.0, &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 6, 2))
+            .unwrap();
+        let q = Tensor::zeros((1, 1, 6, 2), DType::F32, &Device::Cpu).unwrap();
+        let want = [
+            [0.0, 1.0],
+            [1.0, 2.0],
+            [2.0, 3.0],
+            [3.0, 4.0],
+            [4.0, 5.0],
+            [5.0, 6.0],
+        ];
+        for f in [causal_attention, causal_attention_reference] {
+            let y = f(&q, &v, &v, 0.7)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .squeeze(0)
+                .unwrap();
+            let y = y.to_vec2::<f32>().unwrap();
+            for (got, want) in y.iter().zip(want) {
+                assert!(
+                    (got[0] - want[0]).abs() < 1e-6 && (got[1] - want[1]).abs() < 1e-6,
+                    "{got:?} vs {want:?}"
+                );
+            }
+        }
+        // The last query of a KV-cache step sees everything: Tq = 2 against Tk = 6.
+        let q = q.narrow(2, 0, 2).unwrap();
+        let y = causal_attention(&q, &v, &v, 0.7)
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        assert_eq!(y.to_vec1::<f32>().unwrap(), vec![4.0, 5.0, 5.0, 6.0]);
+    }
+
+    #[test]
+    fn exp_matches_std() {
+        let mut worst = 0f32;
+        for i in -8700..=8800 {
+            let x = i as f32 * 0.01;
+            let (got, want) = (exp::<Baseline>(x), x.exp());
+            worst = worst.max(((got - want) / want).abs());
+        }
+        assert!(worst < 2e-7, "relative error {worst}");
+        assert!(exp::<Baseline>(-1e30) < 2e-38 && exp::<Baseline>(-1e30) >= 0.0);
+    }
+
+    #[test]
+    fn non_contiguous_and_f16_inputs() {
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        // (B, T, nh, hs) transposed to (B, nh, T, hs), as the model makes them.
+        let x = randn(&mut rng, &[2, 10, 3, 8], 1.0)
+            .transpose(1, 2)
+            .unwrap();
+        assert!(!x.is_contiguous());
+        let fused = causal_attention(&x, &x, &x, 0.3).unwrap();
+        let reference = causal_attention_reference(&x, &x, &x, 0.3).unwrap();
+        assert!(max_abs_diff(&fused, &reference) <= 1e-5);
+        // f16 takes the reference path and stays close to f32.
+        let h = x.to_dtype(DType::F16).unwrap();
+        let y = causal_attention(&h, &h, &h, 0.3).unwrap();
+        assert_eq!(y.dtype(), DType::F16);
+        assert!(max_abs_diff(&y.to_dtype(DType::F32).unwrap(), &reference) < 1e-2);
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let t = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap();
+        let e = causal_attention(&t(&[1, 2, 5, 8]), &t(&[1, 2, 4, 8]), &t(&[1, 2, 4, 8]), 1.0);
+        assert!(e
+            .unwrap_err()
+            .to_string()
+            .contains("5 queries but only 4 keys"));
+        let e = causal_attention(&t(&[1, 2, 4, 8]), &t(&[1, 2, 4, 4]), &t(&[1, 2, 4, 4]), 1.0);
+        assert!(e
+            .unwrap_err()
+            .to_string()
+            .contains("must be (B, nh, Tq, hs)"));
+        let e = causal_attention_reference(&t(&[2, 4, 8]), &t(&[2, 4, 8]), &t(&[2, 4, 8]), 1.0);
+        assert!(e.unwrap_err().to_string().contains("q must be 4-D"));
+    }
+}
