@@ -109,13 +109,20 @@ pub fn causal_attention_reference(
     v: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
-    let (_, _, tq, tk, _) = check_shapes(q, k, v)?;
-    let dtype = q.dtype();
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    check_shapes(q, k, v)?;
+    let att = attention_probs(q, k, scale)?; // (B, nh, Tq, Tk)
+    Ok(att.matmul(&v.contiguous()?)?) // (B, nh, Tq, hs)
+}
+
+/// The attention weights `softmax(q kᵀ · scale + causal mask)`, (B, nh, Tq, Tk), in the dtype
+/// of `q` (masked and softmaxed in f32). The model applies attention dropout to these when
+/// training with dropout, which the fused op does not do.
+pub(crate) fn attention_probs(q: &Tensor, k: &Tensor, scale: f64) -> Result<Tensor> {
+    let (tq, tk) = (q.dim(2)?, k.dim(2)?);
+    let (q, k) = (q.contiguous()?, k.contiguous()?);
     let att = q.matmul(&k.t()?)?.to_dtype(DType::F32)?; // (B, nh, Tq, Tk)
     let att = (att * scale)?.broadcast_add(&causal_mask(tq, tk, q.device())?)?;
-    let att = softmax_last_dim(&att)?.to_dtype(dtype)?; // (B, nh, Tq, Tk)
-    Ok(att.matmul(&v)?) // (B, nh, Tq, hs)
+    Ok(softmax_last_dim(&att)?.to_dtype(q.dtype())?)
 }
 
 /// Checks the shapes and dtypes of `q`, `k`, `v`; returns `(B, nh, Tq, Tk, hs)`.

@@ -21,6 +21,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
+use crate::attention::{attention_probs, causal_attention};
 use crate::{Error, Result};
 
 /// Epsilon of every LayerNorm, as in GPT-2 (`layer_norm_epsilon = 1e-5`) and nanoGPT.
@@ -176,43 +177,27 @@ impl CausalSelfAttention {
                 .contiguous()
         };
         let (q, mut k, mut v) = (heads(0)?, heads(1)?, heads(2)?);
-        let past = match layer_cache {
-            Some(slot) => {
-                let past = match slot.as_ref() {
-                    Some((pk, pv)) => {
-                        let past = pk.dim(2)?;
-                        k = Tensor::cat(&[pk, &k], 2)?; // (B, nh, past+T, hs)
-                        v = Tensor::cat(&[pv, &v], 2)?;
-                        past
-                    }
-                    None => 0,
-                };
-                *slot = Some((k.clone(), v.clone()));
-                past
+        if let Some(slot) = layer_cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?; // (B, nh, past + T, hs)
+                v = Tensor::cat(&[pv, &v], 2)?;
             }
-            None => 0,
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let scale = 1.0 / (hs as f64).sqrt();
+        let y = match train {
+            // Attention dropout needs the weights themselves: the plain-op path.
+            Some((_, p)) if *p > 0.0 => {
+                let att = attention_probs(&q, &k, scale)?; // (B, nh, T, T_k)
+                maybe_dropout(att, train)?.matmul(&v)? // (B, nh, T, hs)
+            }
+            // Otherwise the fused kernel (FlashAttention-2 style on the CPU).
+            _ => causal_attention(&q, &k, &v, scale)?, // (B, nh, T, hs)
         };
-        let t_k = past + t;
-        // Causal attention: (B, nh, T, hs) x (B, nh, hs, T_k) -> (B, nh, T, T_k)
-        let att = (q.matmul(&k.t()?)? * (1.0 / (hs as f64).sqrt()))?.to_dtype(DType::F32)?;
-        let att = att.broadcast_add(&causal_mask(t, t_k, DType::F32, att.device())?)?;
-        let att = softmax_last_dim(&att)?.to_dtype(v.dtype())?; // softmax in f32
-        let att = maybe_dropout(att, train)?; // attn_dropout
-        let y = att.matmul(&v)?; // (B, nh, T, hs)
         let y = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C): re-assemble heads
         let y = self.c_proj.forward(&y)?;
         Ok(maybe_dropout(y, train)?) // resid_dropout
     }
-}
-
-/// Additive mask (T, T_k): 0 where query `i` (absolute position `T_k - T + i`) may look at key
-/// `j`, `-inf` where `j` lies in its future.
-fn causal_mask(t: usize, t_k: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let past = t_k - t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t_k).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Ok(Tensor::from_vec(mask, (t, t_k), device)?.to_dtype(dtype)?)
 }
 
 /// The position-wise feed-forward network: C → 4C → GELU (tanh form, GPT-2's `gelu_new`) → C.
@@ -1013,8 +998,15 @@ mod tests {
 
     #[test]
     fn every_parameter_gets_a_gradient() {
+        // dropout 0: the fused attention kernel; dropout 0.1: the plain-op path.
+        for dropout in [0.0, 0.1] {
+            every_parameter_gets_a_gradient_with(dropout);
+        }
+    }
+
+    fn every_parameter_gets_a_gradient_with(dropout: f32) {
         let mut cfg = tiny();
-        cfg.dropout = 0.1;
+        cfg.dropout = dropout;
         let m = Gpt::init(&cfg, 3, &Device::Cpu).unwrap();
         let mut rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
         let x = ids(&[&[1, 2, 3, 4, 5], &[6, 7, 8, 9, 10]]);
