@@ -704,9 +704,16 @@ impl Gpt {
         }
         let c = self.cfg.n_embd;
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?; // (B*T,)
-        let tok_emb = self.wte.embedding(&ids)?.reshape((b, t, c))?; // (B, T, C)
-        let pos_emb = self.wpe.narrow(0, past, t)?; // (T, C)
-        let mut x = maybe_dropout(tok_emb.broadcast_add(&pos_emb)?, &mut train)?; // (B, T, C)
+        let tok_emb = self.wte.embedding(&ids)?; // (B*T, C)
+                                                 // Positions gathered per token rather than broadcast over the batch: the backward of a
+                                                 // gather is one scatter-add, where a broadcast's would reduce over B element by element.
+        let positions: Vec<u32> = (0..b)
+            .flat_map(|_| (past..past + t).map(|p| p as u32))
+            .collect();
+        let positions = Tensor::from_vec(positions, b * t, self.wpe.device())?;
+        let pos_emb = self.wpe.embedding(&positions)?; // (B*T, C)
+        let x = (tok_emb + pos_emb)?.reshape((b, t, c))?; // (B, T, C)
+        let mut x = maybe_dropout(x, &mut train)?;
         match cache {
             Some(cache) => {
                 for (block, slot) in self.h.iter().zip(cache.layers.iter_mut()) {
