@@ -37,9 +37,10 @@ struct Args {
     /// Fraction of --data held out when --val-data is not given.
     #[arg(long, default_value_t = 0.05)]
     val_fraction: f64,
-    /// Checkpoint directory (the best held-out loss is kept).
-    #[arg(long, default_value = "out/dpo")]
-    out: PathBuf,
+    /// Checkpoint directory, holding the best held-out loss [default: the --resume directory,
+    /// else out/dpo].
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Continue the run saved in this directory.
     #[arg(long)]
     resume: Option<PathBuf>,
@@ -78,6 +79,11 @@ fn dpo_defaults() -> TrainConfig {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    let out = args
+        .out
+        .clone()
+        .or_else(|| args.resume.clone())
+        .unwrap_or_else(|| PathBuf::from("out/dpo"));
     let device = common::device(&args.device)?;
     let started = Instant::now();
 
@@ -161,7 +167,7 @@ fn main() -> Result<()> {
         "beta": beta,
     });
     let mut trainer = Trainer::new(cfg.clone(), objective.parameters()?)?
-        .with_out_dir(&args.out)
+        .with_out_dir(&out)
         .with_extra(extra);
     if let Some(dir) = &args.resume {
         trainer = trainer.resume_from(dir)?;
@@ -187,7 +193,7 @@ fn main() -> Result<()> {
         get("reward_margin"),
         summary.steps,
         started.elapsed().as_secs_f64(),
-        args.out.display()
+        out.display()
     );
     Ok(())
 }

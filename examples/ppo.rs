@@ -35,9 +35,10 @@ struct Args {
     /// Prompts: preference JSONL (history + prompt) or SFT JSONL (messages before the reply).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Checkpoint directory (written after every --log-every iterations).
-    #[arg(long, default_value = "out/ppo")]
-    out: PathBuf,
+    /// Checkpoint directory, written every --log-every iterations [default: the --resume
+    /// directory, else out/ppo].
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Continue the run saved in this directory.
     #[arg(long)]
     resume: Option<PathBuf>,
@@ -98,6 +99,11 @@ fn ppo_defaults() -> TrainConfig {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    let out = args
+        .out
+        .clone()
+        .or_else(|| args.resume.clone())
+        .unwrap_or_else(|| PathBuf::from("out/ppo"));
     let device = common::device(&args.device)?;
     let started = Instant::now();
 
@@ -185,7 +191,7 @@ fn main() -> Result<()> {
         "ppo": ppo_cfg,
     });
     let mut trainer = Trainer::new(cfg.clone(), objective.parameters()?)?
-        .with_out_dir(&args.out)
+        .with_out_dir(&out)
         .with_extra(extra);
     if let Some(dir) = &args.resume {
         trainer = trainer.resume_from(dir)?;
@@ -212,7 +218,7 @@ fn main() -> Result<()> {
         last.response_length,
         objective.state().iteration,
         started.elapsed().as_secs_f64(),
-        args.out.display()
+        out.display()
     );
     let _ = summary;
     Ok(())

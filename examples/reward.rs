@@ -37,9 +37,10 @@ struct Args {
     /// Fraction of --data held out when --val-data is not given.
     #[arg(long, default_value_t = 0.05)]
     val_fraction: f64,
-    /// Checkpoint directory (the best held-out loss is kept).
-    #[arg(long, default_value = "out/reward")]
-    out: PathBuf,
+    /// Checkpoint directory, holding the best held-out loss [default: the --resume directory,
+    /// else out/reward].
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Continue the run saved in this directory.
     #[arg(long)]
     resume: Option<PathBuf>,
@@ -74,6 +75,11 @@ fn reward_defaults() -> TrainConfig {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    let out = args
+        .out
+        .clone()
+        .or_else(|| args.resume.clone())
+        .unwrap_or_else(|| PathBuf::from("out/reward"));
     let device = common::device(&args.device)?;
     let started = Instant::now();
 
@@ -142,7 +148,7 @@ fn main() -> Result<()> {
         "val_data": val_data.as_ref().map(|p| p.display().to_string()),
     });
     let mut trainer = Trainer::new(cfg.clone(), objective.parameters()?)?
-        .with_out_dir(&args.out)
+        .with_out_dir(&out)
         .with_extra(extra);
     if let Some(dir) = &args.resume {
         trainer = trainer.resume_from(dir)?;
@@ -151,14 +157,15 @@ fn main() -> Result<()> {
     let summary = trainer.fit(&mut objective, |e| progress.event(e))?;
     progress.finish();
 
-    // 3. The best checkpoint on the whole held-out set.
-    let (best, tokenizer) = RewardModel::load(&args.out, &device)?;
-    let m = best.pair_metrics(
-        objective.val(),
-        tokenizer.eot_id(),
-        cfg.batch_size,
-        usize::MAX,
-    )?;
+    // 3. The best checkpoint (or, if none was written, the model as trained) on the whole
+    // held-out set.
+    let pad = objective.tokenizer().eot_id();
+    let best = if out.join(RewardModel::HEAD_FILE).is_file() {
+        RewardModel::load(&out, &device)?.0
+    } else {
+        objective.model().clone()
+    };
+    let m = best.pair_metrics(objective.val(), pad, cfg.batch_size, usize::MAX)?;
     match m {
         Some(m) => println!(
             "reward: held-out accuracy {:.1}% over {} pairs, mean margin {:.3}, loss {:.4} | {} steps in {:.1} s | checkpoint {}",
@@ -168,13 +175,13 @@ fn main() -> Result<()> {
             m.loss,
             summary.steps,
             started.elapsed().as_secs_f64(),
-            args.out.display()
+            out.display()
         ),
         None => println!(
             "reward: no held-out pairs | {} steps in {:.1} s | checkpoint {}",
             summary.steps,
             started.elapsed().as_secs_f64(),
-            args.out.display()
+            out.display()
         ),
     }
     Ok(())

@@ -287,6 +287,14 @@ mod tests {
         assert!((loss - std::f64::consts::LN_2).abs() < 1e-6, "{loss}");
         assert_eq!(c.to_vec1::<f32>().unwrap(), vec![0.0; 4]);
         assert_eq!(r.to_vec1::<f32>().unwrap(), vec![0.0; 4]);
+        // The reference builds no autograd graph; the policy does.
+        let batch = ds
+            .batch(&[0, 1], dpo.tokenizer.eot_id(), &Device::Cpu)
+            .unwrap();
+        let (_, ref_lp) = sequence_logprobs(&dpo.reference, &batch, None).unwrap();
+        let (_, pol_lp) = sequence_logprobs(&dpo.policy, &batch, None).unwrap();
+        assert!(!ref_lp.track_op());
+        assert!(pol_lp.track_op());
         // Hand computation: β = 0.5, margins (1 − 0) − (0 − 1) = 2 → −log σ(1).
         let t = |v: f32| Tensor::new(&[v], &Device::Cpu).unwrap();
         let (l, c, r) = dpo_loss(&t(1.0), &t(0.0), &t(0.0), &t(1.0), 0.5).unwrap();
