@@ -14,6 +14,10 @@
 //!    clipping in [`optim`]) and saved as checkpoint directories ([`checkpoint`]).
 //! 4. **Sampling** ([`sampler`]): temperature, top-k, top-p, min-p, repetition penalty, stop
 //!    tokens, a seed, and streaming text as it is generated.
+//! 5. **Supervised fine-tuning** ([`sft`], with the chat template of [`chat`]): the same loss on
+//!    conversations, counted on the assistant's turns only.
+//! 6. **Learning from preferences** ([`rlhf`]): a Bradley–Terry reward model and PPO with a KL
+//!    penalty to the SFT model (InstructGPT), or DPO directly on the preference pairs.
 //!
 //! Real GPT-2 checkpoints in Hugging Face format load into the same model, and tinygpt models
 //! save in that format for transformers and other tools ([`hf`]).
@@ -51,6 +55,7 @@ pub mod hf;
 pub mod model;
 pub mod optim;
 pub mod pretrain;
+pub mod rlhf;
 pub mod sampler;
 pub mod sft;
 pub mod tokenizer;
@@ -68,6 +73,7 @@ pub use hf::Gpt2Config;
 pub use model::{Gpt, GptConfig, KvCache};
 pub use optim::{AdamW, AdamWConfig, LrSchedule};
 pub use pretrain::Pretraining;
+pub use rlhf::{Dpo, Ppo, PpoConfig, RewardModel, RewardTraining};
 pub use sampler::{generate, LogitsProcessor, SamplingParams};
 pub use sft::Sft;
 pub use tokenizer::Tokenizer;

@@ -1,6 +1,8 @@
 //! Pieces the examples share: device choice, sampling flags, the corpus download.
 #![allow(dead_code)]
 
+pub mod rlhf;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 

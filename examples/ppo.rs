@@ -1,0 +1,225 @@
+//! PPO against a reward model with a KL penalty to the SFT model (InstructGPT's RL stage).
+//!
+//! ```text
+//! cargo run --release --example ppo -- --sft out/rule/sft --reward out/rule/reward \
+//!     --data out/rule/prompts_train.jsonl --out out/ppo --iterations 30
+//! cargo run --release --example ppo -- --resume out/ppo --iterations 40
+//! ```
+
+#[path = "common/mod.rs"]
+mod common;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::Parser;
+use tinygpt::rlhf::{load_prompts, Ppo, PpoConfig};
+use tinygpt::{Objective, TrainConfig, Trainer};
+
+/// Fine-tune an SFT checkpoint with PPO: replies to --data's prompts are scored by the reward
+/// model, minus a KL penalty to the SFT model. One iteration = one rollout and
+/// ppo_epochs × minibatches optimiser steps; metrics.jsonl gets a line per iteration.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// The SFT checkpoint: the policy's start and the frozen reference.
+    #[arg(long, required_unless_present = "resume")]
+    sft: Option<PathBuf>,
+    /// The reward-model checkpoint (from the `reward` example).
+    #[arg(long, required_unless_present = "resume")]
+    reward: Option<PathBuf>,
+    /// Prompts: preference JSONL (history + prompt) or SFT JSONL (messages before the reply).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Checkpoint directory, written every --log-every iterations [default: the --resume
+    /// directory, else out/ppo].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run saved in this directory.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// PPO iterations in total (rollout + optimisation).
+    #[arg(long, default_value_t = 30)]
+    iterations: usize,
+    /// Evaluate, log and checkpoint every N iterations.
+    #[arg(long, default_value_t = 1)]
+    log_every: usize,
+    /// Replies per rollout.
+    #[arg(long)]
+    rollout_size: Option<usize>,
+    /// Replies per minibatch.
+    #[arg(long)]
+    minibatch_size: Option<usize>,
+    /// Passes over each rollout.
+    #[arg(long)]
+    ppo_epochs: Option<usize>,
+    /// The longest reply, in tokens.
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// The KL coefficient (its start value with --target-kl).
+    #[arg(long)]
+    kl_coef: Option<f64>,
+    /// Target KL per reply for the adaptive controller (nats); 0 keeps --kl-coef fixed.
+    #[arg(long)]
+    target_kl: Option<f64>,
+    /// Horizon of the adaptive KL controller, in replies.
+    #[arg(long)]
+    kl_horizon: Option<f64>,
+    #[arg(long)]
+    gamma: Option<f64>,
+    #[arg(long)]
+    lam: Option<f64>,
+    #[arg(long)]
+    clip_range: Option<f64>,
+    #[arg(long)]
+    vf_coef: Option<f64>,
+    #[command(flatten)]
+    train: common::TrainArgs,
+    /// cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+/// PPO's optimiser defaults: constant small learning rate (TRL: 1.41e-5 for GPT-2; a tiny
+/// model takes more), no weight decay.
+fn ppo_defaults() -> TrainConfig {
+    TrainConfig {
+        lr: 1e-4,
+        min_lr: 1e-4,
+        decay_lr: false,
+        warmup_iters: 0,
+        weight_decay: 0.0,
+        ..TrainConfig::default()
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let out = args
+        .out
+        .clone()
+        .or_else(|| args.resume.clone())
+        .unwrap_or_else(|| PathBuf::from("out/ppo"));
+    let device = common::device(&args.device)?;
+    let started = Instant::now();
+
+    // 1. Settings: fresh, or those of the run to resume with the flags given on top.
+    let state = match &args.resume {
+        Some(dir) => Some(tinygpt::train::TrainerState::load(dir)?),
+        None => None,
+    };
+    let recorded = |k: &str| {
+        state
+            .as_ref()
+            .and_then(|s| s.extra[k].as_str().map(PathBuf::from))
+    };
+    let sft = args.sft.clone().or_else(|| recorded("sft"));
+    let reward = args.reward.clone().or_else(|| recorded("reward"));
+    let data = args.data.clone().or_else(|| recorded("data"));
+    let (Some(sft), Some(reward), Some(data)) = (sft, reward, data) else {
+        bail!("--sft, --reward and --data are needed (or a run to --resume that records them)");
+    };
+    let mut ppo_cfg: PpoConfig = state
+        .as_ref()
+        .and_then(|s| serde_json::from_value(s.extra["ppo"].clone()).ok())
+        .unwrap_or_default();
+    macro_rules! set {
+        ($($f:ident),*) => { $( if let Some(v) = args.$f { ppo_cfg.$f = v; } )* };
+    }
+    set!(
+        rollout_size,
+        minibatch_size,
+        ppo_epochs,
+        max_new_tokens,
+        kl_coef,
+        kl_horizon,
+        gamma,
+        lam,
+        clip_range,
+        vf_coef
+    );
+    if let Some(t) = args.target_kl {
+        ppo_cfg.target_kl = (t > 0.0).then_some(t);
+    }
+    let steps = ppo_cfg.steps_per_iteration();
+    let base = state
+        .as_ref()
+        .map(|s| s.train_config.clone())
+        .unwrap_or_else(ppo_defaults);
+    let mut cfg = args.train.apply(base);
+    if args.train.max_iters.is_none() {
+        cfg.max_iters = args.iterations * steps;
+    }
+    cfg.eval_interval = args.log_every.max(1) * steps;
+    cfg.batch_size = ppo_cfg.minibatch_size;
+    if args.train.lr_decay_iters.is_none() {
+        cfg.lr_decay_iters = cfg.max_iters;
+    }
+
+    // 2. Policy, value head, reference and reward model.
+    let prompts = load_prompts(&data)?;
+    let mut objective = Ppo::load(
+        &sft,
+        &reward,
+        args.resume.as_deref(),
+        &prompts,
+        ppo_cfg.clone(),
+        &device,
+    )?;
+    println!(
+        "ppo: {} prompts from {} | {} iterations of {} replies, {} epochs × {} minibatches = {} steps each | kl_coef {} target {:?}",
+        prompts.len(),
+        data.display(),
+        cfg.max_iters / steps,
+        ppo_cfg.rollout_size,
+        ppo_cfg.ppo_epochs,
+        ppo_cfg.minibatches(),
+        steps,
+        objective.state().kl_coef,
+        ppo_cfg.target_kl
+    );
+
+    // 3. Train.
+    let extra = serde_json::json!({
+        "sft": sft.display().to_string(),
+        "reward": reward.display().to_string(),
+        "data": data.display().to_string(),
+        "ppo": ppo_cfg,
+    });
+    let mut trainer = Trainer::new(cfg.clone(), objective.parameters()?)?
+        .with_out_dir(&out)
+        .with_extra(extra);
+    if let Some(dir) = &args.resume {
+        trainer = trainer.resume_from(dir)?;
+    }
+    let progress = common::Progress::new(cfg.max_iters, trainer.step());
+    let mut first: Option<f64> = None;
+    let summary = trainer.fit(&mut objective, |e| {
+        if let tinygpt::TrainEvent::Eval { metrics, .. } = e {
+            if let Some((_, r)) = metrics.iter().find(|(k, _)| k == "reward_mean") {
+                first = first.or(Some(*r));
+            }
+        }
+        progress.event(e)
+    })?;
+    progress.finish();
+
+    let last = objective.last_iteration().copied().unwrap_or_default();
+    println!(
+        "ppo: mean reward {} → {:.3} | KL to the SFT model {:.3} nats per reply (kl_coef {:.4}) | reply length {:.1} | {} iterations in {:.1} s | checkpoint {}",
+        first.map(|r| format!("{r:.3}")).unwrap_or_else(|| "n/a".into()),
+        last.reward_mean,
+        last.kl,
+        last.kl_coef,
+        last.response_length,
+        objective.state().iteration,
+        started.elapsed().as_secs_f64(),
+        out.display()
+    );
+    let _ = summary;
+    Ok(())
+}

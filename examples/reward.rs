@@ -1,0 +1,188 @@
+//! Train a reward model on preference pairs (InstructGPT's Bradley–Terry reward model).
+//!
+//! ```text
+//! cargo run --release --example reward -- --sft out/rule/sft \
+//!     --data ../shared/data/pref_hh_rlhf_harmless_test.jsonl --out out/reward-hh
+//! cargo run --release --example reward -- --resume out/reward-hh --max-iters 600
+//! ```
+
+#[path = "common/mod.rs"]
+mod common;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::Parser;
+use tinygpt::rlhf::{RewardModel, RewardTraining};
+use tinygpt::{ChatTemplate, Objective, TrainConfig, Trainer};
+
+/// Train a reward model (SFT backbone + scalar head) on preference JSONL
+/// (`{"prompt", "history", "chosen", "rejected"}`).
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// The SFT checkpoint the backbone starts from.
+    #[arg(long, required_unless_present = "resume")]
+    sft: Option<PathBuf>,
+    /// Preference files (JSONL).
+    #[arg(long, num_args = 1..)]
+    data: Vec<PathBuf>,
+    /// Held-out pairs [default: the last --val-fraction of --data].
+    #[arg(long)]
+    val_data: Option<PathBuf>,
+    /// Fraction of --data held out when --val-data is not given.
+    #[arg(long, default_value_t = 0.05)]
+    val_fraction: f64,
+    /// Checkpoint directory, holding the best held-out loss [default: the --resume directory,
+    /// else out/reward].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run saved in this directory.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Replies are cut to this many tokens [default: half the context].
+    #[arg(long)]
+    max_response_tokens: Option<usize>,
+    /// Skip (and count) malformed records instead of stopping before training.
+    #[arg(long)]
+    skip_bad_lines: bool,
+    #[command(flatten)]
+    train: common::TrainArgs,
+    /// cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+/// Reward-model defaults: SFT's gentle learning rate, no weight decay.
+fn reward_defaults() -> TrainConfig {
+    TrainConfig {
+        max_iters: 300,
+        eval_interval: 50,
+        eval_iters: 10,
+        batch_size: 8,
+        lr: 3e-4,
+        min_lr: 3e-5,
+        warmup_iters: 20,
+        lr_decay_iters: 300,
+        weight_decay: 0.0,
+        ..TrainConfig::default()
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let out = args
+        .out
+        .clone()
+        .or_else(|| args.resume.clone())
+        .unwrap_or_else(|| PathBuf::from("out/reward"));
+    let device = common::device(&args.device)?;
+    let started = Instant::now();
+
+    // 1. The model and the settings: fresh from --sft, or from the run to resume.
+    let (model, tokenizer, cfg, data, val_data, sft) = match &args.resume {
+        Some(dir) => {
+            let state = tinygpt::train::TrainerState::load(dir)?;
+            let (model, tokenizer) = RewardModel::load_trainable(dir, &device)?;
+            let data = if args.data.is_empty() {
+                common::rlhf::paths_from_json(state.extra.get("data"))
+            } else {
+                args.data.clone()
+            };
+            let val = args
+                .val_data
+                .clone()
+                .or_else(|| state.extra["val_data"].as_str().map(PathBuf::from));
+            let sft = state.extra["sft"].as_str().unwrap_or_default().to_string();
+            println!("resuming {} at step {}", dir.display(), state.step);
+            (
+                model,
+                tokenizer,
+                args.train.apply(state.train_config),
+                data,
+                val,
+                sft,
+            )
+        }
+        None => {
+            let sft = args.sft.clone().unwrap_or_default();
+            let (model, tokenizer) = RewardModel::from_sft(&sft, &device)?;
+            let cfg = args.train.apply(reward_defaults());
+            let sft = sft.display().to_string();
+            (
+                model,
+                tokenizer,
+                cfg,
+                args.data.clone(),
+                args.val_data.clone(),
+                sft,
+            )
+        }
+    };
+    if data.is_empty() {
+        bail!("no --data given");
+    }
+    let template = ChatTemplate::new(&tokenizer)?;
+    let block_size = model.backbone().config().block_size;
+    let max_response = args.max_response_tokens.unwrap_or(block_size / 2);
+    let (train, val) = common::rlhf::datasets(
+        &data,
+        val_data.as_ref(),
+        args.val_fraction,
+        args.skip_bad_lines,
+        &tokenizer,
+        &template,
+        block_size,
+        max_response,
+    )?;
+
+    // 2. Train.
+    let mut objective = RewardTraining::new(model, tokenizer, train, val, cfg.batch_size)?;
+    let extra = serde_json::json!({
+        "sft": sft,
+        "data": common::rlhf::paths_json(&data),
+        "val_data": val_data.as_ref().map(|p| p.display().to_string()),
+    });
+    let mut trainer = Trainer::new(cfg.clone(), objective.parameters()?)?
+        .with_out_dir(&out)
+        .with_extra(extra);
+    if let Some(dir) = &args.resume {
+        trainer = trainer.resume_from(dir)?;
+    }
+    let progress = common::Progress::new(cfg.max_iters, trainer.step());
+    let summary = trainer.fit(&mut objective, |e| progress.event(e))?;
+    progress.finish();
+
+    // 3. The best checkpoint (or, if none was written, the model as trained) on the whole
+    // held-out set.
+    let pad = objective.tokenizer().eot_id();
+    let best = if out.join(RewardModel::HEAD_FILE).is_file() {
+        RewardModel::load(&out, &device)?.0
+    } else {
+        objective.model().clone()
+    };
+    let m = best.pair_metrics(objective.val(), pad, cfg.batch_size, usize::MAX)?;
+    match m {
+        Some(m) => println!(
+            "reward: held-out accuracy {:.1}% over {} pairs, mean margin {:.3}, loss {:.4} | {} steps in {:.1} s | checkpoint {}",
+            100.0 * m.accuracy,
+            m.pairs,
+            m.margin,
+            m.loss,
+            summary.steps,
+            started.elapsed().as_secs_f64(),
+            out.display()
+        ),
+        None => println!(
+            "reward: no held-out pairs | {} steps in {:.1} s | checkpoint {}",
+            summary.steps,
+            started.elapsed().as_secs_f64(),
+            out.display()
+        ),
+    }
+    Ok(())
+}
