@@ -43,6 +43,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod data;
 pub mod error;
+pub mod layers;
 pub mod model;
 pub mod optim;
 pub mod pretrain;
