@@ -52,6 +52,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod error;
 pub mod hf;
+pub mod layers;
 pub mod model;
 pub mod optim;
 pub mod pretrain;
