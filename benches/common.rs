@@ -22,11 +22,20 @@ pub fn sync(device: &Device) {
     }
 }
 
-/// The thread count candle and rayon use, pinned so runs compare (default 2: this project's
-/// reference machine). Must run before the first tensor op.
-pub fn pin_threads() {
-    if std::env::var("RAYON_NUM_THREADS").is_err() {
-        // SAFETY: called at the start of main, before any other thread exists.
-        unsafe { std::env::set_var("RAYON_NUM_THREADS", "2") };
+/// `mi_option_purge_delay` in mimalloc.h's `mi_option_e`.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Pins what the runs depend on, before the first tensor op: 2 rayon threads for matmuls and
+/// the fused kernels (this project's reference machine; override with `RAYON_NUM_THREADS`),
+/// candle's spinning element-wise pool off (`CANDLE_NUM_THREADS=1`, as the examples run), and
+/// mimalloc keeping freed pages (as the examples run).
+pub fn init() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", "2");
     }
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    // SAFETY: sets a global option of the allocator this binary links; no pointers involved.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }

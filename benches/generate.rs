@@ -7,6 +7,9 @@
 #[path = "common.rs"]
 mod common;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tinygpt::candle::{DType, Tensor};
 use tinygpt::{Gpt, GptConfig, KvCache};
@@ -15,7 +18,7 @@ const PROMPT: usize = 16;
 const NEW: usize = 16;
 
 fn bench(c: &mut Criterion) {
-    common::pin_threads();
+    common::init();
     for (dev_name, device) in common::devices() {
         let cfg = GptConfig::gpt2();
         let f32_model = Gpt::init(&cfg, 0, &device).expect("model");

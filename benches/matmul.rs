@@ -6,6 +6,9 @@
 #[path = "common.rs"]
 mod common;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use tinygpt::candle::{DType, Device, Tensor};
 
@@ -26,7 +29,7 @@ fn shapes() -> Vec<(&'static str, usize, usize, usize)> {
 }
 
 fn bench(c: &mut Criterion) {
-    common::pin_threads();
+    common::init();
     for (dev_name, device) in common::devices() {
         for dtype in [DType::F32, DType::F16] {
             let mut group = c.benchmark_group(format!("matmul/{dev_name}/{dtype:?}"));

@@ -9,6 +9,9 @@
 #[path = "common.rs"]
 mod common;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rand::{Rng, SeedableRng};
 use tinygpt::{
@@ -16,7 +19,7 @@ use tinygpt::{
 };
 
 fn bench(c: &mut Criterion) {
-    common::pin_threads();
+    common::init();
     let alphabet: Vec<char> = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ ,.;:!?'\n-&$3"
         .chars()
         .collect();

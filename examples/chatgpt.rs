@@ -69,6 +69,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    common::init();
     let args = Args::parse();
     let device = common::device(&args.device)?;
     let started = Instant::now();

@@ -78,6 +78,7 @@ fn dpo_defaults() -> TrainConfig {
 }
 
 fn main() -> Result<()> {
+    common::init();
     let args = Args::parse();
     let out = args
         .out

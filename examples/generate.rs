@@ -36,6 +36,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    common::init();
     let args = Args::parse();
     let device = common::device(&args.device)?;
     let (model, tokenizer) = checkpoint::load_model(&args.ckpt, &device)?;

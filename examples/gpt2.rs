@@ -65,6 +65,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    common::init();
     let args = Args::parse();
     let device = common::device(&args.device)?;
     let dtype = match args.dtype.as_str() {

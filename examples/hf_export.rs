@@ -49,6 +49,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    common::init();
     let args = Args::parse();
     let device = Device::Cpu;
     let (model, tokenizer) = match (&args.ckpt, &args.hf) {

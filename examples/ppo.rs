@@ -98,6 +98,7 @@ fn ppo_defaults() -> TrainConfig {
 }
 
 fn main() -> Result<()> {
+    common::init();
     let args = Args::parse();
     let out = args
         .out

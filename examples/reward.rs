@@ -74,6 +74,7 @@ fn reward_defaults() -> TrainConfig {
 }
 
 fn main() -> Result<()> {
+    common::init();
     let args = Args::parse();
     let out = args
         .out

@@ -260,6 +260,7 @@ fn replies(
 }
 
 fn main() -> Result<()> {
+    common::init();
     let mut args = Args::parse();
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         // Before candle's first operation, which sizes its thread pool.

@@ -93,6 +93,7 @@ fn read_all(paths: &[PathBuf], skip_bad: bool) -> Result<Vec<Vec<Message>>> {
 }
 
 fn main() -> Result<()> {
+    common::init();
     let args = Args::parse();
     let device = common::device(&args.device)?;
     let started = Instant::now();

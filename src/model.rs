@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Module, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarBuilder;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -22,6 +22,7 @@ use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
 use crate::attention::{attention_probs, causal_attention};
+use crate::layers;
 use crate::{Error, Result};
 
 /// Epsilon of every LayerNorm, as in GPT-2 (`layer_norm_epsilon = 1e-5`) and nanoGPT.
@@ -31,8 +32,9 @@ pub const LAYER_NORM_EPS: f64 = 1e-5;
 // Building blocks
 // ---------------------------------------------------------------------------------------------
 
-/// LayerNorm over the last dimension (Ba et al. 2016), written with primitives so it has a
-/// backward pass. `bias` is optional, as in nanoGPT's `bias=False` models.
+/// LayerNorm over the last dimension (Ba et al. 2016). `bias` is optional, as in nanoGPT's
+/// `bias=False` models. The math is one fused op with a hand-written backward
+/// ([`layers::layer_norm`]); statistics are f32 whatever the weights' dtype.
 #[derive(Debug, Clone)]
 struct LayerNorm {
     weight: Tensor,       // (C,)
@@ -50,22 +52,9 @@ impl LayerNorm {
             },
         })
     }
-}
 
-impl Module for LayerNorm {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        // x: (..., C); statistics in f32 whatever the weights' dtype.
-        let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
-        let mean = x.mean_keepdim(D::Minus1)?; // (..., 1)
-        let xc = x.broadcast_sub(&mean)?; // (..., C)
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?; // (..., 1), biased, as torch
-        let xhat = xc.broadcast_div(&(var + LAYER_NORM_EPS)?.sqrt()?)?;
-        let y = xhat.to_dtype(dtype)?.broadcast_mul(&self.weight)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layers::layer_norm(x, &self.weight, self.bias.as_ref(), LAYER_NORM_EPS) // (.., C)
     }
 }
 
@@ -87,19 +76,16 @@ impl Linear {
             },
         })
     }
-}
 
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        // x: (B, T, in) -> (B*T, in) @ (in, out) -> (B, T, out)
-        let (b, t, d_in) = x.dims3()?;
-        let d_out = self.weight.dim(1)?;
-        let y = x.reshape((b * t, d_in))?.matmul(&self.weight)?; // (B*T, out)
-        let y = match &self.bias {
-            Some(bias) => y.broadcast_add(bias)?,
-            None => y,
-        };
-        y.reshape((b, t, d_out))
+    /// (B, T, in) → (B, T, out): a gemm, then the bias as one fused op.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layers::linear(x, &self.weight, self.bias.as_ref())
+    }
+
+    /// (B, T, in) → gelu(x @ W + b), (B, T, out): the bias add fused into the GELU.
+    fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        let h = layers::linear(x, &self.weight, None)?; // (B, T, out)
+        layers::bias_gelu(&h, self.bias.as_ref())
     }
 }
 
@@ -217,7 +203,7 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, train: &mut Train) -> Result<Tensor> {
-        let h = self.c_fc.forward(x)?.gelu()?; // (B, T, 4C)
+        let h = self.c_fc.forward_gelu(x)?; // (B, T, 4C)
         let y = self.c_proj.forward(&h)?; // (B, T, C)
         Ok(maybe_dropout(y, train)?)
     }
@@ -800,39 +786,14 @@ impl Gpt {
 /// # Errors
 /// [`Error::InvalidArgument`] on mismatched shapes or an all-zero mask.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-    let (n, _v) = logits.dims2()?;
-    if targets.dims() != [n] {
-        return Err(Error::InvalidArgument(format!(
-            "targets must have shape [{n}], got {:?}",
-            targets.dims()
-        )));
-    }
-    let logits = logits.to_dtype(DType::F32)?;
-    // log_softmax = x - max - log(sum(exp(x - max)))
-    let max = logits.max_keepdim(1)?.detach(); // (N, 1)
-    let shifted = logits.broadcast_sub(&max)?; // (N, V)
-    let lse = shifted.exp()?.sum_keepdim(1)?.log()?; // (N, 1)
-    let picked = shifted.gather(&targets.to_dtype(DType::U32)?.unsqueeze(1)?, 1)?; // (N, 1)
-    let nll = (lse - picked)?.squeeze(1)?; // (N,)
-    match mask {
-        None => Ok(nll.mean_all()?),
-        Some(mask) => {
-            if mask.dims() != [n] {
-                return Err(Error::InvalidArgument(format!(
-                    "loss mask must have shape [{n}], got {:?}",
-                    mask.dims()
-                )));
-            }
-            let mask = mask.to_dtype(DType::F32)?;
-            let count = mask.sum_all()?.to_scalar::<f32>()?;
-            if count <= 0.0 {
-                return Err(Error::InvalidArgument(
-                    "loss mask selects no position".into(),
-                ));
-            }
-            Ok((nll.mul(&mask)?.sum_all()? / count as f64)?)
-        }
-    }
+    // One fused op: log-softmax, the pick of the target, the masked mean, and its backward
+    // (softmax − one-hot), in f32.
+    let mask = mask.map(|m| m.to_dtype(DType::F32)).transpose()?;
+    layers::cross_entropy(
+        &logits.to_dtype(DType::F32)?,
+        &targets.to_dtype(DType::U32)?,
+        mask.as_ref(),
+    )
 }
 
 /// Fetches `name` with `shape` from `vb`, turning candle's errors into ours.
