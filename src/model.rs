@@ -712,7 +712,7 @@ impl Gpt {
                 }
             }
         }
-        Ok(self.ln_f.forward(&x)?) // (B, T, C)
+        self.ln_f.forward(&x) // (B, T, C)
     }
 
     /// The language-model head, tied to the token embedding: (B, T, C) → (B, T, V).
