@@ -266,8 +266,17 @@ impl Tokenizer {
         if self.kind == TokenizerKind::Char {
             self.check_known_chars(text)?;
         }
-        let encoding = self.inner.encode_fast(text, false)?;
-        Ok(encoding.get_ids().to_vec())
+        if text.len() <= ENCODE_CHUNK_BYTES || self.kind == TokenizerKind::Other {
+            return Ok(self.inner.encode_fast(text, false)?.get_ids().to_vec());
+        }
+        // A long text (a whole corpus) is encoded in chunks cut where the pre-tokenizer cuts
+        // anyway, so the ids are those of the whole text, without holding per-token strings
+        // and offsets for all of it at once (hundreds of MB for a 1 MB corpus).
+        let mut ids = Vec::with_capacity(text.len() / 2);
+        for chunk in PreTokenizerSafeChunks::new(text, ENCODE_CHUNK_BYTES) {
+            ids.extend_from_slice(self.inner.encode_fast(chunk, false)?.get_ids());
+        }
+        Ok(ids)
     }
 
     /// Decodes token ids back into text, special tokens included as their text. For the
@@ -493,6 +502,9 @@ impl TokenStream<'_> {
 // --------------------------------------------------------------------------------------------
 // Private helpers
 // --------------------------------------------------------------------------------------------
+
+/// Texts longer than this are encoded chunk by chunk (see [`Tokenizer::encode`]).
+const ENCODE_CHUNK_BYTES: usize = 64 * 1024;
 
 /// Target size of the chunks fed to the BPE trainer (the trainer pre-tokenizes them in
 /// parallel).

@@ -43,6 +43,15 @@ fn bpe_2048_round_trips_shakespeare_and_tang_poems() {
     );
     // Byte-level BPE at 2048 compresses English well beyond one byte per token.
     assert!(ids.len() * 2 < shakespeare.len(), "{} tokens", ids.len());
+    // Encoding in chunks (as `encode` does for long texts) gives the ids of the whole text.
+    let whole = tok
+        .inner()
+        .encode_fast(shakespeare.as_str(), false)
+        .unwrap();
+    assert!(
+        whole.get_ids() == ids.as_slice(),
+        "chunked encoding differs"
+    );
     let t = Instant::now();
     assert!(
         tok.decode(&ids).unwrap() == shakespeare,
@@ -89,6 +98,14 @@ fn char_round_trips_shakespeare() {
 
     let ids = tok.encode(&shakespeare).unwrap();
     assert_eq!(ids.len(), shakespeare.chars().count());
+    let whole = tok
+        .inner()
+        .encode_fast(shakespeare.as_str(), false)
+        .unwrap();
+    assert!(
+        whole.get_ids() == ids.as_slice(),
+        "chunked encoding differs"
+    );
     // nanoGPT's first ids: "First Citizen" -> [18, 47, 56, 57, 58, 1, 15, 47, 58, 47, 64, 43, 52].
     assert_eq!(
         ids[..13],
