@@ -36,6 +36,9 @@ struct Args {
     system: Option<String>,
     #[command(flatten)]
     sampling: common::SamplingArgs,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
     /// cpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -46,7 +49,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let device = common::device(&args.device)?;
     let (model, tokenizer) = checkpoint::load_model(&args.ckpt, &device)?;
-    let mut session = ChatSession::new(&model, &tokenizer, args.sampling.params())?;
+    let mut session = ChatSession::new(&model, &tokenizer, args.sampling.params(args.seed))?;
     session.set_system(args.system.clone());
     let mut stdout = std::io::stdout();
     let reply = |session: &mut ChatSession, text: &str| -> Result<()> {

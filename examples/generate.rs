@@ -30,6 +30,9 @@ struct Args {
     prompt: String,
     #[command(flatten)]
     sampling: common::SamplingArgs,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
     /// cpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -40,7 +43,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let device = common::device(&args.device)?;
     let (model, tokenizer) = checkpoint::load_model(&args.ckpt, &device)?;
-    let params = args.sampling.params();
+    let params = args.sampling.params(args.seed);
     let t0 = Instant::now();
     let mut generation = sampler::generate(&model, &tokenizer, &args.prompt, &params)?;
     let mut stdout = std::io::stdout();

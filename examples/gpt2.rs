@@ -53,6 +53,9 @@ struct Args {
     prompt: String,
     #[command(flatten)]
     sampling: common::SamplingArgs,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
     /// Keep generating past <|endoftext|> (by default it ends generation).
     #[arg(long)]
     ignore_eos: bool,
@@ -87,7 +90,7 @@ fn main() -> Result<()> {
         )
         .context("--random-124m needs OpenAI's tokenizer files (see --gpt2-files)")?;
         let cfg = GptConfig::gpt2();
-        let init = Gpt::init(&cfg, args.sampling.seed, &device)?;
+        let init = Gpt::init(&cfg, args.seed, &device)?;
         // Constant weights (no autograd graph), in the requested dtype.
         let tensors = init
             .tensors()
@@ -116,7 +119,7 @@ fn main() -> Result<()> {
     } else {
         tokenizer.encode(&args.prompt)?
     };
-    let mut params = args.sampling.params();
+    let mut params = args.sampling.params(args.seed);
     if !args.ignore_eos {
         params = params.with_stop_tokens([tokenizer.eot_id()]);
     }

@@ -152,7 +152,7 @@ fn main() -> Result<()> {
         .take(args.eval_replies)
         .cloned()
         .collect();
-    let params = args.sampling.params();
+    let params = args.sampling.params(args.train.seed.unwrap_or(1337));
     let before = if args.eval_replies > 0 {
         let s = reply_stats(&model, &tokenizer, &probe, &params)?;
         println!("before SFT: {}/{} replies end with <|end|> within {} tokens ({:.0}%), mean length {:.0}",

@@ -62,13 +62,12 @@ pub struct SamplingArgs {
     /// CTRL repetition penalty (1 = off).
     #[arg(long, default_value_t = 1.0)]
     pub repetition_penalty: f32,
-    /// Seed of the sampler.
-    #[arg(long, default_value_t = 1337)]
-    pub seed: u64,
 }
 
 impl SamplingArgs {
-    pub fn params(&self) -> SamplingParams {
+    /// The sampling settings, drawing with `seed` (each example owns its `--seed` flag: the
+    /// sampler's in `generate` and `chat`, the run's in the training examples).
+    pub fn params(&self, seed: u64) -> SamplingParams {
         SamplingParams::default()
             .with_max_new_tokens(self.max_new_tokens)
             .with_temperature(self.temperature)
@@ -76,7 +75,7 @@ impl SamplingArgs {
             .with_top_p(self.top_p)
             .with_min_p(self.min_p)
             .with_repetition_penalty(self.repetition_penalty)
-            .with_seed(self.seed)
+            .with_seed(seed)
     }
 }
 
