@@ -35,12 +35,14 @@
 //! computed in a [`OnceLock`]. Recomputing them would cost one more `Q Kᵀ` pass, a fifth of
 //! the backward's matmul work, to save 4 bytes per query row.
 //!
-//! All tile products are one small matmul kernel (`C (+)= A · B`, both row-major) whose
-//! `4 × 64` register tile the compiler vectorises; operands it reads along a column
-//! (`Kᵀ`, `Qᵀ`, `dOᵀ`) are first transposed into `hs × 64` panels, so every inner loop reads
-//! contiguous memory. The kernels are compiled three times — AVX-512, AVX2+FMA and plain —
-//! and the best one the CPU supports is picked at run time. `exp` is a polynomial that
-//! vectorises (Cephes' `expf`, relative error below 2e-7).
+//! All tile products are one small matmul kernel (`C (+)= A · B`, `B` row-major, `A` either
+//! way round) whose `4 × 64` register tile the compiler vectorises. The one operand it would
+//! read along a column, `Kᵀ` (and `Vᵀ` in `dP = dO Vᵀ`), is first transposed into `hs × 64`
+//! panels, so every inner loop reads contiguous memory. Blocks on the causal diagonal are
+//! split into groups of 16 rows (keys) that each compute only as far as the mask lets them
+//! see, which skips most of the masked half. The kernels are compiled three times —
+//! AVX-512, AVX2+FMA and plain — and the best one the CPU supports is picked at run time.
+//! `exp` is a polynomial that vectorises (Cephes' `expf`, relative error below 2e-7).
 //!
 //! Threads come from rayon's global pool: set `RAYON_NUM_THREADS` to choose how many.
 
@@ -56,6 +58,9 @@ use crate::{Error, Result};
 const BR: usize = 64;
 /// Keys per block of the fused kernel.
 const BC: usize = 64;
+/// Rows (forward) or keys (backward) per group when a block on the causal diagonal is split so
+/// as to skip most of its masked half.
+const GROUP: usize = 16;
 /// Below this many multiply-adds (`B · nh · Tq · Tk · hs`) the fused op runs on the calling
 /// thread: handing heads to rayon's pool costs more than it saves (measured with the bench).
 const PARALLEL_MIN_WORK: usize = 1 << 16;
@@ -463,12 +468,26 @@ fn backward_head_avx512(job: BwdJob, scratch: &mut BwdScratch) {
 // `*_avx2` / `*_avx512` wrapper with that wrapper's instruction set.
 // ---------------------------------------------------------------------------------------------
 
-/// How a kernel build multiplies and adds, and how wide its register tile is.
+/// How a kernel build multiplies and adds, and its register tile.
 trait Arith {
     /// Register tile width in floats: 64 = four AVX-512 registers a row, else 16.
     const WIDE: bool;
     /// `a * b + c`, fused where the instruction set has FMA.
     fn fma(a: f32, b: f32, c: f32) -> f32;
+    /// [`tile_kernel`] for this instruction set, compiled as a function of its own: inlined
+    /// into the large per-head kernels, the compiler does not reliably keep its accumulators
+    /// in registers.
+    #[allow(clippy::too_many_arguments)]
+    fn tile<const R: usize, const W: usize, const TA: bool>(
+        k: usize,
+        a: &[f32],
+        lda: usize,
+        b: &[f32],
+        ldb: usize,
+        c: &mut [f32],
+        ldc: usize,
+        accumulate: bool,
+    );
 }
 
 /// The baseline build: FMA only where the target guarantees it (aarch64).
@@ -490,6 +509,19 @@ impl Arith for Baseline {
             a * b + c
         }
     }
+    #[inline(always)]
+    fn tile<const R: usize, const W: usize, const TA: bool>(
+        k: usize,
+        a: &[f32],
+        lda: usize,
+        b: &[f32],
+        ldb: usize,
+        c: &mut [f32],
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        tile_baseline::<R, W, TA>(k, a, lda, b, ldb, c, ldc, accumulate)
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -498,6 +530,20 @@ impl Arith for Avx2 {
     #[inline(always)]
     fn fma(a: f32, b: f32, c: f32) -> f32 {
         a.mul_add(b, c)
+    }
+    #[inline(always)]
+    fn tile<const R: usize, const W: usize, const TA: bool>(
+        k: usize,
+        a: &[f32],
+        lda: usize,
+        b: &[f32],
+        ldb: usize,
+        c: &mut [f32],
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        // SAFETY: `Avx2` kernels run only after `Isa::detect` found AVX2 and FMA.
+        unsafe { tile_avx2::<R, W, TA>(k, a, lda, b, ldb, c, ldc, accumulate) }
     }
 }
 
@@ -508,6 +554,69 @@ impl Arith for Avx512 {
     fn fma(a: f32, b: f32, c: f32) -> f32 {
         a.mul_add(b, c)
     }
+    #[inline(always)]
+    fn tile<const R: usize, const W: usize, const TA: bool>(
+        k: usize,
+        a: &[f32],
+        lda: usize,
+        b: &[f32],
+        ldb: usize,
+        c: &mut [f32],
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        // SAFETY: `Avx512` kernels run only after `Isa::detect` found AVX-512F, AVX2 and FMA.
+        unsafe { tile_avx512::<R, W, TA>(k, a, lda, b, ldb, c, ldc, accumulate) }
+    }
+}
+
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+fn tile_baseline<const R: usize, const W: usize, const TA: bool>(
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    tile_kernel::<Baseline, R, W, TA>(k, a, lda, b, ldb, c, ldc, accumulate)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+fn tile_avx2<const R: usize, const W: usize, const TA: bool>(
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    tile_kernel::<Avx2, R, W, TA>(k, a, lda, b, ldb, c, ldc, accumulate)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+fn tile_avx512<const R: usize, const W: usize, const TA: bool>(
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    tile_kernel::<Avx512, R, W, TA>(k, a, lda, b, ldb, c, ldc, accumulate)
 }
 
 /// One head's forward: `q` `(Tq, hs)`, `k`, `v` `(Tk, hs)` in; `o` `(Tq, hs)`, `lse` `(Tq,)`
@@ -561,32 +670,48 @@ fn forward_head<F: Arith>(job: FwdJob, sc: &mut FwdScratch) {
         let k_end = past + i0 + br;
         for j0 in (0..k_end).step_by(BC) {
             let bc = BC.min(k_end - j0);
-            // S = Q_i K_jᵀ: (br, hs) · (hs, bc)
-            let kt = &sc.kt[j0 * hs..];
-            matmul::<F>(br, bc, hs, &q[i0 * hs..], hs, kt, BC, &mut sc.s, BC, false);
-            for r in 0..br {
-                // Row r (position past + i0 + r) sees the first `seen` keys of this block.
-                let seen = (past + i0 + r + 1).saturating_sub(j0).min(bc);
-                let row = &mut sc.s[r * BC..r * BC + bc];
-                row[seen..].fill(0.0);
-                if seen == 0 {
+            // Row r (position past + i0 + r) sees the first seen(r) keys of this block.
+            let seen = |r: usize| (past + i0 + r + 1).saturating_sub(j0).min(bc);
+            // A block below the diagonal is one group of rows; one on the diagonal goes in
+            // groups of GROUP rows, each as wide as its last row sees.
+            let group = if seen(0) == bc { br } else { GROUP };
+            let (kt, v_j) = (&sc.kt[j0 * hs..], &v[j0 * hs..]);
+            for g0 in (0..br).step_by(group) {
+                let g1 = (g0 + group).min(br);
+                let n = seen(g1 - 1).next_multiple_of(GROUP).min(bc);
+                if n == 0 {
                     continue;
                 }
-                let row = &mut row[..seen];
-                let m_new = scale_max(row, scale).max(sc.m[r]);
-                let alpha = (sc.m[r] - m_new).exp(); // 0 on the first block
-                let sum = exp_sub_sum::<F>(row, m_new);
-                sc.l[r] = sc.l[r] * alpha + sum;
-                if alpha != 1.0 {
-                    sc.acc[r * hs..(r + 1) * hs]
-                        .iter_mut()
-                        .for_each(|a| *a *= alpha);
+                // S = Q_i K_jᵀ: (g, hs) · (hs, n)
+                let (q_g, s_g) = (&q[(i0 + g0) * hs..], &mut sc.s[g0 * BC..]);
+                matmul::<F, false>(g1 - g0, n, hs, q_g, hs, kt, BC, s_g, BC, false);
+                for r in g0..g1 {
+                    let seen = seen(r);
+                    let row = &mut sc.s[r * BC..r * BC + n];
+                    row[seen..].fill(0.0);
+                    if seen == 0 {
+                        continue;
+                    }
+                    let row = &mut row[..seen];
+                    let m_old = sc.m[r];
+                    let m_new = scale_max(row, scale).max(m_old);
+                    let alpha = if m_old == f32::NEG_INFINITY {
+                        0.0 // the first block this row sees
+                    } else {
+                        exp::<F>(m_old - m_new)
+                    };
+                    let sum = exp_sub_sum::<F>(row, m_new);
+                    sc.l[r] = sc.l[r] * alpha + sum;
+                    if alpha != 1.0 {
+                        let acc = &mut sc.acc[r * hs..(r + 1) * hs];
+                        acc.iter_mut().for_each(|a| *a *= alpha);
+                    }
+                    sc.m[r] = m_new;
                 }
-                sc.m[r] = m_new;
+                // O_i += P V_j: (g, n) · (n, hs)
+                let (s_g, acc_g) = (&sc.s[g0 * BC..], &mut sc.acc[g0 * hs..]);
+                matmul::<F, false>(g1 - g0, hs, n, s_g, BC, v_j, hs, acc_g, hs, true);
             }
-            // O_i += P V_j: (br, bc) · (bc, hs)
-            let v_j = &v[j0 * hs..];
-            matmul::<F>(br, hs, bc, &sc.s, BC, v_j, hs, &mut sc.acc, hs, true);
         }
         for r in 0..br {
             let inv = 1.0 / sc.l[r];
@@ -616,36 +741,31 @@ struct BwdJob<'a> {
 
 /// A backward worker's buffers, allocated once per rayon task and reused across heads.
 struct BwdScratch {
-    /// `Qᵀ`, `dOᵀ` and the accumulated `dQᵀ` in panels of [`BR`] queries: `(hs, BR)` each.
-    qt: Vec<f32>,
-    dot: Vec<f32>,
-    dqt: Vec<f32>,
-    /// `Kᵀ` in panels of [`BC`] keys: `(hs, BC)` each.
+    /// `Kᵀ` and `Vᵀ` in panels of [`BC`] keys: `(hs, BC)` each.
     kt: Vec<f32>,
+    vt: Vec<f32>,
     /// `D_i = rowsum(dO ∘ O)`: `(Tq,)`.
     delta: Vec<f32>,
-    /// `Pᵀ` and `dSᵀ · scale` (first `dPᵀ`) of one tile: `(BC, BR)`.
-    pt: Vec<f32>,
-    dst: Vec<f32>,
+    /// `P` and `dS · scale` (first `dP`) of one tile: `(BR, BC)`.
+    p: Vec<f32>,
+    ds: Vec<f32>,
 }
 
 impl BwdScratch {
     fn new(d: Dims) -> Self {
-        let q_panels = d.tq.div_ceil(BR) * BR * d.hs;
+        let k_panels = d.tk.div_ceil(BC) * BC * d.hs;
         Self {
-            qt: vec![0.0; q_panels],
-            dot: vec![0.0; q_panels],
-            dqt: vec![0.0; q_panels],
-            kt: vec![0.0; d.tk.div_ceil(BC) * BC * d.hs],
+            kt: vec![0.0; k_panels],
+            vt: vec![0.0; k_panels],
             delta: vec![0.0; d.tq],
-            pt: vec![0.0; BC * BR],
-            dst: vec![0.0; BC * BR],
+            p: vec![0.0; BR * BC],
+            ds: vec![0.0; BR * BC],
         }
     }
 }
 
-/// FlashAttention-2's backward (Algorithm 2) for one head, worked in transposed tiles
-/// (`Sᵀ = K_j Q_iᵀ`) so that the softmax terms `LSE_i` and `D_i` run along rows.
+/// FlashAttention-2's backward (Algorithm 2) for one head: key blocks outer, query blocks
+/// inner, `dK_j`, `dV_j` accumulated in place and `dQ_i` added to in memory.
 #[inline(always)]
 fn backward_head<F: Arith>(job: BwdJob, sc: &mut BwdScratch) {
     let BwdJob {
@@ -661,65 +781,65 @@ fn backward_head<F: Arith>(job: BwdJob, sc: &mut BwdScratch) {
         d,
     } = job;
     let (tq, tk, hs, scale, past) = (d.tq, d.tk, d.hs, d.scale, d.past());
-    to_panels(q, tq, hs, BR, &mut sc.qt);
-    to_panels(d_o, tq, hs, BR, &mut sc.dot);
     to_panels(k, tk, hs, BC, &mut sc.kt);
-    sc.dqt.fill(0.0);
-    for ((delta, o), d_o) in sc
-        .delta
-        .iter_mut()
-        .zip(o.chunks_exact(hs))
-        .zip(d_o.chunks_exact(hs))
-    {
+    to_panels(v, tk, hs, BC, &mut sc.vt);
+    let rows = o.chunks_exact(hs).zip(d_o.chunks_exact(hs));
+    for (delta, (o, d_o)) in sc.delta.iter_mut().zip(rows) {
         *delta = dot::<F>(o, d_o);
     }
     for j0 in (0..tk).step_by(BC) {
         let bc = BC.min(tk - j0);
+        let (kt, vt, k_j) = (&sc.kt[j0 * hs..], &sc.vt[j0 * hs..], &k[j0 * hs..]);
         // The first query that sees key j0 is row j0 - past; start at its block.
         let i_first = j0.saturating_sub(past) / BR * BR;
         for i0 in (i_first..tq).step_by(BR) {
             let br = BR.min(tq - i0);
-            let (qt, dot_i) = (&sc.qt[i0 * hs..], &sc.dot[i0 * hs..]);
-            // Sᵀ = K_j Q_iᵀ and dPᵀ = V_j dO_iᵀ: (bc, hs) · (hs, br)
-            matmul::<F>(bc, br, hs, &k[j0 * hs..], hs, qt, BR, &mut sc.pt, BR, false);
-            matmul::<F>(
-                bc,
-                br,
-                hs,
-                &v[j0 * hs..],
-                hs,
-                dot_i,
-                BR,
-                &mut sc.dst,
-                BR,
-                false,
-            );
-            let (lse_i, delta_i) = (&lse[i0..i0 + br], &sc.delta[i0..i0 + br]);
-            for c in 0..bc {
-                // Key j0 + c is seen by rows past + i0 + r >= j0 + c.
-                let first = (j0 + c).saturating_sub(past + i0).min(br);
-                let p = &mut sc.pt[c * BR..c * BR + br];
-                let ds = &mut sc.dst[c * BR..c * BR + br];
-                p[..first].fill(0.0);
-                ds[..first].fill(0.0);
-                softmax_grad::<F>(
-                    &mut p[first..],
-                    &mut ds[first..],
-                    &lse_i[first..],
-                    &delta_i[first..],
-                    scale,
-                );
+            // Row r (position past + i0 + r) sees the first seen(r) keys of this block; key c
+            // is seen by rows r >= first(c).
+            let seen = |r: usize| (past + i0 + r + 1).saturating_sub(j0).min(bc);
+            let first = |c: usize| (j0 + c).saturating_sub(past + i0).min(br);
+            // A block below the diagonal is one group; one on the diagonal goes in groups of
+            // GROUP rows (keys), each as wide (long) as the causal mask lets it be.
+            let group = if seen(0) == bc { br } else { GROUP };
+            for g0 in (0..br).step_by(group) {
+                let g1 = (g0 + group).min(br);
+                let n = seen(g1 - 1).next_multiple_of(GROUP).min(bc);
+                if n == 0 {
+                    continue;
+                }
+                // S = Q_i K_jᵀ and dP = dO_i V_jᵀ: (g, hs) · (hs, n)
+                let (q_g, d_o_g) = (&q[(i0 + g0) * hs..], &d_o[(i0 + g0) * hs..]);
+                let (p, ds) = (&mut sc.p[g0 * BC..], &mut sc.ds[g0 * BC..]);
+                matmul::<F, false>(g1 - g0, n, hs, q_g, hs, kt, BC, p, BC, false);
+                matmul::<F, false>(g1 - g0, n, hs, d_o_g, hs, vt, BC, ds, BC, false);
+                for r in g0..g1 {
+                    let (seen, lse, delta) = (seen(r), lse[i0 + r], sc.delta[i0 + r]);
+                    let p = &mut sc.p[r * BC..r * BC + bc];
+                    let ds = &mut sc.ds[r * BC..r * BC + bc];
+                    p[seen..].fill(0.0);
+                    ds[seen..].fill(0.0);
+                    softmax_grad::<F>(&mut p[..seen], &mut ds[..seen], lse, delta, scale);
+                }
+                // dQ_i += dS_ij K_j · scale: (g, n) · (n, hs)
+                let (ds, dq) = (&sc.ds[g0 * BC..], &mut dq[(i0 + g0) * hs..]);
+                matmul::<F, false>(g1 - g0, hs, n, ds, BC, k_j, hs, dq, hs, true);
             }
-            // dV_j += P_ijᵀ dO_i and dK_j += dS_ijᵀ Q_i · scale: (bc, br) · (br, hs)
-            let (dv_j, dk_j) = (&mut dv[j0 * hs..], &mut dk[j0 * hs..]);
-            matmul::<F>(bc, hs, br, &sc.pt, BR, &d_o[i0 * hs..], hs, dv_j, hs, true);
-            matmul::<F>(bc, hs, br, &sc.dst, BR, &q[i0 * hs..], hs, dk_j, hs, true);
-            // dQ_iᵀ += K_jᵀ dS_ijᵀ · scale: (hs, bc) · (bc, br)
-            let (kt, dqt) = (&sc.kt[j0 * hs..], &mut sc.dqt[i0 * hs..]);
-            matmul::<F>(hs, br, bc, kt, BC, &sc.dst, BR, dqt, BR, true);
+            // dV_j += P_ijᵀ dO_i and dK_j += dS_ijᵀ Q_i · scale: (g, br - f) · (br - f, hs),
+            // summing over the rows f.. that see the group's first key.
+            let group = if seen(0) == bc { bc } else { GROUP };
+            for c0 in (0..bc).step_by(group) {
+                let (c1, f) = ((c0 + group).min(bc), first(c0));
+                if f == br {
+                    break; // these keys and the rest are in every row's future
+                }
+                let (p, ds) = (&sc.p[f * BC + c0..], &sc.ds[f * BC + c0..]);
+                let (d_o, q) = (&d_o[(i0 + f) * hs..], &q[(i0 + f) * hs..]);
+                let (dv, dk) = (&mut dv[(j0 + c0) * hs..], &mut dk[(j0 + c0) * hs..]);
+                matmul::<F, true>(c1 - c0, hs, br - f, p, BC, d_o, hs, dv, hs, true);
+                matmul::<F, true>(c1 - c0, hs, br - f, ds, BC, q, hs, dk, hs, true);
+            }
         }
     }
-    from_panels(&sc.dqt, tq, hs, BR, dq);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -740,23 +860,11 @@ fn to_panels(x: &[f32], n: usize, hs: usize, w: usize, panels: &mut [f32]) {
     }
 }
 
-/// The inverse of [`to_panels`]: reads `(n, hs)` row-major into `x`.
-#[inline(always)]
-fn from_panels(panels: &[f32], n: usize, hs: usize, w: usize, x: &mut [f32]) {
-    for (p, rows) in x[..n * hs].chunks_mut(w * hs).enumerate() {
-        let panel = &panels[p * w * hs..(p + 1) * w * hs];
-        for (c, row) in rows.chunks_exact_mut(hs).enumerate() {
-            for (dd, value) in row.iter_mut().enumerate() {
-                *value = panel[dd * w + c];
-            }
-        }
-    }
-}
-
-/// `C (m, n) = [C +] A (m, k) · B (k, n)`, all row-major with row strides `lda`, `ldb`, `ldc`.
+/// `C (m, n) = [C +] A (m, k) · B (k, n)`, all row-major with row strides `lda`, `ldb`, `ldc`;
+/// with `TA`, `A` is stored transposed: element `(i, l)` at `a[l · lda + i]`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn matmul<F: Arith>(
+fn matmul<F: Arith, const TA: bool>(
     m: usize,
     n: usize,
     k: usize,
@@ -773,13 +881,16 @@ fn matmul<F: Arith>(
         let left = n - j;
         let (b, c) = (&b[j..], &mut c[j..]);
         if F::WIDE && left >= 64 {
-            row_tiles::<F, 64>(m, k, a, lda, b, ldb, c, ldc, accumulate);
+            row_tiles::<F, 64, TA>(m, k, a, lda, b, ldb, c, ldc, accumulate);
             j += 64;
+        } else if F::WIDE && left >= 32 {
+            row_tiles::<F, 32, TA>(m, k, a, lda, b, ldb, c, ldc, accumulate);
+            j += 32;
         } else if left >= 16 {
-            row_tiles::<F, 16>(m, k, a, lda, b, ldb, c, ldc, accumulate);
+            row_tiles::<F, 16, TA>(m, k, a, lda, b, ldb, c, ldc, accumulate);
             j += 16;
         } else {
-            row_tiles::<F, 1>(m, k, a, lda, b, ldb, c, ldc, accumulate);
+            row_tiles::<F, 1, TA>(m, k, a, lda, b, ldb, c, ldc, accumulate);
             j += 1;
         }
     }
@@ -788,7 +899,7 @@ fn matmul<F: Arith>(
 /// [`matmul`] for one strip of `W` columns, four rows at a time.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn row_tiles<F: Arith, const W: usize>(
+fn row_tiles<F: Arith, const W: usize, const TA: bool>(
     m: usize,
     k: usize,
     a: &[f32],
@@ -799,36 +910,31 @@ fn row_tiles<F: Arith, const W: usize>(
     ldc: usize,
     accumulate: bool,
 ) {
+    // Where row i of A starts.
+    let a_row = |i: usize| if TA { i } else { i * lda };
     let mut i = 0;
     while i + 4 <= m {
-        tile::<F, 4, W>(
-            k,
-            &a[i * lda..],
-            lda,
-            b,
-            ldb,
-            &mut c[i * ldc..],
-            ldc,
-            accumulate,
-        );
+        let (a, c) = (&a[a_row(i)..], &mut c[i * ldc..]);
+        F::tile::<4, W, TA>(k, a, lda, b, ldb, c, ldc, accumulate);
         i += 4;
     }
     let rest = m - i;
     if rest > 0 {
-        let (a, c) = (&a[i * lda..], &mut c[i * ldc..]);
+        let (a, c) = (&a[a_row(i)..], &mut c[i * ldc..]);
         match rest {
-            3 => tile::<F, 3, W>(k, a, lda, b, ldb, c, ldc, accumulate),
-            2 => tile::<F, 2, W>(k, a, lda, b, ldb, c, ldc, accumulate),
-            _ => tile::<F, 1, W>(k, a, lda, b, ldb, c, ldc, accumulate),
+            3 => F::tile::<3, W, TA>(k, a, lda, b, ldb, c, ldc, accumulate),
+            2 => F::tile::<2, W, TA>(k, a, lda, b, ldb, c, ldc, accumulate),
+            _ => F::tile::<1, W, TA>(k, a, lda, b, ldb, c, ldc, accumulate),
         }
     }
 }
 
-/// The register tile: `C (R, W) = [C +] A (R, k) · B (k, W)`. The `R × W` accumulators stay in
-/// registers (16 AVX-512 registers for 4 × 64) while `k` rows of `B` stream past.
+/// The register tile: `C (R, W) = [C +] A (R, k) · B (k, W)` (`A` transposed with `TA`). The
+/// `R × W` accumulators stay in registers (16 AVX-512 registers for 4 × 64) while `k` rows of
+/// `B` stream past.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn tile<F: Arith, const R: usize, const W: usize>(
+fn tile_kernel<F: Arith, const R: usize, const W: usize, const TA: bool>(
     k: usize,
     a: &[f32],
     lda: usize,
@@ -844,13 +950,24 @@ fn tile<F: Arith, const R: usize, const W: usize>(
             acc.copy_from_slice(&c[r * ldc..r * ldc + W]);
         }
     }
-    let a: [&[f32]; R] = std::array::from_fn(|r| &a[r * lda..r * lda + k]);
-    for kk in 0..k {
-        let b = &b[kk * ldb..kk * ldb + W];
-        for (acc, a) in acc.iter_mut().zip(&a) {
-            let x = a[kk];
-            for (acc, &b) in acc.iter_mut().zip(b) {
-                *acc = F::fma(x, b, *acc);
+    if TA {
+        for kk in 0..k {
+            let (a, b) = (&a[kk * lda..kk * lda + R], &b[kk * ldb..kk * ldb + W]);
+            for (acc, &x) in acc.iter_mut().zip(a) {
+                for (acc, &b) in acc.iter_mut().zip(b) {
+                    *acc = F::fma(x, b, *acc);
+                }
+            }
+        }
+    } else {
+        let a: [&[f32]; R] = std::array::from_fn(|r| &a[r * lda..r * lda + k]);
+        for kk in 0..k {
+            let b = &b[kk * ldb..kk * ldb + W];
+            for (acc, a) in acc.iter_mut().zip(&a) {
+                let x = a[kk];
+                for (acc, &b) in acc.iter_mut().zip(b) {
+                    *acc = F::fma(x, b, *acc);
+                }
             }
         }
     }
@@ -900,12 +1017,11 @@ fn exp_sub_sum<F: Arith>(row: &mut [f32], m: f32) -> f32 {
     sum
 }
 
-/// The softmax backward of one row of a transposed tile (one key, several queries): takes
-/// scores `p` and `dPᵀ` in `ds`, leaves `P = exp(scale · s − LSE)` in `p` and
-/// `dS · scale = P ∘ (dP − D) · scale` in `ds`.
+/// The softmax backward of one row of a tile: takes scores in `p` and `dP` in `ds`, leaves
+/// `P = exp(scale · s − LSE)` in `p` and `dS · scale = P ∘ (dP − D) · scale` in `ds`.
 #[inline(always)]
-fn softmax_grad<F: Arith>(p: &mut [f32], ds: &mut [f32], lse: &[f32], delta: &[f32], scale: f32) {
-    for (((p, ds), &lse), &delta) in p.iter_mut().zip(ds.iter_mut()).zip(lse).zip(delta) {
+fn softmax_grad<F: Arith>(p: &mut [f32], ds: &mut [f32], lse: f32, delta: f32, scale: f32) {
+    for (p, ds) in p.iter_mut().zip(ds.iter_mut()) {
         let e = exp::<F>(F::fma(*p, scale, -lse));
         *p = e;
         *ds = e * (*ds - delta) * scale;
