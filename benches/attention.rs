@@ -21,6 +21,10 @@ use criterion::{BenchmarkId, Criterion, SamplingMode};
 use tinygpt::attention::{causal_attention, causal_attention_reference};
 use tinygpt::candle::{DType, Device, Tensor, Var};
 
+// As the examples: the allocator tinygpt's programs run with.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const B: usize = 4;
 const NH: usize = 12;
 const HS: usize = 64;
