@@ -13,16 +13,18 @@
 //!
 //! # The fused CPU kernel
 //!
-//! Work is split over the `B · nh` heads with rayon (one head per task; problems too small
-//! to repay the hand-off run on the calling thread). Within a head:
+//! Work is split over the `B · nh` heads on candle's CPU thread pool (problems too small to
+//! repay the hand-off run on the calling thread). Within a head:
 //!
-//! - **Forward** (FA2 Algorithm 1): queries in blocks of [`BR`] rows, keys in blocks of
-//!   [`BC`]. For each query block the key blocks are visited in order, keeping per row a
+//! - **Forward** (FA2 Algorithm 1): queries in blocks of `BR` = 64 rows, keys in blocks of
+//!   `BC` = 64. For each query block the key blocks are visited in order, keeping per row a
 //!   running maximum `m` and sum `l` of the exponentials and an unnormalised output
 //!   accumulator, rescaled by `exp(m_old - m_new)` when the maximum grows (the *online
 //!   softmax*). Key blocks wholly in the causal future are never visited; a block straddling
 //!   the diagonal is masked row by row. The `Tq × Tk` scores never exist at once, only one
 //!   `BR × BC` tile. Each row's log-sum-exp `LSE = m + ln l` is kept for the backward pass.
+//!   A few queries (`Tq <= 4`, KV-cache decoding) go row by row instead: dot products, an
+//!   exact softmax over the row, `P V`.
 //! - **Backward** (FA2 Algorithm 2): `D_i = rowsum(dO_i ∘ O_i)`; then key blocks outer and
 //!   query blocks inner, recomputing `P_ij = exp(S_ij − LSE_i)` from the saved LSE, and
 //!   `dV_j += P_ijᵀ dO_i`, `dP_ij = dO_i V_jᵀ`, `dS_ij = P_ij ∘ (dP_ij − D_i)`,
@@ -44,12 +46,13 @@
 //! AVX-512, AVX2+FMA and plain — and the best one the CPU supports is picked at run time.
 //! `exp` is a polynomial that vectorises (Cephes' `expf`, relative error below 2e-7).
 //!
-//! Threads come from rayon's global pool: set `RAYON_NUM_THREADS` to choose how many.
+//! Threads come from candle's CPU thread pool, as for candle's own ops: set
+//! `CANDLE_NUM_THREADS` (or `RAYON_NUM_THREADS`, which candle also reads) to choose how many.
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock, PoisonError};
 
+use candle_core::utils::barrier_pool;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor};
-use rayon::prelude::*;
 
 use crate::model::softmax_last_dim;
 use crate::{Error, Result};
@@ -64,7 +67,7 @@ const GROUP: usize = 16;
 /// Up to this many queries the forward goes row by row ([`forward_rows`]) rather than in tiles.
 const ROWWISE_MAX_TQ: usize = 4;
 /// Below this many multiply-adds (`B · nh · Tq · Tk · hs`) the fused op runs on the calling
-/// thread: handing heads to rayon's pool costs more than it saves. Measured on 2 threads: at
+/// thread: handing heads to the thread pool costs more than it saves. Measured on 2 threads: at
 /// 0.5M (B 1, nh 2, T 64, hs 64) both take the same time; one-token decoding against 1024
 /// cached keys (nh 12, 0.8M) is still faster on one thread; at 3M (nh 12, T 64) two threads
 /// take 0.3 ms against 0.7 ms.
@@ -82,6 +85,19 @@ const PARALLEL_MIN_WORK: usize = 1 << 20;
 /// fused FlashAttention-2 style op of this module (see the [module docs](self)); inputs that
 /// are not contiguous are copied first. On other devices (CUDA) or dtypes (f16, bf16) it is
 /// [`causal_attention_reference`].
+///
+/// ```
+/// use tinygpt::attention::causal_attention;
+/// use tinygpt::candle::{DType, Device, Tensor};
+///
+/// // q = 0: every key a query sees scores the same, so output row i is the mean of v[0..=i].
+/// let v = Tensor::arange(0f32, 6.0, &Device::Cpu)?.reshape((1, 1, 3, 2))?; // (B, nh, T, hs)
+/// let q = Tensor::zeros((1, 1, 3, 2), DType::F32, &Device::Cpu)?;
+/// let y = causal_attention(&q, &v, &v, 1.0 / 2f64.sqrt())?; // (1, 1, 3, 2)
+/// let y = y.squeeze(0)?.squeeze(0)?.to_vec2::<f32>()?;
+/// assert_eq!(y, [[0.0, 1.0], [1.0, 2.0], [2.0, 3.0]]);
+/// # Ok::<(), tinygpt::Error>(())
+/// ```
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] if a tensor is not 4-D, the shapes disagree, `Tq > Tk` or the
@@ -310,7 +326,8 @@ fn forward(isa: Isa, q: &[f32], k: &[f32], v: &[f32], d: Dims) -> (Vec<f32>, Vec
     if out.is_empty() {
         return (out, lse);
     }
-    let run = |scratch: &mut FwdScratch, (h, (o, lse)): (usize, (&mut [f32], &mut [f32]))| {
+    let heads = out.chunks_mut(tq * hs).zip(lse.chunks_mut(tq)).collect();
+    let run = |scratch: &mut FwdScratch, h: usize, (o, lse): (&mut [f32], &mut [f32])| {
         let job = FwdJob {
             q: &q[h * tq * hs..(h + 1) * tq * hs],
             k: &k[h * tk * hs..(h + 1) * tk * hs],
@@ -321,18 +338,7 @@ fn forward(isa: Isa, q: &[f32], k: &[f32], v: &[f32], d: Dims) -> (Vec<f32>, Vec
         };
         isa.forward_head(job, scratch);
     };
-    if d.parallel() {
-        out.par_chunks_mut(tq * hs)
-            .zip(lse.par_chunks_mut(tq))
-            .enumerate()
-            .for_each_init(|| FwdScratch::new(d), run);
-    } else {
-        let mut scratch = FwdScratch::new(d);
-        out.chunks_mut(tq * hs)
-            .zip(lse.chunks_mut(tq))
-            .enumerate()
-            .for_each(|job| run(&mut scratch, job));
-    }
+    for_each_head(heads, d.parallel(), || FwdScratch::new(d), run);
     (out, lse)
 }
 
@@ -357,7 +363,12 @@ fn backward(isa: Isa, x: BwdInputs, d: Dims) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         return (dq, dk, dv);
     }
     type Grads<'g> = ((&'g mut [f32], &'g mut [f32]), &'g mut [f32]);
-    let run = |scratch: &mut BwdScratch, (h, ((dq, dk), dv)): (usize, Grads)| {
+    let heads = dq
+        .chunks_mut(tq * hs)
+        .zip(dk.chunks_mut(tk * hs))
+        .zip(dv.chunks_mut(tk * hs))
+        .collect();
+    let run = |scratch: &mut BwdScratch, h: usize, ((dq, dk), dv): Grads| {
         let (q_rows, k_rows) = (
             h * tq * hs..(h + 1) * tq * hs,
             h * tk * hs..(h + 1) * tk * hs,
@@ -376,21 +387,45 @@ fn backward(isa: Isa, x: BwdInputs, d: Dims) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         };
         isa.backward_head(job, scratch);
     };
-    if d.parallel() {
-        dq.par_chunks_mut(tq * hs)
-            .zip(dk.par_chunks_mut(tk * hs))
-            .zip(dv.par_chunks_mut(tk * hs))
-            .enumerate()
-            .for_each_init(|| BwdScratch::new(d), run);
-    } else {
-        let mut scratch = BwdScratch::new(d);
-        dq.chunks_mut(tq * hs)
-            .zip(dk.chunks_mut(tk * hs))
-            .zip(dv.chunks_mut(tk * hs))
-            .enumerate()
-            .for_each(|job| run(&mut scratch, job));
-    }
+    for_each_head(heads, d.parallel(), || BwdScratch::new(d), run);
     (dq, dk, dv)
+}
+
+/// Runs `run(scratch, h, item)` for every head `h`, on candle's CPU thread pool when
+/// `parallel`, else on the calling thread. A worker makes its scratch once per chunk of heads.
+///
+/// The pool is candle's own ([`candle_core::utils::barrier_pool`], sized by
+/// `CANDLE_NUM_THREADS` or else `RAYON_NUM_THREADS`), not rayon's global one: its workers spin
+/// for a while after each candle op, so a second pool running next to them would share the
+/// cores with spinning threads (measured: fwd+bwd at B 4, nh 12, T 64 took 11 ms on a rayon
+/// pool beside them against 1.1 ms on theirs).
+fn for_each_head<T: Send, S>(
+    items: Vec<T>,
+    parallel: bool,
+    new_scratch: impl Fn() -> S + Sync,
+    run: impl Fn(&mut S, usize, T) + Sync,
+) {
+    if !parallel {
+        let mut scratch = new_scratch();
+        for (h, item) in items.into_iter().enumerate() {
+            run(&mut scratch, h, item);
+        }
+        return;
+    }
+    // Each head's outputs are handed out once, to whichever worker takes the head.
+    let slots: Vec<Mutex<Option<T>>> = items.into_iter().map(|t| Mutex::new(Some(t))).collect();
+    barrier_pool().execute_chunked(slots.len(), |heads| {
+        let mut scratch = new_scratch();
+        for h in heads {
+            let item = slots[h]
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            if let Some(item) = item {
+                run(&mut scratch, h, item);
+            }
+        }
+    });
 }
 
 /// The instruction set the kernels are compiled for, picked once per call at run time.
@@ -635,7 +670,7 @@ struct FwdJob<'a> {
     d: Dims,
 }
 
-/// A forward worker's buffers, allocated once per rayon task and reused across heads.
+/// A forward worker's buffers, allocated once per chunk of heads a worker takes.
 struct FwdScratch {
     /// `Kᵀ` in panels of [`BC`] keys: panel `p` is `(hs, BC)` at `p · BC · hs`.
     kt: Vec<f32>,
@@ -781,7 +816,7 @@ struct BwdJob<'a> {
     d: Dims,
 }
 
-/// A backward worker's buffers, allocated once per rayon task and reused across heads.
+/// A backward worker's buffers, allocated once per chunk of heads a worker takes.
 struct BwdScratch {
     /// `Kᵀ` and `Vᵀ` in panels of [`BC`] keys: `(hs, BC)` each.
     kt: Vec<f32>,
