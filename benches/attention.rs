@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, SamplingMode};
 use tinygpt::attention::{causal_attention, causal_attention_reference};
-use tinygpt::candle::{DType, Device, Tensor, Var};
+use tinygpt::candle::{Device, Tensor, Var};
 
 // As the examples: the allocator tinygpt's programs run with.
 #[global_allocator]
@@ -63,10 +63,7 @@ fn bench_device(c: &mut Criterion, device: &Device, label: &str) {
             .measurement_time(Duration::from_secs(2))
             .sampling_mode(SamplingMode::Flat);
         for t in TS {
-            let var = || {
-                let x = Tensor::randn(0f32, 1.0, (B, NH, t, HS), device).expect("randn");
-                Var::from_tensor(&x.to_dtype(DType::F32).expect("f32")).expect("var")
-            };
+            let var = || Var::randn(0f32, 1.0, (B, NH, t, HS), device).expect("randn");
             let (q, k, v) = (var(), var(), var());
             for (name, f) in IMPLS {
                 group.bench_with_input(BenchmarkId::new(name, t), &t, |bench, _| {
