@@ -49,6 +49,7 @@
 //! Threads come from candle's CPU thread pool, as for candle's own ops: set
 //! `CANDLE_NUM_THREADS` (or `RAYON_NUM_THREADS`, which candle also reads) to choose how many.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError};
 
 use candle_core::utils::barrier_pool;
@@ -392,7 +393,7 @@ fn backward(isa: Isa, x: BwdInputs, d: Dims) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
 }
 
 /// Runs `run(scratch, h, item)` for every head `h`, on candle's CPU thread pool when
-/// `parallel`, else on the calling thread. A worker makes its scratch once per chunk of heads.
+/// `parallel`, else on the calling thread. Each thread makes its scratch once.
 ///
 /// The pool is candle's own ([`candle_core::utils::barrier_pool`], sized by
 /// `CANDLE_NUM_THREADS` or else `RAYON_NUM_THREADS`), not rayon's global one: its workers spin
@@ -412,17 +413,20 @@ fn for_each_head<T: Send, S>(
         }
         return;
     }
-    // Each head's outputs are handed out once, to whichever worker takes the head.
+    // One task per thread; each takes heads one at a time until none are left, so a thread
+    // the OS holds back delays at most the head it is on. A head's outputs are handed out
+    // once, to whichever thread takes the head.
     let slots: Vec<Mutex<Option<T>>> = items.into_iter().map(|t| Mutex::new(Some(t))).collect();
-    barrier_pool().execute_chunked(slots.len(), |heads| {
-        let mut scratch = new_scratch();
-        for h in heads {
-            let item = slots[h]
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take();
+    let next = AtomicUsize::new(0);
+    let pool = barrier_pool();
+    pool.execute_chunked(pool.n_workers() + 1, |_| {
+        let mut scratch = None;
+        loop {
+            let h = next.fetch_add(1, Ordering::Relaxed);
+            let Some(slot) = slots.get(h) else { break };
+            let item = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
             if let Some(item) = item {
-                run(&mut scratch, h, item);
+                run(scratch.get_or_insert_with(&new_scratch), h, item);
             }
         }
     });
@@ -671,7 +675,7 @@ struct FwdJob<'a> {
     d: Dims,
 }
 
-/// A forward worker's buffers, allocated once per chunk of heads a worker takes.
+/// A forward worker's buffers, allocated once per thread and call, reused across heads.
 struct FwdScratch {
     /// `Kᵀ` in panels of [`BC`] keys: panel `p` is `(hs, BC)` at `p · BC · hs`.
     kt: Vec<f32>,
@@ -817,7 +821,7 @@ struct BwdJob<'a> {
     d: Dims,
 }
 
-/// A backward worker's buffers, allocated once per chunk of heads a worker takes.
+/// A backward worker's buffers, allocated once per thread and call, reused across heads.
 struct BwdScratch {
     /// `Kᵀ` and `Vᵀ` in panels of [`BC`] keys: `(hs, BC)` each.
     kt: Vec<f32>,
