@@ -7,9 +7,10 @@
 //! ```
 //!
 //! The thread count is explicit: `RAYON_NUM_THREADS` (2 when unset) sizes candle's CPU thread
-//! pool, which candle's ops and the fused op share (`CANDLE_NUM_THREADS`, if set, wins). Built with
-//! `--features cuda` and with a GPU present, the same cases also run on CUDA (where both names
-//! take the plain-op path for now), synchronising the device before the clock is read.
+//! pool, which candle's ops and the fused op share (`CANDLE_NUM_THREADS`, if set, wins). The
+//! allocator is mimalloc, as in tinygpt's examples. Built with `--features cuda` and with a GPU
+//! present, the same cases also run on CUDA (where both names take the plain-op path for now),
+//! synchronising the device before the clock is read.
 //!
 //! Forward+backward is `y.backward()` from `y = attention(q, k, v)` with `q`, `k`, `v` as
 //! variables, i.e. an all-ones output gradient, as PyTorch's `y.sum().backward()`.
@@ -21,7 +22,6 @@ use criterion::{BenchmarkId, Criterion, SamplingMode};
 use tinygpt::attention::{causal_attention, causal_attention_reference};
 use tinygpt::candle::{Device, Tensor, Var};
 
-// As the examples: the allocator tinygpt's programs run with.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
