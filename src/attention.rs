@@ -68,11 +68,12 @@ const GROUP: usize = 16;
 /// Up to this many queries the forward goes row by row ([`forward_rows`]) rather than in tiles.
 const ROWWISE_MAX_TQ: usize = 4;
 /// Below this many multiply-adds (`B · nh · Tq · Tk · hs`) the fused op runs on the calling
-/// thread: handing heads to the thread pool costs more than it saves. Measured on 2 threads: at
-/// 0.5M (B 1, nh 2, T 64, hs 64) both take the same time; one-token decoding against 1024
-/// cached keys (nh 12, 0.8M) is still faster on one thread; at 3M (nh 12, T 64) two threads
-/// take 0.3 ms against 0.7 ms.
-const PARALLEL_MIN_WORK: usize = 1 << 20;
+/// thread: handing heads to the thread pool costs more than it saves. Measured on an idle
+/// 2-core machine: one-token decoding against 64 cached keys (nh 12, 49k) takes 5 µs on one
+/// thread and 7 µs on two, against 128 keys (98k) 9 µs either way, against 256 (197k) 20 µs
+/// on one and 13 µs on two; fwd+bwd at B 1, nh 2, T 32 (131k) 19 µs and 22 µs, at nh 4
+/// (262k) 35 µs either way, at T 64 (524k) 43 µs and 39 µs.
+const PARALLEL_MIN_WORK: usize = 1 << 17;
 
 /// Causal self-attention, `softmax(q kᵀ · scale + causal mask) v`.
 ///
