@@ -6,10 +6,11 @@
 //! RAYON_NUM_THREADS=2 cargo bench --bench attention
 //! ```
 //!
-//! The thread count is explicit: `RAYON_NUM_THREADS` (2 when unset) sizes rayon's global pool,
-//! which the fused op runs on, and candle's CPU matmuls read the same variable. Built with
-//! `--features cuda` and with a GPU present, the same cases also run on CUDA (where both names
-//! take the plain-op path for now), synchronising the device before the clock is read.
+//! The thread count is explicit: `RAYON_NUM_THREADS` (2 when unset) sizes candle's CPU thread
+//! pool, which candle's ops and the fused op share (`CANDLE_NUM_THREADS`, if set, wins). The
+//! allocator is mimalloc, as in tinygpt's examples. Built with `--features cuda` and with a GPU
+//! present, the same cases also run on CUDA (where both names take the plain-op path for now),
+//! synchronising the device before the clock is read.
 //!
 //! Forward+backward is `y.backward()` from `y = attention(q, k, v)` with `q`, `k`, `v` as
 //! variables, i.e. an all-ones output gradient, as PyTorch's `y.sum().backward()`.
@@ -19,7 +20,10 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, SamplingMode};
 use tinygpt::attention::{causal_attention, causal_attention_reference};
-use tinygpt::candle::{DType, Device, Tensor, Var};
+use tinygpt::candle::{Device, Tensor, Var};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const B: usize = 4;
 const NH: usize = 12;
@@ -59,10 +63,7 @@ fn bench_device(c: &mut Criterion, device: &Device, label: &str) {
             .measurement_time(Duration::from_secs(2))
             .sampling_mode(SamplingMode::Flat);
         for t in TS {
-            let var = || {
-                let x = Tensor::randn(0f32, 1.0, (B, NH, t, HS), device).expect("randn");
-                Var::from_tensor(&x.to_dtype(DType::F32).expect("f32")).expect("var")
-            };
+            let var = || Var::randn(0f32, 1.0, (B, NH, t, HS), device).expect("randn");
             let (q, k, v) = (var(), var(), var());
             for (name, f) in IMPLS {
                 group.bench_with_input(BenchmarkId::new(name, t), &t, |bench, _| {
@@ -75,19 +76,17 @@ fn bench_device(c: &mut Criterion, device: &Device, label: &str) {
 }
 
 fn main() {
+    // candle's CPU thread pool, which the fused op runs on too, reads RAYON_NUM_THREADS (unless
+    // CANDLE_NUM_THREADS is set) when the first op starts it, i.e. after this.
     let threads = match std::env::var("RAYON_NUM_THREADS") {
-        Ok(n) => n.parse().expect("RAYON_NUM_THREADS must be a number"),
+        Ok(n) => n,
         Err(_) => {
-            // Before any thread exists, so candle's matmuls see the same count as rayon.
             std::env::set_var("RAYON_NUM_THREADS", "2");
-            2
+            "2".to_string()
         }
     };
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global()
-        .expect("rayon's global pool");
-    eprintln!("attention bench: {threads} threads (RAYON_NUM_THREADS), B {B} nh {NH} hs {HS} f32");
+    let threads = std::env::var("CANDLE_NUM_THREADS").unwrap_or(threads);
+    eprintln!("attention bench: {threads} threads, B {B} nh {NH} hs {HS} f32");
 
     let mut c = Criterion::default().configure_from_args();
     bench_device(&mut c, &Device::Cpu, "cpu");

@@ -13,16 +13,18 @@
 //!
 //! # The fused CPU kernel
 //!
-//! Work is split over the `B · nh` heads with rayon (one head per task; problems too small
-//! to repay the hand-off run on the calling thread). Within a head:
+//! Work is split over the `B · nh` heads on candle's CPU thread pool (problems too small to
+//! repay the hand-off run on the calling thread). Within a head:
 //!
-//! - **Forward** (FA2 Algorithm 1): queries in blocks of [`BR`] rows, keys in blocks of
-//!   [`BC`]. For each query block the key blocks are visited in order, keeping per row a
+//! - **Forward** (FA2 Algorithm 1): queries in blocks of `BR` = 64 rows, keys in blocks of
+//!   `BC` = 64. For each query block the key blocks are visited in order, keeping per row a
 //!   running maximum `m` and sum `l` of the exponentials and an unnormalised output
 //!   accumulator, rescaled by `exp(m_old - m_new)` when the maximum grows (the *online
 //!   softmax*). Key blocks wholly in the causal future are never visited; a block straddling
 //!   the diagonal is masked row by row. The `Tq × Tk` scores never exist at once, only one
 //!   `BR × BC` tile. Each row's log-sum-exp `LSE = m + ln l` is kept for the backward pass.
+//!   A few queries (`Tq <= 4`, KV-cache decoding) go row by row instead: dot products, an
+//!   exact softmax over the row, `P V`.
 //! - **Backward** (FA2 Algorithm 2): `D_i = rowsum(dO_i ∘ O_i)`; then key blocks outer and
 //!   query blocks inner, recomputing `P_ij = exp(S_ij − LSE_i)` from the saved LSE, and
 //!   `dV_j += P_ijᵀ dO_i`, `dP_ij = dO_i V_jᵀ`, `dS_ij = P_ij ∘ (dP_ij − D_i)`,
@@ -35,19 +37,23 @@
 //! computed in a [`OnceLock`]. Recomputing them would cost one more `Q Kᵀ` pass, a fifth of
 //! the backward's matmul work, to save 4 bytes per query row.
 //!
-//! All tile products are one small matmul kernel (`C (+)= A · B`, both row-major) whose
-//! `4 × 64` register tile the compiler vectorises; operands it reads along a column
-//! (`Kᵀ`, `Qᵀ`, `dOᵀ`) are first transposed into `hs × 64` panels, so every inner loop reads
-//! contiguous memory. The kernels are compiled three times — AVX-512, AVX2+FMA and plain —
-//! and the best one the CPU supports is picked at run time. `exp` is a polynomial that
-//! vectorises (Cephes' `expf`, relative error below 2e-7).
+//! All tile products are one small matmul kernel (`C (+)= A · B`, `B` row-major, `A` either
+//! way round) whose `4 × 64` register tile the compiler vectorises. The one operand it would
+//! read along a column, `Kᵀ` (and `Vᵀ` in `dP = dO Vᵀ`), is first transposed into `hs × 64`
+//! panels, so every inner loop reads contiguous memory. Blocks on the causal diagonal are
+//! split into groups of 16 rows (keys) that each compute only as far as the mask lets them
+//! see, which skips most of the masked half. The kernels are compiled three times —
+//! AVX-512, AVX2+FMA and plain — and the best one the CPU supports is picked at run time.
+//! `exp` is a polynomial that vectorises (Cephes' `expf`, relative error below 2e-7).
 //!
-//! Threads come from rayon's global pool: set `RAYON_NUM_THREADS` to choose how many.
+//! Threads come from candle's CPU thread pool, as for candle's own ops: set
+//! `CANDLE_NUM_THREADS` (or `RAYON_NUM_THREADS`, which candle also reads) to choose how many.
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock, PoisonError};
 
+use candle_core::utils::barrier_pool;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor};
-use rayon::prelude::*;
 
 use crate::model::softmax_last_dim;
 use crate::{Error, Result};
@@ -56,9 +62,18 @@ use crate::{Error, Result};
 const BR: usize = 64;
 /// Keys per block of the fused kernel.
 const BC: usize = 64;
+/// Rows (forward) or keys (backward) per group when a block on the causal diagonal is split so
+/// as to skip most of its masked half.
+const GROUP: usize = 16;
+/// Up to this many queries the forward goes row by row ([`forward_rows`]) rather than in tiles.
+const ROWWISE_MAX_TQ: usize = 4;
 /// Below this many multiply-adds (`B · nh · Tq · Tk · hs`) the fused op runs on the calling
-/// thread: handing heads to rayon's pool costs more than it saves (measured with the bench).
-const PARALLEL_MIN_WORK: usize = 1 << 16;
+/// thread: handing heads to the thread pool costs more than it saves. Measured on an idle
+/// 2-core machine: one-token decoding against 64 cached keys (nh 12, 49k) takes 5 µs on one
+/// thread and 7 µs on two, against 128 keys (98k) 9 µs either way, against 256 (197k) 20 µs
+/// on one and 13 µs on two; fwd+bwd at B 1, nh 2, T 32 (131k) 19 µs and 22 µs, at nh 4
+/// (262k) 35 µs either way, at T 64 (524k) 43 µs and 39 µs.
+const PARALLEL_MIN_WORK: usize = 1 << 17;
 
 /// Causal self-attention, `softmax(q kᵀ · scale + causal mask) v`.
 ///
@@ -72,6 +87,19 @@ const PARALLEL_MIN_WORK: usize = 1 << 16;
 /// fused FlashAttention-2 style op of this module (see the [module docs](self)); inputs that
 /// are not contiguous are copied first. On other devices (CUDA) or dtypes (f16, bf16) it is
 /// [`causal_attention_reference`].
+///
+/// ```
+/// use tinygpt::attention::causal_attention;
+/// use tinygpt::candle::{DType, Device, Tensor};
+///
+/// // q = 0: every key a query sees scores the same, so output row i is the mean of v[0..=i].
+/// let v = Tensor::arange(0f32, 6.0, &Device::Cpu)?.reshape((1, 1, 3, 2))?; // (B, nh, T, hs)
+/// let q = Tensor::zeros((1, 1, 3, 2), DType::F32, &Device::Cpu)?;
+/// let y = causal_attention(&q, &v, &v, 1.0 / 2f64.sqrt())?; // (1, 1, 3, 2)
+/// let y = y.squeeze(0)?.squeeze(0)?.to_vec2::<f32>()?;
+/// assert_eq!(y, [[0.0, 1.0], [1.0, 2.0], [2.0, 3.0]]);
+/// # Ok::<(), tinygpt::Error>(())
+/// ```
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] if a tensor is not 4-D, the shapes disagree, `Tq > Tk` or the
@@ -307,7 +335,8 @@ fn forward(isa: Isa, q: &[f32], k: &[f32], v: &[f32], d: Dims) -> (Vec<f32>, Vec
     if out.is_empty() {
         return (out, lse);
     }
-    let run = |scratch: &mut FwdScratch, (h, (o, lse)): (usize, (&mut [f32], &mut [f32]))| {
+    let heads = out.chunks_mut(tq * hs).zip(lse.chunks_mut(tq)).collect();
+    let run = |scratch: &mut FwdScratch, h: usize, (o, lse): (&mut [f32], &mut [f32])| {
         let job = FwdJob {
             q: &q[h * tq * hs..(h + 1) * tq * hs],
             k: &k[h * tk * hs..(h + 1) * tk * hs],
@@ -318,18 +347,7 @@ fn forward(isa: Isa, q: &[f32], k: &[f32], v: &[f32], d: Dims) -> (Vec<f32>, Vec
         };
         isa.forward_head(job, scratch);
     };
-    if d.parallel() {
-        out.par_chunks_mut(tq * hs)
-            .zip(lse.par_chunks_mut(tq))
-            .enumerate()
-            .for_each_init(|| FwdScratch::new(d), run);
-    } else {
-        let mut scratch = FwdScratch::new(d);
-        out.chunks_mut(tq * hs)
-            .zip(lse.chunks_mut(tq))
-            .enumerate()
-            .for_each(|job| run(&mut scratch, job));
-    }
+    for_each_head(heads, d.parallel(), || FwdScratch::new(d), run);
     (out, lse)
 }
 
@@ -354,7 +372,12 @@ fn backward(isa: Isa, x: BwdInputs, d: Dims) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         return (dq, dk, dv);
     }
     type Grads<'g> = ((&'g mut [f32], &'g mut [f32]), &'g mut [f32]);
-    let run = |scratch: &mut BwdScratch, (h, ((dq, dk), dv)): (usize, Grads)| {
+    let heads = dq
+        .chunks_mut(tq * hs)
+        .zip(dk.chunks_mut(tk * hs))
+        .zip(dv.chunks_mut(tk * hs))
+        .collect();
+    let run = |scratch: &mut BwdScratch, h: usize, ((dq, dk), dv): Grads| {
         let (q_rows, k_rows) = (
             h * tq * hs..(h + 1) * tq * hs,
             h * tk * hs..(h + 1) * tk * hs,
@@ -373,21 +396,48 @@ fn backward(isa: Isa, x: BwdInputs, d: Dims) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         };
         isa.backward_head(job, scratch);
     };
-    if d.parallel() {
-        dq.par_chunks_mut(tq * hs)
-            .zip(dk.par_chunks_mut(tk * hs))
-            .zip(dv.par_chunks_mut(tk * hs))
-            .enumerate()
-            .for_each_init(|| BwdScratch::new(d), run);
-    } else {
-        let mut scratch = BwdScratch::new(d);
-        dq.chunks_mut(tq * hs)
-            .zip(dk.chunks_mut(tk * hs))
-            .zip(dv.chunks_mut(tk * hs))
-            .enumerate()
-            .for_each(|job| run(&mut scratch, job));
-    }
+    for_each_head(heads, d.parallel(), || BwdScratch::new(d), run);
     (dq, dk, dv)
+}
+
+/// Runs `run(scratch, h, item)` for every head `h`, on candle's CPU thread pool when
+/// `parallel`, else on the calling thread. Each thread makes its scratch once.
+///
+/// The pool is candle's own ([`candle_core::utils::barrier_pool`], sized by
+/// `CANDLE_NUM_THREADS` or else `RAYON_NUM_THREADS`), not rayon's global one: its workers spin
+/// for a while after each candle op, so a second pool running next to them would share the
+/// cores with spinning threads. Measured on a busy 2-core machine, fwd+bwd at B 4, nh 12,
+/// T 64 had a median of 5–12 ms on a rayon pool beside them and 0.9 ms on theirs.
+fn for_each_head<T: Send, S>(
+    items: Vec<T>,
+    parallel: bool,
+    new_scratch: impl Fn() -> S + Sync,
+    run: impl Fn(&mut S, usize, T) + Sync,
+) {
+    if !parallel {
+        let mut scratch = new_scratch();
+        for (h, item) in items.into_iter().enumerate() {
+            run(&mut scratch, h, item);
+        }
+        return;
+    }
+    // One task per thread; each takes heads one at a time until none are left, so a thread
+    // the OS holds back delays at most the head it is on. A head's outputs are handed out
+    // once, to whichever thread takes the head.
+    let slots: Vec<Mutex<Option<T>>> = items.into_iter().map(|t| Mutex::new(Some(t))).collect();
+    let next = AtomicUsize::new(0);
+    let pool = barrier_pool();
+    pool.execute_chunked(pool.n_workers() + 1, |_| {
+        let mut scratch = None;
+        loop {
+            let h = next.fetch_add(1, Ordering::Relaxed);
+            let Some(slot) = slots.get(h) else { break };
+            let item = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+            if let Some(item) = item {
+                run(scratch.get_or_insert_with(&new_scratch), h, item);
+            }
+        }
+    });
 }
 
 /// The instruction set the kernels are compiled for, picked once per call at run time.
@@ -466,16 +516,31 @@ fn backward_head_avx512(job: BwdJob, scratch: &mut BwdScratch) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Per-head kernels. Everything below is `#[inline(always)]` so that it is compiled into each
-// `*_avx2` / `*_avx512` wrapper with that wrapper's instruction set.
+// Per-head kernels. Everything below is `#[inline(always)]`, so that it is compiled into each
+// `*_avx2` / `*_avx512` wrapper with that wrapper's instruction set, except the register
+// tiles, which are functions of their own for each instruction set (see `Arith::tile`).
 // ---------------------------------------------------------------------------------------------
 
-/// How a kernel build multiplies and adds, and how wide its register tile is.
+/// How a kernel build multiplies and adds, and its register tile.
 trait Arith {
     /// Register tile width in floats: 64 = four AVX-512 registers a row, else 16.
     const WIDE: bool;
     /// `a * b + c`, fused where the instruction set has FMA.
     fn fma(a: f32, b: f32, c: f32) -> f32;
+    /// [`tile_kernel`] for this instruction set, compiled as a function of its own: inlined
+    /// into the large per-head kernels, the compiler does not reliably keep its accumulators
+    /// in registers.
+    #[allow(clippy::too_many_arguments)]
+    fn tile<const R: usize, const W: usize, const TA: bool>(
+        k: usize,
+        a: &[f32],
+        lda: usize,
+        b: &[f32],
+        ldb: usize,
+        c: &mut [f32],
+        ldc: usize,
+        accumulate: bool,
+    );
 }
 
 /// The baseline build: FMA only where the target guarantees it (aarch64).
@@ -497,6 +562,19 @@ impl Arith for Baseline {
             a * b + c
         }
     }
+    #[inline(always)]
+    fn tile<const R: usize, const W: usize, const TA: bool>(
+        k: usize,
+        a: &[f32],
+        lda: usize,
+        b: &[f32],
+        ldb: usize,
+        c: &mut [f32],
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        tile_baseline::<R, W, TA>(k, a, lda, b, ldb, c, ldc, accumulate)
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -505,6 +583,20 @@ impl Arith for Avx2 {
     #[inline(always)]
     fn fma(a: f32, b: f32, c: f32) -> f32 {
         a.mul_add(b, c)
+    }
+    #[inline(always)]
+    fn tile<const R: usize, const W: usize, const TA: bool>(
+        k: usize,
+        a: &[f32],
+        lda: usize,
+        b: &[f32],
+        ldb: usize,
+        c: &mut [f32],
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        // SAFETY: `Avx2` kernels run only after `Isa::detect` found AVX2 and FMA.
+        unsafe { tile_avx2::<R, W, TA>(k, a, lda, b, ldb, c, ldc, accumulate) }
     }
 }
 
@@ -515,6 +607,69 @@ impl Arith for Avx512 {
     fn fma(a: f32, b: f32, c: f32) -> f32 {
         a.mul_add(b, c)
     }
+    #[inline(always)]
+    fn tile<const R: usize, const W: usize, const TA: bool>(
+        k: usize,
+        a: &[f32],
+        lda: usize,
+        b: &[f32],
+        ldb: usize,
+        c: &mut [f32],
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        // SAFETY: `Avx512` kernels run only after `Isa::detect` found AVX-512F, AVX2 and FMA.
+        unsafe { tile_avx512::<R, W, TA>(k, a, lda, b, ldb, c, ldc, accumulate) }
+    }
+}
+
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+fn tile_baseline<const R: usize, const W: usize, const TA: bool>(
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    tile_kernel::<Baseline, R, W, TA>(k, a, lda, b, ldb, c, ldc, accumulate)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+fn tile_avx2<const R: usize, const W: usize, const TA: bool>(
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    tile_kernel::<Avx2, R, W, TA>(k, a, lda, b, ldb, c, ldc, accumulate)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+fn tile_avx512<const R: usize, const W: usize, const TA: bool>(
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    tile_kernel::<Avx512, R, W, TA>(k, a, lda, b, ldb, c, ldc, accumulate)
 }
 
 /// One head's forward: `q` `(Tq, hs)`, `k`, `v` `(Tk, hs)` in; `o` `(Tq, hs)`, `lse` `(Tq,)`
@@ -528,7 +683,7 @@ struct FwdJob<'a> {
     d: Dims,
 }
 
-/// A forward worker's buffers, allocated once per rayon task and reused across heads.
+/// A forward worker's buffers, allocated once per thread and call, reused across heads.
 struct FwdScratch {
     /// `Kᵀ` in panels of [`BC`] keys: panel `p` is `(hs, BC)` at `p · BC · hs`.
     kt: Vec<f32>,
@@ -543,6 +698,16 @@ struct FwdScratch {
 
 impl FwdScratch {
     fn new(d: Dims) -> Self {
+        if d.tq <= ROWWISE_MAX_TQ {
+            // `forward_rows` needs one row of scores and nothing else.
+            return Self {
+                kt: Vec::new(),
+                s: vec![0.0; d.tk],
+                acc: Vec::new(),
+                m: Vec::new(),
+                l: Vec::new(),
+            };
+        }
         Self {
             kt: vec![0.0; d.tk.div_ceil(BC) * BC * d.hs],
             s: vec![0.0; BR * BC],
@@ -553,9 +718,36 @@ impl FwdScratch {
     }
 }
 
+/// The forward for a few queries (KV-cache decoding), one query row at a time: scores by dot
+/// products along `hs`, an exact softmax over the row, then `P V`. Tiling would first
+/// transpose all of `K`, which costs more than the whole product when `Tq` is this small.
+#[inline(always)]
+fn forward_rows<F: Arith>(job: FwdJob, sc: &mut FwdScratch) {
+    let FwdJob { q, k, v, o, lse, d } = job;
+    let (hs, scale, past) = (d.hs, d.scale, d.past());
+    let rows = q.chunks_exact(hs).zip(o.chunks_exact_mut(hs)).zip(lse);
+    for (r, ((q, o), lse)) in rows.enumerate() {
+        let row = &mut sc.s[..past + r + 1]; // the keys query r sees
+        for (s, k) in row.iter_mut().zip(k.chunks_exact(hs)) {
+            *s = dot::<F>(q, k);
+        }
+        let m = scale_max(row, scale);
+        let l = exp_sub_sum::<F>(row, m);
+        // o = P V / l: (1, seen) · (seen, hs)
+        let seen = row.len();
+        matmul::<F, false>(1, hs, seen, row, seen, v, hs, o, hs, false);
+        let inv = 1.0 / l;
+        o.iter_mut().for_each(|o| *o *= inv);
+        *lse = m + l.ln();
+    }
+}
+
 /// FlashAttention-2's forward (Algorithm 1) for one head.
 #[inline(always)]
 fn forward_head<F: Arith>(job: FwdJob, sc: &mut FwdScratch) {
+    if job.d.tq <= ROWWISE_MAX_TQ {
+        return forward_rows::<F>(job, sc);
+    }
     let FwdJob { q, k, v, o, lse, d } = job;
     let (tq, tk, hs, scale, past) = (d.tq, d.tk, d.hs, d.scale, d.past());
     to_panels(k, tk, hs, BC, &mut sc.kt);
@@ -568,32 +760,48 @@ fn forward_head<F: Arith>(job: FwdJob, sc: &mut FwdScratch) {
         let k_end = past + i0 + br;
         for j0 in (0..k_end).step_by(BC) {
             let bc = BC.min(k_end - j0);
-            // S = Q_i K_jᵀ: (br, hs) · (hs, bc)
-            let kt = &sc.kt[j0 * hs..];
-            matmul::<F>(br, bc, hs, &q[i0 * hs..], hs, kt, BC, &mut sc.s, BC, false);
-            for r in 0..br {
-                // Row r (position past + i0 + r) sees the first `seen` keys of this block.
-                let seen = (past + i0 + r + 1).saturating_sub(j0).min(bc);
-                let row = &mut sc.s[r * BC..r * BC + bc];
-                row[seen..].fill(0.0);
-                if seen == 0 {
+            // Row r (position past + i0 + r) sees the first seen(r) keys of this block.
+            let seen = |r: usize| (past + i0 + r + 1).saturating_sub(j0).min(bc);
+            // A block below the diagonal is one group of rows; one on the diagonal goes in
+            // groups of GROUP rows, each as wide as its last row sees.
+            let group = if seen(0) == bc { br } else { GROUP };
+            let (kt, v_j) = (&sc.kt[j0 * hs..], &v[j0 * hs..]);
+            for g0 in (0..br).step_by(group) {
+                let g1 = (g0 + group).min(br);
+                let n = seen(g1 - 1).next_multiple_of(GROUP).min(bc);
+                if n == 0 {
                     continue;
                 }
-                let row = &mut row[..seen];
-                let m_new = scale_max(row, scale).max(sc.m[r]);
-                let alpha = (sc.m[r] - m_new).exp(); // 0 on the first block
-                let sum = exp_sub_sum::<F>(row, m_new);
-                sc.l[r] = sc.l[r] * alpha + sum;
-                if alpha != 1.0 {
-                    sc.acc[r * hs..(r + 1) * hs]
-                        .iter_mut()
-                        .for_each(|a| *a *= alpha);
+                // S = Q_i K_jᵀ: (g, hs) · (hs, n)
+                let (q_g, s_g) = (&q[(i0 + g0) * hs..], &mut sc.s[g0 * BC..]);
+                matmul::<F, false>(g1 - g0, n, hs, q_g, hs, kt, BC, s_g, BC, false);
+                for r in g0..g1 {
+                    let seen = seen(r);
+                    let row = &mut sc.s[r * BC..r * BC + n];
+                    row[seen..].fill(0.0);
+                    if seen == 0 {
+                        continue;
+                    }
+                    let row = &mut row[..seen];
+                    let m_old = sc.m[r];
+                    let m_new = scale_max(row, scale).max(m_old);
+                    let alpha = if m_old == f32::NEG_INFINITY {
+                        0.0 // the first block this row sees
+                    } else {
+                        exp::<F>(m_old - m_new)
+                    };
+                    let sum = exp_sub_sum::<F>(row, m_new);
+                    sc.l[r] = sc.l[r] * alpha + sum;
+                    if alpha != 1.0 {
+                        let acc = &mut sc.acc[r * hs..(r + 1) * hs];
+                        acc.iter_mut().for_each(|a| *a *= alpha);
+                    }
+                    sc.m[r] = m_new;
                 }
-                sc.m[r] = m_new;
+                // O_i += P V_j: (g, n) · (n, hs)
+                let (s_g, acc_g) = (&sc.s[g0 * BC..], &mut sc.acc[g0 * hs..]);
+                matmul::<F, false>(g1 - g0, hs, n, s_g, BC, v_j, hs, acc_g, hs, true);
             }
-            // O_i += P V_j: (br, bc) · (bc, hs)
-            let v_j = &v[j0 * hs..];
-            matmul::<F>(br, hs, bc, &sc.s, BC, v_j, hs, &mut sc.acc, hs, true);
         }
         for r in 0..br {
             let inv = 1.0 / sc.l[r];
@@ -621,38 +829,33 @@ struct BwdJob<'a> {
     d: Dims,
 }
 
-/// A backward worker's buffers, allocated once per rayon task and reused across heads.
+/// A backward worker's buffers, allocated once per thread and call, reused across heads.
 struct BwdScratch {
-    /// `Qᵀ`, `dOᵀ` and the accumulated `dQᵀ` in panels of [`BR`] queries: `(hs, BR)` each.
-    qt: Vec<f32>,
-    dot: Vec<f32>,
-    dqt: Vec<f32>,
-    /// `Kᵀ` in panels of [`BC`] keys: `(hs, BC)` each.
+    /// `Kᵀ` and `Vᵀ` in panels of [`BC`] keys: `(hs, BC)` each.
     kt: Vec<f32>,
+    vt: Vec<f32>,
     /// `D_i = rowsum(dO ∘ O)`: `(Tq,)`.
     delta: Vec<f32>,
-    /// `Pᵀ` and `dSᵀ · scale` (first `dPᵀ`) of one tile: `(BC, BR)`.
-    pt: Vec<f32>,
-    dst: Vec<f32>,
+    /// `P` and `dS · scale` (first `dP`) of one tile: `(BR, BC)`.
+    p: Vec<f32>,
+    ds: Vec<f32>,
 }
 
 impl BwdScratch {
     fn new(d: Dims) -> Self {
-        let q_panels = d.tq.div_ceil(BR) * BR * d.hs;
+        let k_panels = d.tk.div_ceil(BC) * BC * d.hs;
         Self {
-            qt: vec![0.0; q_panels],
-            dot: vec![0.0; q_panels],
-            dqt: vec![0.0; q_panels],
-            kt: vec![0.0; d.tk.div_ceil(BC) * BC * d.hs],
+            kt: vec![0.0; k_panels],
+            vt: vec![0.0; k_panels],
             delta: vec![0.0; d.tq],
-            pt: vec![0.0; BC * BR],
-            dst: vec![0.0; BC * BR],
+            p: vec![0.0; BR * BC],
+            ds: vec![0.0; BR * BC],
         }
     }
 }
 
-/// FlashAttention-2's backward (Algorithm 2) for one head, worked in transposed tiles
-/// (`Sᵀ = K_j Q_iᵀ`) so that the softmax terms `LSE_i` and `D_i` run along rows.
+/// FlashAttention-2's backward (Algorithm 2) for one head: key blocks outer, query blocks
+/// inner, `dK_j`, `dV_j` accumulated in place and `dQ_i` added to in memory.
 #[inline(always)]
 fn backward_head<F: Arith>(job: BwdJob, sc: &mut BwdScratch) {
     let BwdJob {
@@ -668,65 +871,65 @@ fn backward_head<F: Arith>(job: BwdJob, sc: &mut BwdScratch) {
         d,
     } = job;
     let (tq, tk, hs, scale, past) = (d.tq, d.tk, d.hs, d.scale, d.past());
-    to_panels(q, tq, hs, BR, &mut sc.qt);
-    to_panels(d_o, tq, hs, BR, &mut sc.dot);
     to_panels(k, tk, hs, BC, &mut sc.kt);
-    sc.dqt.fill(0.0);
-    for ((delta, o), d_o) in sc
-        .delta
-        .iter_mut()
-        .zip(o.chunks_exact(hs))
-        .zip(d_o.chunks_exact(hs))
-    {
+    to_panels(v, tk, hs, BC, &mut sc.vt);
+    let rows = o.chunks_exact(hs).zip(d_o.chunks_exact(hs));
+    for (delta, (o, d_o)) in sc.delta.iter_mut().zip(rows) {
         *delta = dot::<F>(o, d_o);
     }
     for j0 in (0..tk).step_by(BC) {
         let bc = BC.min(tk - j0);
+        let (kt, vt, k_j) = (&sc.kt[j0 * hs..], &sc.vt[j0 * hs..], &k[j0 * hs..]);
         // The first query that sees key j0 is row j0 - past; start at its block.
         let i_first = j0.saturating_sub(past) / BR * BR;
         for i0 in (i_first..tq).step_by(BR) {
             let br = BR.min(tq - i0);
-            let (qt, dot_i) = (&sc.qt[i0 * hs..], &sc.dot[i0 * hs..]);
-            // Sᵀ = K_j Q_iᵀ and dPᵀ = V_j dO_iᵀ: (bc, hs) · (hs, br)
-            matmul::<F>(bc, br, hs, &k[j0 * hs..], hs, qt, BR, &mut sc.pt, BR, false);
-            matmul::<F>(
-                bc,
-                br,
-                hs,
-                &v[j0 * hs..],
-                hs,
-                dot_i,
-                BR,
-                &mut sc.dst,
-                BR,
-                false,
-            );
-            let (lse_i, delta_i) = (&lse[i0..i0 + br], &sc.delta[i0..i0 + br]);
-            for c in 0..bc {
-                // Key j0 + c is seen by rows past + i0 + r >= j0 + c.
-                let first = (j0 + c).saturating_sub(past + i0).min(br);
-                let p = &mut sc.pt[c * BR..c * BR + br];
-                let ds = &mut sc.dst[c * BR..c * BR + br];
-                p[..first].fill(0.0);
-                ds[..first].fill(0.0);
-                softmax_grad::<F>(
-                    &mut p[first..],
-                    &mut ds[first..],
-                    &lse_i[first..],
-                    &delta_i[first..],
-                    scale,
-                );
+            // Row r (position past + i0 + r) sees the first seen(r) keys of this block; key c
+            // is seen by rows r >= first(c).
+            let seen = |r: usize| (past + i0 + r + 1).saturating_sub(j0).min(bc);
+            let first = |c: usize| (j0 + c).saturating_sub(past + i0).min(br);
+            // A block below the diagonal is one group; one on the diagonal goes in groups of
+            // GROUP rows (keys), each as wide (long) as the causal mask lets it be.
+            let group = if seen(0) == bc { br } else { GROUP };
+            for g0 in (0..br).step_by(group) {
+                let g1 = (g0 + group).min(br);
+                let n = seen(g1 - 1).next_multiple_of(GROUP).min(bc);
+                if n == 0 {
+                    continue;
+                }
+                // S = Q_i K_jᵀ and dP = dO_i V_jᵀ: (g, hs) · (hs, n)
+                let (q_g, d_o_g) = (&q[(i0 + g0) * hs..], &d_o[(i0 + g0) * hs..]);
+                let (p, ds) = (&mut sc.p[g0 * BC..], &mut sc.ds[g0 * BC..]);
+                matmul::<F, false>(g1 - g0, n, hs, q_g, hs, kt, BC, p, BC, false);
+                matmul::<F, false>(g1 - g0, n, hs, d_o_g, hs, vt, BC, ds, BC, false);
+                for r in g0..g1 {
+                    let (seen, lse, delta) = (seen(r), lse[i0 + r], sc.delta[i0 + r]);
+                    let p = &mut sc.p[r * BC..r * BC + bc];
+                    let ds = &mut sc.ds[r * BC..r * BC + bc];
+                    p[seen..].fill(0.0);
+                    ds[seen..].fill(0.0);
+                    softmax_grad::<F>(&mut p[..seen], &mut ds[..seen], lse, delta, scale);
+                }
+                // dQ_i += dS_ij K_j · scale: (g, n) · (n, hs)
+                let (ds, dq) = (&sc.ds[g0 * BC..], &mut dq[(i0 + g0) * hs..]);
+                matmul::<F, false>(g1 - g0, hs, n, ds, BC, k_j, hs, dq, hs, true);
             }
-            // dV_j += P_ijᵀ dO_i and dK_j += dS_ijᵀ Q_i · scale: (bc, br) · (br, hs)
-            let (dv_j, dk_j) = (&mut dv[j0 * hs..], &mut dk[j0 * hs..]);
-            matmul::<F>(bc, hs, br, &sc.pt, BR, &d_o[i0 * hs..], hs, dv_j, hs, true);
-            matmul::<F>(bc, hs, br, &sc.dst, BR, &q[i0 * hs..], hs, dk_j, hs, true);
-            // dQ_iᵀ += K_jᵀ dS_ijᵀ · scale: (hs, bc) · (bc, br)
-            let (kt, dqt) = (&sc.kt[j0 * hs..], &mut sc.dqt[i0 * hs..]);
-            matmul::<F>(hs, br, bc, kt, BC, &sc.dst, BR, dqt, BR, true);
+            // dV_j += P_ijᵀ dO_i and dK_j += dS_ijᵀ Q_i · scale: (g, br - f) · (br - f, hs),
+            // summing over the rows f.. that see the group's first key.
+            let group = if seen(0) == bc { bc } else { GROUP };
+            for c0 in (0..bc).step_by(group) {
+                let (c1, f) = ((c0 + group).min(bc), first(c0));
+                if f == br {
+                    break; // these keys and the rest are in every row's future
+                }
+                let (p, ds) = (&sc.p[f * BC + c0..], &sc.ds[f * BC + c0..]);
+                let (d_o, q) = (&d_o[(i0 + f) * hs..], &q[(i0 + f) * hs..]);
+                let (dv, dk) = (&mut dv[(j0 + c0) * hs..], &mut dk[(j0 + c0) * hs..]);
+                matmul::<F, true>(c1 - c0, hs, br - f, p, BC, d_o, hs, dv, hs, true);
+                matmul::<F, true>(c1 - c0, hs, br - f, ds, BC, q, hs, dk, hs, true);
+            }
         }
     }
-    from_panels(&sc.dqt, tq, hs, BR, dq);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -737,9 +940,29 @@ fn backward_head<F: Arith>(job: BwdJob, sc: &mut BwdScratch) {
 /// `p·w..p·w + w` as an `(hs, w)` matrix at offset `p · w · hs`.
 #[inline(always)]
 fn to_panels(x: &[f32], n: usize, hs: usize, w: usize, panels: &mut [f32]) {
+    // 8 × 8 blocks go through small arrays the compiler keeps in registers: twice as fast as
+    // moving one element at a time, which the rest of the rows do.
+    const T: usize = 8;
     for (p, rows) in x[..n * hs].chunks(w * hs).enumerate() {
         let panel = &mut panels[p * w * hs..(p + 1) * w * hs];
-        for (c, row) in rows.chunks_exact(hs).enumerate() {
+        let n_rows = rows.len() / hs;
+        let in_blocks = if hs % T == 0 { n_rows / T * T } else { 0 };
+        for c0 in (0..in_blocks).step_by(T) {
+            for d0 in (0..hs).step_by(T) {
+                let block: [[f32; T]; T] = std::array::from_fn(|i| {
+                    let start = (c0 + i) * hs + d0;
+                    let mut row = [0.0; T];
+                    row.copy_from_slice(&rows[start..start + T]);
+                    row
+                });
+                let panel_rows = panel[d0 * w..].chunks_exact_mut(w).take(T);
+                for (j, panel_row) in panel_rows.enumerate() {
+                    let column: [f32; T] = std::array::from_fn(|i| block[i][j]);
+                    panel_row[c0..c0 + T].copy_from_slice(&column);
+                }
+            }
+        }
+        for (c, row) in rows.chunks_exact(hs).enumerate().skip(in_blocks) {
             for (dd, &value) in row.iter().enumerate() {
                 panel[dd * w + c] = value;
             }
@@ -747,23 +970,11 @@ fn to_panels(x: &[f32], n: usize, hs: usize, w: usize, panels: &mut [f32]) {
     }
 }
 
-/// The inverse of [`to_panels`]: reads `(n, hs)` row-major into `x`.
-#[inline(always)]
-fn from_panels(panels: &[f32], n: usize, hs: usize, w: usize, x: &mut [f32]) {
-    for (p, rows) in x[..n * hs].chunks_mut(w * hs).enumerate() {
-        let panel = &panels[p * w * hs..(p + 1) * w * hs];
-        for (c, row) in rows.chunks_exact_mut(hs).enumerate() {
-            for (dd, value) in row.iter_mut().enumerate() {
-                *value = panel[dd * w + c];
-            }
-        }
-    }
-}
-
-/// `C (m, n) = [C +] A (m, k) · B (k, n)`, all row-major with row strides `lda`, `ldb`, `ldc`.
+/// `C (m, n) = [C +] A (m, k) · B (k, n)`, all row-major with row strides `lda`, `ldb`, `ldc`;
+/// with `TA`, `A` is stored transposed: element `(i, l)` at `a[l · lda + i]`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn matmul<F: Arith>(
+fn matmul<F: Arith, const TA: bool>(
     m: usize,
     n: usize,
     k: usize,
@@ -780,13 +991,16 @@ fn matmul<F: Arith>(
         let left = n - j;
         let (b, c) = (&b[j..], &mut c[j..]);
         if F::WIDE && left >= 64 {
-            row_tiles::<F, 64>(m, k, a, lda, b, ldb, c, ldc, accumulate);
+            row_tiles::<F, 64, TA>(m, k, a, lda, b, ldb, c, ldc, accumulate);
             j += 64;
+        } else if F::WIDE && left >= 32 {
+            row_tiles::<F, 32, TA>(m, k, a, lda, b, ldb, c, ldc, accumulate);
+            j += 32;
         } else if left >= 16 {
-            row_tiles::<F, 16>(m, k, a, lda, b, ldb, c, ldc, accumulate);
+            row_tiles::<F, 16, TA>(m, k, a, lda, b, ldb, c, ldc, accumulate);
             j += 16;
         } else {
-            row_tiles::<F, 1>(m, k, a, lda, b, ldb, c, ldc, accumulate);
+            row_tiles::<F, 1, TA>(m, k, a, lda, b, ldb, c, ldc, accumulate);
             j += 1;
         }
     }
@@ -795,7 +1009,7 @@ fn matmul<F: Arith>(
 /// [`matmul`] for one strip of `W` columns, four rows at a time.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn row_tiles<F: Arith, const W: usize>(
+fn row_tiles<F: Arith, const W: usize, const TA: bool>(
     m: usize,
     k: usize,
     a: &[f32],
@@ -806,36 +1020,31 @@ fn row_tiles<F: Arith, const W: usize>(
     ldc: usize,
     accumulate: bool,
 ) {
+    // Where row i of A starts.
+    let a_row = |i: usize| if TA { i } else { i * lda };
     let mut i = 0;
     while i + 4 <= m {
-        tile::<F, 4, W>(
-            k,
-            &a[i * lda..],
-            lda,
-            b,
-            ldb,
-            &mut c[i * ldc..],
-            ldc,
-            accumulate,
-        );
+        let (a, c) = (&a[a_row(i)..], &mut c[i * ldc..]);
+        F::tile::<4, W, TA>(k, a, lda, b, ldb, c, ldc, accumulate);
         i += 4;
     }
     let rest = m - i;
     if rest > 0 {
-        let (a, c) = (&a[i * lda..], &mut c[i * ldc..]);
+        let (a, c) = (&a[a_row(i)..], &mut c[i * ldc..]);
         match rest {
-            3 => tile::<F, 3, W>(k, a, lda, b, ldb, c, ldc, accumulate),
-            2 => tile::<F, 2, W>(k, a, lda, b, ldb, c, ldc, accumulate),
-            _ => tile::<F, 1, W>(k, a, lda, b, ldb, c, ldc, accumulate),
+            3 => F::tile::<3, W, TA>(k, a, lda, b, ldb, c, ldc, accumulate),
+            2 => F::tile::<2, W, TA>(k, a, lda, b, ldb, c, ldc, accumulate),
+            _ => F::tile::<1, W, TA>(k, a, lda, b, ldb, c, ldc, accumulate),
         }
     }
 }
 
-/// The register tile: `C (R, W) = [C +] A (R, k) · B (k, W)`. The `R × W` accumulators stay in
-/// registers (16 AVX-512 registers for 4 × 64) while `k` rows of `B` stream past.
+/// The register tile: `C (R, W) = [C +] A (R, k) · B (k, W)` (`A` transposed with `TA`). The
+/// `R × W` accumulators stay in registers (16 AVX-512 registers for 4 × 64) while `k` rows of
+/// `B` stream past.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn tile<F: Arith, const R: usize, const W: usize>(
+fn tile_kernel<F: Arith, const R: usize, const W: usize, const TA: bool>(
     k: usize,
     a: &[f32],
     lda: usize,
@@ -851,13 +1060,24 @@ fn tile<F: Arith, const R: usize, const W: usize>(
             acc.copy_from_slice(&c[r * ldc..r * ldc + W]);
         }
     }
-    let a: [&[f32]; R] = std::array::from_fn(|r| &a[r * lda..r * lda + k]);
-    for kk in 0..k {
-        let b = &b[kk * ldb..kk * ldb + W];
-        for (acc, a) in acc.iter_mut().zip(&a) {
-            let x = a[kk];
-            for (acc, &b) in acc.iter_mut().zip(b) {
-                *acc = F::fma(x, b, *acc);
+    if TA {
+        for kk in 0..k {
+            let (a, b) = (&a[kk * lda..kk * lda + R], &b[kk * ldb..kk * ldb + W]);
+            for (acc, &x) in acc.iter_mut().zip(a) {
+                for (acc, &b) in acc.iter_mut().zip(b) {
+                    *acc = F::fma(x, b, *acc);
+                }
+            }
+        }
+    } else {
+        let a: [&[f32]; R] = std::array::from_fn(|r| &a[r * lda..r * lda + k]);
+        for kk in 0..k {
+            let b = &b[kk * ldb..kk * ldb + W];
+            for (acc, a) in acc.iter_mut().zip(&a) {
+                let x = a[kk];
+                for (acc, &b) in acc.iter_mut().zip(b) {
+                    *acc = F::fma(x, b, *acc);
+                }
             }
         }
     }
@@ -907,12 +1127,11 @@ fn exp_sub_sum<F: Arith>(row: &mut [f32], m: f32) -> f32 {
     sum
 }
 
-/// The softmax backward of one row of a transposed tile (one key, several queries): takes
-/// scores `p` and `dPᵀ` in `ds`, leaves `P = exp(scale · s − LSE)` in `p` and
-/// `dS · scale = P ∘ (dP − D) · scale` in `ds`.
+/// The softmax backward of one row of a tile: takes scores in `p` and `dP` in `ds`, leaves
+/// `P = exp(scale · s − LSE)` in `p` and `dS · scale = P ∘ (dP − D) · scale` in `ds`.
 #[inline(always)]
-fn softmax_grad<F: Arith>(p: &mut [f32], ds: &mut [f32], lse: &[f32], delta: &[f32], scale: f32) {
-    for (((p, ds), &lse), &delta) in p.iter_mut().zip(ds.iter_mut()).zip(lse).zip(delta) {
+fn softmax_grad<F: Arith>(p: &mut [f32], ds: &mut [f32], lse: f32, delta: f32, scale: f32) {
+    for (p, ds) in p.iter_mut().zip(ds.iter_mut()) {
         let e = exp::<F>(F::fma(*p, scale, -lse));
         *p = e;
         *ds = e * (*ds - delta) * scale;
@@ -1052,6 +1271,7 @@ mod tests {
     #[test]
     fn odd_length() {
         check(2, 3, 17, 17, 8, 1.0, 2);
+        check(1, 2, 33, 33, 12, 1.0, 12); // hs not a multiple of 8 either
     }
 
     #[test]
@@ -1070,6 +1290,7 @@ mod tests {
         check(2, 2, 1, 9, 16, 1.0, 5);
         check(1, 3, 5, 12, 8, 1.0, 6);
         check(1, 2, 70, 150, 64, 1.0, 7);
+        check(2, 3, 4, 300, 64, 1.0, 11); // the row-by-row forward
     }
 
     #[test]
@@ -1087,7 +1308,7 @@ mod tests {
             }
         }
         let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        for (b, nh, tq, tk, hs) in [(2, 3, 70, 70, 24), (1, 2, 130, 200, 64)] {
+        for (b, nh, tq, tk, hs) in [(2, 3, 70, 70, 24), (1, 2, 130, 200, 64), (1, 2, 3, 77, 24)] {
             let mut rng = ChaCha8Rng::seed_from_u64(10);
             let q = randn(&mut rng, &[b, nh, tq, hs], 1.0);
             let k = randn(&mut rng, &[b, nh, tk, hs], 1.0);
