@@ -85,7 +85,8 @@ const PARALLEL_MIN_WORK: usize = 1 << 17;
 ///
 /// Differentiable with respect to `q`, `k` and `v`. On the CPU with f32 inputs this is the
 /// fused FlashAttention-2 style op of this module (see the [module docs](self)); inputs that
-/// are not contiguous are copied first. On other devices (CUDA) or dtypes (f16, bf16) it is
+/// are not contiguous are copied first, except `k` and `v` that are a prefix along T of a
+/// contiguous `(B, nh, capacity, hs)` buffer (a preallocated KV cache), which are read in place. On other devices (CUDA) or dtypes (f16, bf16) it is
 /// [`causal_attention_reference`].
 ///
 /// ```
@@ -113,7 +114,17 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
     if !fused {
         return causal_attention_reference(q, k, v, scale);
     }
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    // K and V may be a prefix of a preallocated KV cache (`narrow` along T of a contiguous
+    // `(B, nh, capacity, hs)` buffer): the kernel reads those in place.
+    let q = q.contiguous()?;
+    let keep = |t: &Tensor| -> Result<Tensor> {
+        Ok(if head_strided(t.layout()).is_some() {
+            t.clone()
+        } else {
+            t.contiguous()?
+        })
+    };
+    let (k, v) = (keep(k)?, keep(v)?);
     let op = FusedCausalAttention {
         scale: scale as f32,
         lse: OnceLock::new(),
@@ -253,6 +264,34 @@ fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, name: &str) -> candle_core::Result
     }
 }
 
+/// For a `(B, nh, T, hs)` layout whose heads are each a contiguous `T × hs` block, evenly
+/// spaced (contiguous, or a prefix along T of a contiguous `(B, nh, capacity, hs)` buffer):
+/// the start offset and the distance between heads, in elements.
+fn head_strided(l: &Layout) -> Option<(usize, usize)> {
+    let (_, nh, t, hs) = l.shape().dims4().ok()?;
+    let st = l.stride();
+    if l.is_contiguous() {
+        return Some((l.start_offset(), t * hs));
+    }
+    let head = st[1];
+    let ok = st[3] == 1 && st[2] == hs && head >= t * hs && st[0] == nh * head;
+    ok.then_some((l.start_offset(), head))
+}
+
+/// The f32 data of a head-strided CPU tensor (see [`head_strided`]): the slice from its first
+/// element, and the distance between heads.
+fn cpu_f32_heads<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    name: &str,
+) -> candle_core::Result<(&'a [f32], usize)> {
+    let data = s.as_slice::<f32>()?;
+    match head_strided(l) {
+        Some((start, stride)) if start <= data.len() => Ok((&data[start..], stride)),
+        _ => candle_core::bail!("fused attention: {name} must be contiguous per head"),
+    }
+}
+
 impl CustomOp3 for FusedCausalAttention {
     fn name(&self) -> &'static str {
         "tinygpt-fused-causal-attention"
@@ -269,8 +308,8 @@ impl CustomOp3 for FusedCausalAttention {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = Dims::from_layouts(l1, l2, self.scale)?;
         let q = cpu_f32(s1, l1, "q")?;
-        let k = cpu_f32(s2, l2, "k")?;
-        let v = cpu_f32(s3, l3, "v")?;
+        let k = cpu_f32_heads(s2, l2, "k")?;
+        let v = cpu_f32_heads(s3, l3, "v")?;
         let (out, lse) = forward(Isa::detect(), q, k, v, d);
         // A fresh op per call, so the cell is empty; were it not, the first LSE stands.
         let _ = self.lse.set(lse);
@@ -289,6 +328,9 @@ impl CustomOp3 for FusedCausalAttention {
             candle_core::bail!("fused attention: backward before forward")
         };
         let grad_res = grad_res.contiguous()?;
+        // K and V may have been read in place from a wider buffer; the backward wants them
+        // contiguous (training never passes a KV cache, so this copies nothing there).
+        let (k, v) = (&k.contiguous()?, &v.contiguous()?);
         let d = Dims::from_layouts(q.layout(), k.layout(), self.scale)?;
         let (qs, ql) = q.storage_and_layout();
         let (ks, kl) = k.storage_and_layout();
@@ -328,7 +370,14 @@ impl CustomOp3 for FusedCausalAttention {
 // ---------------------------------------------------------------------------------------------
 
 /// Forward over all heads: returns the output `(heads, Tq, hs)` and the LSE `(heads, Tq)`.
-fn forward(isa: Isa, q: &[f32], k: &[f32], v: &[f32], d: Dims) -> (Vec<f32>, Vec<f32>) {
+/// `k` and `v` come with the distance between their heads (`Tk · hs` when contiguous).
+fn forward(
+    isa: Isa,
+    q: &[f32],
+    (k, k_head): (&[f32], usize),
+    (v, v_head): (&[f32], usize),
+    d: Dims,
+) -> (Vec<f32>, Vec<f32>) {
     let (tq, tk, hs) = (d.tq, d.tk, d.hs);
     let mut out = vec![0f32; d.heads * tq * hs];
     let mut lse = vec![0f32; d.heads * tq];
@@ -339,8 +388,8 @@ fn forward(isa: Isa, q: &[f32], k: &[f32], v: &[f32], d: Dims) -> (Vec<f32>, Vec
     let run = |scratch: &mut FwdScratch, h: usize, (o, lse): (&mut [f32], &mut [f32])| {
         let job = FwdJob {
             q: &q[h * tq * hs..(h + 1) * tq * hs],
-            k: &k[h * tk * hs..(h + 1) * tk * hs],
-            v: &v[h * tk * hs..(h + 1) * tk * hs],
+            k: &k[h * k_head..h * k_head + tk * hs],
+            v: &v[h * v_head..h * v_head + tk * hs],
             o,
             lse,
             d,
@@ -1326,7 +1375,7 @@ mod tests {
             };
             let (q, k, v, w) = (flat(&q), flat(&k), flat(&v), flat(&w));
             for &isa in &isas {
-                let (o, lse) = forward(isa, &q, &k, &v, d);
+                let (o, lse) = forward(isa, &q, (&k, d.tk * d.hs), (&v, d.tk * d.hs), d);
                 let x = BwdInputs {
                     q: &q,
                     k: &k,

@@ -145,12 +145,13 @@ impl CausalSelfAttention {
         })
     }
 
-    /// `x`: (B, T, C). With a cache, the new keys/values are appended to `layer_cache` and
-    /// the queries attend to everything cached (positions `past..past+T` see `0..=` themselves).
+    /// `x`: (B, T, C). With a cache `(slot, past, capacity)`, the new keys/values are written
+    /// at positions `past..past+T` of the layer's buffers and the queries attend to everything
+    /// cached (position `past + i` sees `0..=past + i`).
     fn forward(
         &self,
         x: &Tensor,
-        layer_cache: Option<&mut Option<(Tensor, Tensor)>>,
+        layer_cache: Option<(&mut Option<LayerKv>, usize, usize)>,
         train: &mut Train,
     ) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
@@ -163,12 +164,30 @@ impl CausalSelfAttention {
                 .contiguous()
         };
         let (q, mut k, mut v) = (heads(0)?, heads(1)?, heads(2)?);
-        if let Some(slot) = layer_cache {
-            if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2)?; // (B, nh, past + T, hs)
-                v = Tensor::cat(&[pv, &v], 2)?;
+        if let Some((slot, past, capacity)) = layer_cache {
+            let shape = [b, nh, capacity, hs];
+            let fits = |kv: &LayerKv| kv.k.dims() == shape && kv.k.dtype() == k.dtype();
+            match slot {
+                Some(kv) if fits(kv) => {}
+                Some(kv) if past > 0 => {
+                    return Err(Error::InvalidArgument(format!(
+                        "the KV cache holds keys of shape {:?} {:?}, this batch needs {shape:?}                          {:?}: reset the cache between batches of another size",
+                        kv.k.dims(),
+                        kv.k.dtype(),
+                        k.dtype()
+                    )))
+                }
+                _ => {
+                    let zeros = || Tensor::zeros((b, nh, capacity, hs), k.dtype(), k.device());
+                    *slot = Some(LayerKv { k: zeros()?, v: zeros()? });
+                }
             }
-            *slot = Some((k.clone(), v.clone()));
+            if let Some(kv) = slot.as_ref() {
+                kv.k.slice_set(&k, 2, past)?; // written in place at past..past + T
+                kv.v.slice_set(&v, 2, past)?;
+                k = kv.k.narrow(2, 0, past + t)?; // (B, nh, past + T, hs), a view
+                v = kv.v.narrow(2, 0, past + t)?;
+            }
         }
         let scale = 1.0 / (hs as f64).sqrt();
         let y = match train {
@@ -231,7 +250,7 @@ impl Block {
     fn forward(
         &self,
         x: &Tensor,
-        layer_cache: Option<&mut Option<(Tensor, Tensor)>>,
+        layer_cache: Option<(&mut Option<LayerKv>, usize, usize)>,
         train: &mut Train,
     ) -> Result<Tensor> {
         let x = (x + self
@@ -444,36 +463,44 @@ impl GptConfig {
 // ---------------------------------------------------------------------------------------------
 
 /// Keys and values of every layer for incremental decoding: feeding one new token attends to
-/// all cached positions instead of recomputing them.
-#[derive(Debug, Clone, Default)]
+/// all cached positions instead of recomputing them. Each layer's buffers are allocated once,
+/// for `block_size` positions, on first use and written in place; the attention reads the
+/// filled prefix where it lies. Not `Clone`: two caches must never share buffers.
+#[derive(Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>, // per layer: k, v each (B, nh, T_cached, hs)
+    layers: Vec<Option<LayerKv>>,
+    len: usize,
+}
+
+/// One layer's cache: k and v, each (B, nh, block_size, hs), the first `len` positions valid.
+#[derive(Debug)]
+struct LayerKv {
+    k: Tensor,
+    v: Tensor,
 }
 
 impl KvCache {
     /// An empty cache for a model of `n_layer` blocks.
     pub fn new(n_layer: usize) -> Self {
         Self {
-            layers: vec![None; n_layer],
+            layers: (0..n_layer).map(|_| None).collect(),
+            len: 0,
         }
     }
 
     /// Number of cached positions (the position of the next token fed).
     pub fn len(&self) -> usize {
-        match self.layers.first() {
-            Some(Some((k, _))) => k.dims().get(2).copied().unwrap_or(0),
-            _ => 0,
-        }
+        self.len
     }
 
     /// Whether nothing is cached.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
     }
 
-    /// Forgets everything cached.
+    /// Forgets everything cached (the buffers are kept for reuse).
     pub fn reset(&mut self) {
-        self.layers.iter_mut().for_each(|l| *l = None);
+        self.len = 0;
     }
 }
 
@@ -702,9 +729,11 @@ impl Gpt {
         let mut x = maybe_dropout(x, &mut train)?;
         match cache {
             Some(cache) => {
+                let capacity = self.cfg.block_size;
                 for (block, slot) in self.h.iter().zip(cache.layers.iter_mut()) {
-                    x = block.forward(&x, Some(slot), &mut train)?;
+                    x = block.forward(&x, Some((slot, past, capacity)), &mut train)?;
                 }
+                cache.len = past + t;
             }
             None => {
                 for block in &self.h {
