@@ -124,7 +124,8 @@ fn main() -> Result<()> {
         params = params.with_stop_tokens([tokenizer.eot_id()]);
     }
 
-    let mut generator = TokenGenerator::new(&model, &prompt_ids, &params)?;
+    let mut generator =
+        TokenGenerator::new(&model, &prompt_ids, &params)?.with_vocab_limit(tokenizer.vocab_size());
     let mut stream = tokenizer.stream();
     let mut stdout = std::io::stdout();
     print!("{}", args.prompt);

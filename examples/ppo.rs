@@ -105,6 +105,7 @@ fn main() -> Result<()> {
         .clone()
         .or_else(|| args.resume.clone())
         .unwrap_or_else(|| PathBuf::from("out/ppo"));
+    common::fresh_out_dir(&out, args.resume.is_some(), args.train.overwrite)?;
     let device = common::device(&args.device)?;
     let started = Instant::now();
 

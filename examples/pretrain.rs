@@ -24,8 +24,7 @@ use tinygpt::{
     TokenDataset, Tokenizer, TrainConfig, Trainer,
 };
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum TokenizerChoice {
     /// One token per character (nanoGPT's shakespeare_char).
     Char,
@@ -33,37 +32,48 @@ enum TokenizerChoice {
     Bpe,
 }
 
-/// Pre-train a GPT on a text file. Defaults reproduce nanoGPT's CPU recipe for shakespeare_char.
+/// Pre-train a GPT on a text file: nanoGPT's CPU recipe for shakespeare_char by default.
+///
+/// Model flags (--tokenizer … --bias) describe a new model; with --resume the saved model is
+/// continued and they must not be given. Training flags given with --resume override the saved
+/// ones.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// UTF-8 text to train on [default: Tiny Shakespeare, downloaded into data/].
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Checkpoint directory (holds the best-validation-loss checkpoint).
+    /// Checkpoint directory, holding the best-validation-loss checkpoint [default: out/pretrain,
+    /// or the --resume directory].
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Continue the run saved in this checkpoint directory (flags given override its settings).
+    /// Continue the run saved in this checkpoint directory.
     #[arg(long)]
     resume: Option<PathBuf>,
-    #[arg(long, value_enum, default_value_t = TokenizerChoice::Char)]
-    tokenizer: TokenizerChoice,
-    /// Vocabulary size of the BPE tokenizer (with --tokenizer bpe).
-    #[arg(long, default_value_t = 2048)]
-    vocab_size: usize,
-    #[arg(long, default_value_t = 4)]
-    n_layer: usize,
-    #[arg(long, default_value_t = 4)]
-    n_head: usize,
-    #[arg(long, default_value_t = 128)]
-    n_embd: usize,
-    #[arg(long, default_value_t = 64)]
-    block_size: usize,
-    #[arg(long, default_value_t = 0.0)]
-    dropout: f32,
-    /// Biases in projections and LayerNorms (nanoGPT's default: false; GPT-2: true).
-    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
-    bias: bool,
+    /// Tokenizer to train on the corpus [default: char].
+    #[arg(long, value_enum)]
+    tokenizer: Option<TokenizerChoice>,
+    /// Vocabulary size of the BPE tokenizer, <|endoftext|> included [default: 2048].
+    #[arg(long)]
+    vocab_size: Option<usize>,
+    /// Transformer blocks [default: 4].
+    #[arg(long)]
+    n_layer: Option<usize>,
+    /// Attention heads per block; must divide --n-embd [default: 4].
+    #[arg(long)]
+    n_head: Option<usize>,
+    /// Width of the residual stream [default: 128].
+    #[arg(long)]
+    n_embd: Option<usize>,
+    /// Context length in tokens [default: 64].
+    #[arg(long)]
+    block_size: Option<usize>,
+    /// Dropout probability in training [default: 0].
+    #[arg(long)]
+    dropout: Option<f32>,
+    /// Biases in projections and LayerNorms [default: false, as nanoGPT; GPT-2 has them].
+    #[arg(long)]
+    bias: Option<bool>,
     #[command(flatten)]
     train: common::TrainArgs,
     /// cpu or cuda.
@@ -72,6 +82,23 @@ struct Args {
     /// Characters of sample text printed at the end (0 = none).
     #[arg(long, default_value_t = 500)]
     sample_chars: usize,
+}
+
+impl TokenizerChoice {
+    fn name(self) -> &'static str {
+        match self {
+            TokenizerChoice::Char => "char",
+            TokenizerChoice::Bpe => "byte-level BPE",
+        }
+    }
+}
+
+fn tokenizer_kind_name(t: &Tokenizer) -> &'static str {
+    match t.kind() {
+        tinygpt::tokenizer::TokenizerKind::Char => "char",
+        tinygpt::tokenizer::TokenizerKind::ByteLevelBpe => "bpe",
+        _ => "other",
+    }
 }
 
 fn main() -> Result<()> {
@@ -83,6 +110,24 @@ fn main() -> Result<()> {
     // 1. Data, tokenizer and model: fresh, or from the checkpoint to resume.
     let (model, tokenizer, train_cfg, data_path, out) = match &args.resume {
         Some(dir) => {
+            let model_flags = [
+                ("--tokenizer", args.tokenizer.is_some()),
+                ("--vocab-size", args.vocab_size.is_some()),
+                ("--n-layer", args.n_layer.is_some()),
+                ("--n-head", args.n_head.is_some()),
+                ("--n-embd", args.n_embd.is_some()),
+                ("--block-size", args.block_size.is_some()),
+                ("--dropout", args.dropout.is_some()),
+                ("--bias", args.bias.is_some()),
+            ];
+            let given: Vec<&str> = model_flags.iter().filter(|f| f.1).map(|f| f.0).collect();
+            if !given.is_empty() {
+                bail!(
+                    "{} describe a new model; --resume continues the model saved in {}",
+                    given.join(", "),
+                    dir.display()
+                );
+            }
             let state = tinygpt::train::TrainerState::load(dir)?;
             let data_path = match (&args.data, state.extra.get("data").and_then(|d| d.as_str())) {
                 (Some(p), _) => p.clone(),
@@ -97,37 +142,46 @@ fn main() -> Result<()> {
         }
         None => {
             let data_path = common::corpus(args.data.as_deref())?;
+            let out = args
+                .out
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("out/pretrain"));
+            common::fresh_out_dir(&out, false, args.train.overwrite)?;
             let text = data::read_text(&data_path)?;
             let t0 = Instant::now();
-            let tokenizer = match args.tokenizer {
+            let choice = args.tokenizer.unwrap_or(TokenizerChoice::Char);
+            let tokenizer = match choice {
                 TokenizerChoice::Char => Tokenizer::train_char(&text)?,
-                TokenizerChoice::Bpe => Tokenizer::train_bpe(&text, args.vocab_size)?,
+                TokenizerChoice::Bpe => {
+                    Tokenizer::train_bpe(&text, args.vocab_size.unwrap_or(2048))?
+                }
             };
             println!(
-                "tokenizer: {:?}, {} tokens in the vocabulary ({:.1} s)",
-                args.tokenizer,
+                "tokenizer: {}, {} tokens in the vocabulary ({:.1} s)",
+                choice.name(),
                 tokenizer.vocab_size(),
                 t0.elapsed().as_secs_f64()
             );
+            if let (TokenizerChoice::Bpe, Some(asked)) = (choice, args.vocab_size) {
+                if tokenizer.vocab_size() < asked {
+                    println!("(the corpus ran out of pairs to merge before {asked} tokens)");
+                }
+            }
             // Rows for the four chat tokens are reserved now, so that fine-tuning for chat later
             // adds them without growing the model: rows that are never a target learn to be
             // improbable, and the model's loss on plain text stays exactly what it was.
             let reserved = tinygpt::ChatTemplate::SPECIAL_TOKENS.len();
             let cfg = GptConfig {
                 vocab_size: tokenizer.vocab_size() + reserved,
-                block_size: args.block_size,
-                n_layer: args.n_layer,
-                n_head: args.n_head,
-                n_embd: args.n_embd,
-                dropout: args.dropout,
-                bias: args.bias,
+                block_size: args.block_size.unwrap_or(64),
+                n_layer: args.n_layer.unwrap_or(4),
+                n_head: args.n_head.unwrap_or(4),
+                n_embd: args.n_embd.unwrap_or(128),
+                dropout: args.dropout.unwrap_or(0.0),
+                bias: args.bias.unwrap_or(false),
             };
             let train_cfg = args.train.apply(TrainConfig::default());
             let model = Gpt::init(&cfg, train_cfg.seed, &device)?;
-            let out = args
-                .out
-                .clone()
-                .unwrap_or_else(|| PathBuf::from("out/pretrain"));
             (model, tokenizer, train_cfg, data_path, out)
         }
     };
@@ -153,7 +207,7 @@ fn main() -> Result<()> {
     let mut objective = Pretraining::new(model, tokenizer, dataset, train_cfg.batch_size)?;
     let extra = serde_json::json!({
         "data": data_path.display().to_string(),
-        "tokenizer": format!("{:?}", args.tokenizer).to_lowercase(),
+        "tokenizer": tokenizer_kind_name(objective.tokenizer()),
     });
     let mut trainer = Trainer::new(train_cfg.clone(), objective.parameters()?)?
         .with_out_dir(&out)
@@ -190,13 +244,13 @@ fn main() -> Result<()> {
         println!("\n--------------");
     }
     println!(
-        "pretrain: best val loss {} | {} steps | {:.1} s training, {:.1} s wall | {} tokens/s | checkpoint {}",
+        "pretrain: best val loss {} | {} steps | {:.1} s training in all | {:.1} s wall this run | {} tokens/s | {}",
         summary.best_val_loss.map(|v| format!("{v:.4}")).unwrap_or_else(|| "n/a".into()),
         summary.steps,
         summary.elapsed_s,
         started.elapsed().as_secs_f64(),
         common::human(summary.tokens_per_sec),
-        out.display()
+        common::checkpoint_note(&out)
     );
     Ok(())
 }

@@ -248,7 +248,8 @@ impl<'a> ChatSession<'a> {
     /// Tokenizer errors on the message; generation errors. On error the history is unchanged.
     pub fn send(&mut self, user: &str, mut on_text: impl FnMut(&str)) -> Result<String> {
         let prompt = self.fit_prompt(user)?;
-        let mut generator = TokenGenerator::new(self.model, &prompt, &self.params)?;
+        let mut generator = TokenGenerator::new(self.model, &prompt, &self.params)?
+            .with_vocab_limit(self.tokenizer.vocab_size());
         let mut stream = self.tokenizer.stream();
         let mut reply = String::new();
         for id in generator.by_ref() {

@@ -133,8 +133,11 @@ pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: impl AsRef<Path
         .iter()
         .map(|(k, t)| Ok((k.clone(), t.contiguous()?)))
         .collect::<Result<HashMap<_, _>>>()?;
-    safetensors::serialize_to_file(contiguous, None, path)
-        .map_err(|e| Error::io(path, std::io::Error::other(e.to_string())))
+    // Serialised in memory and written with std (the same permissions as every other file;
+    // safetensors' own writer creates files readable by their owner only).
+    let bytes = safetensors::serialize(contiguous, None)
+        .map_err(|e| Error::io(path, std::io::Error::other(e.to_string())))?;
+    std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
 }
 
 /// Writes a checkpoint directory atomically: files go into a temporary sibling directory,

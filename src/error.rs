@@ -18,12 +18,13 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
 
     /// Reading or writing a file failed.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file or directory involved.
         path: PathBuf,
-        /// The underlying OS error.
-        source: std::io::Error,
+        /// The underlying OS error (shown in this error's message, so not also as its
+        /// `source()`, which would print it twice).
+        error: std::io::Error,
     },
 
     /// A data or config file is empty, malformed or otherwise unusable.
@@ -100,6 +101,18 @@ pub enum Error {
     InvalidArgument(String),
 }
 
+/// serde_json's message without its trailing "at line L column C" (the line is reported by
+/// [`Error::BadFile`]); the column, when known, is kept in parentheses.
+pub(crate) fn json_message(e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    match msg.strip_suffix(&suffix) {
+        Some(m) if e.column() > 0 => format!("{m} (column {})", e.column()),
+        Some(m) => m.to_string(),
+        None => msg,
+    }
+}
+
 fn path_suffix(path: &Option<PathBuf>) -> String {
     path.as_ref()
         .map(|p| format!(" in {}", p.display()))
@@ -111,8 +124,19 @@ impl Error {
     pub(crate) fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.as_ref().to_path_buf(),
-            source,
+            error: source,
         }
+    }
+
+    /// An [`Error::BadFile`] for a JSON error in `path`, at the parser's line. `line_in_file`
+    /// overrides the line when `e` comes from parsing one line of a JSONL file.
+    pub(crate) fn json(
+        path: impl AsRef<Path>,
+        line_in_file: Option<usize>,
+        e: &serde_json::Error,
+    ) -> Self {
+        let line = line_in_file.or((e.line() > 0).then_some(e.line()));
+        Error::bad_file(path, line, json_message(e))
     }
 
     /// An [`Error::BadFile`] for `path`, optionally at a 1-based `line`.

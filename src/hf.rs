@@ -202,8 +202,8 @@ impl Gpt2Config {
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let value: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::bad_file(path, Some(e.line()), e.to_string()))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::json(path, None, &e))?;
         if value.get("block_size").is_some() && value.get("n_positions").is_none() {
             return Err(Error::bad_file(
                 path,
@@ -502,8 +502,8 @@ fn load_weights(dir: &Path, device: &Device) -> Result<(HashMap<String, Tensor>,
             weight_map: HashMap<String, String>,
         }
         let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let parsed: Index = serde_json::from_str(&text)
-            .map_err(|e| Error::bad_file(&index, Some(e.line()), e.to_string()))?;
+        let parsed: Index =
+            serde_json::from_str(&text).map_err(|e| Error::json(&index, None, &e))?;
         let shards: BTreeSet<&String> = parsed.weight_map.values().collect();
         let mut tensors = HashMap::new();
         for shard in shards {
@@ -690,8 +690,9 @@ impl Gpt {
             .collect::<Result<HashMap<_, _>>>()?;
         // transformers checks the "format" metadata before loading.
         let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        safetensors::serialize_to_file(tensors, Some(metadata), &path)
+        let bytes = safetensors::serialize(tensors, Some(metadata))
             .map_err(|e| Error::io(&path, std::io::Error::other(e.to_string())))?;
+        std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
 
         if let Some(tok) = tokenizer {
             tok.save(dir.join(files::TOKENIZER))?;

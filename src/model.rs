@@ -440,8 +440,7 @@ impl GptConfig {
     pub fn load(path: impl AsRef<std::path::Path>) -> Result<Self> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let cfg: Self = serde_json::from_str(&text)
-            .map_err(|e| Error::bad_file(path, Some(e.line()), e.to_string()))?;
+        let cfg: Self = serde_json::from_str(&text).map_err(|e| Error::json(path, None, &e))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -581,7 +580,8 @@ impl Gpt {
     /// otherwise the tensors are used as constants and no autograd graph is recorded.
     ///
     /// # Errors
-    /// As [`Gpt::new`]; tensors not in the config are ignored.
+    /// As [`Gpt::new`], and [`Error::InvalidArgument`] naming a tensor the config does not
+    /// account for (e.g. a layer beyond `n_layer`).
     pub fn from_tensors(
         cfg: &GptConfig,
         tensors: HashMap<String, Tensor>,
@@ -858,7 +858,31 @@ pub(crate) fn check_tensors(
     tensors: &HashMap<String, Tensor>,
     path: Option<&std::path::Path>,
 ) -> Result<()> {
-    for (name, shape) in cfg.parameter_shapes() {
+    let expected = cfg.parameter_shapes();
+    // A tensor the config does not account for (e.g. `h.3.*` with `n_layer: 2`) means the
+    // config and the weights disagree: refuse rather than run a different model.
+    let mut unexpected: Vec<&String> = tensors
+        .keys()
+        .filter(|k| !expected.iter().any(|(n, _)| n == *k))
+        .collect();
+    unexpected.sort();
+    if let Some(first) = unexpected.first() {
+        let file = path
+            .map(|p| format!(" in {}", p.display()))
+            .unwrap_or_default();
+        return Err(Error::InvalidArgument(format!(
+            "unexpected tensor `{first}`{file}: not part of the model its config describes \
+             (n_layer {}, bias {}){}",
+            cfg.n_layer,
+            cfg.bias,
+            if unexpected.len() > 1 {
+                format!(", nor are {} more", unexpected.len() - 1)
+            } else {
+                String::new()
+            }
+        )));
+    }
+    for (name, shape) in expected {
         match tensors.get(&name) {
             None => {
                 return Err(Error::MissingTensor {

@@ -508,6 +508,8 @@ pub struct TokenGenerator<'a> {
     prompt_len: usize,
     cache: KvCache,
     finish: Option<FinishReason>,
+    /// Ids at or above this are never sampled (rows the tokenizer has no token for).
+    vocab_limit: usize,
 }
 
 impl<'a> TokenGenerator<'a> {
@@ -535,7 +537,17 @@ impl<'a> TokenGenerator<'a> {
             prompt_len: prompt_ids.len(),
             cache: KvCache::new(model.config().n_layer),
             finish: None,
+            vocab_limit: vocab,
         })
+    }
+
+    /// Never samples ids `>= n`: the model may have more embedding rows than its tokenizer has
+    /// tokens (rows reserved for tokens added later, or padding), and those ids cannot be
+    /// decoded. [`generate`], [`crate::ChatSession`] and the other text-level callers set this
+    /// to the tokenizer's vocabulary size.
+    pub fn with_vocab_limit(mut self, n: usize) -> Self {
+        self.vocab_limit = n.clamp(1, self.model.config().vocab_size);
+        self
     }
 
     /// Prompt and generated ids so far.
@@ -583,9 +595,13 @@ impl Iterator for TokenGenerator<'_> {
             self.finish = Some(FinishReason::Length);
             return None;
         }
-        let step = self
-            .next_logits()
-            .and_then(|logits| self.processor.sample(&logits, &self.tokens));
+        let limit = self.vocab_limit;
+        let step = self.next_logits().and_then(|mut logits| {
+            if limit < logits.len() {
+                logits[limit..].fill(f32::NEG_INFINITY); // rows with no token
+            }
+            self.processor.sample(&logits, &self.tokens)
+        });
         match step {
             Err(e) => {
                 self.finish = Some(FinishReason::Stop);
@@ -682,7 +698,7 @@ pub fn generate<'a>(
         tokenizer.encode(prompt)?
     };
     Ok(TextGenerator {
-        tokens: TokenGenerator::new(model, &ids, params)?,
+        tokens: TokenGenerator::new(model, &ids, params)?.with_vocab_limit(tokenizer.vocab_size()),
         stream: Some(tokenizer.stream()),
     })
 }

@@ -122,8 +122,8 @@ pub fn load_sft_file(path: impl AsRef<Path>, skip_bad_lines: bool) -> Result<Sft
     };
     if text.trim_start().starts_with('[') {
         // A JSON array: line numbers of records come from the parser's positions.
-        let values: Vec<serde_json::Value> = serde_json::from_str(&text)
-            .map_err(|e| Error::bad_file(path, Some(e.line()), e.to_string()))?;
+        let values: Vec<serde_json::Value> =
+            serde_json::from_str(&text).map_err(|e| Error::json(path, None, &e))?;
         for (i, v) in values.into_iter().enumerate() {
             let parsed =
                 serde_json::from_value::<Record>(v).map_err(|e| format!("record {}: {e}", i + 1));
@@ -134,7 +134,8 @@ pub fn load_sft_file(path: impl AsRef<Path>, skip_bad_lines: bool) -> Result<Sft
             if line.trim().is_empty() {
                 continue;
             }
-            let parsed = serde_json::from_str::<Record>(line).map_err(|e| e.to_string());
+            let parsed =
+                serde_json::from_str::<Record>(line).map_err(|e| crate::error::json_message(&e));
             accept(Some(i + 1), parsed)?;
         }
     }
@@ -456,7 +457,8 @@ pub fn reply_stats(
             continue;
         };
         let prompt = template.render_prompt(tokenizer, &conv[..last])?;
-        let mut generator = crate::sampler::TokenGenerator::new(model, &prompt, &params)?;
+        let mut generator = crate::sampler::TokenGenerator::new(model, &prompt, &params)?
+            .with_vocab_limit(tokenizer.vocab_size());
         for id in generator.by_ref() {
             id?;
         }

@@ -268,8 +268,7 @@ impl TrainerState {
         require_files(dir, &[files::TRAINER_STATE])?;
         let path = dir.join(files::TRAINER_STATE);
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        serde_json::from_str(&text)
-            .map_err(|e| Error::bad_file(&path, Some(e.line()), e.to_string()))
+        serde_json::from_str(&text).map_err(|e| Error::json(&path, None, &e))
     }
 }
 

@@ -352,6 +352,15 @@ fn bad_input_gives_errors_that_name_the_problem() {
             && e.contains("model.safetensors"),
         "{e}"
     );
+    // A config with fewer layers than the weights: refused, not silently truncated.
+    checkpoint::save_model(&ckpt, &model, &tok).unwrap();
+    let mut fewer = model.config().clone();
+    fewer.n_layer = 1;
+    fewer.save(ckpt.join("config.json")).unwrap();
+    let e = checkpoint::load_model(&ckpt, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unexpected tensor `transformer.h.1."), "{e}");
     std::fs::remove_file(ckpt.join("tokenizer.json")).unwrap();
     let e = checkpoint::load_model(&ckpt, &Device::Cpu)
         .unwrap_err()
@@ -365,4 +374,29 @@ fn bad_input_gives_errors_that_name_the_problem() {
         .to_string();
     assert!(e.contains("missing optimizer.safetensors"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn rows_without_a_token_are_never_sampled() {
+    // A model with rows reserved beyond its tokenizer (as `pretrain` reserves the chat rows):
+    // text generation must never pick them, whatever their logits.
+    let tok = Tokenizer::train_char("abc").unwrap(); // 3 chars + <|endoftext|>
+    let model = Gpt::init(&small(tok.vocab_size() + 6), 4, &Device::Cpu).unwrap();
+    let params = SamplingParams::default()
+        .with_temperature(50.0)
+        .with_max_new_tokens(300);
+    let text = tinygpt::generate(&model, &tok, "ab", &params)
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(text.chars().count() >= 300, "{text:?}");
+    let ids: Vec<u32> = TokenGenerator::new(&model, &[0], &params)
+        .unwrap()
+        .with_vocab_limit(tok.vocab_size())
+        .map(|r| r.unwrap())
+        .collect();
+    assert!(
+        ids.iter().all(|&id| (id as usize) < tok.vocab_size()),
+        "{ids:?}"
+    );
 }

@@ -187,6 +187,10 @@ pub struct TrainArgs {
     /// Seed of every random choice in training.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Start afresh even if --out already holds a checkpoint (it is replaced when the first
+    /// new one is written).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 impl TrainArgs {
@@ -288,5 +292,33 @@ impl Progress {
 
     pub fn finish(&self) {
         self.bar.finish_and_clear();
+    }
+}
+
+/// Refuses to start a new run whose checkpoints would replace one already in `out`: a fresh
+/// run writes over it at its first evaluation. `resuming` runs continue what is there.
+pub fn fresh_out_dir(out: &Path, resuming: bool, overwrite: bool) -> Result<()> {
+    let holds = ["trainer_state.json", "model.safetensors", "config.json"]
+        .iter()
+        .any(|f| out.join(f).exists());
+    if holds && !resuming && !overwrite {
+        bail!(
+            "{} already holds a checkpoint: continue it with --resume {0}, choose another --out, \
+             or pass --overwrite to replace it",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+/// The last line's "checkpoint DIR", or why there is none.
+pub fn checkpoint_note(out: &Path) -> String {
+    if out.join("model.safetensors").is_file() {
+        format!("checkpoint {}", out.display())
+    } else {
+        format!(
+            "no checkpoint written to {} (no evaluation after step 0)",
+            out.display()
+        )
     }
 }

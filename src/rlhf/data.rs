@@ -103,7 +103,7 @@ pub fn load_preference_file(
             continue;
         }
         let parsed = serde_json::from_str::<PreferencePair>(line)
-            .map_err(|e| e.to_string())
+            .map_err(|e| crate::error::json_message(&e))
             .and_then(|p| p.check().map(|()| p));
         match parsed {
             Ok(p) => data.pairs.push(p),
@@ -147,9 +147,10 @@ pub fn load_prompts(path: impl AsRef<Path>) -> Result<Vec<Vec<Message>>> {
         }
         let bad = |msg: String| Error::bad_file(path, Some(i + 1), msg);
         let value: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
+            serde_json::from_str(line).map_err(|e| bad(crate::error::json_message(&e)))?;
         let messages = if value.get("messages").is_some() {
-            let c: Conversation = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+            let c: Conversation =
+                serde_json::from_value(value).map_err(|e| bad(crate::error::json_message(&e)))?;
             let mut m = c.messages;
             if let Some(last) = m.iter().rposition(|m| m.role == Role::Assistant) {
                 if m[last..].iter().all(|m| m.role == Role::Assistant) {
@@ -159,7 +160,7 @@ pub fn load_prompts(path: impl AsRef<Path>) -> Result<Vec<Vec<Message>>> {
             m
         } else if value.get("prompt").is_some() {
             let p: PreferencePair =
-                serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+                serde_json::from_value(value).map_err(|e| bad(crate::error::json_message(&e)))?;
             p.messages()
         } else {
             return Err(bad(
