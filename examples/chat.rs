@@ -23,7 +23,7 @@ use tinygpt::{checkpoint, ChatSession};
 
 /// Chat with a fine-tuned model.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// Checkpoint directory of a chat model (its tokenizer has the chat tokens).
     #[arg(long)]
@@ -49,20 +49,32 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let device = common::device(&args.device)?;
     let (model, tokenizer) = checkpoint::load_model(&args.ckpt, &device)?;
+    if tinygpt::ChatTemplate::new(&tokenizer).is_err() {
+        anyhow::bail!(
+            "{} is not a chat model (its tokenizer has no chat tokens): fine-tune it for chat \
+             with the sft example first, or sample from it with the generate example",
+            args.ckpt.display()
+        );
+    }
     let mut session = ChatSession::new(&model, &tokenizer, args.sampling.params(args.seed))?;
     session.set_system(args.system.clone());
     let mut stdout = std::io::stdout();
-    let reply = |session: &mut ChatSession, text: &str| -> Result<()> {
+    let started = std::time::Instant::now();
+    let mut turns = 0usize;
+    let mut reply = |session: &mut ChatSession, text: &str| -> Result<()> {
         session.send(text, |piece| {
             print!("{piece}");
             let _ = std::io::stdout().flush();
         })?;
         println!();
+        turns += 1;
         Ok(())
     };
 
     if let Some(prompt) = &args.prompt {
-        return reply(&mut session, prompt);
+        reply(&mut session, prompt)?;
+        eprintln!("chat: 1 reply in {:.1} s", started.elapsed().as_secs_f64());
+        return Ok(());
     }
     let interactive = std::io::stdin().is_terminal();
     if interactive {
@@ -88,7 +100,7 @@ fn main() -> Result<()> {
                 session.reset();
                 println!("(conversation cleared)");
             }
-            _ if line.starts_with("/system") => {
+            _ if line == "/system" || line.starts_with("/system ") => {
                 let text = line["/system".len()..].trim();
                 session.set_system((!text.is_empty()).then(|| text.to_string()));
                 println!(
@@ -96,8 +108,16 @@ fn main() -> Result<()> {
                     if text.is_empty() { "cleared" } else { "set" }
                 );
             }
+            _ if line.starts_with('/') => {
+                println!("(commands: /reset, /system TEXT, /quit; {line} is not one)");
+            }
             _ => reply(&mut session, line)?,
         }
     }
+    drop(reply);
+    eprintln!(
+        "chat: {turns} replies in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

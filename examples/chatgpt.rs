@@ -27,7 +27,7 @@ use tinygpt::{
 
 /// Pre-train, fine-tune for chat, and talk: a tiny ChatGPT from scratch.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// Raw text to pre-train on [default: Tiny Shakespeare, downloaded into data/].
     #[arg(long)]
@@ -41,6 +41,16 @@ struct Args {
     /// Where the checkpoints of both stages go (`DIR/pretrain`, `DIR/sft`).
     #[arg(long, default_value = "out/chatgpt")]
     out: PathBuf,
+    /// Replace checkpoints already in --out.
+    #[arg(long)]
+    overwrite: bool,
+    /// The assistant's name, put in place of `{{name}}` in the SFT data (LLaMA-Factory's
+    /// identity set has such placeholders).
+    #[arg(long, default_value = "tinygpt")]
+    name: String,
+    /// Its author, in place of `{{author}}`.
+    #[arg(long, default_value = "the tinygpt authors")]
+    author: String,
     /// Vocabulary of the byte-level BPE tokenizer.
     #[arg(long, default_value_t = 1024)]
     vocab_size: usize,
@@ -77,9 +87,18 @@ fn main() -> Result<()> {
     // Read every input first, so a bad file stops us before any training.
     let data_path = common::corpus(args.data.as_deref())?;
     let text = data::read_text(&data_path)?;
+    for stage in ["pretrain", "sft"] {
+        common::fresh_out_dir(&args.out.join(stage), false, args.overwrite)?;
+    }
     let mut conversations = Vec::new();
     for p in &args.sft_data {
         conversations.extend(load_sft_file(p, false)?.conversations);
+    }
+    for m in conversations.iter_mut().flatten() {
+        m.content = m
+            .content
+            .replace("{{name}}", &args.name)
+            .replace("{{author}}", &args.author);
     }
 
     // Stage 1: text -> tokens -> a GPT that plays the next-token game.
@@ -143,6 +162,14 @@ fn main() -> Result<()> {
         bail!(
             "no conversation fits the context of {} tokens",
             args.block_size + 1
+        );
+    }
+    if fit.dropped * 4 > conversations.len() {
+        println!(
+            "warning: {} of {} conversations are longer than the context even without their \
+             earlier turns; a larger --block-size keeps more",
+            fit.dropped,
+            conversations.len()
         );
     }
     let sft_cfg = TrainConfig {

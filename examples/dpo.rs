@@ -23,7 +23,7 @@ use tinygpt::{checkpoint, ChatTemplate, Objective, TrainConfig, Trainer};
 /// Fine-tune an SFT checkpoint with DPO on preference JSONL
 /// (`{"prompt", "history", "chosen", "rejected"}`); the SFT model is the frozen reference.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// The SFT checkpoint: the policy's start and the frozen reference.
     #[arg(long, required_unless_present = "resume")]

@@ -20,7 +20,7 @@ use tinygpt::{checkpoint, sampler};
 
 /// Sample from a trained model.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// Checkpoint directory (config.json, model.safetensors, tokenizer.json).
     #[arg(long)]
@@ -33,6 +33,9 @@ struct Args {
     /// Seed of the sampler.
     #[arg(long, default_value_t = 1337)]
     seed: u64,
+    /// Keep generating past <|endoftext|> (by default it ends the text, as in gpt2).
+    #[arg(long)]
+    ignore_eos: bool,
     /// cpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -43,7 +46,10 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let device = common::device(&args.device)?;
     let (model, tokenizer) = checkpoint::load_model(&args.ckpt, &device)?;
-    let params = args.sampling.params(args.seed);
+    let mut params = args.sampling.params(args.seed);
+    if !args.ignore_eos {
+        params = params.with_stop_tokens(vec![tokenizer.eot_id()]);
+    }
     let t0 = Instant::now();
     let mut generation = sampler::generate(&model, &tokenizer, &args.prompt, &params)?;
     let mut stdout = std::io::stdout();
@@ -56,9 +62,12 @@ fn main() -> Result<()> {
     let dt = t0.elapsed().as_secs_f64();
     println!();
     eprintln!(
-        "generate: {n} tokens in {dt:.2} s ({:.1} tokens/s), finished by {:?}",
+        "generate: {n} tokens in {dt:.2} s ({:.1} tokens/s), {}",
         n as f64 / dt.max(1e-9),
-        generation.tokens().finish_reason()
+        match generation.tokens().finish_reason() {
+            Some(tinygpt::sampler::FinishReason::Stop) => "stopped at <|endoftext|>",
+            _ => "stopped at --max-new-tokens",
+        }
     );
     Ok(())
 }

@@ -32,7 +32,7 @@ use tinygpt::{Gpt, GptConfig, Tokenizer};
 
 /// Generate text with a Hugging Face GPT-2 checkpoint and report tokens/s.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// Hugging Face GPT-2 directory (config.json, model.safetensors, tokenizer.json or
     /// vocab.json + merges.txt).
@@ -155,12 +155,15 @@ fn main() -> Result<()> {
     eprintln!(
         "gpt2: prompt {} tokens in {:.3} s ({:.1} tokens/s, first token included); \
          {decoded} more tokens in {decode_s:.2} s = {:.2} tokens/s decode; \
-         {n} new tokens in {total_s:.2} s overall, finished by {:?}",
+         {n} new tokens in {total_s:.2} s overall, {}",
         prompt_ids.len(),
         prompt_s,
         prompt_ids.len() as f64 / prompt_s.max(1e-9),
         decoded as f64 / decode_s.max(1e-9),
-        generator.finish_reason()
+        match generator.finish_reason() {
+            Some(tinygpt::sampler::FinishReason::Stop) => "stopped at <|endoftext|>",
+            _ => "stopped at --max-new-tokens",
+        }
     );
     Ok(())
 }

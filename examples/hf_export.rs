@@ -26,7 +26,7 @@ use tinygpt::{checkpoint, Gpt};
 /// Write a tinygpt checkpoint (or a Hugging Face directory, re-saved) in Hugging Face GPT-2
 /// layout.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// A tinygpt checkpoint directory (config.json, model.safetensors, tokenizer.json).
     #[arg(long, required_unless_present = "hf", conflicts_with = "hf")]
@@ -34,9 +34,13 @@ struct Args {
     /// Or a Hugging Face GPT-2 directory, loaded by tinygpt and saved again.
     #[arg(long)]
     hf: Option<PathBuf>,
-    /// Output directory (config.json, model.safetensors, tokenizer.json, tokenizer_config.json).
+    /// Output directory (config.json, model.safetensors, tokenizer.json, tokenizer_config.json);
+    /// must be new or empty.
     #[arg(long)]
     out: PathBuf,
+    /// Write into --out even if it is not empty (its files of the same names are replaced).
+    #[arg(long)]
+    overwrite: bool,
     /// Also write tinygpt's logits for --text here (safetensors), for scripts/reference.py check.
     #[arg(long)]
     logits: Option<PathBuf>,
@@ -52,6 +56,14 @@ fn main() -> Result<()> {
     common::init();
     let args = Args::parse();
     let device = Device::Cpu;
+    let non_empty = std::fs::read_dir(&args.out).is_ok_and(|mut d| d.next().is_some());
+    if non_empty && !args.overwrite {
+        bail!(
+            "{} is not empty (a checkpoint there would lose its config.json to the Hugging Face \
+             one): choose a new --out, or pass --overwrite",
+            args.out.display()
+        );
+    }
     let (model, tokenizer) = match (&args.ckpt, &args.hf) {
         (Some(ckpt), _) => checkpoint::load_model(ckpt, &device)?,
         (None, Some(hf)) => Gpt::from_hf_dir_with_tokenizer(hf, &device)?,

@@ -24,7 +24,7 @@ use tinygpt::{Objective, TrainConfig, Trainer};
 /// model, minus a KL penalty to the SFT model. One iteration = one rollout and
 /// ppo_epochs × minibatches optimiser steps; metrics.jsonl gets a line per iteration.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// The SFT checkpoint: the policy's start and the frozen reference.
     #[arg(long, required_unless_present = "resume")]

@@ -123,7 +123,7 @@ fn main() -> Result<()> {
             let given: Vec<&str> = model_flags.iter().filter(|f| f.1).map(|f| f.0).collect();
             if !given.is_empty() {
                 bail!(
-                    "{} describe a new model; --resume continues the model saved in {}",
+                    "{} only apply to a new model; --resume continues the model saved in {}",
                     given.join(", "),
                     dir.display()
                 );

@@ -23,7 +23,7 @@ use tinygpt::{ChatTemplate, Objective, TrainConfig, Trainer};
 /// Train a reward model (SFT backbone + scalar head) on preference JSONL
 /// (`{"prompt", "history", "chosen", "rejected"}`).
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// The SFT checkpoint the backbone starts from.
     #[arg(long, required_unless_present = "resume")]

@@ -54,7 +54,7 @@ use tinygpt::{
 /// The rule task: pre-train → SFT → preference pairs decided by a rule → reward model → PPO
 /// and DPO, with the rule-satisfying rate of sampled replies before and after.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// Tiny Shakespeare [default: downloaded into data/].
     #[arg(long)]

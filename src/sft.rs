@@ -36,6 +36,8 @@ use crate::{Error, Result};
 pub struct SftData {
     /// The conversations, in file order.
     pub conversations: Vec<Vec<Message>>,
+    /// The 1-based line of each conversation (`None` for records of a JSON array).
+    pub lines: Vec<Option<usize>>,
     /// Malformed records skipped (only with `skip_bad_lines`), with their errors.
     pub skipped: Vec<Error>,
 }
@@ -112,6 +114,7 @@ pub fn load_sft_file(path: impl AsRef<Path>, skip_bad_lines: bool) -> Result<Sft
     {
         Ok(m) => {
             data.conversations.push(m);
+            data.lines.push(line);
             Ok(())
         }
         Err(msg) if skip_bad_lines => {
@@ -143,6 +146,41 @@ pub fn load_sft_file(path: impl AsRef<Path>, skip_bad_lines: bool) -> Result<Sft
         return Err(Error::bad_file(path, None, "no conversation in the file"));
     }
     Ok(data)
+}
+
+impl SftData {
+    /// Checks that every message encodes with `tokenizer` (a char-level tokenizer knows only
+    /// the characters of its corpus). A conversation that does not is an error naming `path`
+    /// and its line; with `skip_bad_lines` it is dropped and recorded in [`SftData::skipped`].
+    ///
+    /// # Errors
+    /// [`Error::BadFile`] for the first conversation that does not encode.
+    pub fn check_encodable(
+        &mut self,
+        path: &Path,
+        tokenizer: &Tokenizer,
+        skip_bad_lines: bool,
+    ) -> Result<()> {
+        let mut keep = Vec::with_capacity(self.conversations.len());
+        for (conv, line) in self.conversations.iter().zip(&self.lines) {
+            let bad = conv.iter().find_map(|m| tokenizer.encode(&m.content).err());
+            match bad {
+                None => keep.push(true),
+                Some(e) if skip_bad_lines => {
+                    self.skipped
+                        .push(Error::bad_file(path, *line, e.to_string()));
+                    keep.push(false);
+                }
+                Some(e) => return Err(Error::bad_file(path, *line, e.to_string())),
+            }
+        }
+        let mut flags = keep.iter();
+        self.conversations
+            .retain(|_| *flags.next().unwrap_or(&true));
+        let mut flags = keep.iter();
+        self.lines.retain(|_| *flags.next().unwrap_or(&true));
+        Ok(())
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
