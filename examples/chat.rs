@@ -114,7 +114,6 @@ fn main() -> Result<()> {
             _ => reply(&mut session, line)?,
         }
     }
-    drop(reply);
     eprintln!(
         "chat: {turns} replies in {:.1} s",
         started.elapsed().as_secs_f64()
