@@ -57,7 +57,8 @@ def ours():
             bench = json.load(f)
         with open(os.path.join(os.path.dirname(path), "estimates.json")) as f:
             est = json.load(f)
-        key = (bench["group_id"], bench.get("function_id") or bench.get("value_str"))
+        parts = [x for x in (bench.get("function_id"), bench.get("value_str")) if x]
+        key = (bench["group_id"], "/".join(parts))
         thr = bench.get("throughput") or {}
         elements = thr.get("Elements") or thr.get("elements")
         out[key] = (est["median"]["point_estimate"] * 1e-9, elements)
@@ -99,8 +100,8 @@ if "attention" not in args.skip:
         def fwd_bwd():
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             y.sum().backward()
-        row(f"attention fwd T={t}", ("attention/cpu/forward", f"fused/{t}"), timeit(fwd))
-        row(f"attention fwd+bwd T={t}", ("attention/cpu/forward_backward", f"fused/{t}"), timeit(fwd_bwd))
+        row(f"attention fwd T={t}", ("attention_forward_cpu", f"fused/{t}"), timeit(fwd))
+        row(f"attention fwd+bwd T={t}", ("attention_forward_backward_cpu", f"fused/{t}"), timeit(fwd_bwd))
 
 if "train" not in args.skip and os.path.exists(args.train_bench):
     env = dict(os.environ, THREADS=str(args.threads))
