@@ -48,7 +48,7 @@ pub struct SamplingArgs {
     #[arg(long, default_value_t = 500)]
     pub max_new_tokens: usize,
     /// Softmax temperature; 0 = greedy.
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
     pub temperature: f32,
     /// Keep only the k most likely tokens (0 = off).
     #[arg(long, default_value_t = 200)]
@@ -161,10 +161,10 @@ pub struct TrainArgs {
     #[arg(long)]
     pub log_interval: Option<usize>,
     /// Peak learning rate.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub lr: Option<f64>,
     /// Final learning rate [default: lr / 10 when --lr is given].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub min_lr: Option<f64>,
     /// Linear warm-up steps.
     #[arg(long)]
@@ -172,14 +172,14 @@ pub struct TrainArgs {
     /// Step where the cosine reaches min_lr [default: max_iters].
     #[arg(long)]
     pub lr_decay_iters: Option<usize>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub beta1: Option<f64>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub beta2: Option<f64>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub weight_decay: Option<f64>,
     /// Clip the global gradient norm (0 = off).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub grad_clip: Option<f64>,
     /// Checkpoint at every evaluation, not only on a new best validation loss.
     #[arg(long)]
