@@ -132,6 +132,54 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
     Ok(q.apply_op3(&k, &v, op)?)
 }
 
+/// Causal self-attention straight from the fused projection `c_attn`'s output, as a training
+/// step uses it: `qkv` (B, T, 3C) holds q, k and v side by side along the last axis, each
+/// split into `n_head` heads of `hs = C / n_head` columns; returns the heads' outputs
+/// re-assembled, (B, T, C), ready for `c_proj`. Query `t` sees keys `0..=t`.
+///
+/// This is [`causal_attention`] with the head split and merge inside the op. On the CPU in
+/// f32 it is one node of the autograd graph whose backward gives d`qkv` directly: the split
+/// (three `narrow`s, `reshape`s, `transpose`s and copies) and the merge would otherwise be a
+/// dozen nodes, and candle's backward of each allocates a zeroed gradient and adds into it
+/// (the backward of a `narrow` also pads with zeros to the full width). Elsewhere (CUDA,
+/// f16) it is exactly that split, [`causal_attention_reference`] and the merge.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] if `qkv` is not (B, T, 3C) with `C` a multiple of `n_head`;
+/// [`Error::Candle`] if a tensor operation fails.
+pub fn causal_attention_qkv(qkv: &Tensor, n_head: usize, scale: f64) -> Result<Tensor> {
+    let (b, t, c3) = qkv.dims3().map_err(|_| {
+        Error::InvalidArgument(format!(
+            "attention: qkv must be (B, T, 3C), got shape {:?}",
+            qkv.dims()
+        ))
+    })?;
+    if n_head == 0 || c3 % (3 * n_head) != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "attention: qkv's last dimension {c3} is not 3 · n_head ({n_head}) · head size"
+        )));
+    }
+    let c = c3 / 3;
+    let hs = c / n_head;
+    if !(qkv.device().is_cpu() && qkv.dtype() == DType::F32) || qkv.elem_count() == 0 {
+        let heads = |i: usize| -> Result<Tensor> {
+            Ok(qkv
+                .narrow(2, i * c, c)? // (B, T, C)
+                .reshape((b, t, n_head, hs))? // (B, T, nh, hs)
+                .transpose(1, 2)? // (B, nh, T, hs)
+                .contiguous()?)
+        };
+        let y = causal_attention_reference(&heads(0)?, &heads(1)?, &heads(2)?, scale)?;
+        return Ok(y.transpose(1, 2)?.reshape((b, t, c))?); // (B, T, C)
+    }
+    let op = FusedQkvAttention {
+        n_head,
+        scale: scale as f32,
+        saved: OnceLock::new(),
+    };
+    Ok(qkv.contiguous()?.apply_op1(op)?)
+}
+
 /// Causal self-attention with plain candle ops: the reference for [`causal_attention`], and
 /// its path on devices and dtypes the fused op does not cover.
 ///
@@ -365,6 +413,147 @@ impl CustomOp3 for FusedCausalAttention {
     }
 }
 
+/// The fused op over `qkv` (B, T, 3C) → (B, T, C). One instance per call: it keeps what its
+/// forward computed for the backward.
+struct FusedQkvAttention {
+    n_head: usize,
+    scale: f32,
+    /// Head-major `q`, `k`, `v`, output `(B · nh, T, hs)` and the LSE, set by `cpu_fwd`.
+    saved: OnceLock<QkvSaved>,
+}
+
+/// What [`FusedQkvAttention`]'s forward keeps for its backward.
+struct QkvSaved {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    o: Vec<f32>,
+    lse: Vec<f32>,
+}
+
+/// Sizes of a `qkv` (B, T, 3C) split into `n_head` heads.
+#[derive(Debug, Clone, Copy)]
+struct QkvDims {
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+    hs: usize,
+}
+
+impl QkvDims {
+    fn new(shape: &Shape, nh: usize) -> candle_core::Result<Self> {
+        let (b, t, c3) = shape.dims3()?;
+        let c = c3 / 3;
+        Ok(Self {
+            b,
+            t,
+            c,
+            nh,
+            hs: c / nh,
+        })
+    }
+
+    /// Calls `f(head-major offset, row-major offset)` for each `hs`-long row of each head:
+    /// head `h` of sequence `i`, position `j` lies at `((i·nh + h)·T + j)·hs` head-major and
+    /// at `(i·T + j)·width + h·hs` in a row-major (B, T, width) tensor.
+    fn rows(&self, width: usize, mut f: impl FnMut(usize, usize)) {
+        for i in 0..self.b {
+            for h in 0..self.nh {
+                for j in 0..self.t {
+                    f(
+                        ((i * self.nh + h) * self.t + j) * self.hs,
+                        (i * self.t + j) * width + h * self.hs,
+                    );
+                }
+            }
+        }
+    }
+
+    /// Head-major copy of the `(B, T, C)` block at column `col` of a (B, T, width) tensor.
+    fn gather(&self, x: &[f32], width: usize, col: usize) -> Vec<f32> {
+        let hs = self.hs;
+        let mut out = vec![0f32; self.b * self.t * self.c];
+        self.rows(width, |hm, rm| {
+            out[hm..hm + hs].copy_from_slice(&x[rm + col..rm + col + hs])
+        });
+        out
+    }
+
+    /// Writes head-major `x` into the `(B, T, C)` block at column `col` of `out` (B, T, width).
+    fn scatter(&self, x: &[f32], out: &mut [f32], width: usize, col: usize) {
+        let hs = self.hs;
+        self.rows(width, |hm, rm| {
+            out[rm + col..rm + col + hs].copy_from_slice(&x[hm..hm + hs])
+        });
+    }
+
+    fn kernel_dims(&self, scale: f32) -> Dims {
+        Dims {
+            heads: self.b * self.nh,
+            tq: self.t,
+            tk: self.t,
+            hs: self.hs,
+            scale,
+        }
+    }
+}
+
+impl candle_core::CustomOp1 for FusedQkvAttention {
+    fn name(&self) -> &'static str {
+        "tinygpt-fused-qkv-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let qd = QkvDims::new(l.shape(), self.n_head)?;
+        let x = cpu_f32(s, l, "qkv")?;
+        let (q, k, v) = (
+            qd.gather(x, 3 * qd.c, 0),
+            qd.gather(x, 3 * qd.c, qd.c),
+            qd.gather(x, 3 * qd.c, 2 * qd.c),
+        );
+        let d = qd.kernel_dims(self.scale);
+        let (o, lse) = forward(Isa::detect(), &q, (&k, d.tk * d.hs), (&v, d.tk * d.hs), d);
+        let mut y = vec![0f32; qd.b * qd.t * qd.c];
+        qd.scatter(&o, &mut y, qd.c, 0);
+        // A fresh op per call, so the cell is empty; were it not, the first forward stands.
+        let _ = self.saved.set(QkvSaved { q, k, v, o, lse });
+        Ok((CpuStorage::F32(y), Shape::from((qd.b, qd.t, qd.c))))
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let Some(saved) = self.saved.get() else {
+            candle_core::bail!("fused attention: backward before forward")
+        };
+        let qd = QkvDims::new(qkv.shape(), self.n_head)?;
+        let grad_res = grad_res.contiguous()?;
+        let (gs, gl) = grad_res.storage_and_layout();
+        let Storage::Cpu(gs) = &*gs else {
+            candle_core::bail!("fused attention: backward needs CPU tensors")
+        };
+        let d_o = qd.gather(cpu_f32(gs, gl, "output gradient")?, qd.c, 0);
+        let inputs = BwdInputs {
+            q: &saved.q,
+            k: &saved.k,
+            v: &saved.v,
+            o: &saved.o,
+            d_o: &d_o,
+            lse: &saved.lse,
+        };
+        let (dq, dk, dv) = backward(Isa::detect(), inputs, qd.kernel_dims(self.scale));
+        let mut dqkv = vec![0f32; qd.b * qd.t * 3 * qd.c];
+        for (i, g) in [dq, dk, dv].iter().enumerate() {
+            qd.scatter(g, &mut dqkv, 3 * qd.c, i * qd.c);
+        }
+        Ok(Some(Tensor::from_vec(dqkv, qkv.shape(), qkv.device())?))
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Driving the kernels over heads
 // ---------------------------------------------------------------------------------------------
@@ -475,8 +664,7 @@ fn for_each_head<T: Send, S>(
     // once, to whichever thread takes the head.
     let slots: Vec<Mutex<Option<T>>> = items.into_iter().map(|t| Mutex::new(Some(t))).collect();
     let next = AtomicUsize::new(0);
-    let pool = barrier_pool();
-    pool.execute_chunked(pool.n_workers() + 1, |_| {
+    let task = || {
         let mut scratch = None;
         loop {
             let h = next.fetch_add(1, Ordering::Relaxed);
@@ -486,7 +674,15 @@ fn for_each_head<T: Send, S>(
                 run(scratch.get_or_insert_with(&new_scratch), h, item);
             }
         }
-    });
+    };
+    if rayon::current_thread_index().is_some() {
+        // Called from a worker of rayon's pool (the trainer runs its steps there, and candle's
+        // pool is then kept to one thread): split the heads over that pool.
+        rayon::broadcast(|_| task());
+    } else {
+        let pool = barrier_pool();
+        pool.execute_chunked(pool.n_workers() + 1, |_| task());
+    }
 }
 
 /// The instruction set the kernels are compiled for, picked once per call at run time.
@@ -1315,6 +1511,69 @@ mod tests {
     #[test]
     fn single_token() {
         check(1, 1, 1, 1, 8, 1.0, 1);
+    }
+
+    /// The split, reference attention and merge that [`causal_attention_qkv`] fuses.
+    fn qkv_reference(qkv: &Tensor, nh: usize, scale: f64) -> Tensor {
+        let (b, t, c3) = qkv.dims3().unwrap();
+        let c = c3 / 3;
+        let heads = |i: usize| {
+            qkv.narrow(2, i * c, c)
+                .unwrap()
+                .reshape((b, t, nh, c / nh))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let y = causal_attention_reference(&heads(0), &heads(1), &heads(2), scale).unwrap();
+        y.transpose(1, 2).unwrap().reshape((b, t, c)).unwrap()
+    }
+
+    /// `causal_attention_qkv` against the split/merge around the reference: values and d(qkv).
+    fn check_qkv(b: usize, t: usize, nh: usize, hs: usize, seed: u64) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let c = nh * hs;
+        let qkv = randn(&mut rng, &[b, t, 3 * c], 1.0);
+        let w = randn(&mut rng, &[b, t, c], 1.0);
+        let scale = 1.0 / (hs as f64).sqrt();
+        let run = |fused: bool| {
+            let x = Var::from_tensor(&qkv).unwrap();
+            let y = if fused {
+                causal_attention_qkv(x.as_tensor(), nh, scale).unwrap()
+            } else {
+                qkv_reference(x.as_tensor(), nh, scale)
+            };
+            let grads = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, grads.get(x.as_tensor()).unwrap().clone())
+        };
+        let ((y, g), (y_ref, g_ref)) = (run(true), run(false));
+        assert_eq!(y.dims(), &[b, t, c]);
+        let (dy, dg) = (max_abs_diff(&y, &y_ref), max_abs_diff(&g, &g_ref));
+        eprintln!("qkv B{b} T{t} nh{nh} hs{hs}: y {dy:.2e}, dqkv {dg:.2e}");
+        assert!(dy <= 1e-4 && dg <= 1e-4, "y {dy}, dqkv {dg}");
+    }
+
+    #[test]
+    fn qkv_attention_matches_split_heads() {
+        check_qkv(1, 1, 1, 8, 21);
+        check_qkv(2, 17, 3, 8, 22);
+        check_qkv(3, 64, 4, 32, 23);
+        // From a rayon worker, as the trainer calls it: heads split over rayon's pool.
+        rayon::scope(|_| check_qkv(2, 70, 4, 16, 24));
+        rayon::scope(|_| {
+            check(2, 4, 64, 64, 32, 1.0, 25);
+        });
+    }
+
+    #[test]
+    fn qkv_attention_bad_shapes_are_errors() {
+        let x = Tensor::zeros((2, 4, 10), DType::F32, &Device::Cpu).unwrap();
+        assert!(causal_attention_qkv(&x, 2, 1.0).is_err()); // 10 is not 3 · 2 · hs
+        let x = Tensor::zeros((4, 12), DType::F32, &Device::Cpu).unwrap();
+        assert!(causal_attention_qkv(&x, 2, 1.0).is_err()); // not (B, T, 3C)
+        assert!(causal_attention_qkv(&x.unsqueeze(0).unwrap(), 0, 1.0).is_err());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
-use crate::attention::{attention_probs, causal_attention};
+use crate::attention::{attention_probs, causal_attention, causal_attention_qkv};
 use crate::layers;
 use crate::{Error, Result};
 
@@ -157,6 +157,14 @@ impl CausalSelfAttention {
         let (b, t, c) = x.dims3()?;
         let (nh, hs) = (self.n_head, c / self.n_head);
         let qkv = self.c_attn.forward(x)?; // (B, T, 3C)
+        let scale = 1.0 / (hs as f64).sqrt();
+        let attn_dropout = matches!(train, Some((_, p)) if *p > 0.0);
+        if layer_cache.is_none() && !attn_dropout {
+            // Training and whole-sequence inference: heads split and merged inside one op.
+            let y = causal_attention_qkv(&qkv, nh, scale)?; // (B, T, C)
+            let y = self.c_proj.forward(&y)?;
+            return Ok(maybe_dropout(y, train)?); // resid_dropout
+        }
         let heads = |i: usize| -> candle_core::Result<Tensor> {
             qkv.narrow(2, i * c, c)? // (B, T, C)
                 .reshape((b, t, nh, hs))? // (B, T, nh, hs)
@@ -189,7 +197,6 @@ impl CausalSelfAttention {
                 v = kv.v.narrow(2, 0, past + t)?;
             }
         }
-        let scale = 1.0 / (hs as f64).sqrt();
         let y = match train {
             // Attention dropout needs the weights themselves: the plain-op path.
             Some((_, p)) if *p > 0.0 => {

@@ -310,6 +310,48 @@ struct AdamWKernel<'a> {
     state: std::sync::Mutex<(&'a mut Vec<f32>, &'a mut Vec<f32>)>,
 }
 
+/// The f32 coefficients of one AdamW update of one tensor.
+struct Coefs {
+    b1: f32,
+    b2: f32,
+    one_b1: f32,
+    one_b2: f32,
+    scale: f32,
+    step: f32,
+    inv_bc2: f32,
+    eps: f32,
+    keep: f32,
+}
+
+crate::layers::multiversion! {
+    /// AdamW on slices of equal length: `m, v` updated, then `p` (decayed by `keep`).
+    fn adamw_update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: &Coefs) {
+        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let gi = g * c.scale;
+            let mi = c.b1 * *m + c.one_b1 * gi;
+            let vi = c.b2 * *v + c.one_b2 * gi * gi;
+            *m = mi;
+            *v = vi;
+            *p = *p * c.keep - c.step * mi / (vi.sqrt() * c.inv_bc2 + c.eps);
+        }
+    }
+}
+
+crate::layers::multiversion! {
+    /// Σ x² in f64, with eight running sums so the loop vectorises.
+    fn sum_sq_f64(x: &[f32]) -> f64 {
+        let mut acc = [0f64; 8];
+        let chunks = x.chunks_exact(8);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a += (v as f64) * (v as f64);
+            }
+        }
+        acc.iter().sum::<f64>() + rest.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()
+    }
+}
+
 impl candle_core::InplaceOp2 for AdamWKernel<'_> {
     fn name(&self) -> &'static str {
         "adamw"
@@ -351,14 +393,18 @@ impl candle_core::InplaceOp2 for AdamWKernel<'_> {
         } else {
             1.0
         };
-        for i in 0..p.len() {
-            let gi = g[i] * scale;
-            let mi = b1 * m[i] + one_b1 * gi;
-            let vi = b2 * v[i] + one_b2 * gi * gi;
-            m[i] = mi;
-            v[i] = vi;
-            p[i] = p[i] * keep - step * mi / (vi.sqrt() * inv_bc2 + eps);
-        }
+        let c = Coefs {
+            b1,
+            b2,
+            one_b1,
+            one_b2,
+            scale,
+            step,
+            inv_bc2,
+            eps,
+            keep,
+        };
+        adamw_update(p, g, m, v, &c);
         Ok(())
     }
 }
@@ -422,7 +468,7 @@ fn sum_of_squares(g: &Tensor) -> Result<f64> {
         if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)), Some((a, b))) =
             (&*storage, layout.contiguous_offsets())
         {
-            return Ok(data[a..b].iter().map(|&x| (x as f64) * (x as f64)).sum());
+            return Ok(sum_sq_f64(&data[a..b]));
         }
     }
     Ok(g.to_dtype(DType::F32)?

@@ -31,7 +31,7 @@ use crate::{Error, Result};
 const EVAL_SEED: u64 = 0x5eed_e7a1;
 
 /// What a stage contributes to training: its parameters, its loss and how to save its model.
-pub trait Objective {
+pub trait Objective: Send {
     /// The stage's name (`"pretrain"`, `"sft"`, …), recorded in `trainer_state.json`.
     fn stage(&self) -> &str;
 
@@ -566,6 +566,19 @@ impl Trainer {
     /// Errors of the objective or the optimiser; a NaN or infinite loss is
     /// [`Error::InvalidArgument`] (the parameters are then left as they were).
     pub fn optimizer_step<O: Objective + ?Sized>(
+        &mut self,
+        objective: &mut O,
+        it: usize,
+        lr: f64,
+    ) -> Result<StepStats> {
+        // The step runs on a worker of rayon's global pool, the pool candle's matmuls and our
+        // kernels split their work over: a call from outside the pool would hand each matmul
+        // to the pool and sleep until it is done (a futex wait and a wake-up per matmul, and
+        // a third thread competing for the cores), where a worker runs its share itself.
+        rayon::scope(|_| self.optimizer_step_here(objective, it, lr))
+    }
+
+    fn optimizer_step_here<O: Objective + ?Sized>(
         &mut self,
         objective: &mut O,
         it: usize,
