@@ -1,6 +1,7 @@
 //! Decoding speed of a GPT-2-small-shaped model (random weights, batch 1): tokens per second with
 //! the KV cache (one position per step) and without (the whole window recomputed every step), f32
-//! and f16 weights.
+//! and f16 weights. `kv_cache` times a whole generation (the 16-token prompt's forward pass,
+//! then 16 new tokens); `kv_cache_decode_only` the 16 decoding steps alone.
 //!
 //! `cargo bench --bench generate` (threads: `RAYON_NUM_THREADS`, default 2).
 
@@ -50,6 +51,27 @@ fn bench(c: &mut Criterion) {
                     }
                     common::sync(&device);
                     logits
+                })
+            });
+            // The decoding steps alone, the prompt's forward pass (prefill) left out of the clock.
+            group.bench_function(format!("kv_cache_decode_only/{dtype:?}"), |b| {
+                b.iter_custom(|iters| {
+                    let mut total = std::time::Duration::ZERO;
+                    for _ in 0..iters {
+                        let mut cache = KvCache::new(cfg.n_layer);
+                        let x = Tensor::from_slice(&prompt, (1, PROMPT), &device).expect("x");
+                        let mut logits = model.forward_with_cache(&x, &mut cache).expect("prefill");
+                        common::sync(&device);
+                        let start = std::time::Instant::now();
+                        for _ in 0..NEW {
+                            let next = logits.argmax(1).expect("argmax"); // (1,)
+                            let x = next.unsqueeze(0).expect("x"); // (1, 1)
+                            logits = model.forward_with_cache(&x, &mut cache).expect("step");
+                        }
+                        common::sync(&device);
+                        total += start.elapsed();
+                    }
+                    total
                 })
             });
             if dtype == DType::F32 {

@@ -745,7 +745,7 @@ fn linear_impl(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, fuse: bool) -
     }
     let lead = &x.dims()[..x.rank() - 1];
     let rows: usize = lead.iter().product();
-    let y = x.reshape((rows, d_in))?.matmul(weight)?; // (rows, out)
+    let y = crate::gemv::matmul(&x.reshape((rows, d_in))?, weight)?; // (rows, out)
     let y = match bias {
         Some(b) if fuse => add_bias(&y, b)?,
         Some(b) => add_bias_reference(&y, b)?,

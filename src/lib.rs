@@ -51,6 +51,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod data;
 pub mod error;
+mod gemv;
 pub mod hf;
 pub mod layers;
 pub mod model;

@@ -54,7 +54,9 @@ impl LayerNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        layers::layer_norm(x, &self.weight, self.bias.as_ref(), LAYER_NORM_EPS) // (.., C)
+        let weight = like(Some(&self.weight), x)?.unwrap_or_else(|| self.weight.clone());
+        let bias = like(self.bias.as_ref(), x)?;
+        layers::layer_norm(x, &weight, bias.as_ref(), LAYER_NORM_EPS) // (.., C)
     }
 }
 
@@ -79,14 +81,26 @@ impl Linear {
 
     /// (B, T, in) → (B, T, out): a gemm, then the bias as one fused op.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        layers::linear(x, &self.weight, self.bias.as_ref())
+        let bias = like(self.bias.as_ref(), x)?;
+        layers::linear(x, &self.weight, bias.as_ref())
     }
 
     /// (B, T, in) → gelu(x @ W + b), (B, T, out): the bias add fused into the GELU.
     fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
         let h = layers::linear(x, &self.weight, None)?; // (B, T, out)
-        layers::bias_gelu(&h, self.bias.as_ref())
+        layers::bias_gelu(&h, like(self.bias.as_ref(), x)?.as_ref())
     }
+}
+
+/// A small parameter (LayerNorm scale or shift, a bias) in the dtype of the activations `x`.
+/// On the CPU a half-precision model computes in f32 (see [`Gpt::to_dtype`]), so its f16
+/// vectors are widened at each use (C or 4C elements: nothing beside the matmuls).
+fn like(t: Option<&Tensor>, x: &Tensor) -> Result<Option<Tensor>> {
+    Ok(match t {
+        Some(t) if t.dtype() != x.dtype() => Some(t.to_dtype(x.dtype())?),
+        Some(t) => Some(t.clone()),
+        None => None,
+    })
 }
 
 /// Softmax over the last dimension from primitives (candle's fused one has no backward).
@@ -179,7 +193,7 @@ impl CausalSelfAttention {
                 Some(kv) if fits(kv) => {}
                 Some(kv) if past > 0 => {
                     return Err(Error::InvalidArgument(format!(
-                        "the KV cache holds keys of shape {:?} {:?}, this batch needs {shape:?}                          {:?}: reset the cache between batches of another size",
+                        "the KV cache holds keys of shape {:?} {:?}, this batch needs {shape:?} {:?}: reset the cache between batches of another size",
                         kv.k.dims(),
                         kv.k.dtype(),
                         k.dtype()
@@ -725,14 +739,19 @@ impl Gpt {
         let c = self.cfg.n_embd;
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?; // (B*T,)
         let tok_emb = self.wte.embedding(&ids)?; // (B*T, C)
-                                                 // Positions gathered per token rather than broadcast over the batch: the backward of a
-                                                 // gather is one scatter-add, where a broadcast's would reduce over B element by element.
+
+        // Positions gathered per token rather than broadcast over the batch: the backward of a
+        // gather is one scatter-add, where a broadcast's would reduce over B element by element.
         let positions: Vec<u32> = (0..b)
             .flat_map(|_| (past..past + t).map(|p| p as u32))
             .collect();
         let positions = Tensor::from_vec(positions, b * t, self.wpe.device())?;
         let pos_emb = self.wpe.embedding(&positions)?; // (B*T, C)
-        let x = (tok_emb + pos_emb)?.reshape((b, t, c))?; // (B, T, C)
+        let mut x = (tok_emb + pos_emb)?.reshape((b, t, c))?; // (B, T, C)
+        if x.device().is_cpu() && x.dtype() != DType::F32 {
+            // Half-precision weights on the CPU: the activations are f32 (see `to_dtype`).
+            x = x.to_dtype(DType::F32)?;
+        }
         let mut x = maybe_dropout(x, &mut train)?;
         match cache {
             Some(cache) => {
@@ -754,7 +773,7 @@ impl Gpt {
     /// The language-model head, tied to the token embedding: (B, T, C) → (B, T, V).
     pub(crate) fn lm_head(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
-        let logits = x.reshape((b * t, c))?.matmul(&self.wte.t()?)?; // (B*T, V)
+        let logits = crate::gemv::matmul(&x.reshape((b * t, c))?, &self.wte.t()?)?; // (B*T, V)
         Ok(logits.reshape((b, t, self.cfg.vocab_size))?)
     }
 
@@ -764,8 +783,12 @@ impl Gpt {
     }
 
     /// A copy of the model with its weights in `dtype` (e.g. f16 for faster decoding: half the
-    /// bytes to read per token). LayerNorm and the attention softmax still compute in f32.
-    /// The copy holds constant weights (for inference).
+    /// bytes to read per token). The copy holds constant weights (for inference).
+    ///
+    /// On the CPU the activations stay f32 whatever `dtype` is: decoding streams f16 weight
+    /// matrices through kernels that widen each weight as it is read, and the small vectors
+    /// (LayerNorm, biases) are widened at each use, so only the weights are rounded. On CUDA
+    /// the whole forward pass runs in `dtype` (LayerNorm and the attention softmax in f32).
     ///
     /// # Errors
     /// candle errors on conversion.

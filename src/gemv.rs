@@ -1,0 +1,457 @@
+//! Products of a few rows with an f16 weight matrix, for decoding with f16 weights.
+//!
+//! Decoding one token multiplies a single row by every weight matrix, so its speed is the
+//! speed at which the weights stream from memory: a GPT-2 124M reads 500 MB of f32 weights per
+//! token, half that in f16. candle's CPU matmul in f16 (gemm) converts and packs its operands
+//! for a full matrix product and ends up no faster than f32 for one row. Here each weight is
+//! read once, converted to f32 in registers and multiplied into f32 accumulators, the output
+//! columns split over rayon's threads.
+//!
+//! [`matmul`] takes `x (rows, in)` and a weight either in Hugging Face's Conv1D layout
+//! `(in, out)` or as the transpose of a contiguous `(out, in)` matrix (the tied head
+//! `wteᵀ`), and falls back to candle's `matmul` for anything else (more than [`MAX_ROWS`]
+//! rows, another dtype or device). It is differentiable (the backward uses candle's matmul).
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+
+use crate::layers::multiversion;
+use crate::Result;
+
+/// Up to this many rows (tokens decoded at once) take the streaming kernels; more rows reuse
+/// each weight often enough that a matrix-matrix product (gemm) is faster.
+pub(crate) const MAX_ROWS: usize = 8;
+
+/// Below this many multiply-adds a product runs on the calling thread.
+const PARALLEL_MIN_WORK: usize = 1 << 16;
+
+/// `x (rows, in) @ w (in, out)` for an f16 weight and f32 (or f16) activations, returned in
+/// `x`'s dtype. Through the streaming kernels when both are CPU tensors, `rows <= MAX_ROWS`,
+/// `w` is contiguous `(in, out)` or the transpose of a contiguous `(out, in)`, and neither
+/// needs gradients (the kernels have no backward); otherwise candle's `matmul`, with `x`
+/// converted to `w`'s dtype and the result back where they differ.
+///
+/// # Errors
+/// candle's errors for mismatched shapes, dtypes or devices.
+pub(crate) fn matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let streaming = x.device().is_cpu()
+        && w.dtype() == DType::F16
+        && matches!(x.dtype(), DType::F16 | DType::F32)
+        && x.rank() == 2
+        && x.dim(0)? <= MAX_ROWS
+        && weight_layout(w.layout()).is_some()
+        && w.dims().first() == x.dims().last()
+        && !x.track_op()
+        && !w.track_op();
+    if streaming {
+        return Ok(x.contiguous()?.apply_op2_no_bwd(w, &F16Matmul)?);
+    }
+    if x.dtype() != w.dtype() {
+        return Ok(x.to_dtype(w.dtype())?.matmul(w)?.to_dtype(x.dtype())?);
+    }
+    Ok(x.matmul(w)?)
+}
+
+/// How a weight `(in, out)` lies in memory.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum WeightLayout {
+    /// Row-major `(in, out)`: row `i` holds the weights from input `i` to every output.
+    InOut,
+    /// The transpose of a row-major `(out, in)`: row `j` of the storage holds output `j`'s
+    /// weights from every input (the tied head `wteᵀ`).
+    OutIn,
+}
+
+fn weight_layout(l: &Layout) -> Option<WeightLayout> {
+    let [d_in, d_out] = l.dims() else { return None };
+    match l.stride() {
+        [s0, 1] if *s0 == *d_out => Some(WeightLayout::InOut),
+        [1, s1] if *s1 == *d_in => Some(WeightLayout::OutIn),
+        _ => None,
+    }
+}
+
+/// The op over `(x, w)`, forward only: [`matmul`] applies it where no gradient is needed.
+struct F16Matmul;
+
+impl CustomOp2 for F16Matmul {
+    fn name(&self) -> &'static str {
+        "tinygpt-f16-gemv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, d_in) = xl.shape().dims2()?;
+        let (_, d_out) = wl.shape().dims2()?;
+        let (Some((x0, x1)), Some(kind)) = (xl.contiguous_offsets(), weight_layout(wl)) else {
+            candle_core::bail!("f16 gemv: unexpected layouts")
+        };
+        let x: Vec<f32> = match xs {
+            CpuStorage::F32(v) => v[x0..x1].to_vec(),
+            CpuStorage::F16(v) => {
+                let mut x = vec![0f32; rows * d_in];
+                v[x0..x1].convert_to_f32_slice(&mut x);
+                x
+            }
+            _ => candle_core::bail!("f16 gemv: activations must be f32 or f16"),
+        };
+        let w_all: &[u16] = ws.as_slice::<f16>()?.reinterpret_cast();
+        let w = w_all
+            .get(wl.start_offset()..wl.start_offset() + d_in * d_out)
+            .ok_or_else(|| {
+                candle_core::Error::Msg("f16 gemv: weight exceeds its storage".into())
+            })?;
+        let y = match kind {
+            WeightLayout::InOut => in_out(&x, rows, d_in, w, d_out),
+            WeightLayout::OutIn => out_in(&x, rows, d_in, w, d_out),
+        };
+        let out = match xs {
+            CpuStorage::F16(_) => {
+                let mut out = vec![f16::ZERO; y.len()];
+                out.convert_from_f32_slice(&y);
+                CpuStorage::F16(out)
+            }
+            _ => CpuStorage::F32(y),
+        };
+        Ok((out, Shape::from((rows, d_out))))
+    }
+}
+
+/// Output chunks for the threads over `n` outputs, in multiples of 16.
+fn chunk_len(n: usize, work: usize) -> usize {
+    let threads = if work >= PARALLEL_MIN_WORK {
+        rayon::current_num_threads().max(1)
+    } else {
+        1
+    };
+    n.div_ceil(threads).div_ceil(16).max(1) * 16
+}
+
+/// `y (rows, out) = x (rows, in) @ w`, `w` row-major `(in, out)` in f16 bits. The inputs
+/// (rows of `w`) are split over the threads, so each thread streams one contiguous block of
+/// the weights into a whole-width partial sum; the partial sums are added in order.
+fn in_out(x: &[f32], rows: usize, d_in: usize, w: &[u16], d_out: usize) -> Vec<f32> {
+    let threads = if rows * d_in * d_out >= PARALLEL_MIN_WORK {
+        rayon::current_num_threads().clamp(1, d_in.max(1))
+    } else {
+        1
+    };
+    let len = d_in.div_ceil(threads).div_ceil(4).max(1) * 4;
+    let starts: Vec<usize> = (0..d_in).step_by(len).collect();
+    let parts: Vec<Vec<f32>> = starts
+        .par_iter()
+        .map(|&i0| {
+            let i1 = (i0 + len).min(d_in);
+            let mut acc = vec![0f32; rows * d_out];
+            in_out_rows_best(x, d_in, &w[i0 * d_out..i1 * d_out], d_out, i0, &mut acc);
+            acc
+        })
+        .collect();
+    let mut parts = parts.into_iter();
+    let mut y = parts.next().unwrap_or_else(|| vec![0f32; rows * d_out]);
+    for p in parts {
+        for (a, b) in y.iter_mut().zip(&p) {
+            *a += b;
+        }
+    }
+    y
+}
+
+/// `y (rows, out) = x (rows, in) @ wᵀ`, `w` row-major `(out, in)` in f16 bits.
+fn out_in(x: &[f32], rows: usize, d_in: usize, w: &[u16], d_out: usize) -> Vec<f32> {
+    let len = chunk_len(d_out, rows * d_in * d_out);
+    let starts: Vec<usize> = (0..d_out).step_by(len).collect();
+    let parts: Vec<Vec<f32>> = starts
+        .par_iter()
+        .map(|&j0| {
+            let n = len.min(d_out - j0);
+            let mut part = vec![0f32; rows * n];
+            out_in_chunk_best(x, d_in, &w[j0 * d_in..(j0 + n) * d_in], &mut part);
+            part
+        })
+        .collect();
+    let mut y = vec![0f32; rows * d_out];
+    for (&j0, part) in starts.iter().zip(&parts) {
+        let n = part.len() / rows.max(1);
+        for r in 0..rows {
+            y[r * d_out + j0..r * d_out + j0 + n].copy_from_slice(&part[r * n..(r + 1) * n]);
+        }
+    }
+    y
+}
+
+/// f16 bits to f32, branch-free so that loops of it vectorise: the exponent and mantissa
+/// shifted into an f32 and rescaled by 2¹¹² (exact for normal and subnormal halves, whose
+/// f32 images are then normal or subnormal), infinities and NaNs given the f32's all-ones
+/// exponent, then the sign.
+#[inline(always)]
+fn f16_to_f32(h: u16) -> f32 {
+    let h = h as u32;
+    let em = h & 0x7fff;
+    let scaled = f32::from_bits(em << 13) * f32::from_bits(0x7780_0000); // × 2^112
+    let v = if em >= 0x7c00 {
+        f32::from_bits((em << 13) | 0x7f80_0000)
+    } else {
+        scaled
+    };
+    f32::from_bits(v.to_bits() | ((h & 0x8000) << 16))
+}
+
+multiversion! {
+    /// Adds `x[.., i0 + k] · w[k, ..]` over the weight rows `w` (row-major, `d_out` wide)
+    /// into each row's accumulator `acc[r·d_out..]`. Four weight rows at a time: each pass
+    /// over the accumulator then adds four (a quarter of the accumulator traffic).
+    fn in_out_rows(x: &[f32], d_in: usize, w: &[u16], d_out: usize, i0: usize, acc: &mut [f32]) {
+        let n_w = w.len() / d_out.max(1);
+        let row = |k: usize| &w[k * d_out..(k + 1) * d_out];
+        let mut k = 0;
+        while k + 4 <= n_w {
+            let (w0, w1, w2, w3) = (row(k), row(k + 1), row(k + 2), row(k + 3));
+            for (out, xr) in acc.chunks_exact_mut(d_out).zip(x.chunks_exact(d_in)) {
+                let i = i0 + k;
+                let (a0, a1, a2, a3) = (xr[i], xr[i + 1], xr[i + 2], xr[i + 3]);
+                let cols = out.iter_mut().zip(w0).zip(w1).zip(w2).zip(w3);
+                for ((((o, &h0), &h1), &h2), &h3) in cols {
+                    *o += a0 * f16_to_f32(h0)
+                        + a1 * f16_to_f32(h1)
+                        + a2 * f16_to_f32(h2)
+                        + a3 * f16_to_f32(h3);
+                }
+            }
+            k += 4;
+        }
+        for k in k..n_w {
+            let w0 = row(k);
+            for (out, xr) in acc.chunks_exact_mut(d_out).zip(x.chunks_exact(d_in)) {
+                let a0 = xr[i0 + k];
+                for (o, &h0) in out.iter_mut().zip(w0) {
+                    *o += a0 * f16_to_f32(h0);
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Outputs `0..w.len() / in` of `x @ wᵀ` for weight rows `w` (row-major, `in` wide),
+    /// into `part` (rows, n): each weight row dotted with every row of `x`.
+    fn out_in_chunk(x: &[f32], d_in: usize, w: &[u16], part: &mut [f32]) {
+        let n = w.len() / d_in.max(1);
+        for (j, wr) in w.chunks_exact(d_in).enumerate() {
+            for (r, xr) in x.chunks_exact(d_in).enumerate() {
+                part[r * n + j] = dot_f16(xr, wr);
+            }
+        }
+    }
+}
+
+/// Σ a·f32(b) with sixteen running sums, so the loop vectorises.
+#[inline(always)]
+fn dot_f16(a: &[f32], b: &[u16]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let rest: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(&x, &h)| x * f16_to_f32(h))
+        .sum();
+    for (xa, xb) in ca.zip(cb) {
+        for ((s, &x), &h) in acc.iter_mut().zip(xa).zip(xb) {
+            *s += x * f16_to_f32(h);
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
+/// [`in_out_rows`] with AVX-512's f16 conversion instruction where the CPU has it.
+fn in_out_rows_best(x: &[f32], d_in: usize, w: &[u16], d_out: usize, i0: usize, acc: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F, the one feature the function is compiled for.
+        return unsafe { avx512::in_out_rows(x, d_in, w, d_out, i0, acc) };
+    }
+    in_out_rows(x, d_in, w, d_out, i0, acc)
+}
+
+/// [`out_in_chunk`] with AVX-512's f16 conversion instruction where the CPU has it.
+fn out_in_chunk_best(x: &[f32], d_in: usize, w: &[u16], part: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F, the one feature the function is compiled for.
+        return unsafe { avx512::out_in_chunk(x, d_in, w, part) };
+    }
+    out_in_chunk(x, d_in, w, part)
+}
+
+/// The two kernels with AVX-512F intrinsics: `vcvtph2ps` turns 16 halves into 16 floats in one
+/// instruction, where the portable conversion takes about seven, which made the portable
+/// kernels compute-bound below the memory bandwidth. Multiply-adds are fused here, so results
+/// may differ from the portable kernels' in the last bit.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::f16_to_f32;
+
+    /// As [`super::in_out_rows`].
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn in_out_rows(
+        x: &[f32],
+        d_in: usize,
+        w: &[u16],
+        d_out: usize,
+        i0: usize,
+        acc: &mut [f32],
+    ) {
+        let n_w = w.len() / d_out.max(1);
+        let row = |k: usize| &w[k * d_out..(k + 1) * d_out];
+        let vec_end = d_out / 16 * 16;
+        let mut k = 0;
+        while k < n_w {
+            let take = (n_w - k).min(4);
+            let ws: [&[u16]; 4] = std::array::from_fn(|q| row(k + q.min(take - 1)));
+            for (out, xr) in acc.chunks_exact_mut(d_out).zip(x.chunks_exact(d_in)) {
+                // Rows past `take` repeat the last one with a zero coefficient.
+                let a: [f32; 4] =
+                    std::array::from_fn(|q| if q < take { xr[i0 + k + q] } else { 0.0 });
+                let av = a.map(|v| _mm512_set1_ps(v));
+                let mut j = 0;
+                while j < vec_end {
+                    // SAFETY: j + 16 <= d_out, the length of `out` and of every `ws[q]`.
+                    unsafe {
+                        let mut o = _mm512_loadu_ps(out.as_ptr().add(j));
+                        for q in 0..4 {
+                            let h = _mm256_loadu_si256(ws[q].as_ptr().add(j) as *const __m256i);
+                            o = _mm512_fmadd_ps(av[q], _mm512_cvtph_ps(h), o);
+                        }
+                        _mm512_storeu_ps(out.as_mut_ptr().add(j), o);
+                    }
+                    j += 16;
+                }
+                for j in vec_end..d_out {
+                    for q in 0..4 {
+                        out[j] += a[q] * f16_to_f32(ws[q][j]);
+                    }
+                }
+            }
+            k += take;
+        }
+    }
+
+    /// As [`super::out_in_chunk`].
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn out_in_chunk(x: &[f32], d_in: usize, w: &[u16], part: &mut [f32]) {
+        let n = w.len() / d_in.max(1);
+        let vec_end = d_in / 16 * 16;
+        for (j, wr) in w.chunks_exact(d_in).enumerate() {
+            for (r, xr) in x.chunks_exact(d_in).enumerate() {
+                let mut i = 0;
+                let mut s = _mm512_setzero_ps();
+                while i < vec_end {
+                    // SAFETY: i + 16 <= d_in, the length of `xr` and `wr`.
+                    unsafe {
+                        let h = _mm256_loadu_si256(wr.as_ptr().add(i) as *const __m256i);
+                        let xv = _mm512_loadu_ps(xr.as_ptr().add(i));
+                        s = _mm512_fmadd_ps(xv, _mm512_cvtph_ps(h), s);
+                    }
+                    i += 16;
+                }
+                let mut total = _mm512_reduce_add_ps(s);
+                for i in vec_end..d_in {
+                    total += xr[i] * f16_to_f32(wr[i]);
+                }
+                part[r * n + j] = total;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn f16_conversion_is_exact_for_every_half() {
+        for bits in 0..=u16::MAX {
+            let want = f16::from_bits(bits).to_f32();
+            let got = f16_to_f32(bits);
+            if want.is_nan() {
+                assert!(got.is_nan(), "{bits:#06x}");
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "{bits:#06x}");
+            }
+        }
+    }
+
+    fn random(rng: &mut rand_chacha::ChaCha8Rng, dims: (usize, usize)) -> Tensor {
+        let data: Vec<f32> = (0..dims.0 * dims.1)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        Tensor::from_vec(data, dims, &Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::F16))
+            .unwrap()
+    }
+
+    /// Both layouts, one and several rows, sizes that are not multiples of 16, serial and
+    /// split: the streaming kernels against candle's f32 matmul of the same f16 values.
+    #[test]
+    fn matches_candle_matmul() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        for &(rows, d_in, d_out) in &[(1, 8, 5), (3, 37, 70), (1, 768, 2304), (8, 129, 1000)] {
+            let x = random(&mut rng, (rows, d_in));
+            let w = random(&mut rng, (d_in, d_out));
+            let w_t = random(&mut rng, (d_out, d_in)); // used as w_tᵀ: (in, out)
+            let layouts = [w.clone(), w_t.t().unwrap()];
+            for (w, x) in layouts
+                .iter()
+                .flat_map(|w| [(w, x.clone()), (w, x.to_dtype(DType::F32).unwrap())])
+            {
+                let got = matmul(&x, w).unwrap();
+                assert_eq!(got.dtype(), x.dtype());
+                let want = x
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .matmul(&w.to_dtype(DType::F32).unwrap())
+                    .unwrap();
+                let diff = (got.to_dtype(DType::F32).unwrap() - &want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+                let scale = scale.to_scalar::<f32>().unwrap();
+                // f32 accumulation, then one rounding to f16 (relative 2^-11).
+                assert!(
+                    diff <= scale * 1e-3,
+                    "{rows}x{d_in}x{d_out}: {diff} vs {scale}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn other_inputs_fall_back_to_candle() {
+        let x = Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap();
+        let w = Tensor::ones((3, 4), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(
+            matmul(&x, &w).unwrap().to_vec2::<f32>().unwrap(),
+            [[3f32; 4]; 2]
+        );
+        assert!(matmul(&x, &w.t().unwrap()).is_err()); // (4, 3): shapes disagree
+    }
+}
