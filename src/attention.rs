@@ -1191,7 +1191,11 @@ fn to_panels(x: &[f32], n: usize, hs: usize, w: usize, panels: &mut [f32]) {
     for (p, rows) in x[..n * hs].chunks(w * hs).enumerate() {
         let panel = &mut panels[p * w * hs..(p + 1) * w * hs];
         let n_rows = rows.len() / hs;
-        let in_blocks = if hs % T == 0 { n_rows / T * T } else { 0 };
+        let in_blocks = if hs.is_multiple_of(T) {
+            n_rows / T * T
+        } else {
+            0
+        };
         for c0 in (0..in_blocks).step_by(T) {
             for d0 in (0..hs).step_by(T) {
                 let block: [[f32; T]; T] = std::array::from_fn(|i| {

@@ -444,6 +444,38 @@ mod tests {
         }
     }
 
+    /// The portable kernels (what CPUs without AVX-512 run) against the AVX-512 ones.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn portable_kernels_match_avx512() {
+        if !is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+        let (rows, d_in, d_out) = (3, 45, 77);
+        let x: Vec<f32> = (0..rows * d_in)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let w: Vec<u16> = (0..d_in * d_out)
+            .map(|_| f16::from_f32(rng.random_range(-1.0..1.0)).to_bits())
+            .collect();
+        let close = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .all(|(p, q)| (p - q).abs() <= 1e-5 * (1.0 + q.abs()))
+        };
+        let (mut a, mut b) = (vec![0f32; rows * d_out], vec![0f32; rows * d_out]);
+        in_out_rows(&x, d_in, &w[5 * d_out..], d_out, 5, &mut a);
+        // SAFETY: checked above that the CPU has AVX-512F.
+        unsafe { avx512::in_out_rows(&x, d_in, &w[5 * d_out..], d_out, 5, &mut b) };
+        assert!(close(&a, &b));
+        let (mut a, mut b) = (vec![0f32; rows * d_out], vec![0f32; rows * d_out]);
+        out_in_chunk(&x, d_in, &w[..d_out * d_in], &mut a);
+        // SAFETY: as above.
+        unsafe { avx512::out_in_chunk(&x, d_in, &w[..d_out * d_in], &mut b) };
+        assert!(close(&a, &b));
+    }
+
     #[test]
     fn other_inputs_fall_back_to_candle() {
         let x = Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap();

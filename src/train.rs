@@ -533,7 +533,7 @@ impl Trainer {
             window_time += dt;
             eval_window.0 += tokens as u64;
             eval_window.1 += dt;
-            if self.state.step % self.cfg.log_interval.max(1) == 0
+            if self.state.step.is_multiple_of(self.cfg.log_interval.max(1))
                 || self.state.step == self.cfg.max_iters
             {
                 on_event(&TrainEvent::Step {
