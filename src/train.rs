@@ -31,6 +31,9 @@ use crate::{Error, Result};
 const EVAL_SEED: u64 = 0x5eed_e7a1;
 
 /// What a stage contributes to training: its parameters, its loss and how to save its model.
+///
+/// `Send`, because the [`Trainer`] runs each step and each evaluation on a worker of rayon's
+/// thread pool (the pool the matmuls and fused kernels split their work over).
 pub trait Objective: Send {
     /// The stage's name (`"pretrain"`, `"sft"`, …), recorded in `trainer_state.json`.
     fn stage(&self) -> &str;
@@ -648,7 +651,9 @@ impl Trainer {
         tokens_per_sec: f64,
     ) -> Result<Vec<(String, f64)>> {
         let mut metrics = vec![("step".to_string(), step as f64)];
-        metrics.extend(objective.evaluate(self.cfg.eval_iters, &mut self.eval_rng)?);
+        // On a rayon worker, as the training steps (see `optimizer_step`).
+        let (eval_iters, eval_rng) = (self.cfg.eval_iters, &mut self.eval_rng);
+        metrics.extend(rayon::scope(|_| objective.evaluate(eval_iters, eval_rng))?);
         metrics.push(("lr".into(), lr));
         metrics.push(("tokens_per_sec".into(), tokens_per_sec));
         metrics.push(("elapsed_s".into(), self.state.elapsed_s));
