@@ -48,6 +48,8 @@
 //!
 //! Threads come from candle's CPU thread pool, as for candle's own ops: set
 //! `CANDLE_NUM_THREADS` (or `RAYON_NUM_THREADS`, which candle also reads) to choose how many.
+//! With `CANDLE_NUM_THREADS=1` (the examples' setting), a call from a rayon worker (the
+//! trainer's steps) splits the heads over rayon's pool instead.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError};
@@ -645,7 +647,9 @@ fn backward(isa: Isa, x: BwdInputs, d: Dims) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
 /// `CANDLE_NUM_THREADS` or else `RAYON_NUM_THREADS`), not rayon's global one: its workers spin
 /// for a while after each candle op, so a second pool running next to them would share the
 /// cores with spinning threads. Measured on a busy 2-core machine, fwd+bwd at B 4, nh 12,
-/// T 64 had a median of 5–12 ms on a rayon pool beside them and 0.9 ms on theirs.
+/// T 64 had a median of 5–12 ms on a rayon pool beside them and 0.9 ms on theirs. When
+/// candle's pool has no workers of its own and the caller is a rayon worker, the heads go to
+/// rayon's pool.
 fn for_each_head<T: Send, S>(
     items: Vec<T>,
     parallel: bool,
@@ -675,12 +679,13 @@ fn for_each_head<T: Send, S>(
             }
         }
     };
-    if rayon::current_thread_index().is_some() {
-        // Called from a worker of rayon's pool (the trainer runs its steps there, and candle's
-        // pool is then kept to one thread): split the heads over that pool.
+    let pool = barrier_pool();
+    if pool.n_workers() == 0 && rayon::current_thread_index().is_some() {
+        // candle's pool is the calling thread alone (`CANDLE_NUM_THREADS=1`, as the examples
+        // run) and the caller is a worker of rayon's pool (the trainer runs its steps there):
+        // split the heads over rayon's pool instead.
         rayon::broadcast(|_| task());
     } else {
-        let pool = barrier_pool();
         pool.execute_chunked(pool.n_workers() + 1, |_| task());
     }
 }
