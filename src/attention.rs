@@ -1441,6 +1441,7 @@ fn exp<F: Arith>(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::max_abs_diff;
     use candle_core::Var;
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
@@ -1451,20 +1452,6 @@ mod tests {
         let n = shape.iter().product();
         let data: Vec<f32> = (0..n).map(|_| normal.sample(rng)).collect();
         Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        assert_eq!(a.dims(), b.dims());
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     /// Values and gradients of `loss = Σ y ∘ w` through `f`.

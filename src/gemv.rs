@@ -377,6 +377,7 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::max_abs_diff;
     use candle_core::Device;
     use rand::{Rng, SeedableRng};
 
@@ -423,16 +424,7 @@ mod tests {
                     .unwrap()
                     .matmul(&w.to_dtype(DType::F32).unwrap())
                     .unwrap();
-                let diff = (got.to_dtype(DType::F32).unwrap() - &want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let diff = max_abs_diff(&got.to_dtype(DType::F32).unwrap(), &want);
                 let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
                 let scale = scale.to_scalar::<f32>().unwrap();
                 // f32 accumulation, then one rounding to f16 (relative 2^-11).

@@ -60,6 +60,8 @@ pub mod pretrain;
 pub mod rlhf;
 pub mod sampler;
 pub mod sft;
+#[cfg(test)]
+mod testing;
 pub mod tokenizer;
 pub mod train;
 

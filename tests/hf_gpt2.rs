@@ -7,6 +7,8 @@
 //! 20-token greedy continuation of a prompt; and the GPT-2 tokenizer's ids (transformers and
 //! OpenAI's `encoder.py` agreeing) for a mixed text and the start of Tiny Shakespeare.
 
+mod common;
+use common::max_abs_diff;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -44,20 +46,6 @@ fn reference(which: &str) -> (Tensor, Tensor) {
     let t = load_safetensors(fixtures().join("logits.safetensors"), &Device::Cpu).unwrap();
     let input = t[&format!("input_{which}")].to_dtype(DType::U32).unwrap();
     (input, t[&format!("logits_{which}")].clone())
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// Max abs difference of `model`'s logits to transformers' over both fixture inputs.

@@ -1,11 +1,13 @@
 //! The thread setting the examples run with: candle's pool cut to the calling thread
 //! (`CANDLE_NUM_THREADS=1`) and the work started from a rayon worker, as the trainer runs its
 //! steps. The fused attention then splits its heads over rayon's pool; its values and
-//! gradients must be those of the plain-op reference, and a training step must compute the
-//! same loss and gradients as one started from outside the pool.
+//! gradients must be those of the plain-op reference, and bit for bit those of a call from
+//! outside the pool.
 //!
 //! One test in its own binary: candle reads `CANDLE_NUM_THREADS` once, when its pool starts.
 
+mod common;
+use common::max_abs_diff;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tinygpt::attention::{causal_attention_qkv, causal_attention_reference};
@@ -15,19 +17,6 @@ fn random(rng: &mut ChaCha8Rng, dims: &[usize]) -> Tensor {
     let n = dims.iter().product();
     let data: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
     Tensor::from_vec(data, dims, &Device::Cpu).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// `Σ w ∘ attention(qkv)` and its gradient with respect to `qkv`, fused or reference.
@@ -70,8 +59,8 @@ fn fused_attention_on_rayon_workers_matches_the_reference() {
     let (y_ref, g_ref) = value_and_grad(&qkv, &w, 4, false);
     let (y_out, g_out) = value_and_grad(&qkv, &w, 4, true); // from the test's own thread
     let (y_in, g_in) = rayon::scope(|_| value_and_grad(&qkv, &w, 4, true)); // from a worker
-    assert!(max_diff(&y_in, &y_ref) <= 1e-4 && max_diff(&g_in, &g_ref) <= 1e-4);
+    assert!(max_abs_diff(&y_in, &y_ref) <= 1e-4 && max_abs_diff(&g_in, &g_ref) <= 1e-4);
     // Each head is computed by one thread, whichever: the results are bit for bit the same.
-    assert_eq!(max_diff(&y_in, &y_out), 0.0);
-    assert_eq!(max_diff(&g_in, &g_out), 0.0);
+    assert_eq!(max_abs_diff(&y_in, &y_out), 0.0);
+    assert_eq!(max_abs_diff(&g_in, &g_out), 0.0);
 }
