@@ -58,18 +58,26 @@ fn main() -> Result<()> {
     }
     let mut session = ChatSession::new(&model, &tokenizer, args.sampling.params(args.seed))?;
     session.set_system(args.system.clone());
-    let mut stdout = std::io::stdout();
     let started = std::time::Instant::now();
     let mut turns = 0usize;
+    // Written with `write!`, not `print!`, so a closed pipe (`chat … | head`) ends the
+    // program with an error instead of a panic.
     let mut reply = |session: &mut ChatSession, text: &str| -> Result<()> {
+        let mut out = std::io::stdout().lock();
+        let mut failed = None;
         session.send(text, |piece| {
-            print!("{piece}");
-            let _ = std::io::stdout().flush();
+            if failed.is_none() {
+                failed = write!(out, "{piece}").and_then(|_| out.flush()).err();
+            }
         })?;
-        println!();
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
+        writeln!(out)?;
         turns += 1;
         Ok(())
     };
+    let mut stdout = std::io::stdout();
 
     if let Some(prompt) = &args.prompt {
         reply(&mut session, prompt)?;
@@ -78,16 +86,17 @@ fn main() -> Result<()> {
     }
     let interactive = std::io::stdin().is_terminal();
     if interactive {
-        println!(
+        writeln!(
+            stdout,
             "chatting with {} (/reset, /system TEXT, /quit)",
             args.ckpt.display()
-        );
+        )?;
     }
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     loop {
         if interactive {
-            print!("> ");
+            write!(stdout, "> ")?;
             stdout.flush()?;
         }
         let Some(line) = lines.next() else { break };
@@ -98,18 +107,22 @@ fn main() -> Result<()> {
             "/quit" | "/exit" => break,
             "/reset" => {
                 session.reset();
-                println!("(conversation cleared)");
+                writeln!(stdout, "(conversation cleared)")?;
             }
             _ if line == "/system" || line.starts_with("/system ") => {
                 let text = line["/system".len()..].trim();
                 session.set_system((!text.is_empty()).then(|| text.to_string()));
-                println!(
+                writeln!(
+                    stdout,
                     "(system message {})",
                     if text.is_empty() { "cleared" } else { "set" }
-                );
+                )?;
             }
             _ if line.starts_with('/') => {
-                println!("(commands: /reset, /system TEXT, /quit; {line} is not one)");
+                writeln!(
+                    stdout,
+                    "(commands: /reset, /system TEXT, /quit; {line} is not one)"
+                )?;
             }
             _ => reply(&mut session, line)?,
         }

@@ -168,6 +168,7 @@ fn main() -> Result<()> {
         "val_data": val_data.as_ref().map(|p| p.display().to_string()),
         "beta": beta,
     });
+    common::announce(&cfg);
     let mut trainer = Trainer::new(cfg.clone(), objective.parameters()?)?
         .with_out_dir(&out)
         .with_extra(extra);

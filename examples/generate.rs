@@ -52,15 +52,15 @@ fn main() -> Result<()> {
     }
     let t0 = Instant::now();
     let mut generation = sampler::generate(&model, &tokenizer, &args.prompt, &params)?;
-    let mut stdout = std::io::stdout();
-    print!("{}", args.prompt);
+    let mut stdout = std::io::stdout().lock();
+    write!(stdout, "{}", args.prompt)?;
     for piece in generation.by_ref() {
-        print!("{}", piece?);
+        write!(stdout, "{}", piece?)?;
         stdout.flush()?;
     }
     let n = generation.tokens().generated().len();
     let dt = t0.elapsed().as_secs_f64();
-    println!();
+    writeln!(stdout)?;
     eprintln!(
         "generate: {n} tokens in {dt:.2} s ({:.1} tokens/s), {}",
         n as f64 / dt.max(1e-9),

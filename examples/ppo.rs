@@ -192,6 +192,7 @@ fn main() -> Result<()> {
         "data": data.display().to_string(),
         "ppo": ppo_cfg,
     });
+    common::announce(&cfg);
     let mut trainer = Trainer::new(cfg.clone(), objective.parameters()?)?
         .with_out_dir(&out)
         .with_extra(extra);

@@ -209,6 +209,7 @@ fn main() -> Result<()> {
         "data": data_path.display().to_string(),
         "tokenizer": tokenizer_kind_name(objective.tokenizer()),
     });
+    common::announce(&train_cfg);
     let mut trainer = Trainer::new(train_cfg.clone(), objective.parameters()?)?
         .with_out_dir(&out)
         .with_extra(extra);

@@ -149,6 +149,7 @@ fn main() -> Result<()> {
         "data": common::rlhf::paths_json(&data),
         "val_data": val_data.as_ref().map(|p| p.display().to_string()),
     });
+    common::announce(&cfg);
     let mut trainer = Trainer::new(cfg.clone(), objective.parameters()?)?
         .with_out_dir(&out)
         .with_extra(extra);

@@ -234,6 +234,7 @@ fn main() -> Result<()> {
     }
     let mut objective = Sft::new(model, tokenizer, train, val, cfg.batch_size)?;
     let data_json: Vec<String> = data_paths.iter().map(|p| p.display().to_string()).collect();
+    common::announce(&cfg);
     let mut trainer = Trainer::new(cfg.clone(), objective.parameters()?)?
         .with_out_dir(&out)
         .with_extra(serde_json::json!({ "base": base.display().to_string(), "data": data_json }));

@@ -928,6 +928,15 @@ pub(crate) fn check_tensors(
                     path: path.map(|p| p.to_path_buf()),
                 })
             }
+            Some(t) if !t.dtype().is_float() => {
+                let file = path
+                    .map(|p| format!(" in {}", p.display()))
+                    .unwrap_or_default();
+                return Err(Error::InvalidArgument(format!(
+                    "tensor `{name}`{file} holds {:?} values; model weights must be floats",
+                    t.dtype()
+                )));
+            }
             Some(_) => {}
         }
     }
@@ -1116,6 +1125,22 @@ mod tests {
         let e = Gpt::init(&cfg, 0, &Device::Cpu).unwrap_err().to_string();
         assert!(
             e.contains("n_embd (8) must be divisible by n_head (3)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn integer_weights_are_refused_by_name() {
+        let cfg = tiny();
+        let m = Gpt::init(&cfg, 0, &Device::Cpu).unwrap();
+        let mut t = m.tensors();
+        t.insert(
+            "transformer.ln_f.weight".into(),
+            Tensor::ones(8, DType::U32, &Device::Cpu).unwrap(),
+        );
+        let e = Gpt::from_tensors(&cfg, t, false).unwrap_err().to_string();
+        assert!(
+            e.contains("`transformer.ln_f.weight` holds U32 values"),
             "{e}"
         );
     }

@@ -334,7 +334,8 @@ fn check_logits(logits: &[f32]) -> Result<Vec<f64>> {
         .position(|l| l.is_nan() || *l == f32::INFINITY)
     {
         return Err(Error::InvalidArgument(format!(
-            "logits[{i}] = {}: logits must be finite or -inf",
+            "logits[{i}] = {}: logits must be finite or -inf (a model that outputs this has \
+             NaN or infinite weights: a corrupt checkpoint, or training that diverged)",
             logits[i]
         )));
     }

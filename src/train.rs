@@ -160,6 +160,12 @@ impl TrainConfig {
                 self.lr, self.min_lr
             )));
         }
+        if self.decay_lr && self.min_lr > self.lr {
+            return Err(Error::Config(format!(
+                "min_lr ({}) must not exceed lr ({}): the schedule decays from lr to min_lr",
+                self.min_lr, self.lr
+            )));
+        }
         if self.grad_clip.is_nan()
             || self.grad_clip < 0.0
             || self.weight_decay.is_nan()
@@ -745,5 +751,15 @@ mod tests {
             cfg.validate().unwrap_err().to_string(),
             "invalid config: batch_size must be at least 1, got 0"
         );
+        let cfg = TrainConfig {
+            lr: 1e-3,
+            min_lr: 1.0,
+            ..Default::default()
+        };
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("min_lr (1) must not exceed lr"));
     }
 }

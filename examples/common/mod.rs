@@ -60,14 +60,14 @@ pub struct SamplingArgs {
     /// Keep only the k most likely tokens (0 = off).
     #[arg(long, default_value_t = 200)]
     pub top_k: usize,
-    /// Nucleus sampling: keep the most likely tokens up to this total probability.
-    #[arg(long)]
+    /// Nucleus sampling: keep the most likely tokens up to this total probability, in (0, 1].
+    #[arg(long, allow_negative_numbers = true)]
     pub top_p: Option<f32>,
-    /// Drop tokens less likely than min_p × the most likely one.
-    #[arg(long)]
+    /// Drop tokens less likely than min_p × the most likely one, in [0, 1].
+    #[arg(long, allow_negative_numbers = true)]
     pub min_p: Option<f32>,
-    /// CTRL repetition penalty (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    /// CTRL repetition penalty (1 = off), > 0.
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub repetition_penalty: f32,
 }
 
@@ -149,13 +149,14 @@ pub fn human(x: f64) -> String {
 /// defaults, or the saved settings when resuming).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct TrainArgs {
-    /// Sequences per micro-batch.
+    /// Sequences per micro-batch [default: the stage's recipe; all settings are printed in the
+    /// `training:` line at the start].
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// Micro-batches per optimiser step.
     #[arg(long)]
     pub gradient_accumulation_steps: Option<usize>,
-    /// Optimiser steps.
+    /// Optimiser steps [default: the stage's recipe, e.g. 2000 for pretrain].
     #[arg(long)]
     pub max_iters: Option<usize>,
     /// Evaluate (and checkpoint on improvement) every N steps.
@@ -167,7 +168,7 @@ pub struct TrainArgs {
     /// Report the training loss every N steps.
     #[arg(long)]
     pub log_interval: Option<usize>,
-    /// Peak learning rate.
+    /// Peak learning rate [default: the stage's recipe, e.g. 1e-3 for pretrain].
     #[arg(long, allow_negative_numbers = true)]
     pub lr: Option<f64>,
     /// Final learning rate [default: lr / 10 when --lr is given].
@@ -179,10 +180,14 @@ pub struct TrainArgs {
     /// Step where the cosine reaches min_lr [default: max_iters].
     #[arg(long)]
     pub lr_decay_iters: Option<usize>,
+    /// AdamW's decay rate of the gradient's running mean [default: 0.9].
     #[arg(long, allow_negative_numbers = true)]
     pub beta1: Option<f64>,
+    /// AdamW's decay rate of the squared gradient's running mean [default: the stage's
+    /// recipe, e.g. 0.99 for pretrain, as nanoGPT's shakespeare_char].
     #[arg(long, allow_negative_numbers = true)]
     pub beta2: Option<f64>,
+    /// Decoupled weight decay, applied to matrices only [default: 0.1].
     #[arg(long, allow_negative_numbers = true)]
     pub weight_decay: Option<f64>,
     /// Clip the global gradient norm (0 = off).
@@ -316,6 +321,40 @@ pub fn fresh_out_dir(out: &Path, resuming: bool, overwrite: bool) -> Result<()> 
         );
     }
     Ok(())
+}
+
+/// Prints the training settings in one line, and warns about a schedule that cannot do what
+/// it says (a warm-up as long as the run never reaches the peak learning rate).
+pub fn announce(cfg: &tinygpt::TrainConfig) {
+    let schedule = if cfg.decay_lr {
+        format!(
+            "lr {:e} → {:e} (warm-up {} steps, cosine to step {})",
+            cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters
+        )
+    } else {
+        format!("lr {:e} constant", cfg.lr)
+    };
+    eprintln!(
+        "training: {} steps of {} sequences × {} micro-batch(es), {schedule}, AdamW betas ({}, \
+         {}), weight decay {}, grad clip {}, evaluation every {} steps over {} batches, seed {}",
+        cfg.max_iters,
+        cfg.batch_size,
+        cfg.gradient_accumulation_steps,
+        cfg.beta1,
+        cfg.beta2,
+        cfg.weight_decay,
+        cfg.grad_clip,
+        cfg.eval_interval,
+        cfg.eval_iters,
+        cfg.seed
+    );
+    if cfg.decay_lr && cfg.warmup_iters >= cfg.max_iters {
+        eprintln!(
+            "warning: the warm-up ({} steps) is not shorter than the run ({} steps): the learning \
+             rate never reaches its peak ({:e}); pass a smaller --warmup-iters",
+            cfg.warmup_iters, cfg.max_iters, cfg.lr
+        );
+    }
 }
 
 /// The last line's "checkpoint DIR", or why there is none.
