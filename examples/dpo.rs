@@ -32,11 +32,12 @@ struct Args {
     #[arg(long, num_args = 1..)]
     data: Vec<PathBuf>,
     /// Held-out pairs [default: the last --val-fraction of --data].
-    #[arg(long)]
+    #[arg(long, conflicts_with = "val_fraction")]
     val_data: Option<PathBuf>,
-    /// Fraction of --data held out when --val-data is not given.
-    #[arg(long, default_value_t = 0.05)]
-    val_fraction: f64,
+    /// Fraction of --data held out when --val-data is not given, in [0, 1) [default: 0.05,
+    /// or the resumed run's].
+    #[arg(long, allow_negative_numbers = true)]
+    val_fraction: Option<f64>,
     /// Checkpoint directory, holding the best held-out loss [default: the --resume directory,
     /// else out/dpo].
     #[arg(long)]
@@ -92,7 +93,7 @@ fn main() -> Result<()> {
     // 1. Policy, reference and settings: fresh from --sft, or from the run to resume.
     let (policy_dir, sft, cfg, data, val_data, beta) = match &args.resume {
         Some(dir) => {
-            let state = tinygpt::train::TrainerState::load(dir)?;
+            let state = tinygpt::train::TrainerState::load_for_stage(dir, Dpo::STAGE)?;
             let sft = match (&args.sft, state.extra["sft"].as_str()) {
                 (Some(s), _) => s.clone(),
                 (None, Some(s)) => PathBuf::from(s),
@@ -103,10 +104,12 @@ fn main() -> Result<()> {
             } else {
                 args.data.clone()
             };
-            let val = args
-                .val_data
-                .clone()
-                .or_else(|| state.extra["val_data"].as_str().map(PathBuf::from));
+            let val = common::held_out(
+                args.val_data.as_deref(),
+                args.val_fraction,
+                Some(&state.extra),
+                0.05,
+            )?;
             let beta = args.beta.or(state.extra["beta"].as_f64()).unwrap_or(0.1);
             println!("resuming {} at step {}", dir.display(), state.step);
             (
@@ -127,7 +130,7 @@ fn main() -> Result<()> {
                 sft,
                 cfg,
                 args.data.clone(),
-                args.val_data.clone(),
+                common::held_out(args.val_data.as_deref(), args.val_fraction, None, 0.05)?,
                 beta,
             )
         }
@@ -143,8 +146,7 @@ fn main() -> Result<()> {
     let max_response = args.max_response_tokens.unwrap_or(block_size / 2);
     let (train, val) = common::rlhf::datasets(
         &data,
-        val_data.as_ref(),
-        args.val_fraction,
+        &val_data,
         args.skip_bad_lines,
         &tokenizer,
         &template,
@@ -165,7 +167,8 @@ fn main() -> Result<()> {
     let extra = serde_json::json!({
         "sft": sft.display().to_string(),
         "data": common::rlhf::paths_json(&data),
-        "val_data": val_data.as_ref().map(|p| p.display().to_string()),
+        "val_data": val_data.to_extra().0,
+        "val_fraction": val_data.to_extra().1,
         "beta": beta,
     });
     common::announce(&cfg);

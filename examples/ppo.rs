@@ -111,7 +111,10 @@ fn main() -> Result<()> {
 
     // 1. Settings: fresh, or those of the run to resume with the flags given on top.
     let state = match &args.resume {
-        Some(dir) => Some(tinygpt::train::TrainerState::load(dir)?),
+        Some(dir) => Some(tinygpt::train::TrainerState::load_for_stage(
+            dir,
+            Ppo::STAGE,
+        )?),
         None => None,
     };
     let recorded = |k: &str| {

@@ -128,7 +128,7 @@ fn main() -> Result<()> {
                     dir.display()
                 );
             }
-            let state = tinygpt::train::TrainerState::load(dir)?;
+            let state = tinygpt::train::TrainerState::load_for_stage(dir, Pretraining::STAGE)?;
             let data_path = match (&args.data, state.extra.get("data").and_then(|d| d.as_str())) {
                 (Some(p), _) => p.clone(),
                 (None, Some(p)) => PathBuf::from(p),

@@ -32,11 +32,12 @@ struct Args {
     #[arg(long, num_args = 1..)]
     data: Vec<PathBuf>,
     /// Held-out pairs [default: the last --val-fraction of --data].
-    #[arg(long)]
+    #[arg(long, conflicts_with = "val_fraction")]
     val_data: Option<PathBuf>,
-    /// Fraction of --data held out when --val-data is not given.
-    #[arg(long, default_value_t = 0.05)]
-    val_fraction: f64,
+    /// Fraction of --data held out when --val-data is not given, in [0, 1) [default: 0.05,
+    /// or the resumed run's].
+    #[arg(long, allow_negative_numbers = true)]
+    val_fraction: Option<f64>,
     /// Checkpoint directory, holding the best held-out loss [default: the --resume directory,
     /// else out/reward].
     #[arg(long)]
@@ -88,17 +89,19 @@ fn main() -> Result<()> {
     // 1. The model and the settings: fresh from --sft, or from the run to resume.
     let (model, tokenizer, cfg, data, val_data, sft) = match &args.resume {
         Some(dir) => {
-            let state = tinygpt::train::TrainerState::load(dir)?;
+            let state = tinygpt::train::TrainerState::load_for_stage(dir, RewardTraining::STAGE)?;
             let (model, tokenizer) = RewardModel::load_trainable(dir, &device)?;
             let data = if args.data.is_empty() {
                 common::rlhf::paths_from_json(state.extra.get("data"))
             } else {
                 args.data.clone()
             };
-            let val = args
-                .val_data
-                .clone()
-                .or_else(|| state.extra["val_data"].as_str().map(PathBuf::from));
+            let val = common::held_out(
+                args.val_data.as_deref(),
+                args.val_fraction,
+                Some(&state.extra),
+                0.05,
+            )?;
             let sft = state.extra["sft"].as_str().unwrap_or_default().to_string();
             println!("resuming {} at step {}", dir.display(), state.step);
             (
@@ -120,7 +123,7 @@ fn main() -> Result<()> {
                 tokenizer,
                 cfg,
                 args.data.clone(),
-                args.val_data.clone(),
+                common::held_out(args.val_data.as_deref(), args.val_fraction, None, 0.05)?,
                 sft,
             )
         }
@@ -133,8 +136,7 @@ fn main() -> Result<()> {
     let max_response = args.max_response_tokens.unwrap_or(block_size / 2);
     let (train, val) = common::rlhf::datasets(
         &data,
-        val_data.as_ref(),
-        args.val_fraction,
+        &val_data,
         args.skip_bad_lines,
         &tokenizer,
         &template,
@@ -147,7 +149,8 @@ fn main() -> Result<()> {
     let extra = serde_json::json!({
         "sft": sft,
         "data": common::rlhf::paths_json(&data),
-        "val_data": val_data.as_ref().map(|p| p.display().to_string()),
+        "val_data": val_data.to_extra().0,
+        "val_fraction": val_data.to_extra().1,
     });
     common::announce(&cfg);
     let mut trainer = Trainer::new(cfg.clone(), objective.parameters()?)?

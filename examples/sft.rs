@@ -18,6 +18,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use clap::Parser;
 use tinygpt::chat::Message;
+use tinygpt::data::HeldOut;
 use tinygpt::sft::{self, load_sft_file, reply_stats, Sft, SftDataset};
 use tinygpt::{checkpoint, Objective, Tokenizer, TrainConfig, Trainer};
 
@@ -30,18 +31,20 @@ struct Args {
     /// corpus's characters).
     #[arg(long, required_unless_present = "resume")]
     base: Option<PathBuf>,
-    /// Continue the SFT run saved in this directory (--data defaults to the run's).
+    /// Continue the SFT run saved in this directory (--data, --val-data / --val-fraction and
+    /// --skip-bad-lines default to the run's).
     #[arg(long, conflicts_with = "base")]
     resume: Option<PathBuf>,
     /// Conversation files (JSONL `{"messages": […]}`, or Alpaca JSON/JSONL).
     #[arg(long, num_args = 1.., required_unless_present = "resume")]
     data: Vec<PathBuf>,
     /// Held-out conversations [default: the last --val-fraction of --data].
-    #[arg(long)]
+    #[arg(long, conflicts_with = "val_fraction")]
     val_data: Option<PathBuf>,
-    /// Fraction of --data held out when --val-data is not given.
-    #[arg(long, default_value_t = 0.05)]
-    val_fraction: f64,
+    /// Fraction of --data held out when --val-data is not given, in [0, 1); 0 holds out
+    /// nothing (no held-out loss) [default: 0.05].
+    #[arg(long, allow_negative_numbers = true)]
+    val_fraction: Option<f64>,
     /// Checkpoint directory [default: out/sft, or the --resume directory].
     #[arg(long)]
     out: Option<PathBuf>,
@@ -99,9 +102,24 @@ fn read_all(paths: &[PathBuf], tokenizer: &Tokenizer, skip_bad: bool) -> Result<
     Ok(all)
 }
 
+/// The share of --data held out when neither the flags nor a resumed run say otherwise.
+const DEFAULT_VAL_FRACTION: f64 = 0.05;
+
+/// The value of metric `key` in a metrics line.
+fn metric(metrics: &[(String, f64)], key: &str) -> Option<f64> {
+    metrics.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
+}
+
 fn main() -> Result<()> {
     common::init();
     let args = Args::parse();
+    // Flags are checked before anything is loaded, used or not.
+    if let Some(f) = args.val_fraction {
+        common::check_val_fraction(f)?;
+    }
+    let params = args
+        .sampling
+        .checked_params(args.train.seed.unwrap_or(1337))?;
     let device = common::device(&args.device)?;
     let started = Instant::now();
     let out = args
@@ -113,68 +131,93 @@ fn main() -> Result<()> {
 
     // 1. The model: the base with the chat tokens added (if its tokenizer lacks them), or the
     //    SFT run to resume.
-    let (model, tokenizer, template, base, saved_cfg, data_paths) = match &args.resume {
-        Some(dir) => {
-            let state = tinygpt::train::TrainerState::load(dir)?;
-            let (model, tokenizer) = checkpoint::load_trainable(dir, &device)?;
-            let template = tinygpt::ChatTemplate::new(&tokenizer)?;
-            let base = state
-                .extra
-                .get("base")
-                .and_then(|b| b.as_str())
-                .map(PathBuf::from)
-                .unwrap_or_default();
-            let data: Vec<PathBuf> = if args.data.is_empty() {
-                state
+    let (model, tokenizer, template, base, saved_cfg, data_paths, held_out, skip_bad) =
+        match &args.resume {
+            Some(dir) => {
+                let state = tinygpt::train::TrainerState::load_for_stage(dir, Sft::STAGE)?;
+                let (model, tokenizer) = checkpoint::load_trainable(dir, &device)?;
+                let template = tinygpt::ChatTemplate::new(&tokenizer)?;
+                let base = state
                     .extra
-                    .get("data")
-                    .and_then(|d| d.as_array())
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|p| p.as_str())
-                            .map(PathBuf::from)
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            } else {
-                args.data.clone()
-            };
-            if data.is_empty() {
-                bail!("{}: no data recorded; pass --data", dir.display());
+                    .get("base")
+                    .and_then(|b| b.as_str())
+                    .map(PathBuf::from)
+                    .unwrap_or_default();
+                println!("resuming {} at step {}", dir.display(), state.step);
+                let recorded = common::rlhf::paths_from_json(state.extra.get("data"));
+                let data: Vec<PathBuf> = if args.data.is_empty() {
+                    recorded
+                } else {
+                    if !recorded.is_empty() && recorded != args.data {
+                        println!(
+                            "note: --data replaces the run's data ({}): the training set changes",
+                            recorded
+                                .iter()
+                                .map(|p| p.display().to_string())
+                                .collect::<Vec<_>>()
+                                .join(" ")
+                        );
+                    }
+                    args.data.clone()
+                };
+                if data.is_empty() {
+                    bail!("{}: no data recorded; pass --data", dir.display());
+                }
+                let held_out = common::held_out(
+                    args.val_data.as_deref(),
+                    args.val_fraction,
+                    Some(&state.extra),
+                    DEFAULT_VAL_FRACTION,
+                )?;
+                let recorded_skip = state.extra["skip_bad_lines"].as_bool() == Some(true);
+                if recorded_skip && !args.skip_bad_lines {
+                    println!("skipping bad records, as the run did (--skip-bad-lines)");
+                }
+                (
+                    model,
+                    tokenizer,
+                    template,
+                    base,
+                    Some(state.train_config),
+                    data,
+                    held_out,
+                    args.skip_bad_lines || recorded_skip,
+                )
             }
-            println!("resuming {} at step {}", dir.display(), state.step);
-            (
-                model,
-                tokenizer,
-                template,
-                base,
-                Some(state.train_config),
-                data,
-            )
-        }
-        None => {
-            let base = args.base.clone().unwrap_or_default();
-            let (base_model, tokenizer) = checkpoint::load_model(&base, &device)?;
-            let before_vocab = tokenizer.vocab_size();
-            let (model, tokenizer, template) = sft::prepare_for_chat(&base_model, tokenizer)?;
-            println!(
-                "base: {} ({} → {} tokens with the chat tokens)",
-                base.display(),
-                before_vocab,
-                tokenizer.vocab_size()
-            );
-            (model, tokenizer, template, base, None, args.data.clone())
-        }
-    };
+            None => {
+                let base = args.base.clone().unwrap_or_default();
+                let (base_model, tokenizer) = checkpoint::load_model(&base, &device)?;
+                let before_vocab = tokenizer.vocab_size();
+                let (model, tokenizer, template) = sft::prepare_for_chat(&base_model, tokenizer)?;
+                println!(
+                    "base: {} ({} → {} tokens with the chat tokens)",
+                    base.display(),
+                    before_vocab,
+                    tokenizer.vocab_size()
+                );
+                let held_out = common::held_out(
+                    args.val_data.as_deref(),
+                    args.val_fraction,
+                    None,
+                    DEFAULT_VAL_FRACTION,
+                )?;
+                (
+                    model,
+                    tokenizer,
+                    template,
+                    base,
+                    None,
+                    args.data.clone(),
+                    held_out,
+                    args.skip_bad_lines,
+                )
+            }
+        };
 
     // 2. Read all the data before training, so a bad record stops the run early.
-    let train_convs = read_all(&data_paths, &tokenizer, args.skip_bad_lines)?;
-    let val_convs = match &args.val_data {
-        Some(p) => Some(read_all(
-            std::slice::from_ref(p),
-            &tokenizer,
-            args.skip_bad_lines,
-        )?),
+    let train_convs = read_all(&data_paths, &tokenizer, skip_bad)?;
+    let val_convs = match held_out.file() {
+        Some(p) => Some(read_all(&[p.to_path_buf()], &tokenizer, skip_bad)?),
         None => None,
     };
     let block_size = model.config().block_size;
@@ -185,10 +228,11 @@ fn main() -> Result<()> {
             (train, val, Some(fit))
         }
         None => {
-            let (t, v) = train.split(args.val_fraction, 1337);
+            let (t, v) = train.split(held_out.val_fraction(), 1337);
             (t, v, None)
         }
     };
+    let fitted = train_fit.kept + train_fit.truncated;
     println!(
         "data: {} train / {} held-out conversations; fitted to {} tokens: {} whole, {} cut from the left, {} dropped (train)",
         train.len(), val.len(), block_size + 1, train_fit.kept, train_fit.truncated, train_fit.dropped
@@ -199,10 +243,31 @@ fn main() -> Result<()> {
             f.kept, f.truncated, f.dropped
         );
     }
+    if train.is_empty() && fitted > 0 {
+        bail!(
+            "--val-fraction {} holds out all {fitted} conversations that fit: lower it, or pass \
+             --val-data",
+            held_out.val_fraction()
+        );
+    }
     if train.is_empty() {
         bail!(
             "no training conversation fits the context of {} tokens",
             block_size + 1
+        );
+    }
+    let no_held_out = val.is_empty();
+    if no_held_out {
+        let why = match &held_out {
+            HeldOut::Fraction(f) if *f == 0.0 => "--val-fraction 0".to_string(),
+            HeldOut::Fraction(f) => {
+                format!("--val-fraction {f} of {fitted} conversations rounds to none")
+            }
+            HeldOut::File(p) => format!("no conversation of {} fits the context", p.display()),
+        };
+        println!(
+            "no held-out split ({why}): there is no held-out loss, so every evaluation writes a \
+             checkpoint and the training loss is reported"
         );
     }
 
@@ -214,7 +279,6 @@ fn main() -> Result<()> {
         .take(args.eval_replies)
         .cloned()
         .collect();
-    let params = args.sampling.params(args.train.seed.unwrap_or(1337));
     let before = if args.eval_replies > 0 {
         let s = reply_stats(&model, &tokenizer, &probe, &params)?;
         println!("before SFT: {}/{} replies end with <|end|> within {} tokens ({:.0}%), mean length {:.0}",
@@ -235,21 +299,25 @@ fn main() -> Result<()> {
     let mut objective = Sft::new(model, tokenizer, train, val, cfg.batch_size)?;
     let data_json: Vec<String> = data_paths.iter().map(|p| p.display().to_string()).collect();
     common::announce(&cfg);
+    let (val_data_json, val_fraction_json) = held_out.to_extra();
     let mut trainer = Trainer::new(cfg.clone(), objective.parameters()?)?
         .with_out_dir(&out)
-        .with_extra(serde_json::json!({ "base": base.display().to_string(), "data": data_json }));
+        .with_extra(serde_json::json!({
+            "base": base.display().to_string(),
+            "data": data_json,
+            "val_data": val_data_json,
+            "val_fraction": val_fraction_json,
+            "skip_bad_lines": skip_bad,
+        }));
     if let Some(dir) = &args.resume {
         trainer = trainer.resume_from(dir)?;
     }
     let progress = common::Progress::new(cfg.max_iters, trainer.step());
-    let mut first_val = None;
+    let (mut first_val, mut first_train) = (None, None);
     let summary = trainer.fit(&mut objective, |e| {
         if let tinygpt::TrainEvent::Eval { metrics, .. } = e {
-            let val = metrics
-                .iter()
-                .find(|(k, _)| k == "val_loss")
-                .map(|(_, v)| *v);
-            first_val = first_val.or(val);
+            first_val = first_val.or(metric(metrics, "val_loss"));
+            first_train = first_train.or(metric(metrics, "train_loss"));
         }
         progress.event(e)
     })?;
@@ -278,10 +346,22 @@ fn main() -> Result<()> {
     } else {
         None
     };
+    let fmt = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "n/a".into());
+    let losses = if no_held_out {
+        format!(
+            "no held-out set; training assistant loss {} → {}",
+            fmt(first_train),
+            fmt(metric(&summary.last_metrics, "train_loss"))
+        )
+    } else {
+        format!(
+            "held-out assistant loss {} → {} (best)",
+            fmt(first_val),
+            fmt(summary.best_val_loss)
+        )
+    };
     println!(
-        "sft: held-out assistant loss {} → {} (best) | replies ending with <|end|>: {} → {} | {} steps, {:.1} s wall this run | {}",
-        first_val.map(|v| format!("{v:.4}")).unwrap_or_else(|| "n/a".into()),
-        summary.best_val_loss.map(|v| format!("{v:.4}")).unwrap_or_else(|| "n/a".into()),
+        "sft: {losses} | replies ending with <|end|>: {} → {} | {} steps, {:.1} s wall this run | {}",
         before.map(|s| format!("{:.0}%", 100.0 * s.end_rate())).unwrap_or_else(|| "-".into()),
         after.map(|s| format!("{:.0}%", 100.0 * s.end_rate())).unwrap_or_else(|| "-".into()),
         summary.steps,

@@ -111,7 +111,8 @@ impl ChatTemplate {
             tokenizer.token_to_id(t).ok_or_else(|| {
                 Error::InvalidArgument(format!(
                     "the tokenizer has no {t} token: it is not a chat tokenizer \
-                     (ChatTemplate::add_tokens adds the chat tokens)"
+                     (a pre-trained checkpoint gets the chat tokens from SFT: \
+                     `sft --base DIR` starts SFT from the checkpoint in DIR)"
                 ))
             })
         };
@@ -334,6 +335,10 @@ mod tests {
         assert_eq!(tok.vocab_size(), plain.vocab_size() + 4);
         let e = ChatTemplate::new(&plain).unwrap_err().to_string();
         assert!(e.contains("no <|system|> token"), "{e}");
+        assert!(
+            e.contains("`sft --base DIR`") && !e.contains("add_tokens"),
+            "{e}"
+        );
     }
 
     #[test]

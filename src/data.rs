@@ -4,7 +4,7 @@
 //! uniformly random offsets, and the targets are the same windows shifted one token right,
 //! so every position is a next-token prediction.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use rand::Rng;
@@ -141,8 +141,190 @@ pub fn read_text(path: impl AsRef<Path>) -> Result<String> {
     }
     String::from_utf8(bytes).map_err(|e| {
         let at = e.utf8_error().valid_up_to();
-        Error::bad_file(path, None, format!("not valid UTF-8 (at byte {at})"))
+        let bytes = e.as_bytes();
+        let line = 1 + bytes[..at].iter().filter(|&&b| b == b'\n').count();
+        let line_start = bytes[..at]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        Error::bad_file(
+            path,
+            Some(line),
+            format!(
+                "not valid UTF-8 (byte {} of the line, byte {} of the file)",
+                at - line_start + 1,
+                at + 1
+            ),
+        )
     })
+}
+
+/// Where a run's held-out set comes from: a file of its own, or a seeded fraction of the
+/// training data. The training examples record it in `trainer_state.json` (`extra.val_data`,
+/// `extra.val_fraction`, see [`HeldOut::to_extra`]) so that a resumed run evaluates on the same
+/// set its best loss was measured on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HeldOut {
+    /// A file of held-out records.
+    File(PathBuf),
+    /// This fraction of the training records, in `[0, 1)` (0: no held-out set).
+    Fraction(f64),
+}
+
+impl std::fmt::Display for HeldOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HeldOut::File(p) => write!(f, "the file {}", p.display()),
+            HeldOut::Fraction(x) => write!(f, "a fraction {x} of the training data"),
+        }
+    }
+}
+
+impl HeldOut {
+    /// A held-out fraction of the training data.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] unless `fraction` is in `[0, 1)` (some data must be left to
+    /// train on).
+    pub fn fraction(fraction: f64) -> Result<Self> {
+        if !(0.0..1.0).contains(&fraction) {
+            return Err(Error::InvalidArgument(format!(
+                "val_fraction must be in [0, 1) (the share of the training data held out; \
+                 0 = none), got {fraction}"
+            )));
+        }
+        Ok(HeldOut::Fraction(fraction))
+    }
+
+    /// The file, when the held-out set is one.
+    pub fn file(&self) -> Option<&Path> {
+        match self {
+            HeldOut::File(p) => Some(p),
+            HeldOut::Fraction(_) => None,
+        }
+    }
+
+    /// The fraction of the training data held out (0 when the held-out set is a file).
+    pub fn val_fraction(&self) -> f64 {
+        match self {
+            HeldOut::File(_) => 0.0,
+            HeldOut::Fraction(f) => *f,
+        }
+    }
+
+    /// `(val_data, val_fraction)` as a run records them (the one not used is `null`).
+    pub fn to_extra(&self) -> (serde_json::Value, serde_json::Value) {
+        match self {
+            HeldOut::File(p) => (p.display().to_string().into(), serde_json::Value::Null),
+            HeldOut::Fraction(f) => (serde_json::Value::Null, (*f).into()),
+        }
+    }
+
+    /// What a run recorded with [`HeldOut::to_extra`] in `extra` (`None` for a run that
+    /// recorded neither field).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a recorded fraction outside `[0, 1)`.
+    pub fn from_extra(extra: &serde_json::Value) -> Result<Option<Self>> {
+        match (
+            extra.get("val_data").and_then(|v| v.as_str()),
+            extra.get("val_fraction").and_then(|v| v.as_f64()),
+        ) {
+            (Some(p), _) => Ok(Some(HeldOut::File(PathBuf::from(p)))),
+            (None, Some(f)) => Self::fraction(f).map(Some),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// The held-out set of a run: `given` (from the user) if any, else what the resumed run
+    /// recorded in `resumed_extra` (its `trainer_state.json` `extra`), else `default`. The
+    /// note, when there is one, says what a resumed run changed or could not recover, for the
+    /// user to read.
+    ///
+    /// # Errors
+    /// As [`HeldOut::from_extra`].
+    pub fn resolve(
+        given: Option<HeldOut>,
+        resumed_extra: Option<&serde_json::Value>,
+        default: HeldOut,
+    ) -> Result<(HeldOut, Option<String>)> {
+        let Some(extra) = resumed_extra else {
+            return Ok((given.unwrap_or(default), None));
+        };
+        Ok(match (given, Self::from_extra(extra)?) {
+            (Some(g), Some(s)) if g != s => {
+                let note = format!(
+                    "the held-out set changes from the run's, {s}, to {g}: the best held-out \
+                     loss so far was measured on the old set"
+                );
+                (g, Some(note))
+            }
+            (Some(g), _) => (g, None),
+            (None, Some(s)) => {
+                let note = format!("held-out set: {s}, as the run recorded");
+                (s, Some(note))
+            }
+            (None, None) => {
+                let note = format!(
+                    "the run records no held-out set; using {default} (name the run's if it \
+                     used another)"
+                );
+                (default, Some(note))
+            }
+        })
+    }
+}
+
+/// The UTF-8 byte-order mark some editors (Notepad, Excel) write at the start of a file.
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// One line of a file read with [`read_lines`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    /// 1-based line number in the file.
+    pub number: usize,
+    /// The line without its `\n` (or `\r\n`), or why it could not be decoded (not UTF-8),
+    /// saying where in the line.
+    pub text: std::result::Result<String, String>,
+}
+
+impl Line {
+    /// Whether the line holds only whitespace (a line that is not UTF-8 is not blank).
+    pub fn is_blank(&self) -> bool {
+        self.text.as_ref().is_ok_and(|t| t.trim().is_empty())
+    }
+}
+
+/// Reads a line-oriented text file (JSONL data, prompts) as bytes and decodes each line on its
+/// own, so a line that is not UTF-8 is reported at its line (and, where a reader skips bad
+/// records, skipped alone). A leading UTF-8 byte-order mark is skipped, as most JSON tools do,
+/// and a `\r` before each `\n` is dropped. Every line is returned, blank ones included, so
+/// that joining the texts with `\n` keeps the file's line numbers.
+///
+/// # Errors
+/// [`Error::Io`] naming the path if the file cannot be read.
+pub fn read_lines(path: impl AsRef<Path>) -> Result<Vec<Line>> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = bytes.strip_prefix(UTF8_BOM).unwrap_or(&bytes);
+    if bytes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let body = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    Ok(body
+        .split(|&b| b == b'\n')
+        .enumerate()
+        .map(|(i, raw)| {
+            let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+            let text = std::str::from_utf8(raw)
+                .map(str::to_owned)
+                .map_err(|e| format!("not valid UTF-8 (byte {} of the line)", e.valid_up_to() + 1));
+            Line {
+                number: i + 1,
+                text,
+            }
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -226,6 +408,87 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("missing.txt"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_resumed_run_keeps_its_held_out_set_unless_told_otherwise() {
+        let file = HeldOut::File("test.jsonl".into());
+        let (val_data, val_fraction) = file.to_extra();
+        let extra = serde_json::json!({"data": ["train.jsonl"], "val_data": val_data, "val_fraction": val_fraction});
+        assert_eq!(HeldOut::from_extra(&extra).unwrap(), Some(file.clone()));
+        let default = HeldOut::fraction(0.05).unwrap();
+        // Resumed without flags: the recorded file, not the default fraction.
+        let (h, note) = HeldOut::resolve(None, Some(&extra), default.clone()).unwrap();
+        assert_eq!(h, file);
+        assert_eq!(
+            note.as_deref(),
+            Some("held-out set: the file test.jsonl, as the run recorded")
+        );
+        // Told otherwise: the flag wins, and the note says the best loss was on the old set.
+        let tenth = HeldOut::fraction(0.1).unwrap();
+        let (h, note) =
+            HeldOut::resolve(Some(tenth.clone()), Some(&extra), default.clone()).unwrap();
+        assert_eq!(h, tenth);
+        assert!(note
+            .unwrap()
+            .contains("from the run's, the file test.jsonl, to a fraction 0.1"));
+        // The same as recorded: nothing to say.
+        let (_, note) =
+            HeldOut::resolve(Some(file.clone()), Some(&extra), default.clone()).unwrap();
+        assert_eq!(note, None);
+        // A recorded fraction, 0 included, comes back as it was.
+        let (d, f) = HeldOut::fraction(0.0).unwrap().to_extra();
+        let extra0 = serde_json::json!({"val_data": d, "val_fraction": f});
+        let (h, _) = HeldOut::resolve(None, Some(&extra0), default.clone()).unwrap();
+        assert_eq!(h, HeldOut::Fraction(0.0));
+        // An older run without the fields: the default, with a note.
+        let (h, note) = HeldOut::resolve(
+            None,
+            Some(&serde_json::json!({"data": []})),
+            default.clone(),
+        )
+        .unwrap();
+        assert_eq!(h, default);
+        assert!(note.unwrap().starts_with("the run records no held-out set"));
+        // A new run: what was given, else the default, silently.
+        assert_eq!(
+            HeldOut::resolve(None, None, default.clone()).unwrap(),
+            (default, None)
+        );
+        for bad in [1.0, 1.5, -0.5, f64::NAN] {
+            let e = HeldOut::fraction(bad).unwrap_err().to_string();
+            assert!(e.contains("val_fraction must be in [0, 1)"), "{e}");
+        }
+        let bad = serde_json::json!({"val_fraction": 3.0});
+        assert!(HeldOut::from_extra(&bad).is_err());
+    }
+
+    #[test]
+    fn lines_skip_a_bom_and_name_the_line_that_is_not_utf8() {
+        let dir = std::env::temp_dir().join(format!("tinygpt-lines-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("x.jsonl");
+        std::fs::write(&p, b"\xEF\xBB\xBF{\"a\":1}\r\n\n{\"b\":\xFF}\nlast").unwrap();
+        let lines = read_lines(&p).unwrap();
+        assert_eq!(lines.len(), 4);
+        assert_eq!(lines[0].text.as_deref(), Ok("{\"a\":1}"));
+        assert!(lines[1].is_blank());
+        assert_eq!(lines[2].number, 3);
+        assert_eq!(
+            lines[2].text,
+            Err("not valid UTF-8 (byte 6 of the line)".to_string())
+        );
+        assert!(!lines[2].is_blank());
+        assert_eq!(lines[3].text.as_deref(), Ok("last"));
+        std::fs::write(&p, b"\xEF\xBB\xBF").unwrap();
+        assert!(read_lines(&p).unwrap().is_empty());
+        std::fs::write(&p, b"one\ntwo \xC3\n").unwrap();
+        let e = read_text(&p).unwrap_err().to_string();
+        assert!(
+            e.ends_with("x.jsonl:2: not valid UTF-8 (byte 5 of the line, byte 9 of the file)"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -25,6 +25,10 @@ pub struct Pretraining {
 }
 
 impl Pretraining {
+    /// The stage's name, [`Objective::stage`]: what `trainer_state.json` records, and the
+    /// name of the example that runs it.
+    pub const STAGE: &'static str = "pretrain";
+
     /// Pre-training of `model` on `data` in batches of `batch_size` windows of the model's
     /// `block_size` tokens.
     ///
@@ -68,7 +72,7 @@ impl Pretraining {
 
 impl Objective for Pretraining {
     fn stage(&self) -> &str {
-        "pretrain"
+        Self::STAGE
     }
 
     fn parameters(&self) -> Result<Vec<(String, Var)>> {

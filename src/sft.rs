@@ -100,14 +100,16 @@ impl Record {
 ///
 /// A malformed record (bad JSON, missing fields, unknown role, no assistant turn) is an error
 /// naming the file and line; with `skip_bad_lines` it is skipped and recorded in
-/// [`SftData::skipped`] instead. Blank lines are ignored.
+/// [`SftData::skipped`] instead. So is a line that is not UTF-8 (each line is decoded on its
+/// own, see [`crate::data::read_lines`]). Blank lines and a leading byte-order mark are
+/// ignored.
 ///
 /// # Errors
 /// [`Error::Io`] if the file cannot be read; [`Error::BadFile`] with the line number for a
 /// malformed record, or if the file holds no conversation.
 pub fn load_sft_file(path: impl AsRef<Path>, skip_bad_lines: bool) -> Result<SftData> {
     let path = path.as_ref();
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let lines = crate::data::read_lines(path)?;
     let mut data = SftData::default();
     let mut accept = |line: Option<usize>, parsed: std::result::Result<Record, String>| match parsed
         .and_then(Record::into_messages)
@@ -123,8 +125,22 @@ pub fn load_sft_file(path: impl AsRef<Path>, skip_bad_lines: bool) -> Result<Sft
         }
         Err(msg) => Err(Error::bad_file(path, line, msg)),
     };
-    if text.trim_start().starts_with('[') {
-        // A JSON array: line numbers of records come from the parser's positions.
+    let is_array = lines.iter().find(|l| !l.is_blank()).is_some_and(|l| {
+        l.text
+            .as_ref()
+            .is_ok_and(|t| t.trim_start().starts_with('['))
+    });
+    if is_array {
+        // A JSON array: line numbers of records come from the parser's positions (the lines
+        // are joined back as they were, so its lines are the file's).
+        let mut text = String::new();
+        for line in &lines {
+            match &line.text {
+                Ok(t) => text.push_str(t),
+                Err(msg) => return Err(Error::bad_file(path, Some(line.number), msg.clone())),
+            }
+            text.push('\n');
+        }
         let values: Vec<serde_json::Value> =
             serde_json::from_str(&text).map_err(|e| Error::json(path, None, &e))?;
         for (i, v) in values.into_iter().enumerate() {
@@ -133,13 +149,14 @@ pub fn load_sft_file(path: impl AsRef<Path>, skip_bad_lines: bool) -> Result<Sft
             accept(None, parsed)?;
         }
     } else {
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
+        for line in lines {
+            if line.is_blank() {
                 continue;
             }
-            let parsed =
-                serde_json::from_str::<Record>(line).map_err(|e| crate::error::json_message(&e));
-            accept(Some(i + 1), parsed)?;
+            let parsed = line.text.and_then(|t| {
+                serde_json::from_str::<Record>(&t).map_err(|e| crate::error::json_message(&e))
+            });
+            accept(Some(line.number), parsed)?;
         }
     }
     if data.conversations.is_empty() {
@@ -344,6 +361,10 @@ pub struct Sft {
 }
 
 impl Sft {
+    /// The stage's name, [`Objective::stage`]: what `trainer_state.json` records, and the
+    /// name of the example that runs it.
+    pub const STAGE: &'static str = "sft";
+
     /// SFT of `model` on `train`, evaluated on `val`, `batch_size` conversations per batch.
     ///
     /// # Errors
@@ -417,7 +438,7 @@ impl Sft {
 
 impl Objective for Sft {
     fn stage(&self) -> &str {
-        "sft"
+        Self::STAGE
     }
 
     fn parameters(&self) -> Result<Vec<(String, Var)>> {
@@ -579,6 +600,47 @@ mod tests {
             .to_string()
             .contains(":1: unknown variant `robot`"));
         for p in [p, p2, p3] {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_bom_is_skipped_and_bad_utf8_names_its_line() {
+        let ok =
+            r#"{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"yo"}]}"#;
+        let write = |name: &str, parts: &[&[u8]]| {
+            let p = std::env::temp_dir().join(format!("tinygpt-sft-{}-{name}", std::process::id()));
+            std::fs::write(&p, parts.concat()).unwrap();
+            p
+        };
+        let bom: &[u8] = b"\xEF\xBB\xBF";
+        let p1 = write("bom.jsonl", &[bom, ok.as_bytes(), b"\r\n"]);
+        assert_eq!(load_sft_file(&p1, false).unwrap().conversations.len(), 1);
+        let p2 = write("bom.json", &[bom, br#"[{"instruction":"x","output":"y"}]"#]);
+        assert_eq!(load_sft_file(&p2, false).unwrap().conversations.len(), 1);
+        let p3 = write(
+            "badutf8.jsonl",
+            &[
+                ok.as_bytes(),
+                b"\n{\"messages\": \"\xFF\"}\n",
+                ok.as_bytes(),
+            ],
+        );
+        let e = load_sft_file(&p3, false).unwrap_err().to_string();
+        assert!(
+            e.ends_with("badutf8.jsonl:2: not valid UTF-8 (byte 15 of the line)"),
+            "{e}"
+        );
+        let d = load_sft_file(&p3, true).unwrap();
+        assert_eq!((d.conversations.len(), d.skipped.len()), (2, 1));
+        assert_eq!(d.lines, vec![Some(1), Some(3)]);
+        let p4 = write("badutf8.json", &[b"[\n{\"instruction\":\"\xC3\"}]"]);
+        let e = load_sft_file(&p4, false).unwrap_err().to_string();
+        assert!(
+            e.ends_with("badutf8.json:2: not valid UTF-8 (byte 17 of the line)"),
+            "{e}"
+        );
+        for p in [p1, p2, p3, p4] {
             std::fs::remove_file(p).unwrap();
         }
     }

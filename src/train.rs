@@ -279,6 +279,58 @@ impl TrainerState {
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
         serde_json::from_str(&text).map_err(|e| Error::json(&path, None, &e))
     }
+
+    /// Reads `DIR/trainer_state.json` of a run to be continued by the `stage` objective
+    /// ([`Objective::stage`]), refusing a checkpoint another stage wrote (see
+    /// [`TrainerState::check_stage`]).
+    ///
+    /// # Errors
+    /// As [`TrainerState::load`]; [`Error::Checkpoint`] for a checkpoint of another stage.
+    pub fn load_for_stage(dir: impl AsRef<Path>, stage: &str) -> Result<Self> {
+        let dir = dir.as_ref();
+        let state = Self::load(dir)?;
+        state.check_stage(dir, stage)?;
+        Ok(state)
+    }
+
+    /// Checks that this state, read from `dir`, was written by `stage`: resuming a checkpoint
+    /// of one stage with another stage's objective would keep training the model on the wrong
+    /// loss and compare its losses with a best loss of another kind. A state that records no
+    /// stage passes.
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] saying which stage the checkpoint is, which example continues
+    /// it, and, where one stage starts from the other, how to start `stage` from it.
+    pub fn check_stage(&self, dir: impl AsRef<Path>, stage: &str) -> Result<()> {
+        if self.stage.is_empty() || self.stage == stage {
+            return Ok(());
+        }
+        Err(Error::checkpoint(
+            dir.as_ref(),
+            stage_mismatch(&self.stage, stage, dir.as_ref()),
+        ))
+    }
+}
+
+/// Why a checkpoint of stage `found` cannot be resumed as `wanted`, and what to run instead.
+fn stage_mismatch(found: &str, wanted: &str, dir: &Path) -> String {
+    const EXAMPLES: [&str; 5] = ["pretrain", "sft", "reward", "dpo", "ppo"];
+    let d = dir.display();
+    let mut msg = format!("written by the `{found}` stage, not `{wanted}`");
+    if EXAMPLES.contains(&found) {
+        msg += &format!("; continue it with `{found} --resume {d}`");
+    }
+    let start = match (found, wanted) {
+        ("pretrain", "sft") => Some(format!("`sft --base {d}`")),
+        ("sft", "reward" | "dpo") => Some(format!("`{wanted} --sft {d}`")),
+        ("sft", "ppo") => Some(format!("`ppo --sft {d} --reward REWARD_DIR`")),
+        ("reward", "ppo") => Some(format!("`ppo --sft SFT_DIR --reward {d}`")),
+        _ => None,
+    };
+    if let Some(start) = start {
+        msg += &format!(", or start {wanted} from it with {start}");
+    }
+    msg
 }
 
 /// What happened, for progress bars and logs.
@@ -349,6 +401,7 @@ pub struct Trainer {
     metrics: Vec<String>,
     rng: ChaCha8Rng,
     eval_rng: ChaCha8Rng,
+    resumed_from: Option<PathBuf>,
 }
 
 impl Trainer {
@@ -379,6 +432,7 @@ impl Trainer {
             metrics: Vec::new(),
             rng,
             eval_rng,
+            resumed_from: None,
         })
     }
 
@@ -453,6 +507,7 @@ impl Trainer {
             extra: self.state.extra.clone(),
             ..state
         };
+        self.resumed_from = Some(dir.to_path_buf());
         Ok(self)
     }
 
@@ -471,12 +526,17 @@ impl Trainer {
     ///
     /// # Errors
     /// Any error of the objective, the optimiser or checkpoint writing; a NaN or infinite
-    /// loss stops training with [`Error::InvalidArgument`] (nothing is saved for that step).
+    /// loss stops training with [`Error::InvalidArgument`] (nothing is saved for that step);
+    /// [`Error::Checkpoint`], before any step, if the run was resumed from a checkpoint of
+    /// another stage than `objective`'s ([`TrainerState::check_stage`]).
     pub fn fit<O: Objective + ?Sized>(
         &mut self,
         objective: &mut O,
         mut on_event: impl FnMut(&TrainEvent),
     ) -> Result<TrainSummary> {
+        if let Some(dir) = &self.resumed_from {
+            self.state.check_stage(dir, objective.stage())?;
+        }
         self.state.stage = objective.stage().to_string();
         let schedule = self.cfg.schedule();
         let start_step = self.state.step;
@@ -739,6 +799,43 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(a.random::<u64>(), b.random::<u64>());
         }
+    }
+
+    #[test]
+    fn a_stage_mismatch_names_both_stages_and_the_commands() {
+        let mut state = TrainerState {
+            step: 5,
+            best_val_loss: Some(1.0),
+            rng: RngState::of(&ChaCha8Rng::seed_from_u64(0)),
+            eval_rng: RngState::of(&ChaCha8Rng::seed_from_u64(1)),
+            stage: "sft".into(),
+            elapsed_s: 0.0,
+            tokens_seen: 0,
+            train_config: TrainConfig::default(),
+            extra: serde_json::Value::Null,
+        };
+        assert!(state.check_stage("out/sft", "sft").is_ok());
+        assert_eq!(
+            state
+                .check_stage("out/sft", "pretrain")
+                .unwrap_err()
+                .to_string(),
+            "checkpoint out/sft: written by the `sft` stage, not `pretrain`; continue it with \
+             `sft --resume out/sft`"
+        );
+        assert!(state
+            .check_stage("out/sft", "dpo")
+            .unwrap_err()
+            .to_string()
+            .ends_with("or start dpo from it with `dpo --sft out/sft`"));
+        state.stage = "pretrain".into();
+        assert_eq!(
+            state.check_stage("out/p", "sft").unwrap_err().to_string(),
+            "checkpoint out/p: written by the `pretrain` stage, not `sft`; continue it with \
+             `pretrain --resume out/p`, or start sft from it with `sft --base out/p`"
+        );
+        state.stage = String::new();
+        assert!(state.check_stage("old", "ppo").is_ok());
     }
 
     #[test]

@@ -165,6 +165,48 @@ fn run(out: &Path, text: &str, resume: bool, fail_after: Option<usize>) -> Vec<(
 }
 
 #[test]
+fn resuming_a_checkpoint_of_another_stage_is_refused() {
+    let text = corpus(3000, 5);
+    let dir = tmp("stage");
+    run(&dir, &text, false, None);
+    let state_path = dir.join(checkpoint::files::TRAINER_STATE);
+    let state = std::fs::read_to_string(&state_path).unwrap();
+    assert!(state.contains("\"stage\": \"pretrain\""), "{state}");
+    std::fs::write(
+        &state_path,
+        state.replace("\"stage\": \"pretrain\"", "\"stage\": \"sft\""),
+    )
+    .unwrap();
+    let e = tinygpt::train::TrainerState::load_for_stage(&dir, Pretraining::STAGE)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("written by the `sft` stage, not `pretrain`; continue it with `sft --resume"),
+        "{e}"
+    );
+    // The trainer refuses too, before any step, whoever calls it.
+    let (model, tokenizer) = checkpoint::load_trainable(&dir, &Device::Cpu).unwrap();
+    let data = TokenDataset::from_tokens(tokenizer.encode(&text).unwrap(), 0.1).unwrap();
+    let mut obj = Pretraining::new(model, tokenizer, data, 4).unwrap();
+    let mut trainer = Trainer::new(resume_cfg(), obj.parameters().unwrap())
+        .unwrap()
+        .with_out_dir(&dir)
+        .resume_from(&dir)
+        .unwrap();
+    let mut events = 0;
+    let e = trainer
+        .fit(&mut obj, |_| events += 1)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("written by the `sft` stage, not `pretrain`"),
+        "{e}"
+    );
+    assert_eq!(events, 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn resume_continues_the_schedule_and_the_run() {
     let text = corpus(6000, 3);
     let a_dir = tmp("resume-a");

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 use tinygpt::candle::Device;
+use tinygpt::data::HeldOut;
 use tinygpt::SamplingParams;
 
 /// `mi_option_purge_delay` in mimalloc.h's `mi_option_e` (v2 and v3).
@@ -84,6 +85,56 @@ impl SamplingArgs {
             .with_repetition_penalty(self.repetition_penalty)
             .with_seed(seed)
     }
+
+    /// [`SamplingArgs::params`], checked up front: a bad flag is an error naming the flag
+    /// even where the settings are only used later (or not at all).
+    pub fn checked_params(&self, seed: u64) -> Result<SamplingParams> {
+        let params = self.params(seed);
+        if let Err(e) = params.validate() {
+            let msg = match e {
+                tinygpt::Error::InvalidArgument(m) => m,
+                e => e.to_string(),
+            };
+            // "top_p = 3 must be …" → "--top-p 3 must be …"
+            let (field, rest) = msg.split_once(" = ").unwrap_or(("", msg.as_str()));
+            if field.is_empty() || field.contains(' ') {
+                bail!("sampling flags: {msg}");
+            }
+            bail!("--{} {rest}", field.replace('_', "-"));
+        }
+        Ok(params)
+    }
+}
+
+/// The held-out set of a run from `--val-data` / `--val-fraction`, else the resumed run's
+/// (`resumed_extra`, its `trainer_state.json` `extra`), else `default_fraction` of --data;
+/// prints what a resumed run changed or recovered.
+pub fn held_out(
+    val_data: Option<&Path>,
+    val_fraction: Option<f64>,
+    resumed_extra: Option<&serde_json::Value>,
+    default_fraction: f64,
+) -> Result<HeldOut> {
+    let given = match (val_data, val_fraction) {
+        (Some(p), _) => Some(HeldOut::File(p.to_path_buf())),
+        (None, Some(f)) => Some(check_val_fraction(f)?),
+        (None, None) => None,
+    };
+    let (held_out, note) =
+        HeldOut::resolve(given, resumed_extra, HeldOut::fraction(default_fraction)?)?;
+    if let Some(note) = note {
+        println!("{note}");
+    }
+    Ok(held_out)
+}
+
+/// `--val-fraction f`, checked: in `[0, 1)`, so some data is left to train on.
+pub fn check_val_fraction(f: f64) -> Result<HeldOut> {
+    HeldOut::fraction(f).map_err(|_| {
+        anyhow::anyhow!(
+            "--val-fraction must be in [0, 1) (the share of --data held out; 0 = none), got {f}"
+        )
+    })
 }
 
 /// Tiny Shakespeare, as nanoGPT's `data/shakespeare_char/prepare.py` fetches it.

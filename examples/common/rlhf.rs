@@ -24,12 +24,10 @@ pub fn read_pairs(paths: &[PathBuf], skip_bad: bool) -> Result<Vec<PreferencePai
 }
 
 /// Training and held-out pairs, rendered and fitted to `block_size`: the held-out pairs come
-/// from `val` if given, else from a seeded `val_fraction` of `train`.
-#[allow(clippy::too_many_arguments)]
+/// from `held_out`'s file, or a seeded fraction of `train`.
 pub fn datasets(
     train: &[PathBuf],
-    val: Option<&PathBuf>,
-    val_fraction: f64,
+    held_out: &tinygpt::data::HeldOut,
     skip_bad: bool,
     tokenizer: &Tokenizer,
     template: &ChatTemplate,
@@ -47,9 +45,9 @@ pub fn datasets(
         fit.truncated,
         fit.dropped
     );
-    let (train, val) = match val {
+    let (train, val) = match held_out.file() {
         Some(v) => {
-            let pairs = read_pairs(std::slice::from_ref(v), skip_bad)?;
+            let pairs = read_pairs(&[v.to_path_buf()], skip_bad)?;
             let (val, fit) = PreferenceDataset::new(
                 &pairs,
                 tokenizer,
@@ -66,7 +64,7 @@ pub fn datasets(
             );
             (all, val)
         }
-        None => all.split(val_fraction, 1337),
+        None => all.split(held_out.val_fraction(), 1337),
     };
     if train.is_empty() {
         bail!("no training pair fits the context of {block_size} tokens");

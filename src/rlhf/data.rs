@@ -82,10 +82,11 @@ pub struct PreferenceData {
     pub skipped: Vec<Error>,
 }
 
-/// Reads a preference JSONL file (see the module docs). Blank lines are ignored.
+/// Reads a preference JSONL file (see the module docs). Blank lines and a leading byte-order
+/// mark are ignored.
 ///
-/// A malformed record (bad JSON, a missing or unknown field, an unknown role, a system
-/// message after the first) is an error naming the file and the 1-based line; with
+/// A malformed record (a line that is not UTF-8, bad JSON, a missing or unknown field, an
+/// unknown role, a system message after the first) is an error naming the file and the 1-based line; with
 /// `skip_bad_lines` it is skipped and recorded in [`PreferenceData::skipped`] instead.
 ///
 /// # Errors
@@ -96,21 +97,23 @@ pub fn load_preference_file(
     skip_bad_lines: bool,
 ) -> Result<PreferenceData> {
     let path = path.as_ref();
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut data = PreferenceData::default();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
+    for line in crate::data::read_lines(path)? {
+        if line.is_blank() {
             continue;
         }
-        let parsed = serde_json::from_str::<PreferencePair>(line)
-            .map_err(|e| crate::error::json_message(&e))
-            .and_then(|p| p.check().map(|()| p));
+        let parsed = line.text.and_then(|t| {
+            serde_json::from_str::<PreferencePair>(&t)
+                .map_err(|e| crate::error::json_message(&e))
+                .and_then(|p| p.check().map(|()| p))
+        });
         match parsed {
             Ok(p) => data.pairs.push(p),
             Err(msg) if skip_bad_lines => {
-                data.skipped.push(Error::bad_file(path, Some(i + 1), msg))
+                data.skipped
+                    .push(Error::bad_file(path, Some(line.number), msg))
             }
-            Err(msg) => return Err(Error::bad_file(path, Some(i + 1), msg)),
+            Err(msg) => return Err(Error::bad_file(path, Some(line.number), msg)),
         }
     }
     if data.pairs.is_empty() {
@@ -125,12 +128,12 @@ pub fn load_preference_file(
 
 /// Reads prompts for PPO from a JSONL file of preference records (a prompt is `history` +
 /// `prompt`) or of SFT records `{"messages": […]}` (a prompt is every message before the
-/// last assistant turn, or all of them when the last message is a user's). Blank lines are
-/// ignored.
+/// last assistant turn, or all of them when the last message is a user's). Blank lines and a
+/// leading byte-order mark are ignored.
 ///
 /// # Errors
 /// [`Error::Io`] if the file cannot be read; [`Error::BadFile`] with the 1-based line for a
-/// record that is neither, has an unknown role or misplaced system message, or leaves an empty
+/// line that is not UTF-8, a record that is neither, has an unknown role or misplaced system message, or leaves an empty
 /// prompt; without a line if the file holds no prompt.
 pub fn load_prompts(path: impl AsRef<Path>) -> Result<Vec<Vec<Message>>> {
     #[derive(Deserialize)]
@@ -139,15 +142,15 @@ pub fn load_prompts(path: impl AsRef<Path>) -> Result<Vec<Vec<Message>>> {
         messages: Vec<Message>,
     }
     let path = path.as_ref();
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut prompts = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
+    for line in crate::data::read_lines(path)? {
+        if line.is_blank() {
             continue;
         }
-        let bad = |msg: String| Error::bad_file(path, Some(i + 1), msg);
+        let bad = |msg: String| Error::bad_file(path, Some(line.number), msg);
+        let text = line.text.clone().map_err(bad)?;
         let value: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| bad(crate::error::json_message(&e)))?;
+            serde_json::from_str(&text).map_err(|e| bad(crate::error::json_message(&e)))?;
         let messages = if value.get("messages").is_some() {
             let c: Conversation =
                 serde_json::from_value(value).map_err(|e| bad(crate::error::json_message(&e)))?;
@@ -487,6 +490,43 @@ mod tests {
         let e = load_preference_file(&empty, false).unwrap_err().to_string();
         assert!(e.ends_with("no preference pair in the file"), "{e}");
         for f in [p, empty] {
+            std::fs::remove_file(f).unwrap();
+        }
+    }
+
+    #[test]
+    fn preference_and_prompt_files_skip_a_bom_and_name_a_line_that_is_not_utf8() {
+        let pair = r#"{"prompt":"hi","chosen":"a","rejected":"b"}"#;
+        let write = |name: &str, parts: &[&[u8]]| {
+            let p =
+                std::env::temp_dir().join(format!("tinygpt-pref-{}-{name}", std::process::id()));
+            std::fs::write(&p, parts.concat()).unwrap();
+            p
+        };
+        let bom = write("bom.jsonl", &[b"\xEF\xBB\xBF", pair.as_bytes(), b"\n"]);
+        assert_eq!(load_preference_file(&bom, false).unwrap().pairs.len(), 1);
+        assert_eq!(load_prompts(&bom).unwrap().len(), 1);
+        let bad = write(
+            "bad.jsonl",
+            &[
+                pair.as_bytes(),
+                b"\n\n{\"prompt\":\"\xE9\"}\n",
+                pair.as_bytes(),
+            ],
+        );
+        let e = load_preference_file(&bad, false).unwrap_err().to_string();
+        assert!(
+            e.ends_with("bad.jsonl:3: not valid UTF-8 (byte 12 of the line)"),
+            "{e}"
+        );
+        let d = load_preference_file(&bad, true).unwrap();
+        assert_eq!((d.pairs.len(), d.skipped.len()), (2, 1));
+        let e = load_prompts(&bad).unwrap_err().to_string();
+        assert!(
+            e.ends_with("bad.jsonl:3: not valid UTF-8 (byte 12 of the line)"),
+            "{e}"
+        );
+        for f in [bom, bad] {
             std::fs::remove_file(f).unwrap();
         }
     }

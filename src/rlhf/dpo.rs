@@ -74,6 +74,10 @@ pub struct Dpo {
 }
 
 impl Dpo {
+    /// The stage's name, [`Objective::stage`]: what `trainer_state.json` records, and the
+    /// name of the example that runs it.
+    pub const STAGE: &'static str = "dpo";
+
     /// DPO of `policy` (trainable) against `reference` (constant weights, e.g. the SFT
     /// checkpoint loaded with [`crate::checkpoint::load_model`]) on `train`, evaluated on
     /// `val`, with `batch_size` pairs per batch and temperature `beta` (the paper: 0.1).
@@ -193,7 +197,7 @@ pub(crate) fn check_reference(policy: &Gpt, reference: &Gpt) -> Result<()> {
 
 impl Objective for Dpo {
     fn stage(&self) -> &str {
-        "dpo"
+        Self::STAGE
     }
 
     fn parameters(&self) -> Result<Vec<(String, Var)>> {

@@ -453,6 +453,10 @@ pub struct Ppo {
 }
 
 impl Ppo {
+    /// The stage's name, [`Objective::stage`]: what `trainer_state.json` records, and the
+    /// name of the example that runs it.
+    pub const STAGE: &'static str = "ppo";
+
     /// The value head's file in a PPO checkpoint.
     pub const VALUE_HEAD_FILE: &'static str = "value_head.safetensors";
     /// The value head's tensor prefix (`v_head.weight`, `v_head.bias`), as TRL names it.
@@ -868,7 +872,7 @@ impl Ppo {
 
 impl Objective for Ppo {
     fn stage(&self) -> &str {
-        "ppo"
+        Self::STAGE
     }
 
     /// The policy's parameters and the value head's (`v_head.weight`, `v_head.bias`).

@@ -469,6 +469,10 @@ pub struct RewardTraining {
 }
 
 impl RewardTraining {
+    /// The stage's name, [`Objective::stage`]: what `trainer_state.json` records, and the
+    /// name of the example that runs it.
+    pub const STAGE: &'static str = "reward";
+
     /// Training of `model` on `train`, evaluated on `val`, `batch_size` pairs per batch.
     ///
     /// # Errors
@@ -527,7 +531,7 @@ impl RewardTraining {
 
 impl Objective for RewardTraining {
     fn stage(&self) -> &str {
-        "reward"
+        Self::STAGE
     }
 
     fn parameters(&self) -> Result<Vec<(String, Var)>> {
