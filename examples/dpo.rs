@@ -181,6 +181,7 @@ fn main() -> Result<()> {
     let progress = common::Progress::new(cfg.max_iters, trainer.step());
     let summary = trainer.fit(&mut objective, |e| progress.event(e))?;
     progress.finish();
+    let holds = common::holds_run_checkpoint(&out, progress.saved(), args.resume.as_deref());
 
     // 3. Summary from the last evaluation.
     let get = |k: &str| {
@@ -192,14 +193,14 @@ fn main() -> Result<()> {
             .unwrap_or_else(|| "n/a".into())
     };
     println!(
-        "dpo: β {beta} | held-out loss {} (best {}) | implicit-reward accuracy {} margin {} | {} steps in {:.1} s | checkpoint {}",
+        "dpo: β {beta} | held-out loss {} (best {}) | implicit-reward accuracy {} margin {} | {} steps in {:.1} s | {}",
         get("val_loss"),
         summary.best_val_loss.map(|v| format!("{v:.4}")).unwrap_or_else(|| "n/a".into()),
         get("reward_accuracy"),
         get("reward_margin"),
         summary.steps,
         started.elapsed().as_secs_f64(),
-        out.display()
+        common::checkpoint_note(&out, holds)
     );
     Ok(())
 }

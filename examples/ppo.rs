@@ -213,10 +213,11 @@ fn main() -> Result<()> {
         progress.event(e)
     })?;
     progress.finish();
+    let holds = common::holds_run_checkpoint(&out, progress.saved(), args.resume.as_deref());
 
     let last = objective.last_iteration().copied().unwrap_or_default();
     println!(
-        "ppo: mean reward {} → {:.3} | KL to the SFT model {:.3} nats per reply (kl_coef {:.4}) | reply length {:.1} | {} iterations in {:.1} s | checkpoint {}",
+        "ppo: mean reward {} → {:.3} | KL to the SFT model {:.3} nats per reply (kl_coef {:.4}) | reply length {:.1} | {} iterations in {:.1} s | {}",
         first.map(|r| format!("{r:.3}")).unwrap_or_else(|| "n/a".into()),
         last.reward_mean,
         last.kl,
@@ -224,7 +225,7 @@ fn main() -> Result<()> {
         last.response_length,
         objective.state().iteration,
         started.elapsed().as_secs_f64(),
-        out.display()
+        common::checkpoint_note(&out, holds)
     );
     let _ = summary;
     Ok(())

@@ -137,6 +137,7 @@ fn main() -> Result<()> {
             let (model, tokenizer) = checkpoint::load_trainable(dir, &device)?;
             let cfg = args.train.apply(state.train_config.clone());
             let out = args.out.clone().unwrap_or_else(|| dir.clone());
+            common::fresh_out_dir(&out, true, args.train.overwrite)?;
             println!("resuming {} at step {}", dir.display(), state.step);
             (model, tokenizer, cfg, data_path, out)
         }
@@ -219,9 +220,10 @@ fn main() -> Result<()> {
     let progress = common::Progress::new(train_cfg.max_iters, trainer.step());
     let summary = trainer.fit(&mut objective, |event| progress.event(event))?;
     progress.finish();
+    let holds = common::holds_run_checkpoint(&out, progress.saved(), args.resume.as_deref());
 
     // 3. A sample from the best checkpoint, then the summary.
-    if args.sample_chars > 0 && out.join(checkpoint::files::MODEL).is_file() {
+    if args.sample_chars > 0 && holds {
         let (model, tokenizer) = checkpoint::load_model(&out, &device)?;
         let params = SamplingParams::default()
             .with_temperature(0.8)
@@ -251,7 +253,7 @@ fn main() -> Result<()> {
         summary.elapsed_s,
         started.elapsed().as_secs_f64(),
         common::human(summary.tokens_per_sec),
-        common::checkpoint_note(&out)
+        common::checkpoint_note(&out, holds)
     );
     Ok(())
 }

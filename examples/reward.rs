@@ -162,11 +162,13 @@ fn main() -> Result<()> {
     let progress = common::Progress::new(cfg.max_iters, trainer.step());
     let summary = trainer.fit(&mut objective, |e| progress.event(e))?;
     progress.finish();
+    let holds = common::holds_run_checkpoint(&out, progress.saved(), args.resume.as_deref());
+    let note = common::checkpoint_note(&out, holds);
 
     // 3. The best checkpoint (or, if none was written, the model as trained) on the whole
     // held-out set.
     let pad = objective.tokenizer().eot_id();
-    let best = if out.join(RewardModel::HEAD_FILE).is_file() {
+    let best = if holds && out.join(RewardModel::HEAD_FILE).is_file() {
         RewardModel::load(&out, &device)?.0
     } else {
         objective.model().clone()
@@ -174,20 +176,18 @@ fn main() -> Result<()> {
     let m = best.pair_metrics(objective.val(), pad, cfg.batch_size, usize::MAX)?;
     match m {
         Some(m) => println!(
-            "reward: held-out accuracy {:.1}% over {} pairs, mean margin {:.3}, loss {:.4} | {} steps in {:.1} s | checkpoint {}",
+            "reward: held-out accuracy {:.1}% over {} pairs, mean margin {:.3}, loss {:.4} | {} steps in {:.1} s | {note}",
             100.0 * m.accuracy,
             m.pairs,
             m.margin,
             m.loss,
             summary.steps,
             started.elapsed().as_secs_f64(),
-            out.display()
         ),
         None => println!(
-            "reward: no held-out pairs | {} steps in {:.1} s | checkpoint {}",
+            "reward: no held-out pairs | {} steps in {:.1} s | {note}",
             summary.steps,
             started.elapsed().as_secs_f64(),
-            out.display()
         ),
     }
     Ok(())

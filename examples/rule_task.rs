@@ -184,6 +184,39 @@ fn rule_pairs(
         .collect()
 }
 
+/// The checkpoint directories this example writes inside --out.
+const STAGES: [&str; 5] = ["pretrain", "sft", "reward", "ppo", "dpo"];
+
+/// Refuses, before any training, an --out that is not this example's: a file, or a non-empty
+/// directory without a stage checkpoint (its files could be overwritten), or one whose stage
+/// directories are not checkpoints. Stage checkpoints of an earlier run are replaced (or
+/// reused with --reuse), as before.
+fn check_out(out: &Path) -> Result<()> {
+    if out.exists() && !out.is_dir() {
+        bail!(
+            "--out {}: exists and is not a directory; choose a new or empty directory",
+            out.display()
+        );
+    }
+    let non_empty = std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
+    if non_empty
+        && !STAGES
+            .iter()
+            .any(|s| checkpoint::is_checkpoint_dir(out.join(s)))
+    {
+        bail!(
+            "--out {}: is not empty and holds no checkpoint of an earlier run of this example \
+             (in {}); its files could be overwritten, so choose a new or empty directory",
+            out.display(),
+            STAGES.join(", ")
+        );
+    }
+    for stage in STAGES {
+        common::fresh_out_dir(&out.join(stage), true, true)?;
+    }
+    Ok(())
+}
+
 fn write_jsonl<T: serde::Serialize>(path: &Path, records: &[T]) -> Result<()> {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
     for r in records {
@@ -281,6 +314,7 @@ fn main() -> Result<()> {
     let device = common::device(&args.device)?;
     let started = Instant::now();
     let out = args.out.clone();
+    check_out(&out)?;
     std::fs::create_dir_all(&out)?;
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
     let word = args.word.to_lowercase();

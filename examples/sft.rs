@@ -322,9 +322,10 @@ fn main() -> Result<()> {
         progress.event(e)
     })?;
     progress.finish();
+    let holds = common::holds_run_checkpoint(&out, progress.saved(), args.resume.as_deref());
 
     // 5. Replies after SFT, from the best checkpoint.
-    let after = if args.eval_replies > 0 && out.join(checkpoint::files::MODEL).is_file() {
+    let after = if args.eval_replies > 0 && holds {
         let (model, tokenizer) = checkpoint::load_model(&out, &device)?;
         let s = reply_stats(&model, &tokenizer, &probe, &params)?;
         println!("after SFT:  {}/{} replies end with <|end|> within {} tokens ({:.0}%), mean length {:.0}",
@@ -366,7 +367,7 @@ fn main() -> Result<()> {
         after.map(|s| format!("{:.0}%", 100.0 * s.end_rate())).unwrap_or_else(|| "-".into()),
         summary.steps,
         started.elapsed().as_secs_f64(),
-        common::checkpoint_note(&out)
+        common::checkpoint_note(&out, holds)
     );
     Ok(())
 }

@@ -36,6 +36,69 @@ pub mod files {
     pub const TRAINER_STATE: &str = "trainer_state.json";
     /// Evaluation metrics, one JSON object per line.
     pub const METRICS: &str = "metrics.jsonl";
+    /// The files every checkpoint the [`crate::Trainer`] writes holds, whatever the stage: the
+    /// model files of [`crate::Objective::save`] and the trainer's own. A directory holding all
+    /// of them is a checkpoint directory ([`super::is_checkpoint_dir`]), which a new checkpoint
+    /// may replace; any other existing path is refused.
+    pub const REQUIRED: [&str; 5] = [CONFIG, MODEL, TOKENIZER, OPTIMIZER, TRAINER_STATE];
+}
+
+/// Whether `dir` is a checkpoint directory: a directory holding every file of
+/// [`files::REQUIRED`].
+pub fn is_checkpoint_dir(dir: impl AsRef<Path>) -> bool {
+    let dir = dir.as_ref();
+    dir.is_dir() && files::REQUIRED.iter().all(|f| dir.join(f).is_file())
+}
+
+/// What a checkpoint path holds before checkpoints are written to it (see
+/// [`CheckpointWriter::preflight`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Nothing: the first checkpoint creates it.
+    Absent,
+    /// An empty directory.
+    Empty,
+    /// A checkpoint directory ([`is_checkpoint_dir`]), which the first new checkpoint replaces.
+    Checkpoint,
+}
+
+/// What is at `target` now, or why a checkpoint must not replace it: a file (or anything but
+/// a directory), a non-empty directory that is not a checkpoint, or a path below a file.
+fn inspect_target(target: &Path) -> Result<Target> {
+    if let Some(file) = target.ancestors().skip(1).find(|a| a.is_file()) {
+        return Err(Error::checkpoint(
+            target,
+            format!("{} is a file, not a directory", file.display()),
+        ));
+    }
+    let meta = match std::fs::symlink_metadata(target) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Target::Absent),
+        Err(e) => return Err(Error::io(target, e)),
+    };
+    if !meta.is_dir() {
+        return Err(Error::checkpoint(
+            target,
+            "exists and is not a directory; a checkpoint would replace it, so it is left \
+             alone: choose another path",
+        ));
+    }
+    let mut entries = std::fs::read_dir(target).map_err(|e| Error::io(target, e))?;
+    if entries.next().is_none() {
+        Ok(Target::Empty)
+    } else if is_checkpoint_dir(target) {
+        Ok(Target::Checkpoint)
+    } else {
+        Err(Error::checkpoint(
+            target,
+            format!(
+                "exists, is not empty and is not a checkpoint directory (which holds {}); a \
+                 checkpoint would replace it whole, so it is left alone: choose a new or empty \
+                 directory",
+                files::REQUIRED.join(", ")
+            ),
+        ))
+    }
 }
 
 /// Loads the model and tokenizer of a checkpoint directory for inference (constant weights,
@@ -143,6 +206,12 @@ pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: impl AsRef<Path
 /// Writes a checkpoint directory atomically: files go into a temporary sibling directory,
 /// which replaces the target on [`CheckpointWriter::commit`]. Dropped uncommitted, it removes
 /// the temporary directory and leaves the old checkpoint untouched.
+///
+/// Only a checkpoint directory ([`is_checkpoint_dir`]) or an empty one is ever replaced: a
+/// target that is a file or a directory holding anything else is refused, and so is a
+/// checkpoint directory holding a file the new checkpoint does not (nothing but older versions
+/// of the checkpoint's own files is lost). A symbolic link is followed: the directory it points
+/// to is replaced and the link kept.
 #[derive(Debug)]
 pub struct CheckpointWriter {
     target: PathBuf,
@@ -151,12 +220,14 @@ pub struct CheckpointWriter {
 }
 
 impl CheckpointWriter {
-    /// Starts a checkpoint for `target`.
+    /// Starts a checkpoint for `target`, creating its parent directories.
     ///
     /// # Errors
-    /// [`Error::Io`] if the temporary directory cannot be created.
+    /// [`Error::Checkpoint`] naming `target` if it exists and is not an empty or checkpoint
+    /// directory, or if the temporary directory cannot be created beside it.
     pub fn begin(target: impl AsRef<Path>) -> Result<Self> {
-        let target = target.as_ref().to_path_buf();
+        let target = resolve_link(target.as_ref())?;
+        inspect_target(&target)?;
         let name = target
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -165,17 +236,47 @@ impl CheckpointWriter {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+        std::fs::create_dir_all(&parent).map_err(|e| {
+            Error::checkpoint(
+                &target,
+                format!(
+                    "cannot create its parent directory {}: {e}",
+                    parent.display()
+                ),
+            )
+        })?;
         let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+        let cannot = |e: std::io::Error| {
+            Error::checkpoint(
+                &target,
+                format!(
+                    "cannot write the temporary directory {} beside it: {e}",
+                    tmp.display()
+                ),
+            )
+        };
         if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            std::fs::remove_dir_all(&tmp).map_err(cannot)?;
         }
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::create_dir_all(&tmp).map_err(cannot)?;
         Ok(Self {
             target,
             tmp,
             committed: false,
         })
+    }
+
+    /// Checks, before any training, that checkpoints can be written to `target`, as
+    /// [`CheckpointWriter::begin`] would: it creates `target`'s parent directories and a
+    /// temporary directory beside it, which it removes again. Returns what is there now.
+    ///
+    /// # Errors
+    /// As [`CheckpointWriter::begin`].
+    pub fn preflight(target: impl AsRef<Path>) -> Result<Target> {
+        let target = resolve_link(target.as_ref())?;
+        let found = inspect_target(&target)?;
+        drop(Self::begin(&target)?);
+        Ok(found)
     }
 
     /// The directory to write the files into.
@@ -186,14 +287,40 @@ impl CheckpointWriter {
     /// Flushes the files to disk and swaps the directory into place.
     ///
     /// # Errors
-    /// [`Error::Io`] naming the path that failed; the previous checkpoint is then still intact
-    /// (at `target`, or at the `.old` sibling if the failure came between the two renames).
+    /// [`Error::Checkpoint`] if the target is no longer an empty or checkpoint directory, or
+    /// holds a file the new checkpoint lacks; [`Error::Io`] naming the path that failed; the
+    /// previous checkpoint is then still intact (at `target`, or at the `.old` sibling if the
+    /// failure came between the two renames).
     pub fn commit(mut self) -> Result<()> {
+        let mut written = Vec::new();
         for entry in std::fs::read_dir(&self.tmp).map_err(|e| Error::io(&self.tmp, e))? {
-            let path = entry.map_err(|e| Error::io(&self.tmp, e))?.path();
+            let entry = entry.map_err(|e| Error::io(&self.tmp, e))?;
+            let path = entry.path();
             let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
             file.sync_all().map_err(|e| Error::io(&path, e))?;
+            written.push(entry.file_name());
         }
+        let had_old = match inspect_target(&self.target)? {
+            Target::Absent => false,
+            Target::Empty => true,
+            Target::Checkpoint => {
+                let dir = &self.target;
+                for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+                    let name = entry.map_err(|e| Error::io(dir, e))?.file_name();
+                    if !written.contains(&name) {
+                        return Err(Error::checkpoint(
+                            dir,
+                            format!(
+                                "holds {}, which the new checkpoint does not: the directory is \
+                                 replaced whole, so move it elsewhere first",
+                                name.to_string_lossy()
+                            ),
+                        ));
+                    }
+                }
+                true
+            }
+        };
         let old = self.tmp.with_file_name(format!(
             ".{}.old-{}",
             self.target
@@ -202,7 +329,6 @@ impl CheckpointWriter {
                 .unwrap_or_default(),
             std::process::id()
         ));
-        let had_old = self.target.exists();
         if had_old {
             std::fs::rename(&self.target, &old).map_err(|e| Error::io(&self.target, e))?;
         }
@@ -212,6 +338,20 @@ impl CheckpointWriter {
             std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
         }
         Ok(())
+    }
+}
+
+/// `path`, or the path a symbolic link at `path` points to (so the link is kept and the
+/// directory it names is written).
+fn resolve_link(path: &Path) -> Result<PathBuf> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(path).map_err(|e| {
+            Error::checkpoint(
+                path,
+                format!("is a symbolic link that cannot be followed: {e}"),
+            )
+        }),
+        _ => Ok(path.to_path_buf()),
     }
 }
 
@@ -234,29 +374,204 @@ mod tests {
         d
     }
 
+    /// Writes every file of [`files::REQUIRED`] into `dir`, each holding `tag`.
+    fn write_checkpoint_files(dir: &Path, tag: &str) {
+        for f in files::REQUIRED {
+            std::fs::write(dir.join(f), tag).unwrap();
+        }
+    }
+
+    /// The names in `dir`, sorted.
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
     #[test]
     fn writer_swaps_atomically_and_cleans_up() {
         let root = tmpdir("swap");
         let target = root.join("ckpt");
+        assert_eq!(
+            CheckpointWriter::preflight(&target).unwrap(),
+            Target::Absent
+        );
         let w = CheckpointWriter::begin(&target).unwrap();
-        std::fs::write(w.path().join("a.txt"), "1").unwrap();
+        write_checkpoint_files(w.path(), "1");
         w.commit().unwrap();
-        assert_eq!(std::fs::read_to_string(target.join("a.txt")).unwrap(), "1");
+        assert_eq!(
+            std::fs::read_to_string(target.join(files::MODEL)).unwrap(),
+            "1"
+        );
+        assert!(is_checkpoint_dir(&target));
+        assert_eq!(
+            CheckpointWriter::preflight(&target).unwrap(),
+            Target::Checkpoint
+        );
         // An abandoned write leaves the old checkpoint as it was.
         let w = CheckpointWriter::begin(&target).unwrap();
-        std::fs::write(w.path().join("a.txt"), "2").unwrap();
+        write_checkpoint_files(w.path(), "2");
         drop(w);
-        assert_eq!(std::fs::read_to_string(target.join("a.txt")).unwrap(), "1");
+        assert_eq!(
+            std::fs::read_to_string(target.join(files::MODEL)).unwrap(),
+            "1"
+        );
+        // An existing checkpoint is replaced whole.
         let w = CheckpointWriter::begin(&target).unwrap();
-        std::fs::write(w.path().join("a.txt"), "3").unwrap();
+        write_checkpoint_files(w.path(), "3");
+        std::fs::write(w.path().join(files::METRICS), "{}\n").unwrap();
         w.commit().unwrap();
-        assert_eq!(std::fs::read_to_string(target.join("a.txt")).unwrap(), "3");
-        let names: Vec<_> = std::fs::read_dir(&root)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        assert_eq!(names, vec!["ckpt".to_string()]);
+        assert_eq!(
+            std::fs::read_to_string(target.join(files::MODEL)).unwrap(),
+            "3"
+        );
+        assert_eq!(names(&root), vec!["ckpt".to_string()]);
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn writer_fills_an_empty_directory() {
+        let root = tmpdir("empty");
+        let target = root.join("ckpt");
+        std::fs::create_dir(&target).unwrap();
+        assert_eq!(CheckpointWriter::preflight(&target).unwrap(), Target::Empty);
+        let w = CheckpointWriter::begin(&target).unwrap();
+        write_checkpoint_files(w.path(), "1");
+        w.commit().unwrap();
+        assert!(is_checkpoint_dir(&target));
+        assert_eq!(names(&root), vec!["ckpt".to_string()]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn writer_refuses_a_directory_that_is_not_a_checkpoint() {
+        let root = tmpdir("foreign");
+        let target = root.join("thesis");
+        std::fs::create_dir_all(target.join("sub")).unwrap();
+        std::fs::write(target.join("thesis.tex"), "chapter 1").unwrap();
+        std::fs::write(target.join("sub/x"), "x").unwrap();
+        // Even one that holds some of a checkpoint's files.
+        std::fs::write(target.join(files::CONFIG), "{}").unwrap();
+        let e = CheckpointWriter::preflight(&target)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&*target.to_string_lossy()) && e.contains("not a checkpoint directory"),
+            "{e}"
+        );
+        let e = CheckpointWriter::begin(&target).unwrap_err().to_string();
+        assert!(e.contains("not a checkpoint directory"), "{e}");
+        assert_eq!(names(&root), vec!["thesis".to_string()]);
+        assert_eq!(names(&target), ["config.json", "sub", "thesis.tex"]);
+        assert_eq!(
+            std::fs::read_to_string(target.join("thesis.tex")).unwrap(),
+            "chapter 1"
+        );
+        assert_eq!(std::fs::read_to_string(target.join("sub/x")).unwrap(), "x");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn writer_refuses_a_directory_that_became_foreign_before_commit() {
+        let root = tmpdir("late");
+        let target = root.join("out");
+        std::fs::create_dir(&target).unwrap();
+        let w = CheckpointWriter::begin(&target).unwrap();
+        write_checkpoint_files(w.path(), "1");
+        std::fs::write(target.join("notes.txt"), "mine").unwrap();
+        let e = w.commit().unwrap_err().to_string();
+        assert!(e.contains("not a checkpoint directory"), "{e}");
+        assert_eq!(names(&target), ["notes.txt"]);
+        assert_eq!(names(&root), vec!["out".to_string()]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn writer_keeps_files_a_checkpoint_directory_gained() {
+        let root = tmpdir("gained");
+        let target = root.join("ckpt");
+        let w = CheckpointWriter::begin(&target).unwrap();
+        write_checkpoint_files(w.path(), "1");
+        w.commit().unwrap();
+        std::fs::write(target.join("notes.txt"), "mine").unwrap();
+        let w = CheckpointWriter::begin(&target).unwrap();
+        write_checkpoint_files(w.path(), "2");
+        let e = w.commit().unwrap_err().to_string();
+        assert!(e.contains("holds notes.txt"), "{e}");
+        assert_eq!(
+            std::fs::read_to_string(target.join(files::MODEL)).unwrap(),
+            "1"
+        );
+        assert_eq!(
+            std::fs::read_to_string(target.join("notes.txt")).unwrap(),
+            "mine"
+        );
+        assert_eq!(names(&root), vec!["ckpt".to_string()]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn writer_refuses_a_file() {
+        let root = tmpdir("file");
+        let target = root.join("notes.txt");
+        std::fs::write(&target, "my notes").unwrap();
+        for e in [
+            CheckpointWriter::preflight(&target).unwrap_err(),
+            CheckpointWriter::begin(&target).unwrap_err(),
+        ] {
+            let e = e.to_string();
+            assert!(
+                e.contains(&*target.to_string_lossy()) && e.contains("not a directory"),
+                "{e}"
+            );
+        }
+        // A checkpoint below the file is refused too, naming both.
+        let below = target.join("pretrain");
+        let e = CheckpointWriter::preflight(&below).unwrap_err().to_string();
+        assert!(
+            e.contains(&*below.to_string_lossy()) && e.contains("is a file"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "my notes");
+        assert_eq!(names(&root), vec!["notes.txt".to_string()]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn writer_follows_a_link_and_keeps_it() {
+        let root = tmpdir("link");
+        let real = root.join("real");
+        std::fs::create_dir(&real).unwrap();
+        let link = root.join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        for tag in ["1", "2"] {
+            let w = CheckpointWriter::begin(&link).unwrap();
+            write_checkpoint_files(w.path(), tag);
+            w.commit().unwrap();
+        }
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(
+            std::fs::read_to_string(real.join(files::MODEL)).unwrap(),
+            "2"
+        );
+        assert_eq!(names(&root), ["link", "real"]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn preflight_names_the_target_when_its_parent_cannot_be_written() {
+        let target = Path::new("/proc/tinygpt-no-such-dir/ckpt");
+        let e = CheckpointWriter::preflight(target).unwrap_err().to_string();
+        assert!(
+            e.starts_with("checkpoint /proc/tinygpt-no-such-dir/ckpt: "),
+            "{e}"
+        );
     }
 
     #[test]

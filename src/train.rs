@@ -398,10 +398,14 @@ pub struct Trainer {
     opt: AdamW,
     state: TrainerState,
     out_dir: Option<PathBuf>,
+    /// Whether `out_dir` holds this run's checkpoint (one written by this trainer, or the one
+    /// it resumed from), so new metrics lines may be appended to it.
+    out_dir_is_ours: bool,
+    /// The checkpoint [`Trainer::resume_from`] read.
+    resumed_from: Option<PathBuf>,
     metrics: Vec<String>,
     rng: ChaCha8Rng,
     eval_rng: ChaCha8Rng,
-    resumed_from: Option<PathBuf>,
 }
 
 impl Trainer {
@@ -429,15 +433,17 @@ impl Trainer {
             cfg,
             opt,
             out_dir: None,
+            out_dir_is_ours: false,
+            resumed_from: None,
             metrics: Vec::new(),
             rng,
             eval_rng,
-            resumed_from: None,
         })
     }
 
     /// Where checkpoints go (created when the first one is written). Without it nothing is
-    /// saved.
+    /// saved. It must not exist, or be an empty directory, or a checkpoint directory (which the
+    /// first new checkpoint replaces); [`Trainer::fit`] checks that before training.
     pub fn with_out_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.out_dir = Some(dir.into());
         self
@@ -460,6 +466,7 @@ impl Trainer {
     pub fn resume_from(mut self, dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         require_files(dir, &[files::OPTIMIZER, files::TRAINER_STATE])?;
+        self.resumed_from = Some(dir.to_path_buf());
         let state = TrainerState::load(dir)?;
         let device = match self.opt.params().first() {
             Some((_, v)) => v.device().clone(),
@@ -507,7 +514,6 @@ impl Trainer {
             extra: self.state.extra.clone(),
             ..state
         };
-        self.resumed_from = Some(dir.to_path_buf());
         Ok(self)
     }
 
@@ -525,10 +531,12 @@ impl Trainer {
     /// `on_event` as things happen.
     ///
     /// # Errors
-    /// Any error of the objective, the optimiser or checkpoint writing; a NaN or infinite
-    /// loss stops training with [`Error::InvalidArgument`] (nothing is saved for that step);
-    /// [`Error::Checkpoint`], before any step, if the run was resumed from a checkpoint of
-    /// another stage than `objective`'s ([`TrainerState::check_stage`]).
+    /// Before the first step, [`Error::Checkpoint`] if the run was resumed from a checkpoint
+    /// of another stage than `objective`'s ([`TrainerState::check_stage`]), or naming the
+    /// output directory if checkpoints could not be written there (see
+    /// [`CheckpointWriter::preflight`]). Then any error of the objective, the optimiser or
+    /// checkpoint writing; a NaN or infinite loss stops training with
+    /// [`Error::InvalidArgument`] (nothing is saved for that step).
     pub fn fit<O: Objective + ?Sized>(
         &mut self,
         objective: &mut O,
@@ -536,6 +544,12 @@ impl Trainer {
     ) -> Result<TrainSummary> {
         if let Some(dir) = &self.resumed_from {
             self.state.check_stage(dir, objective.stage())?;
+        }
+        if let Some(dir) = &self.out_dir {
+            CheckpointWriter::preflight(dir)?;
+            if let Some(from) = &self.resumed_from {
+                self.out_dir_is_ours |= same_path(from, dir);
+            }
         }
         self.state.stage = objective.stage().to_string();
         let schedule = self.cfg.schedule();
@@ -745,8 +759,9 @@ impl Trainer {
         let (Some(dir), Some(line)) = (&self.out_dir, self.metrics.last()) else {
             return Ok(());
         };
+        // Only into this run's own checkpoint: not into one an earlier run left there.
         let path = dir.join(files::METRICS);
-        if !dir.join(files::TRAINER_STATE).is_file() {
+        if !self.out_dir_is_ours || !dir.join(files::TRAINER_STATE).is_file() {
             return Ok(());
         }
         use std::io::Write;
@@ -775,7 +790,18 @@ impl Trainer {
         let mut text = self.metrics.join("\n");
         text.push('\n');
         std::fs::write(&metrics_path, text).map_err(|e| Error::io(&metrics_path, e))?;
-        writer.commit()
+        writer.commit()?;
+        self.out_dir_is_ours = true;
+        Ok(())
+    }
+}
+
+/// Whether `a` and `b` name the same file or directory (their paths, if either cannot be
+/// resolved).
+fn same_path(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
     }
 }
 

@@ -261,6 +261,104 @@ fn resume_continues_the_schedule_and_the_run() {
     std::fs::remove_dir_all(&b_dir).unwrap();
 }
 
+/// A fresh pre-training run into `out` with `cfg`: the number of steps it took, and its result.
+fn fresh_run(
+    out: &Path,
+    cfg: TrainConfig,
+) -> (usize, tinygpt::Result<tinygpt::train::TrainSummary>) {
+    let text = corpus(3000, 5);
+    let tok = Tokenizer::train_char(&text).unwrap();
+    let model = Gpt::init(&small(tok.vocab_size()), 7, &Device::Cpu).unwrap();
+    let data = TokenDataset::from_tokens(tok.encode(&text).unwrap(), 0.1).unwrap();
+    let mut obj = Pretraining::new(model, tok, data, 4).unwrap();
+    let mut trainer = Trainer::new(cfg, obj.parameters().unwrap())
+        .unwrap()
+        .with_out_dir(out);
+    let mut steps = 0;
+    let result = trainer.fit(&mut obj, |e| {
+        if let TrainEvent::Step { .. } = e {
+            steps += 1;
+        }
+    });
+    (steps, result)
+}
+
+#[test]
+fn fit_refuses_an_out_dir_it_would_destroy_before_training() {
+    let root = tmp("refuse");
+    // A directory of someone's files.
+    let thesis = root.join("thesis");
+    std::fs::create_dir_all(thesis.join("sub")).unwrap();
+    std::fs::write(thesis.join("thesis.tex"), "chapter 1").unwrap();
+    std::fs::write(thesis.join("sub/x"), "x").unwrap();
+    let (steps, result) = fresh_run(&thesis, resume_cfg());
+    let e = result.unwrap_err().to_string();
+    assert_eq!(steps, 0, "trained before refusing");
+    assert!(
+        e.contains(&*thesis.to_string_lossy()) && e.contains("not a checkpoint directory"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(thesis.join("thesis.tex")).unwrap(),
+        "chapter 1"
+    );
+    assert_eq!(std::fs::read_to_string(thesis.join("sub/x")).unwrap(), "x");
+    // A file.
+    let notes = root.join("notes.txt");
+    std::fs::write(&notes, "my notes").unwrap();
+    let (steps, result) = fresh_run(&notes, resume_cfg());
+    let e = result.unwrap_err().to_string();
+    assert_eq!(steps, 0, "trained before refusing");
+    assert!(
+        e.contains(&*notes.to_string_lossy()) && e.contains("not a directory"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read_to_string(&notes).unwrap(), "my notes");
+    let mut names: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["notes.txt", "thesis"]);
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn a_fresh_run_replaces_a_checkpoint_but_never_edits_it() {
+    let root = tmp("replace");
+    let out = root.join("ckpt");
+    let short = TrainConfig {
+        max_iters: 10,
+        ..resume_cfg()
+    };
+    fresh_run(&out, short.clone()).1.unwrap();
+    assert!(checkpoint::is_checkpoint_dir(&out));
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    // Evaluating only at step 0 saves nothing; the old checkpoint's metrics stay its own.
+    let none = TrainConfig {
+        max_iters: 0,
+        ..resume_cfg()
+    };
+    fresh_run(&out, none).1.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(out.join("metrics.jsonl")).unwrap(),
+        metrics
+    );
+    // A run that saves replaces it whole.
+    let (steps, result) = fresh_run(&out, TrainConfig { seed: 9, ..short });
+    result.unwrap();
+    assert_eq!(steps, 10);
+    let replaced = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_ne!(replaced, metrics);
+    assert_eq!(replaced.lines().count(), 2); // steps 0 and 10 of the new run
+    let names: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, ["ckpt"]);
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
 /// nanoGPT's `generate` without a cache: recompute the cropped window every step.
 fn naive_generate(model: &Gpt, prompt: &[u32], params: &SamplingParams) -> Vec<u32> {
     let mut proc = LogitsProcessor::new(params).unwrap();

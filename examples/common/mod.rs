@@ -6,9 +6,10 @@ pub mod rlhf;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
 use tinygpt::candle::Device;
+use tinygpt::checkpoint::{self, CheckpointWriter, Target};
 use tinygpt::data::HeldOut;
 use tinygpt::SamplingParams;
 
@@ -251,7 +252,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub seed: Option<u64>,
     /// Start afresh even if --out already holds a checkpoint (it is replaced when the first
-    /// new one is written).
+    /// new one is written). Anything else in --out (a file, a directory of other files) is
+    /// never replaced.
     #[arg(long)]
     pub overwrite: bool,
 }
@@ -294,6 +296,7 @@ impl TrainArgs {
 /// Prints training events: a progress bar with loss and throughput, eval and checkpoint lines.
 pub struct Progress {
     bar: indicatif::ProgressBar,
+    saved: std::cell::Cell<bool>,
 }
 
 impl Progress {
@@ -306,7 +309,10 @@ impl Progress {
             )
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
-        Self { bar }
+        Self {
+            bar,
+            saved: std::cell::Cell::new(false),
+        }
     }
 
     /// A line above the bar (plain stdout when the bar is hidden, e.g. not a terminal).
@@ -345,6 +351,7 @@ impl Progress {
                 self.say(format!("step {step:>5}: {}", shown.join(", ")));
             }
             TrainEvent::Checkpoint { step, dir } => {
+                self.saved.set(true);
                 self.say(format!(
                     "step {step:>5}: saved checkpoint to {}",
                     dir.display()
@@ -356,15 +363,21 @@ impl Progress {
     pub fn finish(&self) {
         self.bar.finish_and_clear();
     }
+
+    /// Whether this run has written a checkpoint.
+    pub fn saved(&self) -> bool {
+        self.saved.get()
+    }
 }
 
-/// Refuses to start a new run whose checkpoints would replace one already in `out`: a fresh
-/// run writes over it at its first evaluation. `resuming` runs continue what is there.
+/// Checks `out` before training, so that no run destroys what is already on disk: it must not
+/// exist, or be an empty directory, or a checkpoint directory, and checkpoints must be
+/// writable there (its parent is created and probed). A checkpoint already there would be
+/// replaced at the new run's first improvement, so it is refused too unless the run continues
+/// it (`resuming`) or `overwrite` is given. Nothing else is ever replaced, whatever the flags.
 pub fn fresh_out_dir(out: &Path, resuming: bool, overwrite: bool) -> Result<()> {
-    let holds = ["trainer_state.json", "model.safetensors", "config.json"]
-        .iter()
-        .any(|f| out.join(f).exists());
-    if holds && !resuming && !overwrite {
+    let found = CheckpointWriter::preflight(out).map_err(|e| anyhow!("--out: {e}"))?;
+    if found == Target::Checkpoint && !resuming && !overwrite {
         bail!(
             "{} already holds a checkpoint: continue it with --resume {0}, choose another --out, \
              or pass --overwrite to replace it",
@@ -408,14 +421,32 @@ pub fn announce(cfg: &tinygpt::TrainConfig) {
     }
 }
 
-/// The last line's "checkpoint DIR", or why there is none.
-pub fn checkpoint_note(out: &Path) -> String {
-    if out.join("model.safetensors").is_file() {
+/// Whether `out` holds this run's best checkpoint after training: one it `saved`, or the one
+/// it continued from `resumed` (when that is `out` itself).
+pub fn holds_run_checkpoint(out: &Path, saved: bool, resumed: Option<&Path>) -> bool {
+    let continued_in_place = resumed.is_some_and(|r| same_path(r, out));
+    (saved || continued_in_place) && checkpoint::is_checkpoint_dir(out)
+}
+
+fn same_path(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+/// The last line's "checkpoint DIR", or why there is none. `holds`: from
+/// [`holds_run_checkpoint`].
+pub fn checkpoint_note(out: &Path, holds: bool) -> String {
+    if holds {
         format!("checkpoint {}", out.display())
     } else {
-        format!(
-            "no checkpoint written to {} (no evaluation after step 0)",
-            out.display()
-        )
+        let why = "no evaluation after step 0 improved on the best validation loss";
+        let before = if checkpoint::is_checkpoint_dir(out) {
+            " (it still holds the checkpoint that was there before)"
+        } else {
+            ""
+        };
+        format!("no checkpoint written to {}: {why}{before}", out.display())
     }
 }
