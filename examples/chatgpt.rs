@@ -88,7 +88,7 @@ fn main() -> Result<()> {
     let data_path = common::corpus(args.data.as_deref())?;
     let text = data::read_text(&data_path)?;
     for stage in ["pretrain", "sft"] {
-        common::fresh_out_dir(&args.out.join(stage), false, args.overwrite)?;
+        common::fresh_out_dir(&args.out.join(stage), None, args.overwrite)?;
     }
     let mut conversations = Vec::new();
     for p in &args.sft_data {

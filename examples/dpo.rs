@@ -86,7 +86,7 @@ fn main() -> Result<()> {
         .clone()
         .or_else(|| args.resume.clone())
         .unwrap_or_else(|| PathBuf::from("out/dpo"));
-    common::fresh_out_dir(&out, args.resume.is_some(), args.train.overwrite)?;
+    common::fresh_out_dir(&out, args.resume.as_deref(), args.train.overwrite)?;
     let device = common::device(&args.device)?;
     let started = Instant::now();
 
@@ -171,7 +171,7 @@ fn main() -> Result<()> {
         "val_fraction": val_data.to_extra().1,
         "beta": beta,
     });
-    common::announce(&cfg);
+    common::announce(&cfg)?;
     let mut trainer = Trainer::new(cfg.clone(), objective.parameters()?)?
         .with_out_dir(&out)
         .with_extra(extra);

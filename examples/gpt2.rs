@@ -67,6 +67,10 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    common::quiet_on_closed_pipe(run())
+}
+
+fn run() -> Result<()> {
     common::init();
     let args = Args::parse();
     let device = common::device(&args.device)?;

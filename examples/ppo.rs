@@ -105,7 +105,7 @@ fn main() -> Result<()> {
         .clone()
         .or_else(|| args.resume.clone())
         .unwrap_or_else(|| PathBuf::from("out/ppo"));
-    common::fresh_out_dir(&out, args.resume.is_some(), args.train.overwrite)?;
+    common::fresh_out_dir(&out, args.resume.as_deref(), args.train.overwrite)?;
     let device = common::device(&args.device)?;
     let started = Instant::now();
 
@@ -195,7 +195,7 @@ fn main() -> Result<()> {
         "data": data.display().to_string(),
         "ppo": ppo_cfg,
     });
-    common::announce(&cfg);
+    common::announce(&cfg)?;
     let mut trainer = Trainer::new(cfg.clone(), objective.parameters()?)?
         .with_out_dir(&out)
         .with_extra(extra);

@@ -69,7 +69,7 @@ struct Args {
     #[arg(long)]
     block_size: Option<usize>,
     /// Dropout probability in training [default: 0].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     dropout: Option<f32>,
     /// Biases in projections and LayerNorms [default: false, as nanoGPT; GPT-2 has them].
     #[arg(long)]
@@ -137,7 +137,7 @@ fn main() -> Result<()> {
             let (model, tokenizer) = checkpoint::load_trainable(dir, &device)?;
             let cfg = args.train.apply(state.train_config.clone());
             let out = args.out.clone().unwrap_or_else(|| dir.clone());
-            common::fresh_out_dir(&out, true, args.train.overwrite)?;
+            common::fresh_out_dir(&out, Some(dir), args.train.overwrite)?;
             println!("resuming {} at step {}", dir.display(), state.step);
             (model, tokenizer, cfg, data_path, out)
         }
@@ -147,7 +147,7 @@ fn main() -> Result<()> {
                 .out
                 .clone()
                 .unwrap_or_else(|| PathBuf::from("out/pretrain"));
-            common::fresh_out_dir(&out, false, args.train.overwrite)?;
+            common::fresh_out_dir(&out, None, args.train.overwrite)?;
             let text = data::read_text(&data_path)?;
             let t0 = Instant::now();
             let choice = args.tokenizer.unwrap_or(TokenizerChoice::Char);
@@ -210,7 +210,7 @@ fn main() -> Result<()> {
         "data": data_path.display().to_string(),
         "tokenizer": tokenizer_kind_name(objective.tokenizer()),
     });
-    common::announce(&train_cfg);
+    common::announce(&train_cfg)?;
     let mut trainer = Trainer::new(train_cfg.clone(), objective.parameters()?)?
         .with_out_dir(&out)
         .with_extra(extra);

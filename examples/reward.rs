@@ -82,7 +82,7 @@ fn main() -> Result<()> {
         .clone()
         .or_else(|| args.resume.clone())
         .unwrap_or_else(|| PathBuf::from("out/reward"));
-    common::fresh_out_dir(&out, args.resume.is_some(), args.train.overwrite)?;
+    common::fresh_out_dir(&out, args.resume.as_deref(), args.train.overwrite)?;
     let device = common::device(&args.device)?;
     let started = Instant::now();
 
@@ -152,7 +152,7 @@ fn main() -> Result<()> {
         "val_data": val_data.to_extra().0,
         "val_fraction": val_data.to_extra().1,
     });
-    common::announce(&cfg);
+    common::announce(&cfg)?;
     let mut trainer = Trainer::new(cfg.clone(), objective.parameters()?)?
         .with_out_dir(&out)
         .with_extra(extra);

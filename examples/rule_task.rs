@@ -212,7 +212,7 @@ fn check_out(out: &Path) -> Result<()> {
         );
     }
     for stage in STAGES {
-        common::fresh_out_dir(&out.join(stage), true, true)?;
+        common::fresh_out_dir(&out.join(stage), None, true)?;
     }
     Ok(())
 }

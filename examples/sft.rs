@@ -127,7 +127,7 @@ fn main() -> Result<()> {
         .clone()
         .or_else(|| args.resume.clone())
         .unwrap_or_else(|| PathBuf::from("out/sft"));
-    common::fresh_out_dir(&out, args.resume.is_some(), args.train.overwrite)?;
+    common::fresh_out_dir(&out, args.resume.as_deref(), args.train.overwrite)?;
 
     // 1. The model: the base with the chat tokens added (if its tokenizer lacks them), or the
     //    SFT run to resume.
@@ -298,7 +298,7 @@ fn main() -> Result<()> {
     }
     let mut objective = Sft::new(model, tokenizer, train, val, cfg.batch_size)?;
     let data_json: Vec<String> = data_paths.iter().map(|p| p.display().to_string()).collect();
-    common::announce(&cfg);
+    common::announce(&cfg)?;
     let (val_data_json, val_fraction_json) = held_out.to_extra();
     let mut trainer = Trainer::new(cfg.clone(), objective.parameters()?)?
         .with_out_dir(&out)

@@ -41,6 +41,21 @@ pub mod files {
     /// of them is a checkpoint directory ([`super::is_checkpoint_dir`]), which a new checkpoint
     /// may replace; any other existing path is refused.
     pub const REQUIRED: [&str; 5] = [CONFIG, MODEL, TOKENIZER, OPTIMIZER, TRAINER_STATE];
+    /// Every file a checkpoint of any stage may hold: [`REQUIRED`], the metrics, and what the
+    /// RLHF stages add (the reward and value heads, PPO's state). A checkpoint directory holding anything else is refused as a
+    /// target before training (see [`super::CheckpointWriter::preflight`]): replacing the
+    /// directory would lose it.
+    pub const KNOWN: [&str; 9] = [
+        CONFIG,
+        MODEL,
+        TOKENIZER,
+        OPTIMIZER,
+        TRAINER_STATE,
+        METRICS,
+        crate::rlhf::RewardModel::HEAD_FILE,
+        crate::rlhf::Ppo::VALUE_HEAD_FILE,
+        crate::rlhf::Ppo::STATE_FILE,
+    ];
 }
 
 /// Whether `dir` is a checkpoint directory: a directory holding every file of
@@ -87,6 +102,19 @@ fn inspect_target(target: &Path) -> Result<Target> {
     if entries.next().is_none() {
         Ok(Target::Empty)
     } else if is_checkpoint_dir(target) {
+        for entry in std::fs::read_dir(target).map_err(|e| Error::io(target, e))? {
+            let name = entry.map_err(|e| Error::io(target, e))?.file_name();
+            if !files::KNOWN.iter().any(|k| name == *k) {
+                return Err(Error::checkpoint(
+                    target,
+                    format!(
+                        "holds {}, which is not a checkpoint file: a new checkpoint replaces \
+                         the directory whole, so move it elsewhere first",
+                        name.to_string_lossy()
+                    ),
+                ));
+            }
+        }
         Ok(Target::Checkpoint)
     } else {
         Err(Error::checkpoint(
@@ -496,18 +524,31 @@ mod tests {
         let w = CheckpointWriter::begin(&target).unwrap();
         write_checkpoint_files(w.path(), "1");
         w.commit().unwrap();
+        // A file no checkpoint holds: refused up front, before any training.
         std::fs::write(target.join("notes.txt"), "mine").unwrap();
-        let w = CheckpointWriter::begin(&target).unwrap();
-        write_checkpoint_files(w.path(), "2");
-        let e = w.commit().unwrap_err().to_string();
-        assert!(e.contains("holds notes.txt"), "{e}");
-        assert_eq!(
-            std::fs::read_to_string(target.join(files::MODEL)).unwrap(),
-            "1"
+        let e = CheckpointWriter::preflight(&target)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("holds notes.txt, which is not a checkpoint file"),
+            "{e}"
         );
+        assert!(CheckpointWriter::begin(&target).is_err());
         assert_eq!(
             std::fs::read_to_string(target.join("notes.txt")).unwrap(),
             "mine"
+        );
+        std::fs::remove_file(target.join("notes.txt")).unwrap();
+        // A checkpoint file the new checkpoint does not write (another stage's head): refused
+        // at commit, the old checkpoint kept.
+        std::fs::write(target.join(files::KNOWN[6]), "head").unwrap();
+        let w = CheckpointWriter::begin(&target).unwrap();
+        write_checkpoint_files(w.path(), "2");
+        let e = w.commit().unwrap_err().to_string();
+        assert!(e.contains(&format!("holds {}", files::KNOWN[6])), "{e}");
+        assert_eq!(
+            std::fs::read_to_string(target.join(files::MODEL)).unwrap(),
+            "1"
         );
         assert_eq!(names(&root), vec!["ckpt".to_string()]);
         std::fs::remove_dir_all(&root).unwrap();

@@ -373,11 +373,13 @@ impl Progress {
 /// Checks `out` before training, so that no run destroys what is already on disk: it must not
 /// exist, or be an empty directory, or a checkpoint directory, and checkpoints must be
 /// writable there (its parent is created and probed). A checkpoint already there would be
-/// replaced at the new run's first improvement, so it is refused too unless the run continues
-/// it (`resuming`) or `overwrite` is given. Nothing else is ever replaced, whatever the flags.
-pub fn fresh_out_dir(out: &Path, resuming: bool, overwrite: bool) -> Result<()> {
+/// replaced at the new run's first improvement, so it is refused too unless it is the one the
+/// run continues (`resuming`, the --resume directory) or `overwrite` is given. Nothing else is
+/// ever replaced, whatever the flags.
+pub fn fresh_out_dir(out: &Path, resuming: Option<&Path>, overwrite: bool) -> Result<()> {
     let found = CheckpointWriter::preflight(out).map_err(|e| anyhow!("--out: {e}"))?;
-    if found == Target::Checkpoint && !resuming && !overwrite {
+    let continued = resuming.is_some_and(|r| same_path(r, out));
+    if found == Target::Checkpoint && !continued && !overwrite {
         bail!(
             "{} already holds a checkpoint: continue it with --resume {0}, choose another --out, \
              or pass --overwrite to replace it",
@@ -387,20 +389,26 @@ pub fn fresh_out_dir(out: &Path, resuming: bool, overwrite: bool) -> Result<()> 
     Ok(())
 }
 
-/// Prints the training settings in one line, and warns about a schedule that cannot do what
-/// it says (a warm-up as long as the run never reaches the peak learning rate).
-pub fn announce(cfg: &tinygpt::TrainConfig) {
+/// Checks the training settings and prints them in one line, with a warning for a schedule
+/// that cannot do what it says (a warm-up as long as the run, a decay that ends before the
+/// warm-up does).
+///
+/// # Errors
+/// What [`tinygpt::TrainConfig::validate`] refuses.
+pub fn announce(cfg: &tinygpt::TrainConfig) -> Result<()> {
+    cfg.validate()?;
     let schedule = if cfg.decay_lr {
         format!(
-            "lr {:e} → {:e} (warm-up {} steps, cosine to step {})",
+            "lr {} → {} (warm-up {} steps, cosine to step {})",
             cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters
         )
     } else {
-        format!("lr {:e} constant", cfg.lr)
+        format!("lr {} constant", cfg.lr)
     };
     eprintln!(
-        "training: {} steps of {} sequences × {} micro-batch(es), {schedule}, AdamW betas ({}, \
-         {}), weight decay {}, grad clip {}, evaluation every {} steps over {} batches, seed {}",
+        "training: to step {}, {} sequences × {} micro-batch(es) a step, {schedule}, AdamW \
+         betas ({}, {}), weight decay {}, grad clip {}, evaluation every {} steps over {} \
+         batches, seed {}",
         cfg.max_iters,
         cfg.batch_size,
         cfg.gradient_accumulation_steps,
@@ -415,9 +423,30 @@ pub fn announce(cfg: &tinygpt::TrainConfig) {
     if cfg.decay_lr && cfg.warmup_iters >= cfg.max_iters {
         eprintln!(
             "warning: the warm-up ({} steps) is not shorter than the run ({} steps): the learning \
-             rate never reaches its peak ({:e}); pass a smaller --warmup-iters",
+             rate never reaches its peak ({}); pass a smaller --warmup-iters",
             cfg.warmup_iters, cfg.max_iters, cfg.lr
         );
+    } else if cfg.decay_lr && cfg.lr_decay_iters <= cfg.warmup_iters {
+        eprintln!(
+            "warning: the decay ends (step {}) before the warm-up does (step {}): the learning \
+             rate drops from the warm-up straight to min_lr; pass a larger --lr-decay-iters",
+            cfg.lr_decay_iters, cfg.warmup_iters
+        );
+    }
+    Ok(())
+}
+
+/// Ends quietly when the reader closed standard output (`… | head`), as command-line tools
+/// do, instead of reporting the broken pipe as an error.
+pub fn quiet_on_closed_pipe(result: Result<()>) -> Result<()> {
+    match result {
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            Ok(())
+        }
+        r => r,
     }
 }
 
