@@ -747,11 +747,14 @@ impl Gpt {
             .collect();
         let positions = Tensor::from_vec(positions, b * t, self.wpe.device())?;
         let pos_emb = self.wpe.embedding(&positions)?; // (B*T, C)
-        let mut x = (tok_emb + pos_emb)?.reshape((b, t, c))?; // (B, T, C)
-        if x.device().is_cpu() && x.dtype() != DType::F32 {
-            // Half-precision weights on the CPU: the activations are f32 (see `to_dtype`).
-            x = x.to_dtype(DType::F32)?;
-        }
+        let (tok_emb, pos_emb) =
+            if tok_emb.device().is_cpu() && matches!(tok_emb.dtype(), DType::F16 | DType::BF16) {
+                // Half-precision weights on the CPU: the activations are f32 (see `to_dtype`).
+                (tok_emb.to_dtype(DType::F32)?, pos_emb.to_dtype(DType::F32)?)
+            } else {
+                (tok_emb, pos_emb)
+            };
+        let x = (tok_emb + pos_emb)?.reshape((b, t, c))?; // (B, T, C)
         let mut x = maybe_dropout(x, &mut train)?;
         match cache {
             Some(cache) => {
@@ -1016,6 +1019,25 @@ mod tests {
         let a4 = a.narrow(1, 3, 1).unwrap().flatten_all().unwrap();
         let b4 = b.narrow(1, 3, 1).unwrap().flatten_all().unwrap();
         assert_ne!(a4.to_vec1::<f32>().unwrap(), b4.to_vec1::<f32>().unwrap());
+    }
+
+    /// f16 weights on the CPU: activations and logits stay f32, and the logits are those of
+    /// the f32 model up to the weights' rounding (relative 2^-11), in the whole-sequence pass
+    /// and in KV-cache decoding (where the f16 matrix-vector kernels run).
+    #[test]
+    fn f16_weights_compute_in_f32() {
+        let m = Gpt::init(&tiny(), 3, &Device::Cpu).unwrap();
+        let half = m.to_dtype(DType::F16).unwrap();
+        assert_eq!(half.dtype(), DType::F16);
+        let seq = ids(&[&[3u32, 1, 4, 1, 5]]);
+        let (want, got) = (m.forward(&seq).unwrap(), half.forward(&seq).unwrap());
+        assert_eq!(got.dtype(), DType::F32);
+        assert!(crate::testing::max_abs_diff(&got, &want) < 1e-2);
+        let mut cache = KvCache::new(2);
+        let step = half.forward_with_cache(&seq, &mut cache).unwrap(); // (1, V)
+        assert_eq!(step.dtype(), DType::F32);
+        let last = want.narrow(1, 4, 1).unwrap().squeeze(1).unwrap();
+        assert!(crate::testing::max_abs_diff(&step, &last) < 1e-2);
     }
 
     #[test]
