@@ -327,6 +327,17 @@ pub fn read_lines(path: impl AsRef<Path>) -> Result<Vec<Line>> {
         .collect())
 }
 
+/// Shuffles `items` with a seeded RNG and splits off the last `fraction` of them as a
+/// held-out set, which it returns (`items` keeps the rest). The SFT and preference datasets
+/// split this way.
+pub(crate) fn split_off_shuffled<T>(items: &mut Vec<T>, fraction: f64, seed: u64) -> Vec<T> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    items.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+    let n_val = ((items.len() as f64) * fraction).round() as usize;
+    items.split_off(items.len() - n_val.min(items.len()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

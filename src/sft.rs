@@ -15,8 +15,7 @@
 use std::path::Path;
 
 use candle_core::{Tensor, Var};
-use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 
@@ -269,11 +268,7 @@ impl SftDataset {
     /// Splits off the last `fraction` of the conversations (after a seeded shuffle) as a
     /// held-out set: `(train, val)`.
     pub fn split(mut self, fraction: f64, seed: u64) -> (Self, Self) {
-        self.examples.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
-        let n_val = ((self.examples.len() as f64) * fraction).round() as usize;
-        let val = self
-            .examples
-            .split_off(self.examples.len() - n_val.min(self.examples.len()));
+        let val = crate::data::split_off_shuffled(&mut self.examples, fraction, seed);
         (self, Self { examples: val })
     }
 

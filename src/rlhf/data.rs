@@ -19,8 +19,7 @@
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -295,14 +294,24 @@ impl PreferenceDataset {
         &self.examples
     }
 
+    /// `n` pair indices drawn at random (with replacement), and the tokens of their `2n`
+    /// sequences (each pair's prompt counted twice, once before either reply).
+    pub(crate) fn sample(&self, n: usize, rng: &mut ChaCha8Rng) -> (Vec<usize>, usize) {
+        let indices: Vec<usize> = (0..n).map(|_| rng.random_range(0..self.len())).collect();
+        let tokens = indices
+            .iter()
+            .map(|&i| {
+                let ex = &self.examples[i];
+                2 * ex.prompt.len() + ex.chosen.len() + ex.rejected.len()
+            })
+            .sum();
+        (indices, tokens)
+    }
+
     /// Splits off the last `fraction` of the pairs (after a seeded shuffle) as a held-out set:
     /// `(train, val)`.
     pub fn split(mut self, fraction: f64, seed: u64) -> (Self, Self) {
-        self.examples.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
-        let n_val = ((self.examples.len() as f64) * fraction).round() as usize;
-        let val = self
-            .examples
-            .split_off(self.examples.len() - n_val.min(self.examples.len()));
+        let val = crate::data::split_off_shuffled(&mut self.examples, fraction, seed);
         (self, Self { examples: val })
     }
 

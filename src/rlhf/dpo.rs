@@ -21,7 +21,6 @@
 use std::path::Path;
 
 use candle_core::{Tensor, Var};
-use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::checkpoint::save_model;
@@ -206,16 +205,7 @@ impl Objective for Dpo {
 
     /// `batch_size` pairs drawn at random (with replacement).
     fn train_loss(&mut self, rng: &mut ChaCha8Rng) -> Result<(Tensor, usize)> {
-        let indices: Vec<usize> = (0..self.batch_size)
-            .map(|_| rng.random_range(0..self.train.len()))
-            .collect();
-        let tokens = indices
-            .iter()
-            .map(|&i| {
-                let ex = &self.train.examples()[i];
-                2 * ex.prompt.len() + ex.chosen.len() + ex.rejected.len()
-            })
-            .sum();
+        let (indices, tokens) = self.train.sample(self.batch_size, rng);
         let (loss, _, _) = self.batch(&self.train, &indices, Some(rng))?;
         Ok((loss, tokens))
     }

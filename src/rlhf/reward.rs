@@ -17,7 +17,6 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
-use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::checkpoint::{
@@ -541,16 +540,7 @@ impl Objective for RewardTraining {
     /// `batch_size` pairs drawn at random (with replacement); the tokens are those of both
     /// sequences of every pair.
     fn train_loss(&mut self, rng: &mut ChaCha8Rng) -> Result<(Tensor, usize)> {
-        let indices: Vec<usize> = (0..self.batch_size)
-            .map(|_| rng.random_range(0..self.train.len()))
-            .collect();
-        let tokens = indices
-            .iter()
-            .map(|&i| {
-                let ex = &self.train.examples()[i];
-                2 * ex.prompt.len() + ex.chosen.len() + ex.rejected.len()
-            })
-            .sum();
+        let (indices, tokens) = self.train.sample(self.batch_size, rng);
         let (loss, _, _) =
             self.model
                 .pair_loss(&self.train, &indices, self.tokenizer.eot_id(), Some(rng))?;
