@@ -591,6 +591,82 @@ fn forward(
     (out, lse)
 }
 
+/// One row's cache for [`decode_rows`]: keys and values `(nh, capacity, hs)`, the first `len`
+/// positions valid (the new token's included).
+pub(crate) struct RowCache<'a> {
+    pub(crate) k: &'a [f32],
+    pub(crate) v: &'a [f32],
+    pub(crate) len: usize,
+}
+
+/// Attention for one decoding step of several sequences, each against its own cache: row
+/// `r`'s query `q[r]` (`nh · hs` floats, heads side by side, as `c_attn` writes them) sits at
+/// position `caches[r].len - 1` and sees that row's keys `0..len`. Returns `(R, nh · hs)`,
+/// heads side by side, ready for `c_proj`. Each (row, head) is the row-by-row forward of the
+/// fused kernel ([`forward_rows`]), so a row's output does not depend on the other rows.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] if the slices are shorter than the sizes say.
+pub(crate) fn decode_rows(
+    q: &[f32],
+    caches: &[RowCache],
+    (nh, hs, capacity): (usize, usize, usize),
+    scale: f32,
+) -> Result<Vec<f32>> {
+    let c = nh * hs;
+    let rows = caches.len();
+    let bad = q.len() < rows * c
+        || caches.iter().any(|rc| {
+            rc.len == 0
+                || rc.len > capacity
+                || rc.k.len() < nh * capacity * hs
+                || rc.v.len() < nh * capacity * hs
+        });
+    if bad {
+        return Err(Error::InvalidArgument(format!(
+            "decode attention: {rows} rows of {nh} heads × {hs} need q of {} floats and caches of {} with 1..={capacity} positions",
+            rows * c,
+            nh * capacity * hs
+        )));
+    }
+    let mut out = vec![0f32; rows * c];
+    let mut lse = vec![0f32; rows * nh];
+    let max_len = caches.iter().map(|rc| rc.len).max().unwrap_or(1);
+    let work: usize = caches.iter().map(|rc| nh * rc.len * hs).sum();
+    let items: Vec<(&mut [f32], &mut [f32])> = out.chunks_mut(hs).zip(lse.chunks_mut(1)).collect();
+    let isa = Isa::detect();
+    let scratch_dims = Dims {
+        heads: 1,
+        tq: 1,
+        tk: max_len,
+        hs,
+        scale,
+    };
+    let run = |scratch: &mut FwdScratch, i: usize, (o, lse): (&mut [f32], &mut [f32])| {
+        let (r, h) = (i / nh, i % nh);
+        let rc = &caches[r];
+        let head = h * capacity * hs;
+        let job = FwdJob {
+            q: &q[r * c + h * hs..r * c + (h + 1) * hs],
+            k: &rc.k[head..head + rc.len * hs],
+            v: &rc.v[head..head + rc.len * hs],
+            o,
+            lse,
+            d: Dims {
+                heads: 1,
+                tq: 1,
+                tk: rc.len,
+                hs,
+                scale,
+            },
+        };
+        isa.forward_head(job, scratch);
+    };
+    let parallel = rows * nh > 1 && work >= PARALLEL_MIN_WORK;
+    for_each_head(items, parallel, || FwdScratch::new(scratch_dims), run);
+    Ok(out)
+}
+
 /// What the backward pass reads, all contiguous: `q`, `o`, `d_o` `(heads, Tq, hs)`, `k`, `v`
 /// `(heads, Tk, hs)`, `lse` `(heads, Tq)`.
 struct BwdInputs<'a> {

@@ -301,7 +301,14 @@ mod avx512 {
 
     use super::f16_to_f32;
 
-    /// As [`super::in_out_rows`].
+    /// Weight rows per pass of [`in_out_rows`]: each pass loads and stores every row's
+    /// accumulator once, for this many multiply-adds per element.
+    const GROUP: usize = 8;
+
+    /// As [`super::in_out_rows`]. Each pass converts a 16-wide strip of `GROUP` weight rows
+    /// once and adds it into every activation row's accumulator, so several rows share one
+    /// read and one conversion of the weights. A row's sums are taken in the same order
+    /// whatever the number of rows (bit-identical results alone or in a batch).
     #[target_feature(enable = "avx512f")]
     pub(super) fn in_out_rows(
         x: &[f32],
@@ -312,33 +319,62 @@ mod avx512 {
         acc: &mut [f32],
     ) {
         let n_w = w.len() / d_out.max(1);
+        let rows = (acc.len() / d_out.max(1)).min(x.len() / d_in.max(1));
+        if rows > super::MAX_ROWS {
+            // Never taken (`matmul` sends at most MAX_ROWS rows); kept for safety.
+            for (a, xr) in acc.chunks_exact_mut(d_out).zip(x.chunks_exact(d_in)) {
+                in_out_rows(xr, d_in, w, d_out, i0, a);
+            }
+            return;
+        }
         let row = |k: usize| &w[k * d_out..(k + 1) * d_out];
         let vec_end = d_out / 16 * 16;
+        let mut coef = [0f32; GROUP * super::MAX_ROWS];
         let mut k = 0;
         while k < n_w {
-            let take = (n_w - k).min(4);
-            let ws: [&[u16]; 4] = std::array::from_fn(|q| row(k + q.min(take - 1)));
-            for (out, xr) in acc.chunks_exact_mut(d_out).zip(x.chunks_exact(d_in)) {
-                // Rows past `take` repeat the last one with a zero coefficient.
-                let a: [f32; 4] =
-                    std::array::from_fn(|q| if q < take { xr[i0 + k + q] } else { 0.0 });
-                let av = a.map(|v| _mm512_set1_ps(v));
-                let mut j = 0;
-                while j < vec_end {
-                    // SAFETY: j + 16 <= d_out, the length of `out` and of every `ws[q]`.
-                    unsafe {
-                        let mut o = _mm512_loadu_ps(out.as_ptr().add(j));
-                        for q in 0..4 {
-                            let h = _mm256_loadu_si256(ws[q].as_ptr().add(j) as *const __m256i);
-                            o = _mm512_fmadd_ps(av[q], _mm512_cvtph_ps(h), o);
-                        }
-                        _mm512_storeu_ps(out.as_mut_ptr().add(j), o);
-                    }
-                    j += 16;
+            let take = (n_w - k).min(GROUP);
+            // Rows past `take` repeat the last one with a zero coefficient.
+            let ws: [&[u16]; GROUP] = std::array::from_fn(|q| row(k + q.min(take - 1)));
+            for r in 0..rows {
+                for q in 0..GROUP {
+                    coef[r * GROUP + q] = if q < take {
+                        x[r * d_in + i0 + k + q]
+                    } else {
+                        0.0
+                    };
                 }
+            }
+            let mut j = 0;
+            while j < vec_end {
+                // SAFETY: j + 16 <= d_out, the length of every `ws[q]` and of each row's
+                // accumulator `acc[r·d_out..(r+1)·d_out]` (r < rows <= acc.len() / d_out).
+                unsafe {
+                    let wv: [__m512; GROUP] = std::array::from_fn(|q| {
+                        _mm512_cvtph_ps(_mm256_loadu_si256(ws[q].as_ptr().add(j) as *const __m256i))
+                    });
+                    for r in 0..rows {
+                        let p = acc.as_mut_ptr().add(r * d_out + j);
+                        // Two chains of multiply-adds (even and odd weight rows), so each
+                        // waits on half as many.
+                        let c = &coef[r * GROUP..(r + 1) * GROUP];
+                        let mut even = _mm512_loadu_ps(p);
+                        let mut odd = _mm512_mul_ps(_mm512_set1_ps(c[1]), wv[1]);
+                        for q in (0..GROUP).step_by(2) {
+                            even = _mm512_fmadd_ps(_mm512_set1_ps(c[q]), wv[q], even);
+                            if q > 0 {
+                                odd = _mm512_fmadd_ps(_mm512_set1_ps(c[q + 1]), wv[q + 1], odd);
+                            }
+                        }
+                        _mm512_storeu_ps(p, _mm512_add_ps(even, odd));
+                    }
+                }
+                j += 16;
+            }
+            for r in 0..rows {
+                let out = &mut acc[r * d_out..(r + 1) * d_out];
                 for j in vec_end..d_out {
-                    for q in 0..4 {
-                        out[j] += a[q] * f16_to_f32(ws[q][j]);
+                    for q in 0..GROUP {
+                        out[j] += coef[r * GROUP + q] * f16_to_f32(ws[q][j]);
                     }
                 }
             }
@@ -346,31 +382,68 @@ mod avx512 {
         }
     }
 
-    /// As [`super::out_in_chunk`].
+    /// As [`super::out_in_chunk`]: each weight row is converted once per 32 inputs and dotted
+    /// with up to four activation rows at a time, two running sums per row (eight independent
+    /// chains of multiply-adds instead of one). A row's sums are taken in the same order
+    /// whatever the number of rows.
     #[target_feature(enable = "avx512f")]
     pub(super) fn out_in_chunk(x: &[f32], d_in: usize, w: &[u16], part: &mut [f32]) {
         let n = w.len() / d_in.max(1);
-        let vec_end = d_in / 16 * 16;
+        let rows = x.len() / d_in.max(1);
         for (j, wr) in w.chunks_exact(d_in).enumerate() {
-            for (r, xr) in x.chunks_exact(d_in).enumerate() {
-                let mut i = 0;
-                let mut s = _mm512_setzero_ps();
-                while i < vec_end {
-                    // SAFETY: i + 16 <= d_in, the length of `xr` and `wr`.
-                    unsafe {
-                        let h = _mm256_loadu_si256(wr.as_ptr().add(i) as *const __m256i);
-                        let xv = _mm512_loadu_ps(xr.as_ptr().add(i));
-                        s = _mm512_fmadd_ps(xv, _mm512_cvtph_ps(h), s);
+            let mut r0 = 0;
+            while r0 < rows {
+                let xs = |t: usize| &x[(r0 + t) * d_in..(r0 + t + 1) * d_in];
+                match rows - r0 {
+                    1 => part[r0 * n + j] = dots::<1>([xs(0)], wr)[0],
+                    2 => {
+                        let d = dots::<2>([xs(0), xs(1)], wr);
+                        (0..2).for_each(|t| part[(r0 + t) * n + j] = d[t]);
                     }
-                    i += 16;
+                    3 => {
+                        let d = dots::<3>([xs(0), xs(1), xs(2)], wr);
+                        (0..3).for_each(|t| part[(r0 + t) * n + j] = d[t]);
+                    }
+                    _ => {
+                        let d = dots::<4>([xs(0), xs(1), xs(2), xs(3)], wr);
+                        (0..4).for_each(|t| part[(r0 + t) * n + j] = d[t]);
+                    }
                 }
-                let mut total = _mm512_reduce_add_ps(s);
-                for i in vec_end..d_in {
-                    total += xr[i] * f16_to_f32(wr[i]);
-                }
-                part[r * n + j] = total;
+                r0 += 4;
             }
         }
+    }
+
+    /// `Σ xs[t][i] · f32(wr[i])` for each of `RN` rows (all of `wr`'s length).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn dots<const RN: usize>(xs: [&[f32]; RN], wr: &[u16]) -> [f32; RN] {
+        let d_in = wr.len();
+        let vec_end = d_in / 32 * 32;
+        let mut s0 = [_mm512_setzero_ps(); RN];
+        let mut s1 = [_mm512_setzero_ps(); RN];
+        let mut i = 0;
+        while i < vec_end {
+            // SAFETY: i + 32 <= d_in, the length of `wr` and of every `xs[t]`.
+            unsafe {
+                let p = wr.as_ptr().add(i);
+                let h0 = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
+                let h1 = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(16) as *const __m256i));
+                for t in 0..RN {
+                    let xp = xs[t].as_ptr().add(i);
+                    s0[t] = _mm512_fmadd_ps(_mm512_loadu_ps(xp), h0, s0[t]);
+                    s1[t] = _mm512_fmadd_ps(_mm512_loadu_ps(xp.add(16)), h1, s1[t]);
+                }
+            }
+            i += 32;
+        }
+        std::array::from_fn(|t| {
+            let mut total = _mm512_reduce_add_ps(_mm512_add_ps(s0[t], s1[t]));
+            for i in vec_end..d_in {
+                total += xs[t][i] * f16_to_f32(wr[i]);
+            }
+            total
+        })
     }
 }
 

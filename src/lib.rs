@@ -50,6 +50,7 @@ pub mod attention;
 pub mod chat;
 pub mod checkpoint;
 pub mod data;
+pub mod decode;
 pub mod error;
 mod gemv;
 pub mod hf;
@@ -59,6 +60,8 @@ pub mod optim;
 pub mod pretrain;
 pub mod rlhf;
 pub mod sampler;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod sft;
 #[cfg(test)]
 mod testing;

@@ -21,7 +21,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
-use crate::attention::{attention_probs, causal_attention, causal_attention_qkv};
+use crate::attention::{self, attention_probs, causal_attention, causal_attention_qkv, RowCache};
 use crate::layers;
 use crate::{Error, Result};
 
@@ -488,15 +488,15 @@ impl GptConfig {
 /// filled prefix where it lies. Not `Clone`: two caches must never share buffers.
 #[derive(Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<LayerKv>>,
+    pub(crate) layers: Vec<Option<LayerKv>>,
     len: usize,
 }
 
 /// One layer's cache: k and v, each (B, nh, block_size, hs), the first `len` positions valid.
 #[derive(Debug)]
-struct LayerKv {
-    k: Tensor,
-    v: Tensor,
+pub(crate) struct LayerKv {
+    pub(crate) k: Tensor,
+    pub(crate) v: Tensor,
 }
 
 impl KvCache {
@@ -713,6 +713,60 @@ impl Gpt {
         let t = x.dim(1)?;
         let last = x.narrow(1, t - 1, 1)?; // (B, 1, C)
         Ok(self.lm_head(&last)?.squeeze(1)?) // (B, V)
+    }
+
+    /// One decoding step of R sequences whose caches are plain buffers (the CPU path of
+    /// [`crate::decode`]): token `tokens[r]` at position `pos[r]`, its keys and values written
+    /// into `kv[r]` (per layer `(nh, block_size, hs)`) at that position, its query attending to
+    /// that row's positions `0..=pos[r]` only. Returns the logits (R, V). The caller checks
+    /// ids and positions; activations must be f32 (the CPU computes in f32 for every dtype).
+    pub(crate) fn decode_rows(
+        &self,
+        tokens: &[u32],
+        pos: &[usize],
+        kv: &mut [&mut crate::decode::SlotKv],
+    ) -> Result<Tensor> {
+        let (r, c, nh) = (tokens.len(), self.cfg.n_embd, self.cfg.n_head);
+        let (hs, cap) = (c / nh, self.cfg.block_size);
+        let device = self.wte.device();
+        let ids = Tensor::from_slice(tokens, r, device)?; // (R,)
+        let positions: Vec<u32> = pos.iter().map(|&p| p as u32).collect();
+        let positions = Tensor::from_vec(positions, r, device)?; // (R,)
+        let tok_emb = self.wte.embedding(&ids)?.to_dtype(DType::F32)?; // (R, C)
+        let pos_emb = self.wpe.embedding(&positions)?.to_dtype(DType::F32)?; // (R, C)
+        let mut x = (tok_emb + pos_emb)?.reshape((r, 1, c))?; // (R, 1, C)
+        let scale = 1.0 / (hs as f32).sqrt();
+        for (l, block) in self.h.iter().enumerate() {
+            let attn = &block.attn;
+            let qkv = attn.c_attn.forward(&block.ln_1.forward(&x)?)?; // (R, 1, 3C)
+            let qkv = qkv.flatten_all()?.to_vec1::<f32>()?; // R rows of [q | k | v]
+            let mut q = vec![0f32; r * c]; // (R, C)
+            for (i, row) in qkv.chunks_exact(3 * c).enumerate() {
+                q[i * c..(i + 1) * c].copy_from_slice(&row[..c]);
+                let (k, v) = (&mut kv[i].k[l], &mut kv[i].v[l]);
+                for h in 0..nh {
+                    // head h of the new key/value goes to (h, pos, :) of the row's buffers
+                    let at = (h * cap + pos[i]) * hs;
+                    k[at..at + hs].copy_from_slice(&row[c + h * hs..c + (h + 1) * hs]);
+                    v[at..at + hs].copy_from_slice(&row[2 * c + h * hs..2 * c + (h + 1) * hs]);
+                }
+            }
+            let caches: Vec<RowCache> = kv
+                .iter()
+                .zip(pos)
+                .map(|(s, &p)| RowCache {
+                    k: &s.k[l],
+                    v: &s.v[l],
+                    len: p + 1,
+                })
+                .collect();
+            let y = attention::decode_rows(&q, &caches, (nh, hs, cap), scale)?; // (R, C)
+            let y = Tensor::from_vec(y, (r, 1, c), device)?;
+            x = (x + attn.c_proj.forward(&y)?)?; // (R, 1, C)
+            x = (&x + block.mlp.forward(&block.ln_2.forward(&x)?, &mut None)?)?;
+        }
+        let x = self.ln_f.forward(&x)?; // (R, 1, C)
+        Ok(self.lm_head(&x)?.squeeze(1)?) // (R, V)
     }
 
     /// The final hidden states after `ln_f`: (B, T) u32 → (B, T, C). The reward model and the

@@ -179,7 +179,9 @@ impl SftData {
     ) -> Result<()> {
         let mut keep = Vec::with_capacity(self.conversations.len());
         for (conv, line) in self.conversations.iter().zip(&self.lines) {
-            let bad = conv.iter().find_map(|m| tokenizer.encode(&m.content).err());
+            let bad = conv
+                .iter()
+                .find_map(|m| tokenizer.encode_text(&m.content).err());
             match bad {
                 None => keep.push(true),
                 Some(e) if skip_bad_lines => {

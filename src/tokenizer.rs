@@ -75,6 +75,8 @@ pub enum TokenizerKind {
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// `inner` with special tokens encoded as plain text, for [`Tokenizer::encode_text`].
+    plain: std::sync::Arc<tokenizers::Tokenizer>,
     kind: TokenizerKind,
     eot: u32,
 }
@@ -225,7 +227,13 @@ impl Tokenizer {
             .token_to_id(EOT)
             .ok_or_else(|| Error::Tokenizer(format!("{EOT} could not be added")))?;
         let kind = detect_kind(&inner);
-        Ok(Self { inner, kind, eot })
+        let plain = std::sync::Arc::new(plain_text_copy(&inner));
+        Ok(Self {
+            inner,
+            plain,
+            kind,
+            eot,
+        })
     }
 
     // ----------------------------------------------------------------------------------------
@@ -264,17 +272,37 @@ impl Tokenizer {
     /// underlying tokenizer fails.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         if self.kind == TokenizerKind::Char {
-            self.check_known_chars(text)?;
+            self.check_known_chars(text, false)?;
         }
+        self.encode_with(&self.inner, text)
+    }
+
+    /// Encodes `text` as plain text: a special token's spelling written in it (`<|end|>`,
+    /// `<|endoftext|>`) is encoded as the characters it is made of, never as the control token,
+    /// as Hugging Face's `split_special_tokens=True` does. This is how text that users or data
+    /// supply enters a prompt ([`crate::ChatTemplate`] encodes every message so), so no one can
+    /// open or close a turn by typing a chat token.
+    ///
+    /// # Errors
+    /// As [`Tokenizer::encode`]; for a char tokenizer the characters of a special token's
+    /// spelling must be in the vocabulary like any others.
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
+        if self.kind == TokenizerKind::Char {
+            self.check_known_chars(text, true)?;
+        }
+        self.encode_with(&self.plain, text)
+    }
+
+    fn encode_with(&self, inner: &tokenizers::Tokenizer, text: &str) -> Result<Vec<u32>> {
         if text.len() <= ENCODE_CHUNK_BYTES || self.kind == TokenizerKind::Other {
-            return Ok(self.inner.encode_fast(text, false)?.get_ids().to_vec());
+            return Ok(inner.encode_fast(text, false)?.get_ids().to_vec());
         }
         // A long text (a whole corpus) is encoded in chunks cut where the pre-tokenizer cuts
         // anyway, so the ids are those of the whole text, without holding per-token strings
         // and offsets for all of it at once (hundreds of MB for a 1 MB corpus).
         let mut ids = Vec::with_capacity(text.len() / 2);
         for chunk in PreTokenizerSafeChunks::new(text, ENCODE_CHUNK_BYTES) {
-            ids.extend_from_slice(self.inner.encode_fast(chunk, false)?.get_ids());
+            ids.extend_from_slice(inner.encode_fast(chunk, false)?.get_ids());
         }
         Ok(ids)
     }
@@ -362,6 +390,7 @@ impl Tokenizer {
             .collect();
         if !missing.is_empty() {
             self.inner.add_special_tokens(missing)?;
+            self.plain = std::sync::Arc::new(plain_text_copy(&self.inner));
         }
         tokens
             .iter()
@@ -415,13 +444,14 @@ impl Tokenizer {
         Self::from_inner(tokenizer.into())
     }
 
-    /// Checks that a char tokenizer knows every character of `text` outside special tokens.
-    fn check_known_chars(&self, text: &str) -> Result<()> {
-        let model = self.inner.get_model();
-        let pieces = self
-            .inner
+    /// Checks that a char tokenizer knows every character of `text` outside special tokens
+    /// (inside them too when `plain`: the text is then encoded without special tokens).
+    fn check_known_chars(&self, text: &str, plain: bool) -> Result<()> {
+        let inner = if plain { &*self.plain } else { &self.inner };
+        let model = inner.get_model();
+        let pieces = inner
             .get_added_vocabulary()
-            .extract_and_normalize(self.inner.get_normalizer(), text);
+            .extract_and_normalize(inner.get_normalizer(), text);
         let mut buf = [0u8; 4];
         for (piece, (start, _), tokens) in
             pieces.get_splits(OffsetReferential::Original, OffsetType::Byte)
@@ -514,6 +544,13 @@ const TRAIN_CHUNK_BYTES: usize = 16 * 1024;
 /// value serves as pre-tokenizer, post-processor and decoder.
 fn byte_level() -> ByteLevel {
     ByteLevel::new(false, false, true)
+}
+
+/// A copy of `inner` that encodes special tokens' spellings as plain text.
+fn plain_text_copy(inner: &tokenizers::Tokenizer) -> tokenizers::Tokenizer {
+    let mut plain = inner.clone();
+    plain.set_encode_special_tokens(true);
+    plain
 }
 
 /// A byte-level tokenizer (GPT-2 layout) around a BPE model.

@@ -205,7 +205,7 @@ pub fn render_reply(
     template: &ChatTemplate,
     reply: &str,
 ) -> Result<Vec<u32>> {
-    let mut ids = tokenizer.encode(reply)?;
+    let mut ids = tokenizer.encode_text(reply)?; // a reply is text, never control tokens
     ids.push(template.end_id());
     Ok(ids)
 }
