@@ -74,6 +74,26 @@ pub(crate) struct SlotKv {
     pub(crate) v: Vec<Vec<f32>>,
 }
 
+impl SlotKv {
+    /// Buffers for `n_layer` layers of `layer_len` floats each, every page written once.
+    fn allocated(n_layer: usize, layer_len: usize) -> Self {
+        let buffer = || {
+            let mut v = vec![0f32; layer_len];
+            // `vec![0; n]` maps pages lazily: write one float per 4 KiB page, so the page
+            // faults happen here and not during a decoding step.
+            for x in v.iter_mut().step_by(1024) {
+                // SAFETY: `x` is a valid, aligned, exclusive reference into `v`.
+                unsafe { std::ptr::write_volatile(x, 0.0) };
+            }
+            v
+        };
+        Self {
+            k: (0..n_layer).map(|_| buffer()).collect(),
+            v: (0..n_layer).map(|_| buffer()).collect(),
+        }
+    }
+}
+
 impl DecodeSlots {
     /// `n_slots` empty slots for `model`. Nothing is allocated until a slot is used; each
     /// used slot then holds `2 · n_layer · block_size · n_embd` floats (75 MB for GPT-2 124M).
@@ -94,6 +114,23 @@ impl DecodeSlots {
             layer_len: cfg.block_size * cfg.n_embd,
             cpu: model.device().is_cpu(),
         })
+    }
+
+    /// Allocates every slot's buffers now and touches their pages, so that no later step
+    /// waits on the operating system for fresh memory (a first use of a GPT-2 124M slot
+    /// otherwise page-faults 75 MB in the middle of decoding). A server calls this once at
+    /// start, as llama.cpp's server allocates its slots' KV cache. Nothing to do off the CPU
+    /// (those caches are allocated on first use).
+    pub fn allocate_all(&mut self) {
+        if !self.cpu {
+            return;
+        }
+        let (n_layer, layer_len) = (self.n_layer, self.layer_len);
+        for slot in &mut self.slots {
+            if slot.kv.k.len() != n_layer {
+                slot.kv = SlotKv::allocated(n_layer, layer_len);
+            }
+        }
     }
 
     /// Number of slots.
@@ -158,8 +195,7 @@ impl Gpt {
             let (nh, hs, cap) = self.head_dims();
             let mut kv = std::mem::take(&mut slots.slot_mut(slot)?.kv);
             if kv.k.len() != n_layer {
-                kv.k = (0..n_layer).map(|_| vec![0f32; layer_len]).collect();
-                kv.v = (0..n_layer).map(|_| vec![0f32; layer_len]).collect();
+                kv = SlotKv::allocated(n_layer, layer_len);
             }
             for (l, layer) in slots.prefill.layers.iter().enumerate() {
                 let Some(layer) = layer else {

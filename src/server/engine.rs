@@ -157,7 +157,8 @@ impl Engine {
                 model.config().vocab_size
             )));
         }
-        let slots = DecodeSlots::new(&model, cfg.max_batch)?;
+        let mut slots = DecodeSlots::new(&model, cfg.max_batch)?;
+        slots.allocate_all(); // every slot's KV buffers now, not page by page mid-decode
         let (tx, rx) = sync_channel(cfg.max_queue);
         let shared = Arc::new(Shared::default());
         let tokenizer = Arc::new(tokenizer);
