@@ -19,6 +19,10 @@
 //! 6. **Learning from preferences** ([`rlhf`]): a Bradley–Terry reward model and PPO with a KL
 //!    penalty to the SFT model (InstructGPT), or DPO directly on the preference pairs.
 //!
+//! 7. **Serving** ([`decode`], and `server` with the `server` feature): many conversations
+//!    decoded together, one batched forward pass per step with a KV cache per sequence, behind
+//!    an OpenAI-compatible HTTP API and a web chat.
+//!
 //! Real GPT-2 checkpoints in Hugging Face format load into the same model, and tinygpt models
 //! save in that format for transformers and other tools ([`hf`]).
 //!
