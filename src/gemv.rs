@@ -141,7 +141,9 @@ fn chunk_len(n: usize, work: usize) -> usize {
 /// (rows of `w`) are split over the threads, so each thread streams one contiguous block of
 /// the weights into a whole-width partial sum; the partial sums are added in order.
 fn in_out(x: &[f32], rows: usize, d_in: usize, w: &[u16], d_out: usize) -> Vec<f32> {
-    let threads = if rows * d_in * d_out >= PARALLEL_MIN_WORK {
+    // Decided by one row's work, not all rows': the split sets the order in which a row's
+    // partial sums are added, and a row must come out the same alone or in a batch.
+    let threads = if d_in * d_out >= PARALLEL_MIN_WORK {
         rayon::current_num_threads().clamp(1, d_in.max(1))
     } else {
         1
