@@ -263,7 +263,7 @@ async fn chat_completions(
     State(state): State<Arc<AppState>>,
     JsonBody(body): JsonBody,
 ) -> std::result::Result<Response, ApiError> {
-    let prepared = request::chat(&state, &body)?;
+    let prepared = prepare(&state, body, request::chat).await?;
     run(&state, prepared, Kind::Chat).await
 }
 
@@ -271,8 +271,22 @@ async fn completions(
     State(state): State<Arc<AppState>>,
     JsonBody(body): JsonBody,
 ) -> std::result::Result<Response, ApiError> {
-    let prepared = request::completion(&state, &body)?;
+    let prepared = prepare(&state, body, request::completion).await?;
     run(&state, prepared, Kind::Completion).await
+}
+
+/// Checks a body and renders its prompt on tokio's blocking pool: tokenising up to a whole
+/// request body (1 MiB by default) takes long enough to hold up every other connection if it
+/// ran on the async worker.
+async fn prepare(
+    state: &Arc<AppState>,
+    body: Value,
+    f: fn(&AppState, &Value) -> std::result::Result<Prepared, ApiError>,
+) -> std::result::Result<Prepared, ApiError> {
+    let state = Arc::clone(state);
+    tokio::task::spawn_blocking(move || f(&state, &body))
+        .await
+        .map_err(|e| ApiError::server(format!("preparing the request failed: {e}")))?
 }
 
 /// Submits the job; streams its events or collects them into one response.
