@@ -138,6 +138,20 @@ impl DecodeSlots {
         }
     }
 
+    /// Bytes `n_slots` slots' keys and values take for `model` once allocated on the CPU
+    /// (`n_slots · 2 · n_layer · block_size · n_embd` f32s, saturating); 0 on other devices.
+    pub fn bytes_needed(model: &Gpt, n_slots: usize) -> usize {
+        if !model.device().is_cpu() {
+            return 0;
+        }
+        let cfg = model.config();
+        n_slots
+            .saturating_mul(2 * cfg.n_layer)
+            .saturating_mul(cfg.block_size)
+            .saturating_mul(cfg.n_embd)
+            .saturating_mul(std::mem::size_of::<f32>())
+    }
+
     /// Number of slots.
     pub fn n_slots(&self) -> usize {
         self.slots.len()

@@ -359,6 +359,17 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// Whether `id` is a special (control) token such as `<|endoftext|>` or a chat token:
+    /// generated text meant for people leaves these out, as Hugging Face's
+    /// `skip_special_tokens=True` does.
+    pub fn is_special(&self, id: u32) -> bool {
+        self.inner
+            .get_added_vocabulary()
+            .get_added_tokens_decoder()
+            .get(&id)
+            .is_some_and(|t| t.special)
+    }
+
     /// The id of [`EOT`] (`<|endoftext|>`), which every tokenizer has.
     pub fn eot_id(&self) -> u32 {
         self.eot

@@ -12,7 +12,7 @@
 //! Dropping the receiver cancels the request within one step.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -110,6 +110,10 @@ pub struct EngineStats {
 #[derive(Debug, Default)]
 struct Shared {
     queued: AtomicUsize,
+    /// Jobs accepted and not yet ended (queued + active): at most `max_batch + max_queue`.
+    in_system: AtomicUsize,
+    /// Set by [`Engine::abort`]: end every job now.
+    abort: AtomicBool,
     active: AtomicUsize,
     prompt_tokens: AtomicU64,
     generated_tokens: AtomicU64,
@@ -127,7 +131,7 @@ struct Queued {
 /// once every handle is dropped, or [`Engine::shutdown`] was called, and it holds no request.
 #[derive(Clone)]
 pub struct Engine {
-    tx: SyncSender<Queued>,
+    tx: Sender<Queued>,
     shared: Arc<Shared>,
     tokenizer: Arc<Tokenizer>,
     config: GptConfig,
@@ -146,9 +150,13 @@ impl std::fmt::Debug for Engine {
 impl Engine {
     /// Starts the engine thread for `model` and its `tokenizer`.
     ///
+    /// Every slot's KV cache is allocated here, `max_batch · 2 · n_layer · block_size · n_embd`
+    /// f32s on the CPU ([`DecodeSlots::bytes_needed`]), so memory does not grow with traffic.
+    ///
     /// # Errors
-    /// [`Error::InvalidArgument`] for `max_batch == 0`, or a tokenizer with more tokens than
-    /// the model has rows; [`Error::Io`] if the thread cannot be spawned.
+    /// [`Error::InvalidArgument`] for `max_batch == 0`, a KV cache larger than the memory
+    /// available (Linux's `MemAvailable`; named with both sizes), or a tokenizer with more
+    /// tokens than the model has rows; [`Error::Io`] if the thread cannot be spawned.
     pub fn start(model: Gpt, tokenizer: Tokenizer, cfg: EngineConfig) -> Result<Self> {
         if tokenizer.vocab_size() > model.config().vocab_size {
             return Err(Error::InvalidArgument(format!(
@@ -157,9 +165,27 @@ impl Engine {
                 model.config().vocab_size
             )));
         }
+        // The KV cache of every slot is allocated now: refuse what cannot fit, before trying.
+        let kv_bytes = DecodeSlots::bytes_needed(&model, cfg.max_batch);
+        if let Some(available) = available_memory() {
+            if kv_bytes > available {
+                return Err(Error::InvalidArgument(format!(
+                    "{} decode slots need {:.1} GB of KV cache ({:.1} MB each: 2 · n_layer {} · \
+                     block_size {} · n_embd {} floats), but only {:.1} GB of memory is available: \
+                     use a smaller max_batch",
+                    cfg.max_batch,
+                    kv_bytes as f64 / 1e9,
+                    kv_bytes as f64 / cfg.max_batch.max(1) as f64 / 1e6,
+                    model.config().n_layer,
+                    model.config().block_size,
+                    model.config().n_embd,
+                    available as f64 / 1e9
+                )));
+            }
+        }
         let mut slots = DecodeSlots::new(&model, cfg.max_batch)?;
         slots.allocate_all(); // every slot's KV buffers now, not page by page mid-decode
-        let (tx, rx) = sync_channel(cfg.max_queue);
+        let (tx, rx) = channel();
         let shared = Arc::new(Shared::default());
         let tokenizer = Arc::new(tokenizer);
         let config = model.config().clone();
@@ -199,10 +225,12 @@ impl Engine {
         &self.engine_config
     }
 
-    /// Queues a job and returns its events, or refuses it at once: never blocks.
+    /// Queues a job and returns its events, or refuses it at once: never blocks. A job is
+    /// taken while fewer than `max_batch + max_queue` jobs are in the engine (decoding or
+    /// waiting), so a burst fills the free slots and then the queue.
     ///
     /// # Errors
-    /// [`SubmitError::QueueFull`] when `max_queue` jobs already wait,
+    /// [`SubmitError::QueueFull`] when every slot is busy and `max_queue` jobs already wait,
     /// [`SubmitError::ShuttingDown`] after [`Engine::shutdown`], [`SubmitError::Invalid`]
     /// for a prompt that is empty, holds an id outside the vocabulary, or leaves no room for
     /// `max_new_tokens` in `block_size`.
@@ -211,18 +239,35 @@ impl Engine {
             return Err(SubmitError::ShuttingDown);
         }
         self.check(&job).map_err(SubmitError::Invalid)?;
+        let capacity = self.engine_config.max_batch + self.engine_config.max_queue;
+        let taken = self
+            .shared
+            .in_system
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < capacity).then_some(n + 1)
+            });
+        if taken.is_err() {
+            return Err(SubmitError::QueueFull(self.engine_config.max_queue));
+        }
         let (events, rx) = unbounded_channel();
         self.shared.queued.fetch_add(1, Ordering::SeqCst);
-        match self.tx.try_send(Queued { job, events }) {
+        match self.tx.send(Queued { job, events }) {
             Ok(()) => Ok(rx),
-            Err(e) => {
+            Err(_) => {
                 self.shared.queued.fetch_sub(1, Ordering::SeqCst);
-                Err(match e {
-                    TrySendError::Full(_) => SubmitError::QueueFull(self.engine_config.max_queue),
-                    TrySendError::Disconnected(_) => SubmitError::ShuttingDown,
-                })
+                self.shared.in_system.fetch_sub(1, Ordering::SeqCst);
+                Err(SubmitError::ShuttingDown)
             }
         }
+    }
+
+    /// Ends every job now, queued or decoding: each gets [`Event::Failed`] saying the server
+    /// shut down (a stream then ends with an `error` event). For a shutdown whose drain time
+    /// ran out. Returns how many jobs were in the engine.
+    pub fn abort(&self) -> usize {
+        self.shared.shutting_down.store(true, Ordering::SeqCst);
+        self.shared.abort.store(true, Ordering::SeqCst);
+        self.shared.in_system.load(Ordering::SeqCst)
     }
 
     fn check(&self, job: &Job) -> std::result::Result<(), String> {
@@ -299,6 +344,15 @@ impl Engine {
     }
 }
 
+/// Memory the system can still give this process, in bytes: `MemAvailable` of
+/// `/proc/meminfo` on Linux; `None` where that cannot be read.
+fn available_memory() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
+}
+
 /// One request being decoded.
 struct Active {
     slot: usize,
@@ -316,6 +370,8 @@ struct Active {
     /// The token to feed at the next step.
     next: Option<u32>,
     done: bool,
+    /// The event that ends the job, sent when it is retired.
+    last: Option<Event>,
 }
 
 struct Worker {
@@ -352,12 +408,19 @@ impl Worker {
                 match next {
                     Some(q) => {
                         self.shared.queued.fetch_sub(1, Ordering::SeqCst);
-                        if !q.events.is_closed() {
+                        if q.events.is_closed() {
+                            self.shared.in_system.fetch_sub(1, Ordering::SeqCst);
+                        // gone
+                        } else {
                             admitted.push(q);
                         }
                     }
                     None => break,
                 }
+            }
+            if self.shared.abort.load(Ordering::SeqCst) {
+                self.abort_all(admitted, &rx);
+                continue;
             }
             // Prefill and decode on a rayon worker: the model's kernels run on rayon's pool,
             // and a job handed over from a foreign thread per op would cost a wake-up each.
@@ -371,6 +434,24 @@ impl Worker {
         }
     }
 
+    /// Fails every job, decoding or waiting (see [`Engine::abort`]).
+    fn abort_all(&mut self, admitted: Vec<Queued>, rx: &Receiver<Queued>) {
+        const WHY: &str = "the server shut down before this reply was finished";
+        for a in self.active.iter_mut().filter(|a| !a.done) {
+            a.fail(Error::InvalidArgument(WHY.into()));
+        }
+        // `admitted` left the queue's count already; what is still in the channel has not.
+        let still_queued: Vec<Queued> = rx.try_iter().collect();
+        self.shared
+            .queued
+            .fetch_sub(still_queued.len(), Ordering::SeqCst);
+        for q in admitted.into_iter().chain(still_queued) {
+            let _ = q.events.send(Event::Failed(WHY.into()));
+            self.shared.in_system.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.retire();
+    }
+
     fn free_slot(&self) -> Option<usize> {
         (0..self.slots.n_slots()).find(|s| !self.active.iter().any(|a| a.slot == *s))
     }
@@ -378,12 +459,14 @@ impl Worker {
     fn admit(&mut self, q: Queued) {
         let Some(slot) = self.free_slot() else {
             let _ = q.events.send(Event::Failed("no free decode slot".into()));
+            self.shared.in_system.fetch_sub(1, Ordering::SeqCst);
             return;
         };
         let processor = match LogitsProcessor::new(&q.job.params) {
             Ok(p) => p,
             Err(e) => {
                 let _ = q.events.send(Event::Failed(e.to_string()));
+                self.shared.in_system.fetch_sub(1, Ordering::SeqCst);
                 return;
             }
         };
@@ -404,6 +487,7 @@ impl Worker {
             held: String::new(),
             next: None,
             done: false,
+            last: None,
         };
         self.shared.active.fetch_add(1, Ordering::SeqCst);
         if a.max_new_tokens == 0 {
@@ -469,11 +553,15 @@ impl Worker {
     fn retire(&mut self) {
         let slots = &mut self.slots;
         let shared = &self.shared;
-        self.active.retain(|a| {
+        self.active.retain_mut(|a| {
             let keep = !a.done && !a.events.is_closed();
             if !keep {
                 slots.free(a.slot);
                 shared.active.fetch_sub(1, Ordering::SeqCst);
+                shared.in_system.fetch_sub(1, Ordering::SeqCst);
+                if let Some(last) = a.last.take() {
+                    let _ = a.events.send(last);
+                }
             }
             keep
         });
@@ -500,6 +588,11 @@ impl Active {
         }
         self.tokens.push(id);
         shared.generated_tokens.fetch_add(1, Ordering::Relaxed);
+        if tokenizer.is_special(id) {
+            // A control token (e.g. `<|end|>` under `ignore_eos`, or from a completion on a
+            // chat model) is fed back to the model but is not text for the client.
+            return self.after_token(id, tokenizer);
+        }
         self.stream_ids.push(id);
         match tokenizer.decode(&self.stream_ids) {
             Ok(text) if !text.ends_with('\u{FFFD}') => {
@@ -512,6 +605,11 @@ impl Active {
         if self.emit_held(false) {
             return self.finish(tokenizer, FinishReason::Stop);
         }
+        self.after_token(id, tokenizer);
+    }
+
+    /// After a token was taken: ends the reply at `max_new_tokens`, or feeds the token next.
+    fn after_token(&mut self, id: u32, tokenizer: &Tokenizer) {
         if self.generated() >= self.max_new_tokens {
             return self.finish(tokenizer, FinishReason::Length);
         }
@@ -568,18 +666,170 @@ impl Active {
         if self.emit_held(true) {
             reason = FinishReason::Stop;
         }
-        let _ = self.events.send(Event::Finished {
+        self.end(Event::Finished {
             reason,
             prompt_tokens: self.prompt_len,
             completion_tokens: self.generated(),
         });
-        self.done = true;
-        self.next = None;
     }
 
     fn fail(&mut self, e: Error) {
-        let _ = self.events.send(Event::Failed(e.to_string()));
+        self.end(Event::Failed(e.to_string()));
+    }
+
+    /// Marks the job done; `last` is sent once the engine has freed its slot and counted it
+    /// out ([`Worker::retire`]), so a client that has its answer sees the engine's counters
+    /// already without it.
+    fn end(&mut self, last: Event) {
+        self.last = Some(last);
         self.done = true;
         self.next = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::ChatTemplate;
+    use candle_core::Device;
+
+    fn tiny(block_size: usize) -> (Gpt, Tokenizer) {
+        let mut tok = Tokenizer::train_char("abcdefgh ").unwrap();
+        ChatTemplate::add_tokens(&mut tok).unwrap();
+        let cfg = GptConfig {
+            vocab_size: tok.vocab_size(),
+            block_size,
+            n_layer: 1,
+            n_head: 2,
+            n_embd: 16,
+            dropout: 0.0,
+            bias: true,
+        };
+        (Gpt::init(&cfg, 3, &Device::Cpu).unwrap(), tok)
+    }
+
+    fn job(max_new_tokens: usize) -> Job {
+        Job {
+            prompt_ids: vec![1, 2, 3],
+            params: SamplingParams::default().with_max_new_tokens(max_new_tokens),
+            stop: Vec::new(),
+        }
+    }
+
+    fn events(mut rx: UnboundedReceiver<Event>) -> Vec<Event> {
+        let mut out = Vec::new();
+        while let Some(e) = rx.blocking_recv() {
+            out.push(e);
+        }
+        out
+    }
+
+    #[test]
+    fn a_burst_fills_the_free_slots_then_the_queue() {
+        let (m, tok) = tiny(512);
+        let cfg = EngineConfig {
+            max_batch: 4,
+            max_queue: 2,
+        };
+        let engine = Engine::start(m, tok, cfg).unwrap();
+        // Six at once: four slots and two places in the queue, whatever the engine thread is
+        // doing; the seventh is refused.
+        let taken: Vec<_> = (0..6).map(|_| engine.submit(job(400)).unwrap()).collect();
+        assert_eq!(
+            engine.submit(job(400)).unwrap_err(),
+            SubmitError::QueueFull(2)
+        );
+        for rx in taken {
+            let ev = events(rx);
+            assert!(matches!(ev.last(), Some(Event::Finished { .. })), "{ev:?}");
+        }
+        // All ended: room again.
+        assert!(engine.submit(job(1)).is_ok());
+    }
+
+    #[test]
+    fn abort_ends_every_job_with_an_error() {
+        let (m, tok) = tiny(4096);
+        let cfg = EngineConfig {
+            max_batch: 1,
+            max_queue: 2,
+        };
+        let engine = Engine::start(m, tok, cfg).unwrap();
+        let taken: Vec<_> = (0..3).map(|_| engine.submit(job(4000)).unwrap()).collect();
+        assert_eq!(engine.abort(), 3);
+        for rx in taken {
+            match events(rx).last() {
+                Some(Event::Failed(why)) => assert!(why.contains("shut down"), "{why}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(engine.drain(Duration::from_secs(5)));
+        assert_eq!(
+            engine.submit(job(1)).unwrap_err(),
+            SubmitError::ShuttingDown
+        );
+    }
+
+    #[test]
+    fn a_cache_too_large_for_memory_is_refused_before_allocating() {
+        if available_memory().is_none() {
+            return; // not Linux
+        }
+        let (m, tok) = tiny(4096);
+        let cfg = EngineConfig {
+            max_batch: 1 << 40,
+            max_queue: 1,
+        };
+        let e = Engine::start(m, tok, cfg).unwrap_err().to_string();
+        assert!(e.contains("KV cache") && e.contains("max_batch"), "{e}");
+    }
+
+    #[test]
+    fn control_tokens_are_counted_but_not_sent_as_text() {
+        let (_, tok) = tiny(64);
+        let t = ChatTemplate::new(&tok).unwrap();
+        let (events, mut rx) = unbounded_channel();
+        let mut a = Active {
+            slot: 0,
+            events,
+            processor: LogitsProcessor::new(&SamplingParams::greedy()).unwrap(),
+            stop_tokens: vec![tok.eot_id()],
+            stop: Vec::new(),
+            max_new_tokens: 3,
+            tokens: vec![1],
+            prompt_len: 1,
+            stream_ids: Vec::new(),
+            held: String::new(),
+            next: None,
+            done: false,
+            last: None,
+        };
+        let shared = Shared::default();
+        let one_hot = |id: u32| {
+            let mut l = vec![0f32; tok.vocab_size()];
+            l[id as usize] = 10.0;
+            l
+        };
+        let a_id = tok.encode("a").unwrap()[0];
+        a.accept(one_hot(t.end_id()), &tok, &shared); // <|end|>: not a stop token here
+        assert_eq!(a.next, Some(t.end_id())); // fed back to the model
+        a.accept(one_hot(a_id), &tok, &shared);
+        a.accept(one_hot(t.role_id(crate::chat::Role::User)), &tok, &shared);
+        let last = a.last.take();
+        drop(a);
+        let mut got = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            got.push(e);
+        }
+        assert_eq!(got, vec![Event::Delta("a".into())]);
+        // The end is sent when the engine retires the job.
+        assert_eq!(
+            last,
+            Some(Event::Finished {
+                reason: FinishReason::Length,
+                prompt_tokens: 1,
+                completion_tokens: 3
+            })
+        );
     }
 }

@@ -187,8 +187,11 @@ const FLUSH_GRACE: Duration = Duration::from_secs(1);
 ///    connections get 503) and the listener stops accepting;
 /// 2. the jobs queued or running go on to their end, their streams with them, for at most
 ///    `drain_timeout` ([`Engine::drain`]);
-/// 3. connections then get up to a second to send their last bytes; any still open after
-///    that (an idle client, a request half sent, a stream cut by the timeout) are closed.
+/// 3. jobs still running when the time is out are ended with an error their clients see
+///    (a stream gets an `error` event; [`Engine::abort`]), and a line on stderr says how
+///    many were cut off;
+/// 4. connections then get up to a second to send their last bytes; any still open after
+///    that (an idle client, a request half sent) are closed.
 ///
 /// Returns as soon as every connection has closed, if that comes first.
 ///
@@ -218,7 +221,18 @@ where
     let server = async { server.await.map_err(|e| Error::io("<http server>", e)) };
     tokio::pin!(server);
     let drain = |engine: Engine| async move {
-        let _ = tokio::task::spawn_blocking(move || engine.drain(drain_timeout)).await;
+        let waited = engine.clone();
+        let done = tokio::task::spawn_blocking(move || waited.drain(drain_timeout)).await;
+        if !matches!(done, Ok(true)) {
+            // The time ran out: end what is left with an error its client sees.
+            let cut = engine.abort();
+            eprintln!(
+                "tinygpt server: the drain timeout ({} s) ran out: {cut} repl{} cut off",
+                drain_timeout.as_secs_f64(),
+                if cut == 1 { "y" } else { "ies" }
+            );
+            let _ = tokio::task::spawn_blocking(move || engine.drain(FLUSH_GRACE)).await;
+        }
     };
 
     tokio::select! {
