@@ -583,6 +583,11 @@ fn completions_serve_a_plain_text_model() {
         )
         .json();
     assert_eq!(ids["usage"]["prompt_tokens"], 3);
+    let e = s
+        .post("/v1/completions", &json!({"prompt": [1, 999_999]}))
+        .error(400);
+    assert_eq!(e["param"], "prompt");
+    assert!(e["message"].as_str().unwrap().contains("999999"), "{e}");
     // A character the tokenizer does not know.
     let e = s
         .post("/v1/completions", &json!({"prompt": "café"}))
@@ -624,6 +629,13 @@ fn bad_requests_get_openai_errors_naming_the_field() {
     // (body, status, param, code, words in the message)
     let cases: Vec<(Value, u16, Value, Value, &str)> = vec![
         (json!({}), 400, json!("messages"), Value::Null, "messages"),
+        (
+            with(json!({"stream_options": {"include_usage": true}})),
+            400,
+            json!("stream_options"),
+            Value::Null,
+            "only allowed when `stream` is true",
+        ),
         (
             json!({"messages": "hi"}),
             400,

@@ -125,6 +125,13 @@ pub(crate) fn completion(state: &AppState, body: &Value) -> Result<Prepared, Api
                             prompt_param(),
                         )
                     })?;
+                let vocab = state.engine.tokenizer().vocab_size();
+                if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+                    return Err(ApiError::invalid(
+                        format!("prompt token id {id} is outside the vocabulary of {vocab} tokens"),
+                        prompt_param(),
+                    ));
+                }
                 return finish(state, settings, ids, stop_tokens, "prompt");
             }
         },
@@ -216,7 +223,10 @@ fn settings(state: &AppState, c: &CommonFields, chat: bool) -> Result<Settings, 
             (None, Some(i)) => i as u64,
             _ => {
                 return Err(ApiError::invalid(
-                    format!("seed = {n} must be an integer"),
+                    format!(
+                        "seed = {n} must be an integer from -2^63 to 2^64 - 1 (a negative seed \
+                         is taken as its two's-complement bits)"
+                    ),
                     Some("seed".into()),
                 ))
             }
@@ -243,6 +253,13 @@ fn settings(state: &AppState, c: &CommonFields, chat: bool) -> Result<Settings, 
         ));
     }
     let stream = c.stream == Some(true);
+    if c.stream_options.is_some() && !stream {
+        // As OpenAI: the options only mean something for a stream.
+        return Err(ApiError::invalid(
+            "`stream_options` is only allowed when `stream` is true",
+            Some("stream_options".into()),
+        ));
+    }
     let include_usage =
         stream && c.stream_options.as_ref().and_then(|o| o.include_usage) == Some(true);
     Ok(Settings {
