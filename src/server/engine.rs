@@ -261,6 +261,14 @@ impl Engine {
         }
     }
 
+    /// Whether a job submitted now would be refused with [`SubmitError::QueueFull`] (every
+    /// slot busy and `max_queue` jobs waiting): lets a server answer 429 before it parses and
+    /// tokenises a request.
+    pub fn is_full(&self) -> bool {
+        let capacity = self.engine_config.max_batch + self.engine_config.max_queue;
+        self.shared.in_system.load(Ordering::SeqCst) >= capacity
+    }
+
     /// Ends every job now, queued or decoding: each gets [`Event::Failed`] saying the server
     /// shut down (a stream then ends with an `error` event). For a shutdown whose drain time
     /// ran out. Returns how many jobs were in the engine.

@@ -19,7 +19,7 @@ use super::api::{
     AssistantMessage, ChatChoice, ChatCompletion, Health, ModelCard, ModelList, Queue, Slots,
     TextChoice, TextCompletion, Usage,
 };
-use super::engine::{Engine, Event};
+use super::engine::{Engine, Event, SubmitError};
 use super::error::ApiError;
 use super::metrics::Metrics;
 use super::request::{self, Prepared};
@@ -283,6 +283,11 @@ async fn prepare(
     body: Value,
     f: fn(&AppState, &Value) -> std::result::Result<Prepared, ApiError>,
 ) -> std::result::Result<Prepared, ApiError> {
+    if state.engine.is_full() {
+        // A full server says so at once, before any work on the request.
+        let max_queue = state.engine.engine_config().max_queue;
+        return Err(SubmitError::QueueFull(max_queue).into());
+    }
     let state = Arc::clone(state);
     tokio::task::spawn_blocking(move || f(&state, &body))
         .await
