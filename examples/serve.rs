@@ -101,6 +101,13 @@ fn main() -> Result<()> {
             .filter(|k| !k.is_empty()),
     };
 
+    // Settings checked before the (possibly long) load, so a typo fails at once.
+    if args.max_batch == 0 {
+        bail!("--max-batch must be at least 1");
+    }
+    if args.model_name.as_deref() == Some("") {
+        bail!("--model-name must not be empty");
+    }
     let t_load = Instant::now();
     let (model, tokenizer, default_name) = load(&args, &device)?;
     let model = if model.dtype() == dtype {
