@@ -417,8 +417,8 @@ impl Worker {
                     Some(q) => {
                         self.shared.queued.fetch_sub(1, Ordering::SeqCst);
                         if q.events.is_closed() {
+                            // Its client left while it waited.
                             self.shared.in_system.fetch_sub(1, Ordering::SeqCst);
-                        // gone
                         } else {
                             admitted.push(q);
                         }
@@ -446,7 +446,7 @@ impl Worker {
     fn abort_all(&mut self, admitted: Vec<Queued>, rx: &Receiver<Queued>) {
         const WHY: &str = "the server shut down before this reply was finished";
         for a in self.active.iter_mut().filter(|a| !a.done) {
-            a.fail(Error::InvalidArgument(WHY.into()));
+            a.end(Event::Failed(WHY.into()));
         }
         // `admitted` left the queue's count already; what is still in the channel has not.
         let still_queued: Vec<Queued> = rx.try_iter().collect();
