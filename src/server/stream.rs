@@ -85,39 +85,20 @@ impl EventStream {
     }
 
     fn chunk(&self, delta: Delta, finish: Option<&'static str>) -> sse::Event {
-        let m = &self.meta;
-        let json = match m.kind {
-            Kind::Chat => serde_json::to_string(&ChatChunk {
-                id: &m.id,
-                object: "chat.completion.chunk",
-                created: m.created,
-                model: &m.model,
-                choices: vec![ChunkChoice {
-                    index: 0,
-                    delta,
-                    logprobs: None,
-                    finish_reason: finish,
-                }],
-                usage: self.usage_field(),
-            }),
-            Kind::Completion => serde_json::to_string(&TextCompletion {
-                id: &m.id,
-                object: "text_completion",
-                created: m.created,
-                model: &m.model,
-                choices: vec![TextChoice {
-                    index: 0,
-                    text: delta.content.unwrap_or_default(),
-                    logprobs: None,
-                    finish_reason: finish,
-                }],
-                usage: self.usage_field(),
-            }),
-        };
-        data(json)
+        self.frame(Some((delta, finish)), self.usage_field())
     }
 
     fn usage_chunk(&self, usage: Usage) -> sse::Event {
+        self.frame(None, Some(Some(usage)))
+    }
+
+    /// One chunk in the request's shape: its one choice (a delta and maybe why it ended), or
+    /// no choice at all (the usage chunk), and the `usage` field.
+    fn frame(
+        &self,
+        choice: Option<(Delta, Option<&'static str>)>,
+        usage: Option<Option<Usage>>,
+    ) -> sse::Event {
         let m = &self.meta;
         let json = match m.kind {
             Kind::Chat => serde_json::to_string(&ChatChunk {
@@ -125,16 +106,32 @@ impl EventStream {
                 object: "chat.completion.chunk",
                 created: m.created,
                 model: &m.model,
-                choices: Vec::new(),
-                usage: Some(Some(usage)),
+                choices: choice
+                    .map(|(delta, finish)| ChunkChoice {
+                        index: 0,
+                        delta,
+                        logprobs: None,
+                        finish_reason: finish,
+                    })
+                    .into_iter()
+                    .collect(),
+                usage,
             }),
             Kind::Completion => serde_json::to_string(&TextCompletion {
                 id: &m.id,
                 object: "text_completion",
                 created: m.created,
                 model: &m.model,
-                choices: Vec::new(),
-                usage: Some(Some(usage)),
+                choices: choice
+                    .map(|(delta, finish)| TextChoice {
+                        index: 0,
+                        text: delta.content.unwrap_or_default(),
+                        logprobs: None,
+                        finish_reason: finish,
+                    })
+                    .into_iter()
+                    .collect(),
+                usage,
             }),
         };
         data(json)
