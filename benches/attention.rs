@@ -3,7 +3,7 @@
 //! GPT-2 small's head shape (B 4, nh 12, hs 64) for T = 64, 256 and 1024.
 //!
 //! ```text
-//! RAYON_NUM_THREADS=2 cargo bench --bench attention
+//! RAYON_NUM_THREADS=2 cargo bench --features bench --bench attention
 //! ```
 //!
 //! The thread count is explicit: `RAYON_NUM_THREADS` (2 when unset) sizes candle's CPU thread

@@ -5,7 +5,7 @@ Runs the same shapes and the same training config in PyTorch with the same threa
 tinygpt's criterion results from target/criterion, and prints one row per measurement with the
 ratio ours / theirs in speed (> 1 means tinygpt is faster).
 
-    cargo bench --bench matmul --bench attention --bench train_step --bench generate
+    cargo bench --features bench --bench matmul --bench attention --bench train_step --bench generate
     python3 benches/compare_pytorch.py --data ../shared/data/tinyshakespeare.txt
 
 Needs torch (and transformers for the decoding row). Optional: never run by CI.

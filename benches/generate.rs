@@ -3,7 +3,7 @@
 //! and f16 weights. `kv_cache` times a whole generation (the 16-token prompt's forward pass,
 //! then 16 new tokens); `kv_cache_decode_only` the 16 decoding steps alone.
 //!
-//! `cargo bench --bench generate` (threads: `RAYON_NUM_THREADS`, default 2).
+//! `cargo bench --features bench --bench generate` (threads: `RAYON_NUM_THREADS`, default 2).
 
 #[path = "common.rs"]
 mod common;

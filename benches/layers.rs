@@ -2,7 +2,7 @@
 //! default pre-training config's shapes: B·T = 12·64 = 768 rows, C = 128, 4C = 512, a
 //! char-level vocabulary of 70 and a BPE one of 2048.
 //!
-//! `cargo bench --bench layers` (add `-- layer_norm` to run one group). Each
+//! `cargo bench --features bench --bench layers` (add `-- layer_norm` to run one group). Each
 //! forward + backward bench seeds the backward pass with a fixed random `dy` through a
 //! no-op [`SeedGrad`], so it times the op's backward and candle's own bookkeeping (a zeroed
 //! gradient buffer plus an add per input), not a loss; `seed_overhead` times that alone.

@@ -1,7 +1,7 @@
 //! The model's matmuls, (M, K) × (K, N), at GPT-2-small shapes (M = B·T = 1024) and at the default
 //! pre-training config (M = 12·64 = 768), f32 and f16, reported in GFLOP/s.
 //!
-//! `cargo bench --bench matmul` (threads: `RAYON_NUM_THREADS`, default 2).
+//! `cargo bench --features bench --bench matmul` (threads: `RAYON_NUM_THREADS`, default 2).
 
 #[path = "common.rs"]
 mod common;

@@ -9,21 +9,24 @@
 //! times the `gpt2` example's path (`TokenGenerator`, batch 1, no server) for comparison.
 //!
 //! `cargo bench --features server --bench serve` (threads: `RAYON_NUM_THREADS`, default 2).
-//! OpenAI's GPT-2 tokenizer is read from `$TINYGPT_DATA` or `../shared/data`
-//! (`gpt2_encoder.json`, `gpt2_vocab.bpe`) when there; otherwise a small byte-level BPE is
-//! trained on the spot (sampling is then limited to its ids; the model's work is the same).
+//! OpenAI's GPT-2 tokenizer (`gpt2_encoder.json`, `gpt2_vocab.bpe`) is read from `data/` or
+//! `$TINYGPT_DATA`, or fetched into `data/` as the examples do; when that fails (offline), a
+//! small byte-level BPE is trained on the spot (sampling is then limited to its ids; the
+//! model's work is the same).
 //! Options after `--`: `--clients N` (default 8), `--tokens N` (default 128), `--quick`
 //! (2 clients, 16 tokens: a smoke run).
 
 #[path = "common.rs"]
 mod common;
+#[path = "../examples/common/data.rs"]
+#[allow(dead_code)]
+mod data;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -57,17 +60,12 @@ impl Reply {
 }
 
 fn tokenizer() -> Tokenizer {
-    let dir = std::env::var_os("TINYGPT_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("../shared/data"));
-    let (vocab, merges) = (dir.join("gpt2_encoder.json"), dir.join("gpt2_vocab.bpe"));
-    if vocab.exists() && merges.exists() {
-        return Tokenizer::from_gpt2_files(&vocab, &merges).expect("GPT-2 tokenizer");
+    match data::gpt2_files(std::path::Path::new("data")) {
+        Ok((vocab, merges)) => {
+            return Tokenizer::from_gpt2_files(&vocab, &merges).expect("GPT-2 tokenizer")
+        }
+        Err(e) => eprintln!("no GPT-2 tokenizer files ({e:#}): training a 512-token BPE instead"),
     }
-    eprintln!(
-        "no GPT-2 tokenizer files in {}: training a 512-token BPE instead",
-        dir.display()
-    );
     let text = "the quick brown fox jumps over the lazy dog. ".repeat(200);
     Tokenizer::train_bpe(&text, 512).expect("BPE")
 }

@@ -2,7 +2,7 @@
 //! 4 layers, 4 heads, 128 wide, context 64, batch 12), on generated characters: forward,
 //! backward, clipping and AdamW.
 //!
-//! `cargo bench --bench train_step` (threads: `RAYON_NUM_THREADS`, default 2). Set
+//! `cargo bench --features bench --bench train_step` (threads: `RAYON_NUM_THREADS`, default 2). Set
 //! `TINYGPT_BIAS=1` for the GPT-2-style model with biases (what the PyTorch twin in
 //! `../shared/bench/torch_train_bench.py` trains).
 

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example chatgpt -- \
-//!     --sft-data ../shared/data/sft_identity.jsonl ../shared/data/sft_alpaca_en_demo.jsonl \
+//!     --sft-data data/sft_identity.jsonl data/sft_alpaca_en_demo.jsonl \
 //!     --ask "Who are you?" --ask "Write a short poem about the sea."
 //! ```
 //! Sized to finish in about ten minutes on two cores; every stage prints what it did.
@@ -27,12 +27,13 @@ use tinygpt::{
 
 /// Pre-train, fine-tune for chat, and talk: a tiny ChatGPT from scratch.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Args {
     /// Raw text to pre-train on [default: Tiny Shakespeare, downloaded into data/].
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Conversations to fine-tune on (JSONL `messages` or Alpaca records).
+    /// Conversations to fine-tune on (JSONL `messages` or Alpaca records); the public sets
+    /// (`data/sft_identity.jsonl`, `data/sft_alpaca_en_demo.jsonl`, …) are fetched when missing.
     #[arg(long, num_args = 1.., required = true)]
     sft_data: Vec<PathBuf>,
     /// A question to ask the finished model (repeatable).
@@ -91,7 +92,7 @@ fn main() -> Result<()> {
         common::fresh_out_dir(&args.out.join(stage), None, args.overwrite)?;
     }
     let mut conversations = Vec::new();
-    for p in &args.sft_data {
+    for p in &common::data::resolve_all("--sft-data", &args.sft_data)? {
         conversations.extend(load_sft_file(p, false)?.conversations);
     }
     for m in conversations.iter_mut().flatten() {

@@ -23,9 +23,10 @@ use tinygpt::{checkpoint, ChatTemplate, Objective, TrainConfig, Trainer};
 /// Fine-tune an SFT checkpoint with DPO on preference JSONL
 /// (`{"prompt", "history", "chosen", "rejected"}`); the SFT model is the frozen reference.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Args {
-    /// The SFT checkpoint: the policy's start and the frozen reference.
+    /// The SFT checkpoint: the policy's start and the frozen reference (or a chat model
+    /// exported to Hugging Face format).
     #[arg(long, required_unless_present = "resume")]
     sft: Option<PathBuf>,
     /// Preference files (JSONL).
@@ -87,6 +88,11 @@ fn main() -> Result<()> {
         .or_else(|| args.resume.clone())
         .unwrap_or_else(|| PathBuf::from("out/dpo"));
     common::fresh_out_dir(&out, args.resume.as_deref(), args.train.overwrite)?;
+    let args = Args {
+        data: common::data::resolve_all("--data", &args.data)?,
+        val_data: common::data::resolve_opt("--val-data", args.val_data.as_deref())?,
+        ..args
+    };
     let device = common::device(&args.device)?;
     let started = Instant::now();
 

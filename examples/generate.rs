@@ -20,9 +20,10 @@ use tinygpt::{checkpoint, sampler};
 
 /// Sample from a trained model.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Args {
-    /// Checkpoint directory (config.json, model.safetensors, tokenizer.json).
+    /// Checkpoint directory (config.json, model.safetensors, tokenizer.json), or a Hugging Face
+    /// GPT-2 directory.
     #[arg(long)]
     ckpt: PathBuf,
     /// Text to continue ("" starts from <|endoftext|>).

@@ -5,8 +5,9 @@
 //! # merges.txt), e.g. a clone of huggingface.co/openai-community/gpt2
 //! cargo run --release --example gpt2 -- --model ~/models/gpt2 --prompt "Hello, I'm a language model,"
 //!
-//! # no download: a randomly initialised GPT-2 124M with OpenAI's tokenizer from ../shared/data,
-//! # to measure decoding speed (batch 1, f32, KV cache)
+//! # no model download: a randomly initialised GPT-2 124M with OpenAI's tokenizer (fetched into
+//! # data/ on first use; --gpt2-files DIR to use another directory), to measure decoding speed
+//! # (batch 1, f32, KV cache)
 //! RAYON_NUM_THREADS=2 cargo run --release --example gpt2 -- --random-124m --max-new-tokens 100
 //! ```
 //!
@@ -32,7 +33,7 @@ use tinygpt::{Gpt, GptConfig, Tokenizer};
 
 /// Generate text with a Hugging Face GPT-2 checkpoint and report tokens/s.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 #[command(group(clap::ArgGroup::new("source").required(true).args(["model", "random_124m"])))]
 struct Args {
     /// Hugging Face GPT-2 directory (config.json, model.safetensors, tokenizer.json or
@@ -42,8 +43,10 @@ struct Args {
     /// Instead of --model: a randomly initialised GPT-2 124M (for timing without a download).
     #[arg(long)]
     random_124m: bool,
-    /// Where OpenAI's gpt2_encoder.json and gpt2_vocab.bpe are (for --random-124m).
-    #[arg(long, default_value = "../shared/data")]
+    /// Directory holding OpenAI's GPT-2 tokenizer, gpt2_encoder.json and gpt2_vocab.bpe (for
+    /// --random-124m); files missing there are fetched from OpenAI into it, checked against
+    /// their sha256 (or taken from $TINYGPT_DATA).
+    #[arg(long, value_name = "DIR", default_value = "data")]
     gpt2_files: PathBuf,
     /// Text to continue ("" starts from <|endoftext|>).
     #[arg(long, default_value = "Hello, I'm a language model,")]
@@ -87,11 +90,9 @@ fn run() -> Result<()> {
         let tokenizer = tinygpt::hf::load_tokenizer(dir)?;
         (model, tokenizer, dir.display().to_string())
     } else {
-        let tokenizer = Tokenizer::from_gpt2_files(
-            args.gpt2_files.join("gpt2_encoder.json"),
-            args.gpt2_files.join("gpt2_vocab.bpe"),
-        )
-        .context("--random-124m needs OpenAI's tokenizer files (see --gpt2-files)")?;
+        let (vocab, merges) = common::data::gpt2_files(&args.gpt2_files)?;
+        let tokenizer = Tokenizer::from_gpt2_files(vocab, merges)
+            .context("--random-124m needs OpenAI's tokenizer files (see --gpt2-files)")?;
         let cfg = GptConfig::gpt2();
         let init = Gpt::init(&cfg, args.seed, &device)?;
         // Constant weights (no autograd graph), in the requested dtype.

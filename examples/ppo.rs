@@ -22,9 +22,11 @@ use tinygpt::{Objective, TrainConfig, Trainer};
 
 /// Fine-tune an SFT checkpoint with PPO: replies to --data's prompts are scored by the reward
 /// model, minus a KL penalty to the SFT model. One iteration = one rollout and
-/// ppo_epochs × minibatches optimiser steps; metrics.jsonl gets a line per iteration.
+/// ppo_epochs × minibatches optimiser steps; metrics.jsonl gets an evaluation row (`"kind":
+/// "eval"`) per --log-every iterations, besides a `"kind": "train"` row every --log-interval
+/// optimiser steps.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Args {
     /// The SFT checkpoint: the policy's start and the frozen reference.
     #[arg(long, required_unless_present = "resume")]
@@ -63,18 +65,24 @@ struct Args {
     /// The KL coefficient (its start value with --target-kl).
     #[arg(long)]
     kl_coef: Option<f64>,
-    /// Target KL per reply for the adaptive controller (nats); 0 keeps --kl-coef fixed.
+    /// Target KL per reply for the adaptive controller (nats); 0 keeps --kl-coef fixed
+    /// [default: 6].
     #[arg(long)]
     target_kl: Option<f64>,
     /// Horizon of the adaptive KL controller, in replies.
     #[arg(long)]
     kl_horizon: Option<f64>,
+    /// Discount γ of future rewards in the advantages, in [0, 1] [default: 1].
     #[arg(long)]
     gamma: Option<f64>,
+    /// GAE λ: how far the advantages look ahead before trusting the value head, in [0, 1]
+    /// [default: 0.95].
     #[arg(long)]
     lam: Option<f64>,
+    /// Clip range ε of the policy's probability ratio (PPO's clipped objective) [default: 0.2].
     #[arg(long)]
     clip_range: Option<f64>,
+    /// Weight of the value head's loss in the total loss [default: 0.1].
     #[arg(long)]
     vf_coef: Option<f64>,
     #[command(flatten)]
@@ -106,6 +114,10 @@ fn main() -> Result<()> {
         .or_else(|| args.resume.clone())
         .unwrap_or_else(|| PathBuf::from("out/ppo"));
     common::fresh_out_dir(&out, args.resume.as_deref(), args.train.overwrite)?;
+    let args = Args {
+        data: common::data::resolve_opt("--data", args.data.as_deref())?,
+        ..args
+    };
     let device = common::device(&args.device)?;
     let started = Instant::now();
 
@@ -175,8 +187,12 @@ fn main() -> Result<()> {
         ppo_cfg.clone(),
         &device,
     )?;
+    let kl_control = match ppo_cfg.target_kl {
+        Some(t) => format!("adaptive, target {t} nats per reply"),
+        None => "fixed".into(),
+    };
     println!(
-        "ppo: {} prompts from {} | {} iterations of {} replies, {} epochs × {} minibatches = {} steps each | kl_coef {} target {:?}",
+        "ppo: {} prompts from {} | {} iterations of {} replies, {} epochs × {} minibatches = {} steps each | kl_coef {} ({kl_control})",
         prompts.len(),
         data.display(),
         cfg.max_iters / steps,
@@ -185,7 +201,6 @@ fn main() -> Result<()> {
         ppo_cfg.minibatches(),
         steps,
         objective.state().kl_coef,
-        ppo_cfg.target_kl
     );
 
     // 3. Train.
@@ -215,17 +230,28 @@ fn main() -> Result<()> {
     progress.finish();
     let holds = common::holds_run_checkpoint(&out, progress.saved(), args.resume.as_deref());
 
-    let last = objective.last_iteration().copied().unwrap_or_default();
+    let iterations = objective.state().iteration;
+    // PPO has no validation loss: it checkpoints after every --log-every iterations.
+    let note = common::checkpoint_note_because(
+        &out,
+        holds,
+        "no PPO iteration ran (--iterations must exceed the iterations already done)",
+    );
+    let Some(last) = objective.last_iteration().copied() else {
+        println!(
+            "ppo: no iteration ran ({iterations} done in all) in {:.1} s | {note}",
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    };
     println!(
-        "ppo: mean reward {} → {:.3} | KL to the SFT model {:.3} nats per reply (kl_coef {:.4}) | reply length {:.1} | {} iterations in {:.1} s | {}",
+        "ppo: mean reward {} → {:.3} | KL to the SFT model {:.3} nats per reply (kl_coef {:.4}) | mean reply length {:.1} tokens | {iterations} iterations in {:.1} s | {note}",
         first.map(|r| format!("{r:.3}")).unwrap_or_else(|| "n/a".into()),
         last.reward_mean,
         last.kl,
         last.kl_coef,
         last.response_length,
-        objective.state().iteration,
         started.elapsed().as_secs_f64(),
-        common::checkpoint_note(&out, holds)
     );
     let _ = summary;
     Ok(())

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example pretrain                          # downloads Tiny Shakespeare
-//! cargo run --release --example pretrain -- --data ../shared/data/tinyshakespeare.txt
+//! cargo run --release --example pretrain -- --data data/tinyshakespeare.txt
 //! cargo run --release --example pretrain -- --tokenizer bpe --vocab-size 2048
 //! cargo run --release --example pretrain -- --resume out/pretrain  # continue a run
 //! ```
@@ -14,7 +14,7 @@ mod common;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -38,7 +38,7 @@ enum TokenizerChoice {
 /// continued and they must not be given. Training flags given with --resume override the saved
 /// ones.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Args {
     /// UTF-8 text to train on [default: Tiny Shakespeare, downloaded into data/].
     #[arg(long)]
@@ -123,15 +123,16 @@ fn main() -> Result<()> {
             let given: Vec<&str> = model_flags.iter().filter(|f| f.1).map(|f| f.0).collect();
             if !given.is_empty() {
                 bail!(
-                    "{} only apply to a new model; --resume continues the model saved in {}",
+                    "{} only {} to a new model; --resume continues the model saved in {}",
                     given.join(", "),
+                    if given.len() == 1 { "applies" } else { "apply" },
                     dir.display()
                 );
             }
             let state = tinygpt::train::TrainerState::load_for_stage(dir, Pretraining::STAGE)?;
             let data_path = match (&args.data, state.extra.get("data").and_then(|d| d.as_str())) {
-                (Some(p), _) => p.clone(),
-                (None, Some(p)) => PathBuf::from(p),
+                (Some(p), _) => common::data::resolve("--data", p)?,
+                (None, Some(p)) => common::data::resolve("--data (recorded)", Path::new(p))?,
                 (None, None) => bail!("{}: no data path recorded; pass --data", dir.display()),
             };
             let (model, tokenizer) = checkpoint::load_trainable(dir, &device)?;

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example reward -- --sft out/rule/sft \
-//!     --data ../shared/data/pref_hh_rlhf_harmless_test.jsonl --out out/reward-hh
+//!     --data data/pref_hh_rlhf_harmless_test.jsonl --out out/reward-hh
 //! cargo run --release --example reward -- --resume out/reward-hh --max-iters 600
 //! ```
 
@@ -23,9 +23,10 @@ use tinygpt::{ChatTemplate, Objective, TrainConfig, Trainer};
 /// Train a reward model (SFT backbone + scalar head) on preference JSONL
 /// (`{"prompt", "history", "chosen", "rejected"}`).
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Args {
-    /// The SFT checkpoint the backbone starts from.
+    /// The SFT checkpoint the backbone starts from (or a chat model exported to Hugging Face
+    /// format).
     #[arg(long, required_unless_present = "resume")]
     sft: Option<PathBuf>,
     /// Preference files (JSONL).
@@ -83,6 +84,11 @@ fn main() -> Result<()> {
         .or_else(|| args.resume.clone())
         .unwrap_or_else(|| PathBuf::from("out/reward"));
     common::fresh_out_dir(&out, args.resume.as_deref(), args.train.overwrite)?;
+    let args = Args {
+        data: common::data::resolve_all("--data", &args.data)?,
+        val_data: common::data::resolve_opt("--val-data", args.val_data.as_deref())?,
+        ..args
+    };
     let device = common::device(&args.device)?;
     let started = Instant::now();
 

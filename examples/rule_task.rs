@@ -4,7 +4,7 @@
 //! Everything is seeded, so one command reproduces every number:
 //!
 //! ```text
-//! cargo run --release --example rule_task -- --data ../shared/data/tinyshakespeare.txt
+//! cargo run --release --example rule_task -- --data data/tinyshakespeare.txt
 //! ```
 //!
 //! 1. **Pre-train** a tiny GPT with a byte-level BPE on Tiny Shakespeare.
@@ -54,7 +54,7 @@ use tinygpt::{
 /// The rule task: pre-train → SFT → preference pairs decided by a rule → reward model → PPO
 /// and DPO, with the rule-satisfying rate of sampled replies before and after.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Args {
     /// Tiny Shakespeare [default: downloaded into data/].
     #[arg(long)]
@@ -278,7 +278,8 @@ fn replies(
         let text = tokenizer.decode(&content)?;
         hits += usize::from(mentions(&text, word));
         if i == 0 {
-            example = text;
+            // As a chat shows it: up to a control token, without broken UTF-8.
+            example = tinygpt::chat::reply_text(tokenizer, &content)?;
         }
     }
     let rows: Vec<(Vec<u32>, Vec<u32>)> = prompts.iter().cloned().zip(responses).collect();
@@ -293,12 +294,16 @@ fn replies(
 }
 
 fn main() -> Result<()> {
-    common::init();
     let mut args = Args::parse();
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        // Before candle's first operation, which sizes its thread pool.
-        std::env::set_var("RAYON_NUM_THREADS", args.threads.max(1).to_string());
+        // --threads, before candle's first operation and before `init` pins the default.
+        tinygpt::threads::Threads {
+            num_threads: args.threads.max(1),
+            ..tinygpt::threads::Threads::recommended()
+        }
+        .apply()?;
     }
+    common::init();
     if args.quick {
         args.vocab_size = args.vocab_size.min(300);
         args.n_embd = args.n_embd.min(32);

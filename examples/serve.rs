@@ -10,8 +10,9 @@
 //! # vocab.json + merges.txt): a plain-text model, for /v1/completions
 //! cargo run --release --features server --example serve -- --ckpt ~/models/gpt2 --dtype f16
 //!
-//! # no download: a random GPT-2 124M with OpenAI's tokenizer, to measure serving speed
-//! cargo run --release --features server --example serve -- --random-124m --gpt2-files ../shared/data
+//! # no model download: a random GPT-2 124M with OpenAI's tokenizer (fetched into data/ on
+//! # first use; --gpt2-files DIR to use another directory), to measure serving speed
+//! cargo run --release --features server --example serve -- --random-124m
 //! ```
 //!
 //! It prints `listening on http://ADDR` on stdout once it accepts connections (with
@@ -37,7 +38,7 @@ use tinygpt::{ChatTemplate, Gpt, GptConfig, Tokenizer};
 /// Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions,
 /// /v1/models, /health, /metrics) and a web chat at /.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 #[command(group(clap::ArgGroup::new("source").required(true).args(["ckpt", "random_124m"])))]
 struct Args {
     /// A tinygpt checkpoint directory (any stage) or a Hugging Face GPT-2 directory.
@@ -46,8 +47,10 @@ struct Args {
     /// Instead of --ckpt: a randomly initialised GPT-2 124M (for timing without a download).
     #[arg(long)]
     random_124m: bool,
-    /// Where OpenAI's gpt2_encoder.json and gpt2_vocab.bpe are (for --random-124m).
-    #[arg(long, default_value = "../shared/data")]
+    /// Directory holding OpenAI's GPT-2 tokenizer, gpt2_encoder.json and gpt2_vocab.bpe (for
+    /// --random-124m); files missing there are fetched from OpenAI into it, checked against
+    /// their sha256 (or taken from $TINYGPT_DATA).
+    #[arg(long, value_name = "DIR", default_value = "data")]
     gpt2_files: PathBuf,
     /// Address to listen on; 127.0.0.1 serves this machine only, 0.0.0.0 every interface.
     #[arg(long, default_value = "127.0.0.1")]
@@ -188,11 +191,9 @@ fn main() -> Result<()> {
 /// The model, its tokenizer, and the default model name.
 fn load(args: &Args, device: &Device) -> Result<(Gpt, Tokenizer, String)> {
     let Some(dir) = &args.ckpt else {
-        let tokenizer = Tokenizer::from_gpt2_files(
-            args.gpt2_files.join("gpt2_encoder.json"),
-            args.gpt2_files.join("gpt2_vocab.bpe"),
-        )
-        .context("--random-124m needs OpenAI's tokenizer files (see --gpt2-files)")?;
+        let (vocab, merges) = common::data::gpt2_files(&args.gpt2_files)?;
+        let tokenizer = Tokenizer::from_gpt2_files(vocab, merges)
+            .context("--random-124m needs OpenAI's tokenizer files (see --gpt2-files)")?;
         let cfg = GptConfig::gpt2();
         let init = Gpt::init(&cfg, 1337, device)?;
         // Constant weights (no autograd graph).

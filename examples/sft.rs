@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example sft -- --base out/pretrain-bpe \
-//!     --data ../shared/data/sft_gsm8k_train.jsonl --val-data ../shared/data/sft_gsm8k_test.jsonl \
+//!     --data data/sft_gsm8k_train.jsonl --val-data data/sft_gsm8k_test.jsonl \
 //!     --out out/sft --eval-replies 100
 //! ```
 
@@ -25,10 +25,10 @@ use tinygpt::{checkpoint, Objective, Tokenizer, TrainConfig, Trainer};
 /// Fine-tune a pre-trained checkpoint on conversations (JSONL `messages`, or Alpaca records),
 /// with the loss on the assistant's tokens only.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Args {
     /// The pre-trained checkpoint directory (a BPE model: a char-level one knows only its
-    /// corpus's characters).
+    /// corpus's characters), or a Hugging Face GPT-2 directory (e.g. OpenAI's gpt2).
     #[arg(long, required_unless_present = "resume")]
     base: Option<PathBuf>,
     /// Continue the SFT run saved in this directory (--data, --val-data / --val-fraction and
@@ -128,6 +128,11 @@ fn main() -> Result<()> {
         .or_else(|| args.resume.clone())
         .unwrap_or_else(|| PathBuf::from("out/sft"));
     common::fresh_out_dir(&out, args.resume.as_deref(), args.train.overwrite)?;
+    let args = Args {
+        data: common::data::resolve_all("--data", &args.data)?,
+        val_data: common::data::resolve_opt("--val-data", args.val_data.as_deref())?,
+        ..args
+    };
 
     // 1. The model: the base with the chat tokens added (if its tokenizer lacks them), or the
     //    SFT run to resume.

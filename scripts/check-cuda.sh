@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Proves that the `cuda` feature compiles, on a machine without a GPU or a CUDA install:
-# NVIDIA's CUDA 13.4 compiler wheels from PyPI supply nvcc, and `cargo check --features cuda
-# --all-targets` builds candle's CUDA kernels and type-checks ours. Nothing is run on a GPU.
+# NVIDIA's CUDA 13.4 compiler wheels from PyPI supply nvcc, and `cargo check --features
+# cuda,bench --all-targets` builds candle's CUDA kernels and type-checks ours, benches included.
+# Nothing is run on a GPU.
 #
 #   scripts/check-cuda.sh          # about 9 minutes from clean on 2 cores (nvcc on candle's kernels)
 #
@@ -33,5 +34,5 @@ export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 export NVCC_PREPEND_FLAGS="-I$CUDA_ROOT/include/cccl ${NVCC_PREPEND_FLAGS:-}"
 nvcc --version | tail -n 1
 
-cargo check --release --features cuda --all-targets
+cargo check --release --features cuda,bench --all-targets
 echo "check-cuda: the cuda feature compiles (nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), sm_${CUDA_COMPUTE_CAP})"

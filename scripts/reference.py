@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Reference values for tinygpt's Hugging Face GPT-2 support, from PyTorch + transformers.
 
-Optional: CI never runs this; the tests compare against the fixtures it committed.
+Optional: CI never runs this; the tests compare against the fixtures it committed. Only
+`fixtures` and `check` need PyTorch; the other subcommands need numpy, safetensors and
+transformers (tokenizer and config classes) only.
 
     python scripts/reference.py fixtures
         Builds a small random GPT-2 (2 layers, n_embd 64, 4 heads, vocab 1000, n_positions 128)
@@ -22,25 +24,44 @@ Optional: CI never runs this; the tests compare against the fixtures it committe
         `cargo run --release --example hf_export -- ... --logits FILE` writes. If DIR has a
         tokenizer, AutoTokenizer must load it and encode FILE's text as tinygpt did.
 
+    python scripts/reference.py random-124m DIR [--seed 1337]
+        Writes a Hugging Face GPT-2 124M directory with random weights (GPT2Config()
+        defaults; GPT-2's initialisation: weights N(0, 0.02), the residual projections
+        N(0, 0.02 / sqrt(2 n_layer)), biases 0, LayerNorm 1 and 0; numpy, seeded) and OpenAI's
+        tokenizer (tokenizer.json, vocab.json, merges.txt), without PyTorch: a real GPT-2's
+        layout to fine-tune (`sft --base DIR`) or sample (`generate --ckpt DIR`) offline.
+
+    python scripts/reference.py chat-template [--export DIR --ids FILE]
+        Exports the fixture model with the chat tokens added (`hf_export --ckpt
+        tests/fixtures/hf_gpt2/model --add-chat-tokens --chat-ids FILE`, run through cargo
+        unless --export and --ids name such an export), checks that transformers'
+        `apply_chat_template` gives tinygpt's ids, and writes transformers' ids to
+        tests/fixtures/hf_gpt2/chat_template.json.
+
+    python scripts/reference.py check-chat DIR --ids FILE
+        The same check on any export: FILE is what `hf_export --chat-ids FILE` wrote;
+        AutoTokenizer.from_pretrained(DIR).apply_chat_template on each of its conversations
+        must give tinygpt's ids, and `<|end|>` must end generation (generation_config.json).
+        Exits 1 on a mismatch.
+
 Setup (outside the repository): python3 -m venv /work/venv &&
-/work/venv/bin/pip install torch transformers safetensors. Uses 2 threads and fixed seeds,
-so it is deterministic. The OpenAI tokenizer files and Tiny Shakespeare are read from
+/work/venv/bin/pip install torch transformers safetensors (numpy transformers safetensors
+without torch for the subcommands that need no model). Uses 2 threads and fixed seeds, so it
+is deterministic. The OpenAI tokenizer files and Tiny Shakespeare are read from
 ../shared/data (or --data DIR).
 """
 
 import argparse
 import json
+import math
 import os
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-
-import regex
-import torch
-from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "hf_gpt2"
@@ -59,9 +80,13 @@ MIXED_TEXT = (
     "trailing spaces   "
 )
 SHAKESPEARE_CHARS = 10_000
+CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+CHAT_FIXTURE = FIXTURES / "chat_template.json"
 
 
 def seed_everything(seed):
+    import torch
+
     torch.manual_seed(seed)
     torch.set_num_threads(2)
 
@@ -69,6 +94,8 @@ def seed_everything(seed):
 def hf_gpt2_tokenizer(vocab_json, merges_txt):
     """transformers' GPT-2 tokenizer from a vocab.json + merges.txt pair, loaded the way a
     downloaded model directory is (`from_pretrained` on a directory holding both)."""
+    from transformers import AutoTokenizer
+
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(vocab_json, Path(tmp) / "vocab.json")
         shutil.copy(merges_txt, Path(tmp) / "merges.txt")
@@ -80,9 +107,11 @@ class OpenAIEncoder:
     """OpenAI's own GPT-2 BPE (`gpt-2/src/encoder.py`), written out again as the independent
     reference; `<|endoftext|>` in the text is the special token 50256, as in tiktoken."""
 
-    PAT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
-
     def __init__(self, encoder_json, vocab_bpe):
+        import regex
+
+        self.regex = regex
+        self.PAT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
         self.encoder = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
         lines = Path(vocab_bpe).read_text(encoding="utf-8").split("\n")[1:]
         self.ranks = {tuple(l.split(" ")): i for i, l in enumerate(l for l in lines if l)}
@@ -120,7 +149,7 @@ class OpenAIEncoder:
         for k, doc in enumerate(text.split(EOT)):
             if k > 0:
                 ids.append(self.encoder[EOT])
-            for piece in regex.findall(self.PAT, doc):
+            for piece in self.regex.findall(self.PAT, doc):
                 mapped = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
                 ids.extend(self.encoder[t] for t in self.bpe(mapped))
         return ids
@@ -148,6 +177,9 @@ def tiny_gpt2_tokenizer_files(data_dir, out_dir, vocab_size=1000):
 
 
 def random_gpt2(seed):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     seed_everything(seed)
     cfg = GPT2Config(
         vocab_size=1000,
@@ -176,10 +208,12 @@ def random_gpt2(seed):
     return model
 
 
-@torch.no_grad()
 def greedy(model, prompt_ids, n):
     """Greedy decoding by recomputing the whole sequence each step (no cache), with the
     top-1/top-2 logit gap of every step (a small gap would make the test fragile)."""
+    import torch
+
+    torch.set_grad_enabled(False)
     ids = list(prompt_ids)
     gaps = []
     for _ in range(n):
@@ -191,6 +225,9 @@ def greedy(model, prompt_ids, n):
 
 
 def write_fixtures(data_dir):
+    import torch
+    from safetensors.torch import save_file
+
     model_dir = FIXTURES / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
     tok = tiny_gpt2_tokenizer_files(data_dir, model_dir)
@@ -271,8 +308,12 @@ def write_fixtures(data_dir):
     print(f"tokenizer: mixed text {len(ids['mixed'])} ids, shakespeare {len(ids['shakespeare'])} ids")
 
 
-@torch.no_grad()
 def check(model_dir, logits_file):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    torch.set_grad_enabled(False)
     torch.set_num_threads(2)
     model = GPT2LMHeadModel.from_pretrained(model_dir, attn_implementation="eager")
     model.eval()
@@ -295,19 +336,168 @@ def check(model_dir, logits_file):
         sys.exit(1)
 
 
+def write_random_124m(out, data_dir, seed):
+    """GPT-2 124M in Hugging Face layout with GPT-2's random initialisation, without torch."""
+    import numpy as np
+    from safetensors.numpy import save_file
+    from transformers import GenerationConfig, GPT2Config
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        sys.exit(f"{out} is not empty: choose a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = GPT2Config()
+    cfg.architectures = ["GPT2LMHeadModel"]
+    rng = np.random.default_rng(seed)
+    std = cfg.initializer_range
+    proj_std = std / math.sqrt(2 * cfg.n_layer)  # GPT-2's scaled residual projections
+    c, inner = cfg.n_embd, 4 * cfg.n_embd
+
+    def normal(shape, s):
+        return rng.standard_normal(shape, dtype=np.float32) * np.float32(s)
+
+    zeros, ones = (lambda n: np.zeros(n, np.float32)), (lambda n: np.ones(n, np.float32))
+    t = {
+        "transformer.wte.weight": normal((cfg.vocab_size, c), std),
+        "transformer.wpe.weight": normal((cfg.n_positions, c), std),
+    }
+    for i in range(cfg.n_layer):
+        h = f"transformer.h.{i}."
+        t[h + "ln_1.weight"], t[h + "ln_1.bias"] = ones(c), zeros(c)
+        t[h + "attn.c_attn.weight"], t[h + "attn.c_attn.bias"] = normal((c, 3 * c), std), zeros(3 * c)
+        t[h + "attn.c_proj.weight"], t[h + "attn.c_proj.bias"] = normal((c, c), proj_std), zeros(c)
+        t[h + "ln_2.weight"], t[h + "ln_2.bias"] = ones(c), zeros(c)
+        t[h + "mlp.c_fc.weight"], t[h + "mlp.c_fc.bias"] = normal((c, inner), std), zeros(inner)
+        t[h + "mlp.c_proj.weight"], t[h + "mlp.c_proj.bias"] = normal((inner, c), proj_std), zeros(c)
+    t["transformer.ln_f.weight"], t["transformer.ln_f.bias"] = ones(c), zeros(c)
+    save_file(t, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg.save_pretrained(out)
+    GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id).save_pretrained(out)
+    os.chmod(out / "model.safetensors", 0o644)  # safetensors writes it for its owner only
+    shutil.copyfile(data_dir / "gpt2_encoder.json", out / "vocab.json")
+    shutil.copyfile(data_dir / "gpt2_vocab.bpe", out / "merges.txt")
+    tok = hf_gpt2_tokenizer(out / "vocab.json", out / "merges.txt")
+    assert len(tok) == 50257 and tok.convert_tokens_to_ids(EOT) == 50256
+    tok.save_pretrained(out)
+    n = sum(a.size for a in t.values())
+    print(f"{out}: random GPT-2 124M ({n:,} parameters, seed {seed}), OpenAI's tokenizer; "
+          f"files: {', '.join(sorted(p.name for p in out.iterdir()))}")
+
+
+def chat_ids(tok, messages, add_generation_prompt):
+    """transformers' ids of a conversation, as a plain list (transformers 4 returns a list,
+    5 a BatchEncoding)."""
+    out = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    if hasattr(out, "keys"):
+        out = out["input_ids"]
+    return [int(i) for i in out]
+
+
+def compare_chat(export_dir, ids_file):
+    """Checks export_dir's chat template against tinygpt's ids in ids_file; returns
+    (ok, transformers' cases)."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(export_dir)
+    want = json.loads(Path(ids_file).read_text(encoding="utf-8"))
+    ok = True
+    special = {t: tok.convert_tokens_to_ids(t) for t in CHAT_TOKENS + [EOT]}
+    not_special = [t for t in special if t not in tok.all_special_tokens]
+    print(f"{export_dir}: {type(tok).__name__}, {len(tok)} tokens; special tokens {special}")
+    if not_special:
+        print(f"  not special tokens for transformers: {not_special}")
+        ok = False
+    # What `generate` stops at: the directory's generation config (or config.json's ids).
+    try:
+        eos = GenerationConfig.from_pretrained(export_dir).eos_token_id
+    except OSError:
+        eos = GenerationConfig.from_model_config(AutoConfig.from_pretrained(export_dir)).eos_token_id
+    eos = eos if isinstance(eos, list) else [eos]
+    print(f"  generate stops at eos_token_id {eos}")
+    if special["<|end|>"] not in eos:
+        print(f"  eos_token_id {eos} lacks <|end|> = {special['<|end|>']}: generate would not stop at it")
+        ok = False
+    cases = []
+    for i, case in enumerate(want["conversations"]):
+        got = chat_ids(tok, case["messages"], case["add_generation_prompt"])
+        same = got == case["ids"]
+        roles = "+".join(m["role"] for m in case["messages"])
+        print(f"  conversation {i} ({roles}, add_generation_prompt={case['add_generation_prompt']}): "
+              f"{len(got)} ids, equal to tinygpt's: {same}")
+        if not same:
+            first = next((k for k, (a, b) in enumerate(zip(got, case["ids"])) if a != b), min(len(got), len(case["ids"])))
+            print(f"    first difference at {first}: transformers {got[first:first + 8]}, tinygpt {case['ids'][first:first + 8]}")
+            print(f"    transformers' text: {tok.decode(got)!r}")
+            ok = False
+        cases.append({**case, "ids": got, "text": tok.decode(got)})
+    print("check-chat: " + ("OK" if ok else "MISMATCH"))
+    return ok, cases
+
+
+def write_chat_fixture(export_dir, ids_file):
+    import transformers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if export_dir is None:
+            export_dir, ids_file = Path(tmp) / "export", Path(tmp) / "chat_ids.json"
+            cmd = ["cargo", "run", "--release", "--features", "server", "--example", "hf_export", "--",
+                   "--ckpt", str(FIXTURES / "model"), "--add-chat-tokens", "--out", str(export_dir),
+                   "--chat-ids", str(ids_file)]
+            print(" ".join(cmd))
+            subprocess.run(cmd, cwd=ROOT, check=True)
+        ok, cases = compare_chat(export_dir, ids_file)
+        if not ok:
+            sys.exit(1)
+    text = json.dumps(
+        {
+            "source": "scripts/reference.py chat-template: transformers' apply_chat_template on "
+                      "tinygpt's export of tests/fixtures/hf_gpt2/model with the chat tokens added",
+            "transformers_version": transformers.__version__,
+            "conversations": cases,
+        },
+        indent=1,
+        ensure_ascii=False,
+    )
+    # Each id list on one line.
+    text = re.sub(r"\[[\d,\s]+\]", lambda m: json.dumps(json.loads(m.group(0))), text)
+    CHAT_FIXTURE.write_text(text + "\n", encoding="utf-8")
+    print(f"wrote {CHAT_FIXTURE.relative_to(ROOT)}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
+    data = ROOT.parent / "shared" / "data"
     fx = sub.add_parser("fixtures")
-    fx.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    fx.add_argument("--data", type=Path, default=data)
     ck = sub.add_parser("check")
     ck.add_argument("dir")
     ck.add_argument("--logits", required=True)
+    rnd = sub.add_parser("random-124m")
+    rnd.add_argument("dir")
+    rnd.add_argument("--data", type=Path, default=data)
+    rnd.add_argument("--seed", type=int, default=1337)
+    ct = sub.add_parser("chat-template")
+    ct.add_argument("--export", type=Path)
+    ct.add_argument("--ids", type=Path)
+    cc = sub.add_parser("check-chat")
+    cc.add_argument("dir")
+    cc.add_argument("--ids", required=True)
     args = parser.parse_args()
     if args.cmd == "fixtures":
         write_fixtures(args.data)
-    else:
+    elif args.cmd == "check":
         check(args.dir, args.logits)
+    elif args.cmd == "random-124m":
+        write_random_124m(args.dir, args.data, args.seed)
+    elif args.cmd == "chat-template":
+        if (args.export is None) != (args.ids is None):
+            parser.error("chat-template: give both --export and --ids, or neither")
+        write_chat_fixture(args.export, args.ids)
+    else:
+        ok, _ = compare_chat(args.dir, args.ids)
+        if not ok:
+            sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,19 @@
 //! DIR/tokenizer.json         Hugging Face tokenizer
 //! DIR/optimizer.safetensors  AdamW moments, `{param}.exp_avg` / `{param}.exp_avg_sq`
 //! DIR/trainer_state.json     step, best val loss, RNG state, stage, training config
-//! DIR/metrics.jsonl          one JSON object per evaluation
+//! DIR/metrics.jsonl          one JSON object per evaluation (`"kind": "eval"`) and per
+//!                            `log_interval` steps (`"kind": "train"`)
 //! ```
 //!
 //! A checkpoint is written into a temporary sibling directory and swapped into place only
 //! when complete, so at every moment the disk holds one complete checkpoint: stopping a run
 //! (or a crash) mid-write never loses what was already saved.
+//!
+//! Wherever a model is read ([`load_model`], [`load_trainable`], and so every `--ckpt`,
+//! `--base` and `--sft` of the examples), a Hugging Face GPT-2 directory serves as well
+//! ([`crate::hf::is_hf_dir`]: `config.json` a `GPT2Config`, `model.safetensors`, and
+//! `tokenizer.json` or `vocab.json` + `merges.txt`), e.g. OpenAI's `gpt2` to fine-tune, or a
+//! model tinygpt exported.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -132,10 +139,16 @@ fn inspect_target(target: &Path) -> Result<Target> {
 /// Loads the model and tokenizer of a checkpoint directory for inference (constant weights,
 /// no autograd graph).
 ///
+/// A Hugging Face GPT-2 directory ([`crate::hf::is_hf_dir`]) loads through
+/// [`Gpt::from_hf_dir_with_tokenizer`] (f32 weights); one tinygpt exported from a chat model
+/// keeps its chat tokens, so it loads as a chat model.
+///
 /// # Errors
-/// [`Error::Checkpoint`] if `dir` or one of its files is missing or the tokenizer does not fit
-/// the model; [`Error::MissingTensor`] / [`Error::ShapeMismatch`] naming the tensor; file
-/// errors naming the file (a truncated safetensors file is an error, not a panic).
+/// [`Error::Checkpoint`] if `dir` or one of its files is missing (naming the file, and what
+/// either layout holds when `config.json` is) or the tokenizer does not fit the model;
+/// [`Error::MissingTensor`] / [`Error::ShapeMismatch`] naming the tensor; file errors naming
+/// the file (a truncated safetensors file is an error, not a panic); for a Hugging Face
+/// directory, the errors of [`Gpt::from_hf_dir_with_tokenizer`].
 pub fn load_model(dir: impl AsRef<Path>, device: &Device) -> Result<(Gpt, Tokenizer)> {
     load(dir.as_ref(), device, false)
 }
@@ -149,6 +162,39 @@ pub fn load_trainable(dir: impl AsRef<Path>, device: &Device) -> Result<(Gpt, To
 }
 
 fn load(dir: &Path, device: &Device, trainable: bool) -> Result<(Gpt, Tokenizer)> {
+    if !dir.is_dir() {
+        return Err(Error::checkpoint(
+            dir,
+            "not a directory (or does not exist)",
+        ));
+    }
+    if !dir.join(files::CONFIG).is_file() {
+        return Err(Error::checkpoint(
+            dir,
+            format!(
+                "missing {} (a tinygpt checkpoint holds {}, {}, {}; a Hugging Face GPT-2 \
+                 directory {}, {} and {} or {} + {})",
+                files::CONFIG,
+                files::CONFIG,
+                files::MODEL,
+                files::TOKENIZER,
+                crate::hf::files::CONFIG,
+                crate::hf::files::MODEL,
+                crate::hf::files::TOKENIZER,
+                crate::hf::files::VOCAB,
+                crate::hf::files::MERGES,
+            ),
+        ));
+    }
+    if crate::hf::is_hf_dir(dir) {
+        let (model, tokenizer) = Gpt::from_hf_dir_with_tokenizer(dir, device)?;
+        let model = if trainable {
+            Gpt::from_tensors(model.config(), model.tensors(), true)?
+        } else {
+            model
+        };
+        return Ok((model, tokenizer));
+    }
     require_files(dir, &[files::CONFIG, files::MODEL, files::TOKENIZER])?;
     let cfg = GptConfig::load(dir.join(files::CONFIG))?;
     let tokenizer = Tokenizer::from_file(dir.join(files::TOKENIZER))?;
@@ -642,6 +688,13 @@ mod tests {
     #[test]
     fn missing_file_is_named() {
         let root = tmpdir("missing");
+        let e = load_model(&root, &Device::Cpu).unwrap_err().to_string();
+        assert!(
+            e.contains("missing config.json")
+                && e.contains("tinygpt checkpoint holds")
+                && e.contains("vocab.json + merges.txt"),
+            "{e}"
+        );
         std::fs::write(root.join(files::CONFIG), "{}").unwrap();
         let e = load_model(&root, &Device::Cpu).unwrap_err().to_string();
         assert!(e.contains("missing model.safetensors"), "{e}");
@@ -649,6 +702,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("does not exist"), "{e}");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn hugging_face_dirs_are_told_apart_and_their_missing_files_named() {
+        let root = tmpdir("hf");
+        // A GPT2Config without weights or tokenizer: read as Hugging Face, tokenizer first.
+        std::fs::write(root.join(files::CONFIG), r#"{"model_type": "gpt2"}"#).unwrap();
+        assert!(crate::hf::is_hf_dir(&root));
+        let e = load_trainable(&root, &Device::Cpu).unwrap_err().to_string();
+        assert!(
+            e.contains("no tokenizer: expected tokenizer.json or vocab.json + merges.txt"),
+            "{e}"
+        );
+        std::fs::write(root.join(files::TOKENIZER), "{}").unwrap();
+        let e = load_model(&root, &Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("tokenizer.json"), "{e}");
+        // A tinygpt config is never Hugging Face, whatever else is there.
+        GptConfig::shakespeare_char_cpu(10)
+            .save(root.join(files::CONFIG))
+            .unwrap();
+        assert!(!crate::hf::is_hf_dir(&root));
+        // Keys alone do not decide: GPT-2's tokenizer pair marks a Hugging Face directory.
+        std::fs::write(root.join(files::CONFIG), "{}").unwrap();
+        assert!(!crate::hf::is_hf_dir(&root));
+        std::fs::remove_file(root.join(files::TOKENIZER)).unwrap();
+        std::fs::write(root.join("vocab.json"), "{}").unwrap();
+        std::fs::write(root.join("merges.txt"), "").unwrap();
+        assert!(crate::hf::is_hf_dir(&root));
+        std::fs::write(root.join(files::CONFIG), "not json").unwrap();
+        assert!(!crate::hf::is_hf_dir(&root));
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -27,6 +27,13 @@ pub enum Error {
         error: std::io::Error,
     },
 
+    /// Reading or writing failed where there is no file to name: standard input or output, a
+    /// pipe, a socket, or `?` on a [`std::io::Error`] in the caller's code (this is the
+    /// variant `From<std::io::Error>` makes). Errors on a file tinygpt opens are
+    /// [`Error::Io`], which names the file.
+    #[error("I/O error: {0}")]
+    IoUnnamed(std::io::Error),
+
     /// A data or config file is empty, malformed or otherwise unusable.
     #[error("{path}{}: {msg}", line.map(|l| format!(":{l}")).unwrap_or_default())]
     BadFile {
@@ -161,6 +168,15 @@ impl Error {
     }
 }
 
+/// For `?` on I/O that has no path to report (standard streams, sockets, an embedder's own
+/// code): [`Error::IoUnnamed`], whose message is `I/O error: ` and the OS's. Where a path is
+/// known, [`Error::Io`] (which names it) is the better error.
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::IoUnnamed(e)
+    }
+}
+
 impl From<tokenizers::Error> for Error {
     fn from(e: tokenizers::Error) -> Self {
         Error::Tokenizer(e.to_string())
@@ -192,5 +208,26 @@ mod tests {
             column: 5,
         };
         assert!(e.to_string().contains("'é' (U+00E9) at position 4"));
+    }
+
+    #[test]
+    fn io_errors_convert_with_and_without_a_path() {
+        fn read_stdin_like() -> Result<()> {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "pipe closed",
+            ))?;
+            Ok(())
+        }
+        let e = read_stdin_like().unwrap_err();
+        assert!(matches!(&e, Error::IoUnnamed(io) if io.kind() == std::io::ErrorKind::BrokenPipe));
+        assert_eq!(e.to_string(), "I/O error: pipe closed");
+        // The OS error is in the message, not also the source (it would print twice).
+        assert!(std::error::Error::source(&e).is_none());
+        let e = Error::io(
+            "out/ckpt/config.json",
+            std::io::Error::new(std::io::ErrorKind::NotFound, "not found"),
+        );
+        assert_eq!(e.to_string(), "out/ckpt/config.json: not found");
     }
 }

@@ -25,7 +25,12 @@
 //!   otherwise ([`Gpt::from_hf_dir_with_dtype`]).
 //! * **saving** ([`Gpt::save_hf_dir`]) writes the same layout back, with zero biases for
 //!   models trained without biases (GPT-2 always has them; zeros compute the same), so
-//!   `transformers.GPT2LMHeadModel.from_pretrained(dir)` loads it and computes our logits.
+//!   `transformers.GPT2LMHeadModel.from_pretrained(dir)` loads it and computes our logits;
+//!   with a tokenizer ([`Gpt::save_hf_dir_with_tokenizer`]) a chat model's export carries its
+//!   chat template and special tokens, so transformers' `apply_chat_template` gives tinygpt's
+//!   prompt ids and `generate` stops at `<|end|>`.
+//! * **as a checkpoint**: [`crate::checkpoint::load_model`] and `load_trainable` read such a
+//!   directory ([`is_hf_dir`]), so it serves wherever a tinygpt checkpoint does.
 //!
 //! ```
 //! use tinygpt::candle::Device;
@@ -74,6 +79,39 @@ pub mod files {
     pub const MERGES: &str = "merges.txt";
     /// PyTorch pickle weights, which tinygpt does not read (only named in errors).
     pub const PYTORCH_BIN: &str = "pytorch_model.bin";
+    /// Settings `transformers`' `generate` reads (`eos_token_id`, …).
+    pub const GENERATION_CONFIG: &str = "generation_config.json";
+}
+
+/// Whether `dir` looks like a Hugging Face GPT-2 directory rather than a tinygpt checkpoint:
+/// its `config.json` is a `GPT2Config` (`n_positions`, `model_type`, `n_ctx` or
+/// `architectures`, and no tinygpt `block_size`), or, for a config with none of these keys,
+/// the directory has HF's files and not a checkpoint's (`vocab.json` + `merges.txt` without
+/// `tokenizer.json`, or sharded weights). A directory without a readable `config.json` is
+/// not one (the checkpoint loader then says what is missing or malformed).
+///
+/// [`crate::checkpoint::load_model`] uses it to read either layout.
+pub fn is_hf_dir(dir: impl AsRef<Path>) -> bool {
+    let dir = dir.as_ref();
+    let Ok(text) = std::fs::read_to_string(dir.join(files::CONFIG)) else {
+        return false;
+    };
+    let Ok(serde_json::Value::Object(config)) = serde_json::from_str::<serde_json::Value>(&text)
+    else {
+        return false;
+    };
+    if config.contains_key("block_size") {
+        return false;
+    }
+    if ["n_positions", "model_type", "n_ctx", "architectures"]
+        .iter()
+        .any(|k| config.contains_key(*k))
+    {
+        return true;
+    }
+    let gpt2_files = dir.join(files::VOCAB).is_file() && dir.join(files::MERGES).is_file();
+    (gpt2_files && !dir.join(files::TOKENIZER).is_file())
+        || (dir.join(files::MODEL_INDEX).is_file() && !dir.join(files::MODEL).is_file())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -406,18 +444,27 @@ impl Gpt {
         Gpt::from_tensors(&cfg, tensors, false)
     }
 
-    /// As [`Gpt::from_hf_dir`], with the directory's tokenizer (see [`load_tokenizer`]).
+    /// As [`Gpt::from_hf_dir`], with the directory's tokenizer (see [`load_tokenizer`]). A
+    /// directory tinygpt exported from a chat model (its tokenizer has the chat tokens) loads
+    /// as a chat model: [`crate::ChatTemplate::new`] accepts its tokenizer.
     ///
     /// # Errors
-    /// As [`Gpt::from_hf_dir`] and [`load_tokenizer`]; [`Error::Checkpoint`] if the tokenizer
-    /// has more tokens than the model's `vocab_size`.
+    /// As [`Gpt::from_hf_dir`] and [`load_tokenizer`] (the tokenizer is read first, so a
+    /// directory without one fails before its weights are read); [`Error::Checkpoint`] if the
+    /// tokenizer has more tokens than the model's `vocab_size`.
     pub fn from_hf_dir_with_tokenizer(
         dir: impl AsRef<Path>,
         device: &Device,
     ) -> Result<(Gpt, Tokenizer)> {
         let dir = dir.as_ref();
-        let model = Self::from_hf_dir(dir, device)?;
+        if !dir.is_dir() {
+            return Err(Error::checkpoint(
+                dir,
+                "not a directory (or does not exist)",
+            ));
+        }
         let tokenizer = load_tokenizer(dir)?;
+        let model = Self::from_hf_dir(dir, device)?;
         if tokenizer.vocab_size() > model.config().vocab_size {
             return Err(Error::checkpoint(
                 dir,
@@ -638,9 +685,20 @@ impl Gpt {
         self.save_hf(dir.as_ref(), None)
     }
 
-    /// As [`Gpt::save_hf_dir`], plus `tokenizer.json` and a `tokenizer_config.json` so that
-    /// `transformers.AutoTokenizer.from_pretrained(dir)` loads the tokenizer; `bos_token_id`
-    /// and `eos_token_id` are set to its `<|endoftext|>`.
+    /// As [`Gpt::save_hf_dir`], plus `tokenizer.json`, `tokenizer_config.json` and
+    /// `generation_config.json`, so that `transformers.AutoTokenizer.from_pretrained(dir)` loads
+    /// the tokenizer and `generate` stops where tinygpt does. `<|endoftext|>` (and the chat
+    /// tokens, if any) are special tokens in both tokenizer files (`added_tokens` with
+    /// `"special": true`, `added_tokens_decoder`); `bos_token_id` and `eos_token_id` are
+    /// `<|endoftext|>`.
+    ///
+    /// For a chat tokenizer (one holding `<|system|>`, `<|user|>`, `<|assistant|>`, `<|end|>`),
+    /// `tokenizer_config.json` also carries `chat_template` ([`crate::ChatTemplate::JINJA`]),
+    /// so `apply_chat_template(messages, add_generation_prompt=True)` gives the ids of
+    /// [`crate::ChatTemplate::render_prompt`]; the chat tokens are its
+    /// `additional_special_tokens` and `<|end|>` its `eos_token`, and `eos_token_id` (in
+    /// `config.json` and `generation_config.json`) is `[<|end|>, <|endoftext|>]`, so a reply
+    /// ends at `<|end|>` as in [`crate::ChatSession`].
     ///
     /// # Errors
     /// As [`Gpt::save_hf_dir`]; [`Error::InvalidArgument`] if the tokenizer has more tokens
@@ -665,9 +723,14 @@ impl Gpt {
         let cfg = self.config();
         let mut hf = Gpt2Config::from(cfg);
         hf.torch_dtype = Some(torch_dtype_name(self.dtype()).into());
+        let chat = tokenizer.and_then(|tok| crate::ChatTemplate::new(tok).ok());
+        let eos = tokenizer.map(|tok| match chat {
+            Some(t) => TokenIds::Many(vec![t.end_id(), tok.eot_id()]),
+            None => TokenIds::One(tok.eot_id()),
+        });
         if let Some(tok) = tokenizer {
             hf.bos_token_id = Some(tok.eot_id());
-            hf.eos_token_id = Some(TokenIds::One(tok.eot_id()));
+            hf.eos_token_id = eos.clone();
         }
         hf.save(dir.join(files::CONFIG))?;
 
@@ -694,25 +757,105 @@ impl Gpt {
             .map_err(|e| Error::io(&path, std::io::Error::other(e.to_string())))?;
         std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
 
-        if let Some(tok) = tokenizer {
-            tok.save(dir.join(files::TOKENIZER))?;
-            let eot = crate::tokenizer::EOT;
-            let tokenizer_config = serde_json::json!({
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "bos_token": eot,
-                "eos_token": eot,
-                "unk_token": eot,
-                "model_max_length": cfg.block_size,
-                "add_prefix_space": false,
-                "clean_up_tokenization_spaces": false,
+        if let (Some(tok), Some(eos)) = (tokenizer, eos) {
+            let path = dir.join(files::TOKENIZER);
+            write_json(&path, &tokenizer_json(tok, &path)?)?;
+            write_json(
+                &dir.join(files::TOKENIZER_CONFIG),
+                &tokenizer_config_json(tok, chat.is_some(), cfg.block_size),
+            )?;
+            let generation_config = serde_json::json!({
+                "bos_token_id": tok.eot_id(),
+                "eos_token_id": eos,
+                "pad_token_id": tok.eot_id(),
             });
-            let path = dir.join(files::TOKENIZER_CONFIG);
-            let json = serde_json::to_string_pretty(&tokenizer_config)
-                .map_err(|e| Error::bad_file(&path, None, e.to_string()))?;
-            std::fs::write(&path, json + "\n").map_err(|e| Error::io(&path, e))?;
+            write_json(&dir.join(files::GENERATION_CONFIG), &generation_config)?;
         }
         Ok(())
     }
+}
+
+/// The tokens transformers must treat as special: `<|endoftext|>` and the chat tokens.
+fn hf_special_tokens() -> impl Iterator<Item = &'static str> {
+    std::iter::once(crate::tokenizer::EOT).chain(crate::ChatTemplate::SPECIAL_TOKENS)
+}
+
+/// `tokenizer.json` of `tok` as transformers should read it: the tokenizer's own JSON with
+/// `<|endoftext|>` and the chat tokens marked `"special": true` in `added_tokens` (tinygpt
+/// adds them so; a tokenizer loaded from elsewhere may not have). `path` names the file in
+/// errors.
+fn tokenizer_json(tok: &Tokenizer, path: &Path) -> Result<serde_json::Value> {
+    let mut json: serde_json::Value = serde_json::from_str(&tok.to_json(false)?)
+        .map_err(|e| Error::bad_file(path, None, e.to_string()))?;
+    if let Some(added) = json
+        .get_mut("added_tokens")
+        .and_then(serde_json::Value::as_array_mut)
+    {
+        for token in added {
+            let special = token
+                .get("content")
+                .and_then(serde_json::Value::as_str)
+                .is_some_and(|c| hf_special_tokens().any(|s| s == c));
+            if special {
+                token["special"] = true.into();
+            }
+        }
+    }
+    Ok(json)
+}
+
+/// `tokenizer_config.json` for `tok`: the fast tokenizer class, `<|endoftext|>` as bos/unk
+/// (and eos, or `<|end|>` for a `chat` tokenizer, with the chat tokens as
+/// `additional_special_tokens` and [`crate::ChatTemplate::JINJA`] as `chat_template`), and
+/// every added token in `added_tokens_decoder`.
+fn tokenizer_config_json(tok: &Tokenizer, chat: bool, max_length: usize) -> serde_json::Value {
+    let eot = crate::tokenizer::EOT;
+    let decoder = tok
+        .inner()
+        .get_added_vocabulary()
+        .get_added_tokens_decoder();
+    let added: BTreeMap<u32, serde_json::Value> = decoder
+        .iter()
+        .map(|(id, t)| {
+            let special = t.special || hf_special_tokens().any(|s| s == t.content);
+            let entry = serde_json::json!({
+                "content": t.content,
+                "lstrip": t.lstrip,
+                "normalized": t.normalized,
+                "rstrip": t.rstrip,
+                "single_word": t.single_word,
+                "special": special,
+            });
+            (*id, entry)
+        })
+        .collect();
+    let added: serde_json::Map<String, serde_json::Value> = added
+        .into_iter()
+        .map(|(id, entry)| (id.to_string(), entry))
+        .collect();
+    let mut config = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": eot,
+        "eos_token": eot,
+        "unk_token": eot,
+        "model_max_length": max_length,
+        "add_prefix_space": false,
+        "clean_up_tokenization_spaces": false,
+        "added_tokens_decoder": added,
+    });
+    if chat {
+        config["eos_token"] = crate::chat::END.into();
+        config["additional_special_tokens"] = crate::ChatTemplate::SPECIAL_TOKENS.into();
+        config["chat_template"] = crate::ChatTemplate::JINJA.into();
+    }
+    config
+}
+
+/// Writes `value` as pretty JSON and a newline.
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let json = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::bad_file(path, None, e.to_string()))?;
+    std::fs::write(path, json + "\n").map_err(|e| Error::io(path, e))
 }
 
 /// PyTorch's name for a dtype, as `config.json`'s `torch_dtype` spells it.

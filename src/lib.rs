@@ -23,6 +23,9 @@
 //!    decoded together, one batched forward pass per step with a KV cache per sequence, behind
 //!    an OpenAI-compatible HTTP API and a web chat.
 //!
+//! On the CPU, [`threads`] chooses how many threads matrix products and element-wise ops use
+//! (call it first thing in `main`).
+//!
 //! Real GPT-2 checkpoints in Hugging Face format load into the same model, and tinygpt models
 //! save in that format for transformers and other tools ([`hf`]).
 //!
@@ -69,6 +72,7 @@ pub mod server;
 pub mod sft;
 #[cfg(test)]
 mod testing;
+pub mod threads;
 pub mod tokenizer;
 pub mod train;
 

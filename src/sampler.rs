@@ -37,6 +37,8 @@
 //! # Ok::<(), tinygpt::Error>(())
 //! ```
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
 use rand::distr::weighted::WeightedIndex;
 use rand::distr::Distribution;
 use rand::SeedableRng;
@@ -493,7 +495,10 @@ pub enum FinishReason {
 /// Generates token ids one at a time after a prompt: nanoGPT's `generate`, with a KV cache.
 ///
 /// The context the model sees is always the last `block_size` tokens, as nanoGPT crops it
-/// (`idx[:, -block_size:]`), so a prompt longer than `block_size` keeps only its end. While
+/// (`idx[:, -block_size:]`), so a prompt longer than `block_size` keeps only its end
+/// ([`TokenGenerator::cropped_prompt_tokens`] says how many tokens were dropped; this
+/// token-level type prints nothing, while [`generate`] and [`crate::ChatSession`] warn once, see
+/// [`set_crop_warning`]). While
 /// prompt and output fit the context, each step feeds one token through the cache; once they
 /// no longer fit, the positions of every token shift, so each further step recomputes the
 /// cropped window from scratch. The tokens are therefore exactly those of recomputing the whole
@@ -511,6 +516,8 @@ pub struct TokenGenerator<'a> {
     finish: Option<FinishReason>,
     /// Ids at or above this are never sampled (rows the tokenizer has no token for).
     vocab_limit: usize,
+    /// Prompt tokens the model never sees (`prompt_len - block_size`, or 0).
+    cropped: usize,
 }
 
 impl<'a> TokenGenerator<'a> {
@@ -539,7 +546,14 @@ impl<'a> TokenGenerator<'a> {
             cache: KvCache::new(model.config().n_layer),
             finish: None,
             vocab_limit: vocab,
+            cropped: prompt_ids.len().saturating_sub(model.config().block_size),
         })
+    }
+
+    /// How many tokens at the start of the prompt the model never sees: the prompt's length
+    /// minus `block_size` when it is longer than the context, else 0.
+    pub fn cropped_prompt_tokens(&self) -> usize {
+        self.cropped
     }
 
     /// Never samples ids `>= n`: the model may have more embedding rows than its tokenizer has
@@ -682,7 +696,9 @@ impl Iterator for TextGenerator<'_> {
 
 /// Starts generating text after `prompt`. An empty prompt starts from `<|endoftext|>`, as
 /// GPT-2 does unconditionally. A prompt longer than `block_size` tokens is cropped to its last
-/// `block_size` tokens (see [`TokenGenerator`]).
+/// `block_size` tokens (see [`TokenGenerator`]): the first time in a process, a warning says so
+/// on stderr ([`set_crop_warning`] turns it off), and
+/// `generation.tokens().cropped_prompt_tokens()` tells every time.
 ///
 /// # Errors
 /// Tokenizer errors on the prompt (e.g. an unknown character for a char-level tokenizer) and
@@ -698,10 +714,69 @@ pub fn generate<'a>(
     } else {
         tokenizer.encode(prompt)?
     };
+    let tokens = TokenGenerator::new(model, &ids, params)?.with_vocab_limit(tokenizer.vocab_size());
+    warn_if_cropped(ids.len(), model.config().block_size);
     Ok(TextGenerator {
-        tokens: TokenGenerator::new(model, &ids, params)?.with_vocab_limit(tokenizer.vocab_size()),
+        tokens,
         stream: Some(tokenizer.stream()),
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The crop warning
+// ---------------------------------------------------------------------------------------------
+
+/// A warning printed at most once a process, which can be turned off.
+#[derive(Debug)]
+pub(crate) struct WarnOnce {
+    enabled: AtomicBool,
+    fired: AtomicBool,
+    /// Occasions seen, printed or not (for tests).
+    seen: AtomicUsize,
+}
+
+impl WarnOnce {
+    pub(crate) const fn new() -> Self {
+        Self {
+            enabled: AtomicBool::new(true),
+            fired: AtomicBool::new(false),
+            seen: AtomicUsize::new(0),
+        }
+    }
+
+    /// Counts an occasion; `true` (print it) the first time while enabled, `false` after.
+    pub(crate) fn fire(&self) -> bool {
+        self.seen.fetch_add(1, Ordering::Relaxed);
+        self.enabled.load(Ordering::Relaxed) && !self.fired.swap(true, Ordering::Relaxed)
+    }
+}
+
+/// The warning of prompts cropped to the context.
+pub(crate) static CROP_WARNING: WarnOnce = WarnOnce::new();
+
+/// Turns on (the default) or off the warning [`generate`] and [`crate::ChatSession`] print to
+/// stderr, once a process, the first time a prompt is longer than the model's context and loses
+/// its start. Off, nothing is printed; a program that wants to report crops itself reads
+/// [`TokenGenerator::cropped_prompt_tokens`] (`generation.tokens()`) or
+/// [`crate::chat::ReplyInfo::cropped_prompt_tokens`] ([`crate::ChatSession::last_reply`]).
+///
+/// Why stderr and once: tinygpt has no logging framework, its one other message of this kind
+/// (the server's drain timeout) is an `eprintln!` too, and a crop happens on every step of a
+/// long chat once it starts, so one line says it without flooding a terminal or a log.
+pub fn set_crop_warning(enabled: bool) {
+    CROP_WARNING.enabled.store(enabled, Ordering::Relaxed);
+}
+
+/// Prints the crop warning (see [`set_crop_warning`]) if a prompt of `prompt_len` tokens
+/// does not fit a context of `block_size`.
+pub(crate) fn warn_if_cropped(prompt_len: usize, block_size: usize) {
+    if prompt_len > block_size && CROP_WARNING.fire() {
+        eprintln!(
+            "tinygpt: warning: a prompt of {prompt_len} tokens is longer than the model's context \
+             (block_size {block_size}): only its last {block_size} tokens are used (said once; \
+             later prompts may be cropped too)"
+        );
+    }
 }
 
 #[cfg(test)]
@@ -939,6 +1014,47 @@ mod tests {
         let mut all = vec![1.0, 2.0];
         apply_top_k(&mut all, 5);
         assert_eq!(all, vec![1.0, 2.0]);
+    }
+
+    #[test]
+    fn the_crop_warning_fires_once_and_can_be_silenced() {
+        let warn = WarnOnce::new();
+        let fired: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| (0..25).filter(|_| warn.fire()).count()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(fired, 1, "once in a process, whichever thread crops first");
+        assert_eq!(warn.seen.load(Ordering::Relaxed), 100);
+        let silenced = WarnOnce::new();
+        silenced.enabled.store(false, Ordering::Relaxed);
+        assert!(!silenced.fire() && !silenced.fire());
+    }
+
+    #[test]
+    fn a_cropped_prompt_is_reported() {
+        use crate::{GptConfig, Tokenizer};
+        let tokenizer = Tokenizer::train_char("abcdefgh").unwrap();
+        let cfg = GptConfig {
+            vocab_size: tokenizer.vocab_size(),
+            block_size: 8,
+            n_layer: 1,
+            n_head: 1,
+            n_embd: 8,
+            dropout: 0.0,
+            bias: true,
+        };
+        let model = Gpt::init(&cfg, 1, &candle_core::Device::Cpu).unwrap();
+        let params = SamplingParams::greedy().with_max_new_tokens(2);
+        let seen = || CROP_WARNING.seen.load(Ordering::Relaxed);
+        let before = seen();
+        let short = generate(&model, &tokenizer, "abcdefgh", &params).unwrap();
+        assert_eq!(short.tokens().cropped_prompt_tokens(), 0);
+        let long = generate(&model, &tokenizer, "abcdefghabc", &params).unwrap();
+        assert_eq!(long.tokens().cropped_prompt_tokens(), 3);
+        assert!(seen() > before, "generate reports the crop to the warning");
+        assert_eq!(long.text().unwrap().chars().count(), 2);
     }
 
     #[test]

@@ -715,13 +715,24 @@ All:\nResolved. resolved.\n\nFirst Citizen:\nFirst, you know Caius Marcius is ch
 床前明月光，疑是地上霜。舉頭望明月，低頭思故鄉。\n\
 The crab 🦀 says hi 👍🏽 — naïve café, 1234 5678.\r\n\tindented\tline  with   spaces  \n";
 
-    fn data_dir() -> Option<std::path::PathBuf> {
-        let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data")).to_path_buf();
-        if dir.is_dir() {
-            Some(dir)
-        } else {
-            eprintln!("skipping: {} not found", dir.display());
-            None
+    /// A public data file: in `$TINYGPT_DATA`, the crate's `data/`, or `../shared/data`; the
+    /// test fails, saying where to get it, when none holds it (the tests that need one are
+    /// `#[ignore]`d).
+    fn data_file(name: &str) -> std::path::PathBuf {
+        let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let dirs: Vec<std::path::PathBuf> = std::env::var_os("TINYGPT_DATA")
+            .filter(|d| !d.is_empty())
+            .map(std::path::PathBuf::from)
+            .into_iter()
+            .chain([crate_dir.join("data"), crate_dir.join("../shared/data")])
+            .collect();
+        match dirs.iter().map(|d| d.join(name)).find(|p| p.is_file()) {
+            Some(found) => found,
+            None => panic!(
+                "this test needs the public data file {name}, found in none of {dirs:?}: set \
+                 TINYGPT_DATA=DIR, or fetch it with `cargo run --release --example fetch_data -- \
+                 {name}`"
+            ),
         }
     }
 
@@ -1075,10 +1086,10 @@ The crab 🦀 says hi 👍🏽 — naïve café, 1234 5678.\r\n\tindented\tline 
     }
 
     #[test]
+    #[ignore = "needs the public data files: TINYGPT_DATA=DIR cargo test --release --features server -- --ignored"]
     fn gpt2_files_match_openai() {
-        let Some(dir) = data_dir() else { return };
         let tok =
-            Tokenizer::from_gpt2_files(dir.join("gpt2_encoder.json"), dir.join("gpt2_vocab.bpe"))
+            Tokenizer::from_gpt2_files(data_file("gpt2_encoder.json"), data_file("gpt2_vocab.bpe"))
                 .unwrap();
         assert_eq!(tok.kind(), TokenizerKind::ByteLevelBpe);
         assert_eq!(tok.vocab_size(), 50257);

@@ -11,7 +11,20 @@
 //!    improved (or `always_save_checkpoint`), write a checkpoint with `step = it`;
 //! 3. stop if `it == max_iters`;
 //! 4. accumulate gradients over `gradient_accumulation_steps` micro-batches (each loss divided
-//!    by that count), clip their global norm to `grad_clip`, take one AdamW step.
+//!    by that count), clip their global norm to `grad_clip`, take one AdamW step; every
+//!    `log_interval` steps (and at the last), report it.
+//!
+//! `metrics.jsonl` (in each checkpoint) has one JSON object a line, told apart by `"kind"`:
+//! - `"kind": "eval"`, one per evaluation: `step`, the objective's metrics (`train_loss`,
+//!   `val_loss`, …), `lr`, `tokens_per_sec` (since the previous evaluation) and `elapsed_s`
+//!   (training time so far, evaluations excluded);
+//! - `"kind": "train"`, one every `log_interval` optimiser steps (and at the last): `step`
+//!   (steps done), `loss` (that step's mean micro-batch loss), `lr`, `grad_norm` (before
+//!   clipping; `null` with clipping off), `tokens_per_sec` (since the previous such row) and
+//!   `elapsed_s`.
+//!
+//! Readers that want the evaluations filter on `"kind"` (rows written before it existed are all
+//! evaluations).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -78,7 +91,9 @@ pub struct TrainConfig {
     pub eval_interval: usize,
     /// Batches averaged per evaluation and split.
     pub eval_iters: usize,
-    /// Report the training loss every this many steps (to the event callback).
+    /// Report training every this many optimiser steps (and at the last): a
+    /// [`TrainEvent::Step`] to the event callback and a `"kind": "train"` row in
+    /// `metrics.jsonl` (see the module docs). At least 1.
     pub log_interval: usize,
     /// Sequences per micro-batch.
     pub batch_size: usize,
@@ -144,6 +159,7 @@ impl TrainConfig {
         for (name, v) in [
             ("eval_interval", self.eval_interval),
             ("eval_iters", self.eval_iters),
+            ("log_interval", self.log_interval),
             ("batch_size", self.batch_size),
             (
                 "gradient_accumulation_steps",
@@ -336,7 +352,8 @@ fn stage_mismatch(found: &str, wanted: &str, dir: &Path) -> String {
 /// What happened, for progress bars and logs.
 #[derive(Debug, Clone)]
 pub enum TrainEvent {
-    /// One optimiser step finished (reported every `log_interval` steps and at the last).
+    /// One optimiser step finished (reported every `log_interval` steps and at the last; the
+    /// same numbers go to `metrics.jsonl` as a `"kind": "train"` row).
     Step {
         /// Steps done.
         step: usize,
@@ -404,6 +421,9 @@ pub struct Trainer {
     /// The checkpoint [`Trainer::resume_from`] read.
     resumed_from: Option<PathBuf>,
     metrics: Vec<String>,
+    /// Whether the live `metrics.jsonl` holds rows [`Trainer::resume_from`] dropped (logged
+    /// after its checkpoint), so the next write rewrites it rather than appends.
+    metrics_file_stale: bool,
     rng: ChaCha8Rng,
     eval_rng: ChaCha8Rng,
 }
@@ -436,6 +456,7 @@ impl Trainer {
             out_dir_is_ours: false,
             resumed_from: None,
             metrics: Vec::new(),
+            metrics_file_stale: false,
             rng,
             eval_rng,
         })
@@ -500,11 +521,15 @@ impl Trainer {
         if metrics_path.is_file() {
             let text =
                 std::fs::read_to_string(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
-            self.metrics = text
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(String::from)
+            let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+            // Rows past the checkpoint's step were logged after it was saved: the resumed run
+            // logs those steps again.
+            self.metrics = lines
+                .iter()
+                .filter(|l| !row_is_after(l, state.step))
+                .map(|l| l.to_string())
                 .collect();
+            self.metrics_file_stale = self.metrics.len() != lines.len();
         }
         if self.state.extra.is_null() {
             self.state.extra = state.extra.clone();
@@ -616,15 +641,29 @@ impl Trainer {
             window_time += dt;
             eval_window.0 += tokens as u64;
             eval_window.1 += dt;
-            if self.state.step.is_multiple_of(self.cfg.log_interval.max(1))
+            if self.state.step.is_multiple_of(self.cfg.log_interval)
                 || self.state.step == self.cfg.max_iters
             {
+                let tokens_per_sec = window_tokens as f64 / window_time.max(1e-9);
+                let row = metrics_row(
+                    "train",
+                    self.state.step,
+                    &[
+                        ("loss", loss),
+                        ("lr", lr),
+                        ("grad_norm", grad_norm),
+                        ("tokens_per_sec", tokens_per_sec),
+                        ("elapsed_s", self.state.elapsed_s),
+                    ],
+                );
+                self.metrics.push(row);
+                self.append_metrics_line()?;
                 on_event(&TrainEvent::Step {
                     step: self.state.step,
                     loss,
                     lr,
                     grad_norm,
-                    tokens_per_sec: window_tokens as f64 / window_time.max(1e-9),
+                    tokens_per_sec,
                 });
                 window_tokens = 0;
                 window_time = 0.0;
@@ -737,31 +776,31 @@ impl Trainer {
         metrics.push(("lr".into(), lr));
         metrics.push(("tokens_per_sec".into(), tokens_per_sec));
         metrics.push(("elapsed_s".into(), self.state.elapsed_s));
-        let mut line = serde_json::Map::new();
-        for (k, v) in &metrics {
-            let value = if k == "step" {
-                serde_json::Value::from(step)
-            } else {
-                serde_json::Number::from_f64(*v)
-                    .map(serde_json::Value::Number)
-                    .unwrap_or(serde_json::Value::Null)
-            };
-            line.insert(k.clone(), value);
-        }
-        self.metrics
-            .push(serde_json::Value::Object(line).to_string());
+        let fields: Vec<(&str, f64)> = metrics
+            .iter()
+            .filter(|(k, _)| k != "step")
+            .map(|(k, v)| (k.as_str(), *v))
+            .collect();
+        self.metrics.push(metrics_row("eval", step, &fields));
         Ok(metrics)
     }
 
     /// Appends the newest metrics line to the live checkpoint's `metrics.jsonl` (if one exists
     /// yet; otherwise it is written with the first checkpoint).
-    fn append_metrics_line(&self) -> Result<()> {
+    fn append_metrics_line(&mut self) -> Result<()> {
         let (Some(dir), Some(line)) = (&self.out_dir, self.metrics.last()) else {
             return Ok(());
         };
         // Only into this run's own checkpoint: not into one an earlier run left there.
         let path = dir.join(files::METRICS);
         if !self.out_dir_is_ours || !dir.join(files::TRAINER_STATE).is_file() {
+            return Ok(());
+        }
+        if self.metrics_file_stale {
+            let mut text = self.metrics.join("\n");
+            text.push('\n');
+            std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+            self.metrics_file_stale = false;
             return Ok(());
         }
         use std::io::Write;
@@ -792,8 +831,33 @@ impl Trainer {
         std::fs::write(&metrics_path, text).map_err(|e| Error::io(&metrics_path, e))?;
         writer.commit()?;
         self.out_dir_is_ours = true;
+        self.metrics_file_stale = false;
         Ok(())
     }
+}
+
+/// One `metrics.jsonl` line: `kind`, `step` (an integer), then `fields` (a non-finite value,
+/// e.g. the grad norm with clipping off, is `null`).
+fn metrics_row(kind: &str, step: usize, fields: &[(&str, f64)]) -> String {
+    let mut line = serde_json::Map::new();
+    line.insert("kind".into(), kind.into());
+    line.insert("step".into(), step.into());
+    for (k, v) in fields {
+        let value = serde_json::Number::from_f64(*v)
+            .map(serde_json::Value::Number)
+            .unwrap_or(serde_json::Value::Null);
+        line.insert((*k).to_string(), value);
+    }
+    serde_json::Value::Object(line).to_string()
+}
+
+/// Whether a `metrics.jsonl` line is a row of a step after `step` (lines that do not parse, or
+/// have no step, are kept).
+fn row_is_after(line: &str, step: usize) -> bool {
+    serde_json::from_str::<serde_json::Value>(line)
+        .ok()
+        .and_then(|v| v.get("step")?.as_u64())
+        .is_some_and(|s| s > step as u64)
 }
 
 /// Whether `a` and `b` name the same file or directory (their paths, if either cannot be
@@ -862,6 +926,122 @@ mod tests {
         );
         state.stage = String::new();
         assert!(state.check_stage("old", "ppo").is_ok());
+    }
+
+    /// A tiny pre-training run into a temporary directory: its `metrics.jsonl` rows, and the
+    /// directory (removed when dropped).
+    fn tiny_run(cfg: TrainConfig) -> (Vec<serde_json::Value>, tempfile::TempDir) {
+        use crate::{Gpt, GptConfig, Pretraining, TokenDataset, Tokenizer};
+        let text = "to be or not to be, that is the question. ".repeat(20);
+        let tokenizer = Tokenizer::train_char(&text).unwrap();
+        let data = TokenDataset::from_tokens(tokenizer.encode(&text).unwrap(), 0.2).unwrap();
+        let gcfg = GptConfig {
+            vocab_size: tokenizer.vocab_size(),
+            block_size: 8,
+            n_layer: 1,
+            n_head: 1,
+            n_embd: 8,
+            dropout: 0.0,
+            bias: true,
+        };
+        let model = Gpt::init(&gcfg, 1, &candle_core::Device::Cpu).unwrap();
+        let mut objective = Pretraining::new(model, tokenizer, data, 2).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("ckpt");
+        let mut trainer = Trainer::new(cfg, objective.parameters().unwrap())
+            .unwrap()
+            .with_out_dir(&out);
+        let mut steps = Vec::new();
+        trainer
+            .fit(&mut objective, |e| {
+                if let TrainEvent::Step { step, .. } = e {
+                    steps.push(*step);
+                }
+            })
+            .unwrap();
+        let text = std::fs::read_to_string(out.join(files::METRICS)).unwrap();
+        let rows: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let logged: Vec<usize> = rows
+            .iter()
+            .filter(|r| r["kind"] == "train")
+            .map(|r| r["step"].as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(logged, steps, "a train row for every Step event");
+        (rows, dir)
+    }
+
+    #[test]
+    fn metrics_have_a_train_row_every_log_interval_and_eval_rows_as_before() {
+        let cfg = TrainConfig {
+            max_iters: 7,
+            eval_interval: 3,
+            eval_iters: 1,
+            log_interval: 2,
+            batch_size: 2,
+            always_save_checkpoint: true,
+            ..TrainConfig::default()
+        };
+        let (rows, _dir) = tiny_run(cfg);
+        let kinds: Vec<(&str, u64)> = rows
+            .iter()
+            .map(|r| (r["kind"].as_str().unwrap(), r["step"].as_u64().unwrap()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("eval", 0),
+                ("train", 2),
+                ("eval", 3),
+                ("train", 4),
+                ("train", 6),
+                ("eval", 6),
+                ("train", 7), // the last step is always reported
+                ("eval", 7),
+            ]
+        );
+        let train = &rows[1];
+        for key in ["loss", "lr", "grad_norm", "tokens_per_sec", "elapsed_s"] {
+            assert!(
+                train[key].as_f64().is_some_and(f64::is_finite),
+                "{key}: {train}"
+            );
+        }
+        assert!(train.get("val_loss").is_none());
+        // Evaluation rows keep every field they had.
+        let eval = &rows[2];
+        for key in [
+            "train_loss",
+            "val_loss",
+            "lr",
+            "tokens_per_sec",
+            "elapsed_s",
+        ] {
+            assert!(eval[key].as_f64().is_some(), "{key}: {eval}");
+        }
+        assert!(eval["step"].is_u64());
+    }
+
+    #[test]
+    fn log_interval_zero_is_refused_and_rows_after_a_checkpoint_are_recognised() {
+        let cfg = TrainConfig {
+            log_interval: 0,
+            ..Default::default()
+        };
+        assert_eq!(
+            cfg.validate().unwrap_err().to_string(),
+            "invalid config: log_interval must be at least 1, got 0"
+        );
+        assert!(row_is_after(r#"{"kind":"train","step":11}"#, 10));
+        assert!(!row_is_after(r#"{"kind":"eval","step":10}"#, 10));
+        assert!(!row_is_after("not json", 10));
+        let row = metrics_row("train", 3, &[("loss", 1.5), ("grad_norm", f64::NAN)]);
+        assert_eq!(
+            row,
+            r#"{"grad_norm":null,"kind":"train","loss":1.5,"step":3}"#
+        );
     }
 
     #[test]

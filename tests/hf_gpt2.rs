@@ -409,26 +409,15 @@ fn unsupported_config_keys_are_refused_by_name() {
     assert!(e.to_string().contains("checkpoint::load_model"), "{e}");
 }
 
-fn data_dir() -> Option<PathBuf> {
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data"));
-    if dir.join("gpt2_encoder.json").is_file() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "skipping: GPT-2 tokenizer files not found in {}",
-            dir.display()
-        );
-        None
-    }
-}
-
 #[test]
+#[ignore = "needs the public data files: TINYGPT_DATA=DIR cargo test --release --features server -- --ignored"]
 fn gpt2_tokenizer_matches_transformers_and_openai() {
-    let Some(data) = data_dir() else { return };
     let want = json(&fixtures().join("gpt2_tokenizer.json"));
-    let tok =
-        Tokenizer::from_gpt2_files(data.join("gpt2_encoder.json"), data.join("gpt2_vocab.bpe"))
-            .unwrap();
+    let tok = Tokenizer::from_gpt2_files(
+        common::data_file("gpt2_encoder.json"),
+        common::data_file("gpt2_vocab.bpe"),
+    )
+    .unwrap();
 
     let mixed = want["mixed_text"].as_str().unwrap();
     let ids_mixed = tok.encode(mixed).unwrap();
@@ -437,7 +426,7 @@ fn gpt2_tokenizer_matches_transformers_and_openai() {
     assert_eq!(tok.decode(&ids_mixed).unwrap(), mixed);
 
     let n = want["shakespeare_chars"].as_u64().unwrap() as usize;
-    let text = std::fs::read_to_string(data.join("tinyshakespeare.txt")).unwrap();
+    let text = std::fs::read_to_string(common::data_file("tinyshakespeare.txt")).unwrap();
     let head: String = text.chars().take(n).collect();
     let ids_head = tok.encode(&head).unwrap();
     assert_eq!(ids_head, ids(&want["shakespeare_ids"]));

@@ -235,13 +235,19 @@ fn resume_continues_the_schedule_and_the_run() {
             f.2
         );
     }
-    // metrics.jsonl: one line per evaluation, machine-readable.
+    // metrics.jsonl: one "eval" row per evaluation, machine-readable, and a "train" row every
+    // log_interval (1) steps.
     let metrics = std::fs::read_to_string(a_dir.join("metrics.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = metrics
+    let all: Vec<serde_json::Value> = metrics
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
+    let (lines, train): (Vec<_>, Vec<_>) = all.into_iter().partition(|r| r["kind"] == "eval");
     assert_eq!(lines.len(), 5); // steps 0, 10, 20, 30, 40
+    assert_eq!(train.len(), 40);
+    assert!(train
+        .iter()
+        .all(|r| r["kind"] == "train" && r["loss"].is_f64()));
     for key in [
         "step",
         "train_loss",
@@ -257,6 +263,22 @@ fn resume_continues_the_schedule_and_the_run() {
         );
     }
     assert_eq!(lines[4]["step"], 40);
+    // The stopped-and-resumed run logged the same rows, once each: the rows its first process
+    // wrote after its last checkpoint (steps 21 to 25) were dropped on resume.
+    let kinds_and_steps = |dir: &Path| -> Vec<(String, u64)> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .map(|r| {
+                (
+                    r["kind"].as_str().unwrap().to_string(),
+                    r["step"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(kinds_and_steps(&b_dir), kinds_and_steps(&a_dir));
     std::fs::remove_dir_all(&a_dir).unwrap();
     std::fs::remove_dir_all(&b_dir).unwrap();
 }
@@ -350,7 +372,8 @@ fn a_fresh_run_replaces_a_checkpoint_but_never_edits_it() {
     assert_eq!(steps, 10);
     let replaced = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert_ne!(replaced, metrics);
-    assert_eq!(replaced.lines().count(), 2); // steps 0 and 10 of the new run
+    let evals = replaced.lines().filter(|l| l.contains(r#""kind":"eval""#));
+    assert_eq!(evals.count(), 2); // steps 0 and 10 of the new run
     let names: Vec<_> = std::fs::read_dir(&root)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())

@@ -1,30 +1,23 @@
-//! Whole-corpus round trips for the tokenizers, on the public data in `../shared/data`
-//! (skipped with a message when that directory is absent).
+//! Whole-corpus round trips for the tokenizers, on the public data files (see
+//! `common::data_file`). They are ignored by default; run them with
+//! `TINYGPT_DATA=DIR cargo test --release --features server --test tokenizer_roundtrip -- --ignored`.
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::Instant;
 
 use tinygpt::tokenizer::{Tokenizer, TokenizerKind};
 
-fn data_dir() -> Option<PathBuf> {
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data"));
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!("skipping: data directory {} not found", dir.display());
-        None
-    }
-}
-
-fn read(dir: &std::path::Path, name: &str) -> String {
-    std::fs::read_to_string(dir.join(name)).expect("data file readable")
+fn read(name: &str) -> String {
+    let path = common::data_file(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
 #[test]
+#[ignore = "needs the public data files: TINYGPT_DATA=DIR cargo test --release --features server -- --ignored"]
 fn bpe_2048_round_trips_shakespeare_and_tang_poems() {
-    let Some(dir) = data_dir() else { return };
-    let shakespeare = read(&dir, "tinyshakespeare.txt");
-    let poems = read(&dir, "tang_poems.txt");
+    let shakespeare = read("tinyshakespeare.txt");
+    let poems = read("tang_poems.txt");
 
     let t = Instant::now();
     let tok = Tokenizer::train_bpe(&shakespeare, 2048).unwrap();
@@ -80,9 +73,9 @@ fn bpe_2048_round_trips_shakespeare_and_tang_poems() {
 }
 
 #[test]
+#[ignore = "needs the public data files: TINYGPT_DATA=DIR cargo test --release --features server -- --ignored"]
 fn char_round_trips_shakespeare() {
-    let Some(dir) = data_dir() else { return };
-    let shakespeare = read(&dir, "tinyshakespeare.txt");
+    let shakespeare = read("tinyshakespeare.txt");
 
     let t = Instant::now();
     let tok = Tokenizer::train_char(&shakespeare).unwrap();

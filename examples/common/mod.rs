@@ -1,13 +1,12 @@
-//! Pieces the examples share: device choice, sampling flags, the corpus download.
+//! Pieces the examples share: device choice, sampling flags, the data files.
 #![allow(dead_code)]
 
+pub mod data;
 pub mod rlhf;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use sha2::{Digest, Sha256};
 use tinygpt::candle::Device;
 use tinygpt::checkpoint::{self, CheckpointWriter, Target};
 use tinygpt::data::HeldOut;
@@ -28,13 +27,12 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// - `RAYON_NUM_THREADS` is pinned to the count candle would choose (physical cores) when it is
 ///   unset: candle reads it before every matmul and, when it is missing, counts the cores by
 ///   parsing `/proc/cpuinfo` each time (3% of a training step in `perf`).
+///
+/// The two thread settings are [`tinygpt::threads::init`], which refuses (a warning here) once
+/// other threads run.
 pub fn init() {
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let threads = tinygpt::candle::utils::get_num_threads();
-        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    if let Err(e) = tinygpt::threads::init() {
+        eprintln!("warning: {e}");
     }
     // SAFETY: sets a global option of the allocator this binary links; no pointers involved.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
@@ -138,52 +136,32 @@ pub fn check_val_fraction(f: f64) -> Result<HeldOut> {
     })
 }
 
-/// Tiny Shakespeare, as nanoGPT's `data/shakespeare_char/prepare.py` fetches it.
-pub const SHAKESPEARE_URL: &str =
-    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt";
-pub const SHAKESPEARE_SHA256: &str =
-    "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed";
-pub const SHAKESPEARE_BYTES: u64 = 1_115_394;
-
-/// `--data` if given, else `data/tinyshakespeare.txt`, downloaded (and checked) if missing.
+/// `--data` if given, else `data/tinyshakespeare.txt`; fetched (and checked) when missing
+/// (see [`data::resolve`]).
 pub fn corpus(data: Option<&Path>) -> Result<PathBuf> {
-    if let Some(p) = data {
-        return Ok(p.to_path_buf());
-    }
-    let path = PathBuf::from("data/tinyshakespeare.txt");
-    if path.is_file() && sha256_file(&path)? == SHAKESPEARE_SHA256 {
-        return Ok(path);
-    }
-    eprintln!("downloading Tiny Shakespeare from {SHAKESPEARE_URL}");
-    let mut bytes = Vec::new();
-    ureq::get(SHAKESPEARE_URL)
-        .call()
-        .with_context(|| format!("downloading {SHAKESPEARE_URL} (offline? pass --data FILE)"))?
-        .into_body()
-        .into_reader()
-        .take(SHAKESPEARE_BYTES + 1)
-        .read_to_end(&mut bytes)?;
-    let digest = hex(&Sha256::digest(&bytes));
-    if bytes.len() as u64 != SHAKESPEARE_BYTES || digest != SHAKESPEARE_SHA256 {
-        bail!(
-            "downloaded {} bytes with sha256 {digest}, expected {SHAKESPEARE_BYTES} bytes with \
-             sha256 {SHAKESPEARE_SHA256}",
-            bytes.len()
-        );
-    }
-    std::fs::create_dir_all("data")?;
-    let tmp = path.with_extension("txt.part");
-    std::fs::write(&tmp, &bytes)?;
-    std::fs::rename(&tmp, &path)?;
-    Ok(path)
+    data::corpus(data)
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
-    Ok(hex(&Sha256::digest(std::fs::read(path)?)))
+/// 83.4 → "1m23s", 3725 → "1h02m", 9.2 → "9s".
+pub fn duration(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s / 60 % 60),
+    }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// A metric as the eval lines show it: counts (`iteration`, `epoch`) as integers, lengths in
+/// tokens with one decimal, fractions of replies (`ended`) as a percentage, the rest with four
+/// decimals.
+pub fn metric_value(key: &str, v: f64) -> String {
+    match key {
+        "iteration" | "epoch" | "step" => format!("{v:.0}"),
+        "ended" => format!("{:.1}%", 100.0 * v),
+        k if k.ends_with("length") || k.ends_with("_tokens") => format!("{v:.1}"),
+        _ => format!("{v:.4}"),
+    }
 }
 
 /// 12345.6 → "12.3k".
@@ -208,7 +186,8 @@ pub struct TrainArgs {
     /// Micro-batches per optimiser step.
     #[arg(long)]
     pub gradient_accumulation_steps: Option<usize>,
-    /// Optimiser steps [default: the stage's recipe, e.g. 2000 for pretrain].
+    /// Optimiser steps [default: the stage's recipe; the `training:` line at the start shows
+    /// it].
     #[arg(long)]
     pub max_iters: Option<usize>,
     /// Evaluate (and checkpoint on improvement) every N steps.
@@ -217,10 +196,13 @@ pub struct TrainArgs {
     /// Batches per evaluation.
     #[arg(long)]
     pub eval_iters: Option<usize>,
-    /// Report the training loss every N steps.
+    /// Report training every N optimiser steps: a `"kind": "train"` row in metrics.jsonl, and
+    /// a line (step, loss, lr, tokens/s, ETA) on stdout when it is not a terminal (on a
+    /// terminal the progress bar shows them) [default: 10, or the resumed run's].
     #[arg(long)]
     pub log_interval: Option<usize>,
-    /// Peak learning rate [default: the stage's recipe, e.g. 1e-3 for pretrain].
+    /// Peak learning rate [default: the stage's recipe; the `training:` line at the start
+    /// shows it].
     #[arg(long, allow_negative_numbers = true)]
     pub lr: Option<f64>,
     /// Final learning rate [default: lr / 10 when --lr is given].
@@ -236,7 +218,7 @@ pub struct TrainArgs {
     #[arg(long, allow_negative_numbers = true)]
     pub beta1: Option<f64>,
     /// AdamW's decay rate of the squared gradient's running mean [default: the stage's
-    /// recipe, e.g. 0.99 for pretrain, as nanoGPT's shakespeare_char].
+    /// recipe; the `training:` line at the start shows it].
     #[arg(long, allow_negative_numbers = true)]
     pub beta2: Option<f64>,
     /// Decoupled weight decay, applied to matrices only [default: 0.1].
@@ -294,14 +276,30 @@ impl TrainArgs {
 }
 
 /// Prints training events: a progress bar with loss and throughput, eval and checkpoint lines.
+///
+/// On a terminal (stdout and stderr both) the bar shows step, loss, lr and tokens/s in place.
+/// Otherwise (output redirected to a file, a pipe, CI) there is no bar: each `Step` event
+/// (every `--log-interval` steps) prints one plain line to stdout, with an ETA.
 pub struct Progress {
     bar: indicatif::ProgressBar,
     saved: std::cell::Cell<bool>,
+    /// Plain lines instead of the bar.
+    plain: bool,
+    max_iters: usize,
+    start: usize,
+    started: std::time::Instant,
 }
 
 impl Progress {
     pub fn new(max_iters: usize, start: usize) -> Self {
+        use std::io::IsTerminal;
         let bar = indicatif::ProgressBar::new(max_iters as u64);
+        // The bar draws on stderr and hides itself when that is not a terminal; lines go to
+        // stdout, so a redirected stdout gets plain lines too.
+        let plain = bar.is_hidden() || !std::io::stdout().is_terminal();
+        if plain {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
         bar.set_position(start as u64);
         bar.set_style(
             indicatif::ProgressStyle::with_template(
@@ -312,12 +310,16 @@ impl Progress {
         Self {
             bar,
             saved: std::cell::Cell::new(false),
+            plain,
+            max_iters,
+            start,
+            started: std::time::Instant::now(),
         }
     }
 
     /// A line above the bar (plain stdout when the bar is hidden, e.g. not a terminal).
     pub fn say(&self, line: String) {
-        if self.bar.is_hidden() {
+        if self.plain || self.bar.is_hidden() {
             println!("{line}");
         } else {
             self.bar.println(line);
@@ -339,6 +341,14 @@ impl Progress {
                     "loss {loss:.4} | lr {lr:.2e} | {} tok/s",
                     human(*tokens_per_sec)
                 ));
+                if self.plain {
+                    println!(
+                        "step {step:>5}/{}: loss {loss:.4}, lr {lr:.2e}, {} tok/s, ETA {}",
+                        self.max_iters,
+                        human(*tokens_per_sec),
+                        self.eta(*step)
+                    );
+                }
             }
             TrainEvent::Eval { step, metrics } => {
                 let shown: Vec<String> = metrics
@@ -346,9 +356,13 @@ impl Progress {
                     .filter(|(k, _)| {
                         !matches!(k.as_str(), "step" | "lr" | "elapsed_s" | "tokens_per_sec")
                     })
-                    .map(|(k, v)| format!("{} {v:.4}", k.replace('_', " ")))
+                    .map(|(k, v)| format!("{} {}", k.replace('_', " "), metric_value(k, *v)))
                     .collect();
-                self.say(format!("step {step:>5}: {}", shown.join(", ")));
+                // An objective with nothing to report yet (PPO before its first iteration)
+                // gets no line.
+                if !shown.is_empty() {
+                    self.say(format!("step {step:>5}: {}", shown.join(", ")));
+                }
             }
             TrainEvent::Checkpoint { step, dir } => {
                 self.saved.set(true);
@@ -362,6 +376,16 @@ impl Progress {
 
     pub fn finish(&self) {
         self.bar.finish_and_clear();
+    }
+
+    /// The time left after `step`, at this run's pace so far (evaluations included).
+    fn eta(&self, step: usize) -> String {
+        let done = step.saturating_sub(self.start);
+        if done == 0 {
+            return "?".into();
+        }
+        let per_step = self.started.elapsed().as_secs_f64() / done as f64;
+        duration(per_step * self.max_iters.saturating_sub(step) as f64)
     }
 
     /// Whether this run has written a checkpoint.
@@ -408,7 +432,7 @@ pub fn announce(cfg: &tinygpt::TrainConfig) -> Result<()> {
     eprintln!(
         "training: to step {}, {} sequences × {} micro-batch(es) a step, {schedule}, AdamW \
          betas ({}, {}), weight decay {}, grad clip {}, evaluation every {} steps over {} \
-         batches, seed {}",
+         batches, a log row every {} steps, seed {}",
         cfg.max_iters,
         cfg.batch_size,
         cfg.gradient_accumulation_steps,
@@ -418,6 +442,7 @@ pub fn announce(cfg: &tinygpt::TrainConfig) -> Result<()> {
         cfg.grad_clip,
         cfg.eval_interval,
         cfg.eval_iters,
+        cfg.log_interval,
         cfg.seed
     );
     if cfg.decay_lr && cfg.warmup_iters >= cfg.max_iters {
@@ -467,10 +492,18 @@ fn same_path(a: &Path, b: &Path) -> bool {
 /// The last line's "checkpoint DIR", or why there is none. `holds`: from
 /// [`holds_run_checkpoint`].
 pub fn checkpoint_note(out: &Path, holds: bool) -> String {
+    checkpoint_note_because(
+        out,
+        holds,
+        "no evaluation after step 0 improved on the best validation loss",
+    )
+}
+
+/// [`checkpoint_note`] with the stage's own reason for writing none (`why`).
+pub fn checkpoint_note_because(out: &Path, holds: bool, why: &str) -> String {
     if holds {
         format!("checkpoint {}", out.display())
     } else {
-        let why = "no evaluation after step 0 improved on the best validation loss";
         let before = if checkpoint::is_checkpoint_dir(out) {
             " (it still holds the checkpoint that was there before)"
         } else {

@@ -1,6 +1,6 @@
 //! Preference data: a conversation, two replies to it, and which one people preferred.
 //!
-//! Files are JSONL, one pair per line, in the format of `../shared/data/pref_*.jsonl`:
+//! Files are JSONL, one pair per line, in the format of `data/pref_*.jsonl` (the files the examples fetch):
 //!
 //! ```text
 //! {"prompt": "…", "history": [{"role": "user", "content": "…"}, …], "chosen": "…", "rejected": "…"}

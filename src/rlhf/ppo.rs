@@ -37,7 +37,8 @@
 //! code on the same padded batch as the new ones, so on the first minibatch of an iteration
 //! (no step taken yet) the ratio is exactly 1. [`Objective::evaluate`] reports the last
 //! complete iteration; setting the trainer's `eval_interval` to a multiple of
-//! `steps_per_iteration` writes one `metrics.jsonl` line per iteration (or per few) and a
+//! `steps_per_iteration` writes one `"kind": "eval"` `metrics.jsonl` row per iteration (or per
+//! few; the `"kind": "train"` rows are the optimiser steps) and a
 //! checkpoint at iteration boundaries (PPO reports no `val_loss`, so the trainer checkpoints at
 //! every evaluation). A checkpoint written in the middle of an iteration drops that
 //! iteration's rollout: a resumed run starts a new one.

@@ -14,3 +14,30 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .and_then(|d| d.to_scalar::<f32>())
         .unwrap()
 }
+
+/// Where a test finds the public data file `name` (`tinyshakespeare.txt`, `gpt2_encoder.json`,
+/// …): `$TINYGPT_DATA`, then the crate's `data/` (where the examples fetch them), then
+/// `../shared/data`. Tests that call it are `#[ignore]`d, so only `-- --ignored` reaches
+/// here; a file found in none of those fails the test, saying where to get it.
+pub fn data_file(name: &str) -> std::path::PathBuf {
+    let crate_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut dirs: Vec<std::path::PathBuf> = std::env::var_os("TINYGPT_DATA")
+        .filter(|d| !d.is_empty())
+        .map(std::path::PathBuf::from)
+        .into_iter()
+        .collect();
+    dirs.push(crate_dir.join("data"));
+    dirs.push(crate_dir.join("../shared/data"));
+    if let Some(found) = dirs.iter().map(|d| d.join(name)).find(|p| p.is_file()) {
+        return found;
+    }
+    panic!(
+        "this test needs the public data file {name}, found in none of {}: set TINYGPT_DATA=DIR \
+         to a directory holding it, or fetch it into data/ with `cargo run --release --example \
+         fetch_data -- {name}`",
+        dirs.iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+}
