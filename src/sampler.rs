@@ -1034,18 +1034,9 @@ mod tests {
 
     #[test]
     fn a_cropped_prompt_is_reported() {
-        use crate::{GptConfig, Tokenizer};
+        use crate::Tokenizer;
         let tokenizer = Tokenizer::train_char("abcdefgh").unwrap();
-        let cfg = GptConfig {
-            vocab_size: tokenizer.vocab_size(),
-            block_size: 8,
-            n_layer: 1,
-            n_head: 1,
-            n_embd: 8,
-            dropout: 0.0,
-            bias: true,
-        };
-        let model = Gpt::init(&cfg, 1, &candle_core::Device::Cpu).unwrap();
+        let model = crate::testing::tiny_gpt(tokenizer.vocab_size(), 8);
         let params = SamplingParams::greedy().with_max_new_tokens(2);
         let seen = || CROP_WARNING.seen.load(Ordering::Relaxed);
         let before = seen();

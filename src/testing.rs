@@ -13,3 +13,17 @@ pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .and_then(|d| d.to_scalar::<f32>())
         .unwrap()
 }
+
+/// A one-layer, one-head GPT 8 wide with context `block_size` for `vocab_size` tokens, seeded.
+pub(crate) fn tiny_gpt(vocab_size: usize, block_size: usize) -> crate::Gpt {
+    let cfg = crate::GptConfig {
+        vocab_size,
+        block_size,
+        n_layer: 1,
+        n_head: 1,
+        n_embd: 8,
+        dropout: 0.0,
+        bias: true,
+    };
+    crate::Gpt::init(&cfg, 1, &candle_core::Device::Cpu).unwrap()
+}

@@ -931,20 +931,11 @@ mod tests {
     /// A tiny pre-training run into a temporary directory: its `metrics.jsonl` rows, and the
     /// directory (removed when dropped).
     fn tiny_run(cfg: TrainConfig) -> (Vec<serde_json::Value>, tempfile::TempDir) {
-        use crate::{Gpt, GptConfig, Pretraining, TokenDataset, Tokenizer};
+        use crate::{Pretraining, TokenDataset, Tokenizer};
         let text = "to be or not to be, that is the question. ".repeat(20);
         let tokenizer = Tokenizer::train_char(&text).unwrap();
         let data = TokenDataset::from_tokens(tokenizer.encode(&text).unwrap(), 0.2).unwrap();
-        let gcfg = GptConfig {
-            vocab_size: tokenizer.vocab_size(),
-            block_size: 8,
-            n_layer: 1,
-            n_head: 1,
-            n_embd: 8,
-            dropout: 0.0,
-            bias: true,
-        };
-        let model = Gpt::init(&gcfg, 1, &candle_core::Device::Cpu).unwrap();
+        let model = crate::testing::tiny_gpt(tokenizer.vocab_size(), 8);
         let mut objective = Pretraining::new(model, tokenizer, data, 2).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("ckpt");

@@ -8,36 +8,13 @@
 //! conversation without the generation prompt.
 
 mod common;
-use common::max_abs_diff;
-use std::path::{Path, PathBuf};
+use common::{fixtures, ids, json, max_abs_diff, model_dir};
+use std::path::Path;
 
 use tinygpt::candle::{Device, Tensor};
 use tinygpt::chat::{Message, ASSISTANT, END, SYSTEM, USER};
 use tinygpt::tokenizer::EOT;
 use tinygpt::{checkpoint, sft, ChatTemplate, Gpt, Tokenizer};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/hf_gpt2"
-    ))
-}
-
-fn model_dir() -> PathBuf {
-    fixtures().join("model")
-}
-
-fn json(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
 
 /// The fixture GPT-2 with the chat tokens added (as SFT adds them), exported by tinygpt into
 /// `dir`. Returns the model and tokenizer that were exported.

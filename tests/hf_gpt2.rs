@@ -8,37 +8,14 @@
 //! OpenAI's `encoder.py` agreeing) for a mixed text and the start of Tiny Shakespeare.
 
 mod common;
-use common::max_abs_diff;
+use common::{fixtures, ids, json, max_abs_diff, model_dir};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tinygpt::candle::{DType, Device, Tensor};
 use tinygpt::checkpoint::{load_safetensors, save_safetensors};
 use tinygpt::sampler::TokenGenerator;
 use tinygpt::{Error, Gpt, GptConfig, SamplingParams, Tokenizer};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/hf_gpt2"
-    ))
-}
-
-fn model_dir() -> PathBuf {
-    fixtures().join("model")
-}
-
-fn json(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
 
 /// `(input ids (B, T) u32, transformers' logits (B, T, V) f32)` for `a` (2 × 16) and `b`
 /// (1 × 128).

@@ -1,7 +1,37 @@
 //! Helpers the integration tests share.
 #![allow(dead_code)]
 
+use std::path::{Path, PathBuf};
+
 use tinygpt::candle::{DType, Tensor};
+
+/// `tests/fixtures/hf_gpt2`: the tiny GPT-2 and transformers' outputs `scripts/reference.py`
+/// wrote.
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/hf_gpt2"
+    ))
+}
+
+/// The fixture's Hugging Face GPT-2 directory.
+pub fn model_dir() -> PathBuf {
+    fixtures().join("model")
+}
+
+/// A JSON file, parsed.
+pub fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// A JSON array of token ids.
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
 
 /// max |a − b| over all elements, as f32; the shapes must agree.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
