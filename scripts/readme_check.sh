@@ -11,10 +11,13 @@
 # checks both sha256 and converts. Builds go to this checkout's target dir (CARGO_TARGET_DIR),
 # so dependencies are not rebuilt; the clone's package version gets a `-readme-check` suffix
 # so that its tinygpt artifacts never stand in for this checkout's (cargo judges freshness by
-# file times, and the clone's files are newer). Needs git, python3, gzip and curl.
+# file times, and the clone's files are newer). Needs git, python3, gzip and curl; with
+# PYTHON=path/to/python (one with transformers, numpy and safetensors) the commands that name
+# ~/models/gpt2 run too, on a random GPT-2 124M that scripts/reference.py writes elsewhere.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+if [[ -n ${PYTHON:-} ]]; then PYTHON=$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON"); fi
 SHARED=$ROOT/../shared/data
 MODE=clone
 if [[ ${1:-} == --worktree ]]; then MODE=worktree; fi
@@ -115,7 +118,7 @@ short_flags() {
     case $1 in
         pretrain) echo "--max-iters 4 --eval-interval 2 --eval-iters 1 --sample-chars 20 --always-save-checkpoint" ;;
         generate) echo "--max-new-tokens 20" ;;
-        sft) echo "--max-iters 2 --eval-interval 1 --eval-iters 1 --eval-replies 1 --max-new-tokens 8 --always-save-checkpoint" ;;
+        sft) echo "--max-iters 2 --batch-size 2 --eval-interval 1 --eval-iters 1 --eval-replies 1 --max-new-tokens 8 --always-save-checkpoint" ;;
         chat) echo "--max-new-tokens 8" ;;
         chatgpt) echo "--pretrain-iters 4 --sft-iters 2 --max-new-tokens 8" ;;
         rule_task) echo "--quick" ;;
@@ -131,6 +134,7 @@ free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1
 
 RAN=()
 SKIPPED=()
+GPT2_DIR=
 LOG=$TMP/log
 cd "$CLONE"
 # Build every example in two cargo runs (in parallel, instead of one link after another as the
@@ -150,8 +154,26 @@ for cmd in "${COMMANDS[@]}"; do
         SKIPPED+=("$cmd  [$why]")
         continue
     fi
-    if [[ $cmd == *"~/"* ]]; then
-        SKIPPED+=("$cmd  [names a file of the user's own (~/...), e.g. a downloaded GPT-2]")
+    if [[ $cmd == *"~/models/gpt2"* ]]; then
+        # The README's stand-in for a downloaded GPT-2: a random GPT-2 124M written by
+        # transformers' classes (scripts/reference.py random-124m, no torch), in a temporary
+        # directory instead of ~/models/gpt2. OpenAI's tokenizer for it is fetched aside, so
+        # that the clone's data/ still starts empty for the README's own fetches.
+        if [[ -z $GPT2_DIR ]]; then
+            if [[ -z ${PYTHON:-} ]] || ! "$PYTHON" -c 'import transformers, numpy, safetensors' 2>/dev/null; then
+                SKIPPED+=("$cmd  [~/models/gpt2: set PYTHON to a python with transformers, numpy and safetensors to make one]")
+                continue
+            fi
+            say "a random GPT-2 124M for ~/models/gpt2"
+            cargo run -q --release --example fetch_data -- --dir "$TMP/gpt2-tokenizer" \
+                gpt2_encoder.json gpt2_vocab.bpe || die "fetch_data gpt2_encoder.json gpt2_vocab.bpe"
+            "$PYTHON" scripts/reference.py random-124m "$TMP/models/gpt2" --data "$TMP/gpt2-tokenizer" \
+                || die "scripts/reference.py random-124m"
+            GPT2_DIR=$TMP/models/gpt2
+        fi
+        cmd=${cmd//"~/models/gpt2"/$GPT2_DIR}
+    elif [[ $cmd == *"~/"* ]]; then
+        SKIPPED+=("$cmd  [names a file of the user's own (~/...)]")
         continue
     fi
     example=$(sed -n 's/.*--example \([A-Za-z0-9_]*\).*/\1/p' <<<"$cmd")
