@@ -55,12 +55,16 @@ struct Args {
     /// Vocabulary of the byte-level BPE tokenizer.
     #[arg(long, default_value_t = 1024)]
     vocab_size: usize,
+    /// Transformer blocks.
     #[arg(long, default_value_t = 4)]
     n_layer: usize,
+    /// Attention heads per block (must divide --n-embd).
     #[arg(long, default_value_t = 4)]
     n_head: usize,
+    /// Embedding width.
     #[arg(long, default_value_t = 128)]
     n_embd: usize,
+    /// Context length in tokens.
     #[arg(long, default_value_t = 128)]
     block_size: usize,
     /// Pre-training steps.
@@ -72,6 +76,7 @@ struct Args {
     /// Tokens per reply.
     #[arg(long, default_value_t = 120)]
     max_new_tokens: usize,
+    /// Seed of every random choice (initialisation, batches, held-out split, sampling).
     #[arg(long, default_value_t = 1337)]
     seed: u64,
     /// cpu or cuda.
@@ -89,18 +94,13 @@ fn main() -> Result<()> {
     let data_path = common::corpus(args.data.as_deref())?;
     let text = data::read_text(&data_path)?;
     for stage in ["pretrain", "sft"] {
-        common::fresh_out_dir(&args.out.join(stage), None, args.overwrite)?;
+        common::fresh_out_dir(&args.out.join(stage), None, None, args.overwrite)?;
     }
     let mut conversations = Vec::new();
     for p in &common::data::resolve_all("--sft-data", &args.sft_data)? {
         conversations.extend(load_sft_file(p, false)?.conversations);
     }
-    for m in conversations.iter_mut().flatten() {
-        m.content = m
-            .content
-            .replace("{{name}}", &args.name)
-            .replace("{{author}}", &args.author);
-    }
+    common::fill_identity(conversations.iter_mut(), &args.name, &args.author);
 
     // Stage 1: text -> tokens -> a GPT that plays the next-token game.
     println!("== 1. pre-training on {} ==", data_path.display());

@@ -1,5 +1,6 @@
 //! Fetches the public data files into `data/` (or `--dir`) up front, each checked against its
-//! pinned sha256; the examples fetch the ones they need on first use anyway.
+//! pinned sha256; the examples fetch the ones they need on first use anyway. It tries every
+//! requested file, lists all that failed at the end, and then exits non-zero.
 //!
 //! ```sh
 //! cargo run --release --example fetch_data                      # every file
@@ -32,6 +33,8 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    // Try every file, then report all that failed (one failure does not stop the rest).
+    let mut failed: Vec<(&str, anyhow::Error)> = Vec::new();
     let chosen: Vec<&data::Dataset> = if args.names.is_empty() {
         data::DATASETS.iter().collect()
     } else {
@@ -39,14 +42,18 @@ fn main() -> Result<()> {
         for name in &args.names {
             match data::known(name) {
                 Some(d) => chosen.push(d),
-                None => bail!(
-                    "{name}: not a known data file (known: {})",
-                    data::DATASETS
-                        .iter()
-                        .map(|d| d.name)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
+                None => {
+                    let e = anyhow::anyhow!(
+                        "not a known data file (known: {})",
+                        data::DATASETS
+                            .iter()
+                            .map(|d| d.name)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                    eprintln!("{name}: FAILED: {e:#}");
+                    failed.push((name.as_str(), e));
+                }
             }
         }
         chosen
@@ -59,8 +66,23 @@ fn main() -> Result<()> {
             );
             continue;
         }
-        let path = data::resolve("fetch_data", &args.dir.join(d.name))?;
-        println!("{}: {}", d.name, path.display());
+        match data::resolve("fetch_data", &args.dir.join(d.name)) {
+            Ok(path) => println!("{}: {}", d.name, path.display()),
+            Err(e) => {
+                eprintln!("{}: FAILED: {e:#}", d.name);
+                failed.push((d.name, e));
+            }
+        }
+    }
+    if !failed.is_empty() {
+        eprintln!("\n{} file(s) failed:", failed.len());
+        for (name, e) in &failed {
+            eprintln!("  {name}: {e:#}");
+        }
+        bail!(
+            "{} requested file(s) could not be fetched (listed above)",
+            failed.len()
+        );
     }
     Ok(())
 }

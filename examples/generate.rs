@@ -34,7 +34,8 @@ struct Args {
     /// Seed of the sampler.
     #[arg(long, default_value_t = 1337)]
     seed: u64,
-    /// Keep generating past <|endoftext|> (by default it ends the text, as in gpt2).
+    /// Keep generating past <|endoftext|> (by default it ends the text, as in gpt2) and, for a
+    /// chat model, past <|end|>.
     #[arg(long)]
     ignore_eos: bool,
     /// cpu or cuda.
@@ -52,7 +53,21 @@ fn run() -> Result<()> {
     let device = common::device(&args.device)?;
     let (model, tokenizer) = checkpoint::load_model(&args.ckpt, &device)?;
     let mut params = args.sampling.params(args.seed);
-    if !args.ignore_eos {
+    // A chat model's text is turns: generate continues it as plain text, so a turn's end
+    // (`<|end|>`) ends it too, as <|endoftext|> does.
+    let chat_end = tinygpt::ChatTemplate::new(&tokenizer)
+        .ok()
+        .map(|t| t.end_id());
+    if let Some(end) = chat_end {
+        eprintln!(
+            "generate: {} is a chat model: this continues the prompt as plain text and stops at \
+             <|end|>; `chat --ckpt {0}` answers in turns",
+            args.ckpt.display()
+        );
+        if !args.ignore_eos {
+            params = params.with_stop_tokens(vec![tokenizer.eot_id(), end]);
+        }
+    } else if !args.ignore_eos {
         params = params.with_stop_tokens(vec![tokenizer.eot_id()]);
     }
     let t0 = Instant::now();
@@ -70,6 +85,8 @@ fn run() -> Result<()> {
         "generate: {n} tokens in {dt:.2} s ({:.1} tokens/s), {}",
         n as f64 / dt.max(1e-9),
         match generation.tokens().finish_reason() {
+            Some(tinygpt::sampler::FinishReason::Stop) if chat_end.is_some() =>
+                "stopped at <|endoftext|> or <|end|>",
             Some(tinygpt::sampler::FinishReason::Stop) => "stopped at <|endoftext|>",
             _ => "stopped at --max-new-tokens",
         }

@@ -113,7 +113,19 @@ fn main() -> Result<()> {
         .clone()
         .or_else(|| args.resume.clone())
         .unwrap_or_else(|| PathBuf::from("out/ppo"));
-    common::fresh_out_dir(&out, args.resume.as_deref(), args.train.overwrite)?;
+    common::out_is_not_input(
+        &out,
+        &[
+            ("--sft", args.sft.as_deref()),
+            ("--reward", args.reward.as_deref()),
+        ],
+    )?;
+    common::fresh_out_dir(
+        &out,
+        Some(Ppo::STAGE),
+        args.resume.as_deref(),
+        args.train.overwrite,
+    )?;
     let args = Args {
         data: common::data::resolve_opt("--data", args.data.as_deref())?,
         ..args
@@ -192,10 +204,10 @@ fn main() -> Result<()> {
         None => "fixed".into(),
     };
     println!(
-        "ppo: {} prompts from {} | {} iterations of {} replies, {} epochs × {} minibatches = {} steps each | kl_coef {} ({kl_control})",
+        "ppo: {} prompts from {} | {} of {} replies, {} epochs × {} minibatches = {} steps each | kl_coef {} ({kl_control})",
         prompts.len(),
         data.display(),
-        cfg.max_iters / steps,
+        common::plural(cfg.max_iters / steps, "iteration"),
         ppo_cfg.rollout_size,
         ppo_cfg.ppo_epochs,
         ppo_cfg.minibatches(),
@@ -218,11 +230,14 @@ fn main() -> Result<()> {
         trainer = trainer.resume_from(dir)?;
     }
     let progress = common::Progress::new(cfg.max_iters, trainer.step());
-    let mut first: Option<f64> = None;
+    let done_before = trainer.step() / steps.max(1);
+    // (iteration, mean reward) of the first rollout this run logged.
+    let mut first: Option<(f64, f64)> = None;
     let summary = trainer.fit(&mut objective, |e| {
         if let tinygpt::TrainEvent::Eval { metrics, .. } = e {
-            if let Some((_, r)) = metrics.iter().find(|(k, _)| k == "reward_mean") {
-                first = first.or(Some(*r));
+            let get = |key: &str| metrics.iter().find(|(k, _)| k == key).map(|(_, v)| *v);
+            if let (Some(i), Some(r)) = (get("iteration"), get("reward_mean")) {
+                first = first.or(Some((i, r)));
             }
         }
         progress.event(e)
@@ -244,11 +259,36 @@ fn main() -> Result<()> {
         );
         return Ok(());
     };
+    // Each rollout is sampled before its iteration's update: the figures are those of the
+    // policy at the start of the first and the last logged iteration, not after the last update.
+    // Iterations are counted from 1 here (the metrics' `iteration` from 0).
+    let rewards = match first {
+        Some((i, r)) if i as usize != last.iteration => format!(
+            "mean reward of the rollouts (sampled before each update): iteration {} {} → \
+             iteration {} {}",
+            i as usize + 1,
+            common::fixed(r, 3),
+            last.iteration + 1,
+            common::fixed(last.reward_mean, 3)
+        ),
+        _ => format!(
+            "mean reward of the rollout of iteration {} (sampled before its update): {}",
+            last.iteration + 1,
+            common::fixed(last.reward_mean, 3)
+        ),
+    };
+    let ran = iterations.saturating_sub(done_before);
+    let count = if done_before > 0 {
+        format!(
+            "{} this run ({iterations} in all)",
+            common::plural(ran, "iteration")
+        )
+    } else {
+        common::plural(iterations, "iteration")
+    };
     println!(
-        "ppo: mean reward {} → {:.3} | KL to the SFT model {:.3} nats per reply (kl_coef {:.4}) | mean reply length {:.1} tokens | {iterations} iterations in {:.1} s | {note}",
-        first.map(|r| format!("{r:.3}")).unwrap_or_else(|| "n/a".into()),
-        last.reward_mean,
-        last.kl,
+        "ppo: {rewards} | that rollout's KL to the SFT model {} nats per reply (kl_coef {:.4}), mean reply length {:.1} tokens | {count} in {:.1} s | {note}",
+        common::fixed(last.kl, 3),
         last.kl_coef,
         last.response_length,
         started.elapsed().as_secs_f64(),

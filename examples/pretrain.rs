@@ -138,7 +138,12 @@ fn main() -> Result<()> {
             let (model, tokenizer) = checkpoint::load_trainable(dir, &device)?;
             let cfg = args.train.apply(state.train_config.clone());
             let out = args.out.clone().unwrap_or_else(|| dir.clone());
-            common::fresh_out_dir(&out, Some(dir), args.train.overwrite)?;
+            common::fresh_out_dir(
+                &out,
+                Some(Pretraining::STAGE),
+                Some(dir),
+                args.train.overwrite,
+            )?;
             println!("resuming {} at step {}", dir.display(), state.step);
             (model, tokenizer, cfg, data_path, out)
         }
@@ -148,7 +153,7 @@ fn main() -> Result<()> {
                 .out
                 .clone()
                 .unwrap_or_else(|| PathBuf::from("out/pretrain"));
-            common::fresh_out_dir(&out, None, args.train.overwrite)?;
+            common::fresh_out_dir(&out, Some(Pretraining::STAGE), None, args.train.overwrite)?;
             let text = data::read_text(&data_path)?;
             let t0 = Instant::now();
             let choice = args.tokenizer.unwrap_or(TokenizerChoice::Char);

@@ -83,7 +83,13 @@ fn main() -> Result<()> {
         .clone()
         .or_else(|| args.resume.clone())
         .unwrap_or_else(|| PathBuf::from("out/reward"));
-    common::fresh_out_dir(&out, args.resume.as_deref(), args.train.overwrite)?;
+    common::out_is_not_input(&out, &[("--sft", args.sft.as_deref())])?;
+    common::fresh_out_dir(
+        &out,
+        Some(RewardTraining::STAGE),
+        args.resume.as_deref(),
+        args.train.overwrite,
+    )?;
     let args = Args {
         data: common::data::resolve_all("--data", &args.data)?,
         val_data: common::data::resolve_opt("--val-data", args.val_data.as_deref())?,

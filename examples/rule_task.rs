@@ -71,28 +71,41 @@ struct Args {
     /// A smoke run: tiny data and a few steps per stage (seconds, meaningless numbers).
     #[arg(long)]
     quick: bool,
-    /// Reuse the pre-training, SFT and reward checkpoints already in --out.
+    /// Reuse the pre-training, SFT and reward checkpoints already in --out (the PPO and DPO
+    /// checkpoints and results.json there are replaced).
     #[arg(long)]
     reuse: bool,
+    /// Replace an earlier run in --out (its checkpoints and results.json).
+    #[arg(long)]
+    overwrite: bool,
+    /// Vocabulary of the byte-level BPE tokenizer.
     #[arg(long, default_value_t = 512)]
     vocab_size: usize,
+    /// Transformer blocks.
     #[arg(long, default_value_t = 2)]
     n_layer: usize,
+    /// Attention heads per block (must divide --n-embd).
     #[arg(long, default_value_t = 4)]
     n_head: usize,
+    /// Embedding width.
     #[arg(long, default_value_t = 64)]
     n_embd: usize,
+    /// Context length in tokens.
     #[arg(long, default_value_t = 64)]
     block_size: usize,
+    /// Pre-training steps.
     #[arg(long, default_value_t = 600)]
     pretrain_iters: usize,
+    /// SFT steps.
     #[arg(long, default_value_t = 400)]
     sft_iters: usize,
+    /// Reward-model training steps.
     #[arg(long, default_value_t = 300)]
     reward_iters: usize,
     /// PPO iterations (each a rollout and ppo_epochs × minibatches steps).
     #[arg(long, default_value_t = 40)]
     ppo_iterations: usize,
+    /// DPO steps.
     #[arg(long, default_value_t = 200)]
     dpo_iters: usize,
     /// Preference pairs generated for training.
@@ -189,9 +202,10 @@ const STAGES: [&str; 5] = ["pretrain", "sft", "reward", "ppo", "dpo"];
 
 /// Refuses, before any training, an --out that is not this example's: a file, or a non-empty
 /// directory without a stage checkpoint (its files could be overwritten), or one whose stage
-/// directories are not checkpoints. Stage checkpoints of an earlier run are replaced (or
-/// reused with --reuse), as before.
-fn check_out(out: &Path) -> Result<()> {
+/// directories are not checkpoints. An earlier run's stage checkpoints and results.json are
+/// refused too unless `overwrite` (they are replaced) or `reuse` (pre-training, SFT and the
+/// reward model are reused; PPO, DPO and results.json are replaced).
+fn check_out(out: &Path, overwrite: bool, reuse: bool) -> Result<()> {
     if out.exists() && !out.is_dir() {
         bail!(
             "--out {}: exists and is not a directory; choose a new or empty directory",
@@ -199,11 +213,12 @@ fn check_out(out: &Path) -> Result<()> {
         );
     }
     let non_empty = std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
-    if non_empty
-        && !STAGES
-            .iter()
-            .any(|s| checkpoint::is_checkpoint_dir(out.join(s)))
-    {
+    let earlier: Vec<&str> = STAGES
+        .iter()
+        .copied()
+        .filter(|s| checkpoint::is_checkpoint_dir(out.join(s)))
+        .collect();
+    if non_empty && earlier.is_empty() {
         bail!(
             "--out {}: is not empty and holds no checkpoint of an earlier run of this example \
              (in {}); its files could be overwritten, so choose a new or empty directory",
@@ -212,7 +227,22 @@ fn check_out(out: &Path) -> Result<()> {
         );
     }
     for stage in STAGES {
-        common::fresh_out_dir(&out.join(stage), None, true)?;
+        common::fresh_out_dir(&out.join(stage), None, None, true)?;
+    }
+    if !earlier.is_empty() && !overwrite && !reuse {
+        let results = if out.join("results.json").is_file() {
+            " and results.json"
+        } else {
+            ""
+        };
+        bail!(
+            "--out {} holds an earlier run (the {} checkpoint{}{results}): choose another --out, \
+             pass --overwrite to replace it, or --reuse to keep its pre-training, SFT and reward \
+             checkpoints and redo PPO and DPO",
+            out.display(),
+            earlier.join(", "),
+            if earlier.len() == 1 { "" } else { "s" },
+        );
     }
     Ok(())
 }
@@ -319,7 +349,7 @@ fn main() -> Result<()> {
     let device = common::device(&args.device)?;
     let started = Instant::now();
     let out = args.out.clone();
-    check_out(&out)?;
+    check_out(&out, args.overwrite, args.reuse)?;
     std::fs::create_dir_all(&out)?;
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
     let word = args.word.to_lowercase();
@@ -597,15 +627,15 @@ fn main() -> Result<()> {
         eval_seed,
     )?;
     println!(
-        "PPO: {:.1}% of replies mention {word:?} (mean length {:.1}), KL to SFT {:.2} nats per reply (target {}; rollouts of the last {} iterations: mean {:.2}, range {:.2}–{:.2}; kl_coef {:.3}), e.g. {:?}",
+        "PPO: {:.1}% of replies mention {word:?} (mean length {:.1}), KL to SFT {} nats per reply (target {}; rollouts of the last {}: mean {}, range {}–{}; kl_coef {:.3}), e.g. {:?}",
         100.0 * after_ppo.rate,
         after_ppo.length,
-        after_ppo.kl,
+        common::fixed(after_ppo.kl, 2),
         args.target_kl,
-        tail.len(),
-        tail_kl,
-        tail_min,
-        tail_max,
+        common::plural(tail.len(), "iteration"),
+        common::fixed(tail_kl, 2),
+        common::fixed(tail_min, 2),
+        common::fixed(tail_max, 2),
         last.kl_coef,
         after_ppo.example
     );
@@ -647,10 +677,10 @@ fn main() -> Result<()> {
     )?;
     let get = |k: &str| dpo_metrics.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
     println!(
-        "DPO: {:.1}% of replies mention {word:?} (mean length {:.1}), KL to SFT {:.2} nats per reply; held-out implicit-reward accuracy {:.1}%, e.g. {:?}",
+        "DPO: {:.1}% of replies mention {word:?} (mean length {:.1}), KL to SFT {} nats per reply; held-out implicit-reward accuracy {:.1}%, e.g. {:?}",
         100.0 * after_dpo.rate,
         after_dpo.length,
-        after_dpo.kl,
+        common::fixed(after_dpo.kl, 2),
         100.0 * get("reward_accuracy").unwrap_or(f64::NAN),
         after_dpo.example
     );
@@ -672,14 +702,15 @@ fn main() -> Result<()> {
         serde_json::to_string_pretty(&results)? + "\n",
     )?;
     println!(
-        "rule_task: replies mentioning {word:?}: SFT {:.1}% → PPO {:.1}% (KL {:.2}; last 10 rollouts {:.2}; target {}) | DPO {:.1}% (KL {:.2}) | reward model held-out accuracy {:.1}% | {:.0} s | {}",
+        "rule_task: replies mentioning {word:?}: SFT {:.1}% → PPO {:.1}% (KL {}; last {}: {}; target {}) | DPO {:.1}% (KL {}) | reward model held-out accuracy {:.1}% | {:.0} s | {}",
         100.0 * before.rate,
         100.0 * after_ppo.rate,
-        after_ppo.kl,
-        tail_kl,
+        common::fixed(after_ppo.kl, 2),
+        common::plural(tail.len(), "rollout"),
+        common::fixed(tail_kl, 2),
         args.target_kl,
         100.0 * after_dpo.rate,
-        after_dpo.kl,
+        common::fixed(after_dpo.kl, 2),
         100.0 * rm_metrics.accuracy,
         started.elapsed().as_secs_f64(),
         out.join("results.json").display()

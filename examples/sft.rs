@@ -51,6 +51,14 @@ struct Args {
     /// Skip (and count) malformed records instead of stopping before training.
     #[arg(long)]
     skip_bad_lines: bool,
+    /// The assistant's name, put in place of `{{name}}` in the data (LLaMA-Factory's identity
+    /// set has such placeholders) [default: tinygpt, or the resumed run's].
+    #[arg(long)]
+    name: Option<String>,
+    /// Its author, in place of `{{author}}` [default: the tinygpt authors, or the resumed
+    /// run's].
+    #[arg(long)]
+    author: Option<String>,
     /// Train for this many passes over the data (sets --max-iters).
     #[arg(long)]
     epochs: Option<f64>,
@@ -127,7 +135,13 @@ fn main() -> Result<()> {
         .clone()
         .or_else(|| args.resume.clone())
         .unwrap_or_else(|| PathBuf::from("out/sft"));
-    common::fresh_out_dir(&out, args.resume.as_deref(), args.train.overwrite)?;
+    common::out_is_not_input(&out, &[("--base", args.base.as_deref())])?;
+    common::fresh_out_dir(
+        &out,
+        Some(Sft::STAGE),
+        args.resume.as_deref(),
+        args.train.overwrite,
+    )?;
     let args = Args {
         data: common::data::resolve_all("--data", &args.data)?,
         val_data: common::data::resolve_opt("--val-data", args.val_data.as_deref())?,
@@ -136,7 +150,7 @@ fn main() -> Result<()> {
 
     // 1. The model: the base with the chat tokens added (if its tokenizer lacks them), or the
     //    SFT run to resume.
-    let (model, tokenizer, template, base, saved_cfg, data_paths, held_out, skip_bad) =
+    let (model, tokenizer, template, base, saved_cfg, data_paths, held_out, skip_bad, recorded) =
         match &args.resume {
             Some(dir) => {
                 let state = tinygpt::train::TrainerState::load_for_stage(dir, Sft::STAGE)?;
@@ -187,6 +201,7 @@ fn main() -> Result<()> {
                     data,
                     held_out,
                     args.skip_bad_lines || recorded_skip,
+                    state.extra,
                 )
             }
             None => {
@@ -215,16 +230,30 @@ fn main() -> Result<()> {
                     args.data.clone(),
                     held_out,
                     args.skip_bad_lines,
+                    serde_json::Value::Null,
                 )
             }
         };
+    // What the placeholders of the identity data become: the flags, else the resumed run's.
+    let identity = |flag: &Option<String>, key: &str, default: &str| {
+        flag.clone()
+            .or_else(|| recorded[key].as_str().map(String::from))
+            .unwrap_or_else(|| default.to_string())
+    };
+    let name = identity(&args.name, "name", "tinygpt");
+    let author = identity(&args.author, "author", "the tinygpt authors");
 
     // 2. Read all the data before training, so a bad record stops the run early.
-    let train_convs = read_all(&data_paths, &tokenizer, skip_bad)?;
-    let val_convs = match held_out.file() {
+    let mut train_convs = read_all(&data_paths, &tokenizer, skip_bad)?;
+    let mut val_convs = match held_out.file() {
         Some(p) => Some(read_all(&[p.to_path_buf()], &tokenizer, skip_bad)?),
         None => None,
     };
+    common::fill_identity(
+        train_convs.iter_mut().chain(val_convs.iter_mut().flatten()),
+        &name,
+        &author,
+    );
     let block_size = model.config().block_size;
     let (train, train_fit) = SftDataset::new(&train_convs, &tokenizer, &template, block_size)?;
     let (train, val, val_fit) = match &val_convs {
@@ -313,6 +342,8 @@ fn main() -> Result<()> {
             "val_data": val_data_json,
             "val_fraction": val_fraction_json,
             "skip_bad_lines": skip_bad,
+            "name": name,
+            "author": author,
         }));
     if let Some(dir) = &args.resume {
         trainer = trainer.resume_from(dir)?;

@@ -24,7 +24,7 @@ transformers (tokenizer and config classes) only.
         `cargo run --release --example hf_export -- ... --logits FILE` writes. If DIR has a
         tokenizer, AutoTokenizer must load it and encode FILE's text as tinygpt did.
 
-    python scripts/reference.py random-124m DIR [--seed 1337]
+    python scripts/reference.py random-124m DIR [--seed 1337] [--data DATA]
         Writes a Hugging Face GPT-2 124M directory with random weights (GPT2Config()
         defaults; GPT-2's initialisation: weights N(0, 0.02), the residual projections
         N(0, 0.02 / sqrt(2 n_layer)), biases 0, LayerNorm 1 and 0; numpy, seeded) and OpenAI's
@@ -47,8 +47,10 @@ transformers (tokenizer and config classes) only.
 Setup (outside the repository): python3 -m venv /work/venv &&
 /work/venv/bin/pip install torch transformers safetensors (numpy transformers safetensors
 without torch for the subcommands that need no model). Uses 2 threads and fixed seeds, so it
-is deterministic. The OpenAI tokenizer files and Tiny Shakespeare are read from
-../shared/data (or --data DIR).
+is deterministic. The OpenAI tokenizer files (gpt2_encoder.json, gpt2_vocab.bpe) and Tiny
+Shakespeare are read from --data DIR if given, else the repository's data/ (where
+`cargo run --release --example fetch_data -- gpt2_encoder.json gpt2_vocab.bpe` puts them),
+else ../shared/data; a subcommand that finds none of them exits before writing anything.
 """
 
 import argparse
@@ -82,6 +84,23 @@ MIXED_TEXT = (
 SHAKESPEARE_CHARS = 10_000
 CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHAT_FIXTURE = FIXTURES / "chat_template.json"
+
+
+TOKENIZER_FILES = ("gpt2_encoder.json", "gpt2_vocab.bpe")
+
+
+def find_data(given, names):
+    """The directory holding every file in `names`: `given` (--data) if set, else the
+    repository's data/, else ../shared/data. Exits with how to fetch them if none has them."""
+    dirs = [given] if given is not None else [ROOT / "data", ROOT.parent / "shared" / "data"]
+    for d in dirs:
+        if all((d / n).is_file() for n in names):
+            return d
+    sys.exit(
+        f"error: {', '.join(names)}: not all found in {' or '.join(str(d) for d in dirs)}. "
+        f"Fetch them into the repository's data/ with\n"
+        f"  cargo run --release --example fetch_data -- {' '.join(names)}\n"
+        f"(run in {ROOT}), or pass --data DIR naming a directory that has them.")
 
 
 def seed_everything(seed):
@@ -343,9 +362,26 @@ def write_random_124m(out, data_dir, seed):
     from transformers import GenerationConfig, GPT2Config
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         sys.exit(f"{out} is not empty: choose a new directory")
-    out.mkdir(parents=True, exist_ok=True)
+    # Written into a temporary sibling and renamed at the end: a failure leaves no half-written
+    # DIR behind.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    final, out = out, Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        n = _write_random_124m(out, data_dir, seed, np, save_file, GenerationConfig, GPT2Config)
+        if final.exists():
+            final.rmdir()  # empty, checked above
+        os.chmod(out, 0o755)  # mkdtemp makes it owner-only
+        out.rename(final)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    print(f"{final}: random GPT-2 124M ({n:,} parameters, seed {seed}), OpenAI's tokenizer; "
+          f"files: {', '.join(sorted(p.name for p in final.iterdir()))}")
+
+
+def _write_random_124m(out, data_dir, seed, np, save_file, GenerationConfig, GPT2Config):
     cfg = GPT2Config()
     cfg.architectures = ["GPT2LMHeadModel"]
     rng = np.random.default_rng(seed)
@@ -379,9 +415,7 @@ def write_random_124m(out, data_dir, seed):
     tok = hf_gpt2_tokenizer(out / "vocab.json", out / "merges.txt")
     assert len(tok) == 50257 and tok.convert_tokens_to_ids(EOT) == 50256
     tok.save_pretrained(out)
-    n = sum(a.size for a in t.values())
-    print(f"{out}: random GPT-2 124M ({n:,} parameters, seed {seed}), OpenAI's tokenizer; "
-          f"files: {', '.join(sorted(p.name for p in out.iterdir()))}")
+    return sum(a.size for a in t.values())
 
 
 def chat_ids(tok, messages, add_generation_prompt):
@@ -467,15 +501,14 @@ def write_chat_fixture(export_dir, ids_file):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    data = ROOT.parent / "shared" / "data"
     fx = sub.add_parser("fixtures")
-    fx.add_argument("--data", type=Path, default=data)
+    fx.add_argument("--data", type=Path, help="data/ of the repository, else ../shared/data")
     ck = sub.add_parser("check")
     ck.add_argument("dir")
     ck.add_argument("--logits", required=True)
     rnd = sub.add_parser("random-124m")
     rnd.add_argument("dir")
-    rnd.add_argument("--data", type=Path, default=data)
+    rnd.add_argument("--data", type=Path, help="data/ of the repository, else ../shared/data")
     rnd.add_argument("--seed", type=int, default=1337)
     ct = sub.add_parser("chat-template")
     ct.add_argument("--export", type=Path)
@@ -485,11 +518,11 @@ def main():
     cc.add_argument("--ids", required=True)
     args = parser.parse_args()
     if args.cmd == "fixtures":
-        write_fixtures(args.data)
+        write_fixtures(find_data(args.data, TOKENIZER_FILES + ("tinyshakespeare.txt",)))
     elif args.cmd == "check":
         check(args.dir, args.logits)
     elif args.cmd == "random-124m":
-        write_random_124m(args.dir, args.data, args.seed)
+        write_random_124m(args.dir, find_data(args.data, TOKENIZER_FILES), args.seed)
     elif args.cmd == "chat-template":
         if (args.export is None) != (args.ids is None):
             parser.error("chat-template: give both --export and --ids, or neither")

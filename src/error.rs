@@ -51,7 +51,7 @@ pub enum Error {
 
     /// Text contains a character the (char-level) tokenizer has never seen.
     #[error(
-        "character {ch:?} (U+{:04X}) at position {position} (line {line}, column {column}) is not in the tokenizer's vocabulary",
+        "character {ch:?} (U+{:04X}) at position {position} (in the text being encoded: line {line}, column {column}) is not in the tokenizer's vocabulary",
         *ch as u32
     )]
     UnknownChar {
@@ -207,7 +207,9 @@ mod tests {
             line: 1,
             column: 5,
         };
-        assert!(e.to_string().contains("'é' (U+00E9) at position 4"));
+        assert!(e
+            .to_string()
+            .contains("'é' (U+00E9) at position 4 (in the text being encoded: line 1, column 5)"));
     }
 
     #[test]

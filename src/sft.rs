@@ -179,17 +179,19 @@ impl SftData {
     ) -> Result<()> {
         let mut keep = Vec::with_capacity(self.conversations.len());
         for (conv, line) in self.conversations.iter().zip(&self.lines) {
-            let bad = conv
-                .iter()
-                .find_map(|m| tokenizer.encode_text(&m.content).err());
+            let bad = conv.iter().find_map(|m| {
+                // Say which message: the line and column are inside its text, not the file.
+                let role = format!("{:?}", m.role).to_lowercase();
+                (tokenizer.encode_text(&m.content).err())
+                    .map(|e| format!("in the text of a {role} message: {e}"))
+            });
             match bad {
                 None => keep.push(true),
                 Some(e) if skip_bad_lines => {
-                    self.skipped
-                        .push(Error::bad_file(path, *line, e.to_string()));
+                    self.skipped.push(Error::bad_file(path, *line, e));
                     keep.push(false);
                 }
-                Some(e) => return Err(Error::bad_file(path, *line, e.to_string())),
+                Some(e) => return Err(Error::bad_file(path, *line, e)),
             }
         }
         let mut flags = keep.iter();
@@ -640,6 +642,25 @@ mod tests {
         for p in [p1, p2, p3, p4] {
             std::fs::remove_file(p).unwrap();
         }
+    }
+
+    #[test]
+    fn an_unencodable_message_names_the_file_line_and_the_place_in_its_text() {
+        let p = tmp_file(
+            "enc.jsonl",
+            r#"{"messages":[{"role":"user","content":"hi\nab{"},{"role":"assistant","content":"hi"}]}"#,
+        );
+        let tok = Tokenizer::train_char("hi\nab").unwrap();
+        let mut d = load_sft_file(&p, false).unwrap();
+        let e = d.check_encodable(&p, &tok, false).unwrap_err().to_string();
+        assert!(
+            e.ends_with(
+                "enc.jsonl:1: in the text of a user message: character '{' (U+007B) at position 5 \
+                 (in the text being encoded: line 2, column 3) is not in the tokenizer's vocabulary"
+            ),
+            "{e}"
+        );
+        std::fs::remove_file(p).unwrap();
     }
 
     #[test]

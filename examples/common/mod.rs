@@ -400,17 +400,127 @@ impl Progress {
 /// replaced at the new run's first improvement, so it is refused too unless it is the one the
 /// run continues (`resuming`, the --resume directory) or `overwrite` is given. Nothing else is
 /// ever replaced, whatever the flags.
-pub fn fresh_out_dir(out: &Path, resuming: Option<&Path>, overwrite: bool) -> Result<()> {
+///
+/// `stage` is the stage the calling example trains when it has a `--resume` flag (its
+/// objective's `STAGE`), `None` for one without (`chatgpt`, `rule_task`): the refusal's hint
+/// names only flags the example has, and for a checkpoint of another stage (its
+/// `trainer_state.json` says which) the example that continues it.
+pub fn fresh_out_dir(
+    out: &Path,
+    stage: Option<&str>,
+    resuming: Option<&Path>,
+    overwrite: bool,
+) -> Result<()> {
     let found = CheckpointWriter::preflight(out).map_err(|e| anyhow!("--out: {e}"))?;
     let continued = resuming.is_some_and(|r| same_path(r, out));
     if found == Target::Checkpoint && !continued && !overwrite {
+        let d = out.display();
+        let found_stage = tinygpt::train::TrainerState::load(out)
+            .map(|s| s.stage)
+            .unwrap_or_default();
+        const STAGES: [&str; 5] = ["pretrain", "sft", "reward", "dpo", "ppo"];
+        let hint = match stage {
+            // An example without --resume: only --out and --overwrite apply.
+            None => String::new(),
+            Some(own) if found_stage.is_empty() || found_stage == own => {
+                format!(" (continue it with --resume {d})")
+            }
+            Some(own) if STAGES.contains(&found_stage.as_str()) => {
+                let start = match (found_stage.as_str(), own) {
+                    ("pretrain", "sft") => Some("--base"),
+                    ("sft", "reward" | "dpo" | "ppo") => Some("--sft"),
+                    ("reward", "ppo") => Some("--reward"),
+                    _ => None,
+                };
+                let start = start
+                    .map(|flag| format!("; to start {own} from it, pass it as {flag}"))
+                    .unwrap_or_default();
+                format!(
+                    " of the `{found_stage}` stage (the {found_stage} example continues it: \
+                     `{found_stage} --resume {d}`{start})"
+                )
+            }
+            Some(_) => format!(" of the `{found_stage}` stage"),
+        };
         bail!(
-            "{} already holds a checkpoint: continue it with --resume {0}, choose another --out, \
-             or pass --overwrite to replace it",
-            out.display()
+            "{d} already holds a checkpoint{hint}: choose another --out, or pass --overwrite to \
+             replace it"
         );
     }
     Ok(())
+}
+
+/// Refuses an `out` that is the directory of one of the checkpoints the run starts from
+/// (`inputs`: the flag and its directory): the run's checkpoints would replace it.
+pub fn out_is_not_input(out: &Path, inputs: &[(&str, Option<&Path>)]) -> Result<()> {
+    for (flag, dir) in inputs {
+        if let Some(dir) = dir {
+            if same_path(dir, out) {
+                bail!(
+                    "--out {} is the {flag} directory: the run would replace the checkpoint it \
+                     starts from; choose another --out",
+                    out.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `1 iteration`, `2 iterations`.
+pub fn plural(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("{n} {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+/// `v` with `decimals` decimals, without the sign of a value that rounds to zero (`0.00`, not
+/// `-0.00`).
+pub fn fixed(v: f64, decimals: usize) -> String {
+    let s = format!("{v:.decimals$}");
+    match s.strip_prefix('-') {
+        Some(rest) if rest.chars().all(|c| c == '0' || c == '.') => rest.to_string(),
+        _ => s,
+    }
+}
+
+/// Puts `name` and `author` in place of the `{{name}}` and `{{author}}` placeholders (as in
+/// LLaMA-Factory's identity set) in every message of `conversations`, and prints one line
+/// saying how many messages changed, when any did.
+pub fn fill_identity<'a>(
+    conversations: impl IntoIterator<Item = &'a mut Vec<tinygpt::chat::Message>>,
+    name: &str,
+    author: &str,
+) {
+    let (mut names, mut authors) = (0, 0);
+    for m in conversations.into_iter().flatten() {
+        if m.content.contains("{{name}}") {
+            names += 1;
+            m.content = m.content.replace("{{name}}", name);
+        }
+        if m.content.contains("{{author}}") {
+            authors += 1;
+            m.content = m.content.replace("{{author}}", author);
+        }
+    }
+    let mut done = Vec::new();
+    if names > 0 {
+        done.push(format!(
+            "{{{{name}}}} → {name} in {}",
+            plural(names, "message")
+        ));
+    }
+    if authors > 0 {
+        done.push(format!(
+            "{{{{author}}}} → {author} in {}",
+            plural(authors, "message")
+        ));
+    }
+    if !done.is_empty() {
+        println!("replaced {} (--name, --author)", done.join(", "));
+    }
 }
 
 /// Checks the training settings and prints them in one line, with a warning for a schedule
@@ -482,7 +592,9 @@ pub fn holds_run_checkpoint(out: &Path, saved: bool, resumed: Option<&Path>) -> 
     (saved || continued_in_place) && checkpoint::is_checkpoint_dir(out)
 }
 
-fn same_path(a: &Path, b: &Path) -> bool {
+/// Whether `a` and `b` name the same file or directory (canonical paths; as given when
+/// either does not exist).
+pub fn same_path(a: &Path, b: &Path) -> bool {
     match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
         (Ok(a), Ok(b)) => a == b,
         _ => a == b,

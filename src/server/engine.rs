@@ -361,6 +361,14 @@ fn available_memory() -> Option<usize> {
     kb.checked_mul(1024)
 }
 
+/// Whether a character of decoded text is sent to the client: not U+FFFD (what byte-level
+/// decoding puts where the bytes are not valid UTF-8: a character the model split and never
+/// finished, or bytes that form none), and no control character but newline, tab and carriage
+/// return (a model can sample NUL or ESC bytes; no client wants them).
+fn sent(c: char) -> bool {
+    c != '\u{FFFD}' && (!c.is_control() || matches!(c, '\n' | '\t' | '\r'))
+}
+
 /// One request being decoded.
 struct Active {
     slot: usize,
@@ -605,7 +613,7 @@ impl Active {
         match tokenizer.decode(&self.stream_ids) {
             Ok(text) if !text.ends_with('\u{FFFD}') => {
                 self.stream_ids.clear();
-                self.held.push_str(&text);
+                self.held.extend(text.chars().filter(|&c| sent(c)));
             }
             Ok(_) => {} // an incomplete character: wait for the next token
             Err(e) => return self.fail(e),
@@ -667,7 +675,7 @@ impl Active {
         let mut reason = reason;
         if !self.stream_ids.is_empty() {
             if let Ok(text) = tokenizer.decode(&self.stream_ids) {
-                self.held.push_str(&text);
+                self.held.extend(text.chars().filter(|&c| sent(c)));
             }
             self.stream_ids.clear();
         }
@@ -700,6 +708,13 @@ mod tests {
     use super::*;
     use crate::chat::ChatTemplate;
     use candle_core::Device;
+
+    #[test]
+    fn replies_carry_no_replacement_or_control_characters() {
+        let text = "a\u{FFFD}b\u{0}c\u{1b}[0m\nd\te\r\n";
+        let kept: String = text.chars().filter(|&c| sent(c)).collect();
+        assert_eq!(kept, "abc[0m\nd\te\r\n");
+    }
 
     fn tiny(block_size: usize) -> (Gpt, Tokenizer) {
         let mut tok = Tokenizer::train_char("abcdefgh ").unwrap();

@@ -61,13 +61,30 @@ pub fn data_file(name: &str) -> std::path::PathBuf {
     if let Some(found) = dirs.iter().map(|d| d.join(name)).find(|p| p.is_file()) {
         return found;
     }
-    panic!(
-        "this test needs the public data file {name}, found in none of {}: set TINYGPT_DATA=DIR \
-         to a directory holding it, or fetch it into data/ with `cargo run --release --example \
-         fetch_data -- {name}`",
-        dirs.iter()
-            .map(|d| d.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    let dirs = dirs
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    // Files `fetch_data` does not know: where they come from.
+    let source = match name {
+        "tang_poems.txt" => Some(
+            "it is built from chinese-poetry/chinese-poetry's 全唐诗/poet.tang.0.json, \
+             poet.tang.1000.json, … poet.tang.9000.json (10 files) at commit \
+             99ebbef7e1345c0985c44b9fd96a3f9e776f117b (one poem per paragraph: title line, \
+             author line, its lines; see the data README)",
+        ),
+        _ => None,
+    };
+    match source {
+        Some(source) => panic!(
+            "this test needs the data file {name}, found in none of {dirs}; `fetch_data` cannot \
+             fetch it: {source}. Set TINYGPT_DATA=DIR to a directory holding it"
+        ),
+        None => panic!(
+            "this test needs the public data file {name}, found in none of {dirs}: set \
+             TINYGPT_DATA=DIR to a directory holding it, or fetch it into data/ with `cargo run \
+             --release --example fetch_data -- {name}`"
+        ),
+    }
 }
