@@ -82,16 +82,11 @@ fn dpo_defaults() -> TrainConfig {
 fn main() -> Result<()> {
     common::init();
     let args = Args::parse();
-    let out = args
-        .out
-        .clone()
-        .or_else(|| args.resume.clone())
-        .unwrap_or_else(|| PathBuf::from("out/dpo"));
-    common::out_is_not_input(&out, &[("--sft", args.sft.as_deref())])?;
-    common::fresh_out_dir(
-        &out,
-        Some(Dpo::STAGE),
+    let out = common::stage_out_dir(
+        args.out.as_deref(),
         args.resume.as_deref(),
+        Dpo::STAGE,
+        &[("--sft", args.sft.as_deref())],
         args.train.overwrite,
     )?;
     let args = Args {

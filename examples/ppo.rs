@@ -108,22 +108,14 @@ fn ppo_defaults() -> TrainConfig {
 fn main() -> Result<()> {
     common::init();
     let args = Args::parse();
-    let out = args
-        .out
-        .clone()
-        .or_else(|| args.resume.clone())
-        .unwrap_or_else(|| PathBuf::from("out/ppo"));
-    common::out_is_not_input(
-        &out,
+    let out = common::stage_out_dir(
+        args.out.as_deref(),
+        args.resume.as_deref(),
+        Ppo::STAGE,
         &[
             ("--sft", args.sft.as_deref()),
             ("--reward", args.reward.as_deref()),
         ],
-    )?;
-    common::fresh_out_dir(
-        &out,
-        Some(Ppo::STAGE),
-        args.resume.as_deref(),
         args.train.overwrite,
     )?;
     let args = Args {

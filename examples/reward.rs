@@ -78,16 +78,11 @@ fn reward_defaults() -> TrainConfig {
 fn main() -> Result<()> {
     common::init();
     let args = Args::parse();
-    let out = args
-        .out
-        .clone()
-        .or_else(|| args.resume.clone())
-        .unwrap_or_else(|| PathBuf::from("out/reward"));
-    common::out_is_not_input(&out, &[("--sft", args.sft.as_deref())])?;
-    common::fresh_out_dir(
-        &out,
-        Some(RewardTraining::STAGE),
+    let out = common::stage_out_dir(
+        args.out.as_deref(),
         args.resume.as_deref(),
+        RewardTraining::STAGE,
+        &[("--sft", args.sft.as_deref())],
         args.train.overwrite,
     )?;
     let args = Args {

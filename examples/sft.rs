@@ -130,16 +130,11 @@ fn main() -> Result<()> {
         .checked_params(args.train.seed.unwrap_or(1337))?;
     let device = common::device(&args.device)?;
     let started = Instant::now();
-    let out = args
-        .out
-        .clone()
-        .or_else(|| args.resume.clone())
-        .unwrap_or_else(|| PathBuf::from("out/sft"));
-    common::out_is_not_input(&out, &[("--base", args.base.as_deref())])?;
-    common::fresh_out_dir(
-        &out,
-        Some(Sft::STAGE),
+    let out = common::stage_out_dir(
+        args.out.as_deref(),
         args.resume.as_deref(),
+        Sft::STAGE,
+        &[("--base", args.base.as_deref())],
         args.train.overwrite,
     )?;
     let args = Args {

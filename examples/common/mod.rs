@@ -467,6 +467,25 @@ pub fn out_is_not_input(out: &Path, inputs: &[(&str, Option<&Path>)]) -> Result<
     Ok(())
 }
 
+/// The `--out` of a stage example: `--out`, else the `--resume` directory, else `out/STAGE`;
+/// refused when it is a directory the run starts from ([`out_is_not_input`]) or holds what
+/// the run must not replace ([`fresh_out_dir`]).
+pub fn stage_out_dir(
+    out: Option<&Path>,
+    resume: Option<&Path>,
+    stage: &str,
+    inputs: &[(&str, Option<&Path>)],
+    overwrite: bool,
+) -> Result<PathBuf> {
+    let out = out
+        .or(resume)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| Path::new("out").join(stage));
+    out_is_not_input(&out, inputs)?;
+    fresh_out_dir(&out, Some(stage), resume, overwrite)?;
+    Ok(out)
+}
+
 /// `1 iteration`, `2 iterations`.
 pub fn plural(n: usize, noun: &str) -> String {
     if n == 1 {
