@@ -8,11 +8,25 @@
 //! DIR/trainer_state.json     step, best val loss, RNG state, stage, training config
 //! DIR/metrics.jsonl          one JSON object per evaluation (`"kind": "eval"`) and per
 //!                            `log_interval` steps (`"kind": "train"`)
+//! DIR/manifest.json          size and CRC-32 of every file above but the metrics
+//! DIR/checkpoint-STEP/       the latest states (same files): end of run, interrupt, every
+//!                            `save_interval` steps; the newest `keep_last` are kept
 //! ```
 //!
-//! A checkpoint is written into a temporary sibling directory and swapped into place only
-//! when complete, so at every moment the disk holds one complete checkpoint: stopping a run
-//! (or a crash) mid-write never loses what was already saved.
+//! `DIR` itself is the best checkpoint (lowest validation loss), the one to sample from or
+//! fine-tune; a run continues from the newest state, `DIR` or one of its `checkpoint-STEP`
+//! ([`latest_state`]).
+//!
+//! # Crash safety
+//! A checkpoint is written into a temporary sibling directory, its files and the directory
+//! fsynced, and then swapped with the old one in one atomic step (Linux `renameat2`
+//! `RENAME_EXCHANGE`; elsewhere two renames, which the next run repairs if a crash falls
+//! between them), so whatever instant the process dies the path holds the old complete
+//! checkpoint or the new complete one. The manifest lets every load check that: a file whose
+//! size or checksum differs is named ([`verify`]). Only one process writes a directory at a
+//! time (a lock file beside it, [`crate::Trainer::fit`] takes it), and the run that owns it
+//! removes what a killed run left behind ([`clean_stale`]). `metrics.jsonl` is a log that
+//! grows after its checkpoint is written, so the manifest leaves it out.
 //!
 //! Wherever a model is read ([`load_model`], [`load_trainable`], and so every `--ckpt`,
 //! `--base` and `--sft` of the examples), a Hugging Face GPT-2 directory serves as well
@@ -20,11 +34,14 @@
 //! `tokenizer.json` or `vocab.json` + `merges.txt`), e.g. OpenAI's `gpt2` to fine-tune, or a
 //! model tinygpt exported.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
 
+use crate::durable::{self, parent_of};
 use crate::model::{check_tensors, Gpt, GptConfig};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -43,6 +60,10 @@ pub mod files {
     pub const TRAINER_STATE: &str = "trainer_state.json";
     /// Evaluation metrics, one JSON object per line.
     pub const METRICS: &str = "metrics.jsonl";
+    /// Sizes and checksums of the other files ([`super::Manifest`]).
+    pub const MANIFEST: &str = "manifest.json";
+    /// Prefix of the latest-state subdirectories, `checkpoint-STEP`.
+    pub const STATE_PREFIX: &str = "checkpoint-";
     /// The files every checkpoint the [`crate::Trainer`] writes holds, whatever the stage: the
     /// model files of [`crate::Objective::save`] and the trainer's own. A directory holding all
     /// of them is a checkpoint directory ([`super::is_checkpoint_dir`]), which a new checkpoint
@@ -52,13 +73,14 @@ pub mod files {
     /// RLHF stages add (the reward and value heads, PPO's state). A checkpoint directory holding anything else is refused as a
     /// target before training (see [`super::CheckpointWriter::preflight`]): replacing the
     /// directory would lose it.
-    pub const KNOWN: [&str; 9] = [
+    pub const KNOWN: [&str; 10] = [
         CONFIG,
         MODEL,
         TOKENIZER,
         OPTIMIZER,
         TRAINER_STATE,
         METRICS,
+        MANIFEST,
         crate::rlhf::RewardModel::HEAD_FILE,
         crate::rlhf::Ppo::VALUE_HEAD_FILE,
         crate::rlhf::Ppo::STATE_FILE,
@@ -105,19 +127,26 @@ fn inspect_target(target: &Path) -> Result<Target> {
              alone: choose another path",
         ));
     }
-    let mut entries = std::fs::read_dir(target).map_err(|e| Error::io(target, e))?;
-    if entries.next().is_none() {
-        Ok(Target::Empty)
-    } else if is_checkpoint_dir(target) {
-        for entry in std::fs::read_dir(target).map_err(|e| Error::io(target, e))? {
-            let name = entry.map_err(|e| Error::io(target, e))?.file_name();
-            if !files::KNOWN.iter().any(|k| name == *k) {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(target).map_err(|e| Error::io(target, e))? {
+        let entry = entry.map_err(|e| Error::io(target, e))?;
+        names.push((entry.file_name().to_string_lossy().into_owned(), entry.path()));
+    }
+    if names.is_empty() {
+        return Ok(Target::Empty);
+    }
+    let has_states = names.iter().any(|(n, p)| state_step(n).is_some() && p.is_dir());
+    if is_checkpoint_dir(target) || has_states {
+        for (name, path) in &names {
+            let known = files::KNOWN.contains(&name.as_str())
+                || (state_step(name).is_some() && path.is_dir())
+                || is_leftover(name);
+            if !known {
                 return Err(Error::checkpoint(
                     target,
                     format!(
-                        "holds {}, which is not a checkpoint file: a new checkpoint replaces \
-                         the directory whole, so move it elsewhere first",
-                        name.to_string_lossy()
+                        "holds {name}, which is not a checkpoint file: a new checkpoint \
+                         replaces the directory whole, so move it elsewhere first"
                     ),
                 ));
             }
@@ -134,6 +163,376 @@ fn inspect_target(target: &Path) -> Result<Target> {
             ),
         ))
     }
+}
+
+/// The step of a latest-state directory name, `checkpoint-STEP`.
+fn state_step(name: &str) -> Option<usize> {
+    let digits = name.strip_prefix(files::STATE_PREFIX)?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Whether `name` is what an interrupted write leaves inside a checkpoint directory: a
+/// temporary or old latest state (`.checkpoint-STEP.tmp-PID`, `.checkpoint-STEP.old-PID`) or
+/// a half-written file (`.NAME.tmp-PID`).
+fn is_leftover(name: &str) -> bool {
+    name.starts_with('.') && (name.contains(".tmp-") || name.contains(".old-"))
+}
+
+/// A checkpoint manifest (`manifest.json`): the size and CRC-32 of every file of the
+/// checkpoint but `metrics.jsonl`, written last, before the directory is swapped into place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Format version, 1.
+    pub format: u32,
+    /// File name → what it held when written.
+    pub files: BTreeMap<String, ManifestEntry>,
+}
+
+/// One file of a [`Manifest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestEntry {
+    /// Size in bytes.
+    pub bytes: u64,
+    /// CRC-32 (IEEE, as zlib and gzip compute it) of the contents, 8 hex digits.
+    pub crc32: String,
+}
+
+/// Largest manifest read (a manifest of ten files is under 1 kB).
+const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+
+/// Size and CRC-32 of a file, read in 1 MiB pieces.
+fn file_entry(path: &Path) -> Result<ManifestEntry> {
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        bytes += n as u64;
+        hasher.update(buf.get(..n).unwrap_or_default());
+    }
+    Ok(ManifestEntry {
+        bytes,
+        crc32: format!("{:08x}", hasher.finalize()),
+    })
+}
+
+/// Writes `DIR/manifest.json` over the regular files in `dir` (not `metrics.jsonl`, not
+/// hidden files, not subdirectories).
+fn write_manifest(dir: &Path) -> Result<()> {
+    let mut manifest = Manifest {
+        format: 1,
+        files: BTreeMap::new(),
+    };
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if name == files::METRICS || name == files::MANIFEST || name.starts_with('.') {
+            continue;
+        }
+        if path.is_file() {
+            manifest.files.insert(name, file_entry(&path)?);
+        }
+    }
+    let path = dir.join(files::MANIFEST);
+    let json = serde_json::to_string_pretty(&manifest)
+        .map_err(|e| Error::bad_file(&path, None, e.to_string()))?;
+    std::fs::write(&path, json + "\n").map_err(|e| Error::io(&path, e))
+}
+
+/// Checks a checkpoint directory against its manifest: every file it lists is there with the
+/// size and checksum it had when the checkpoint was written. `Ok(false)` for a directory
+/// without a manifest (checkpoints of tinygpt before 0.12, Hugging Face directories): nothing
+/// to check.
+///
+/// # Errors
+/// [`Error::Checkpoint`] naming the file that is missing or differs, with both sizes or
+/// checksums; [`Error::BadFile`] for a malformed manifest.
+pub fn verify(dir: impl AsRef<Path>) -> Result<bool> {
+    verify_only(dir.as_ref(), None)
+}
+
+/// [`verify`], for the files in `only` (all the manifest lists when `None`): a load that
+/// reads some of a checkpoint's files checks those.
+pub(crate) fn verify_only(dir: &Path, only: Option<&[&str]>) -> Result<bool> {
+    let path = dir.join(files::MANIFEST);
+    if !path.is_file() {
+        return Ok(false);
+    }
+    let size = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len();
+    if size > MAX_MANIFEST_BYTES {
+        return Err(Error::bad_file(
+            &path,
+            None,
+            format!("{size} bytes, more than a manifest holds ({MAX_MANIFEST_BYTES})"),
+        ));
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let manifest: Manifest =
+        serde_json::from_str(&text).map_err(|e| Error::json(&path, None, &e))?;
+    if manifest.format != 1 {
+        return Err(Error::bad_file(
+            &path,
+            None,
+            format!("format {} (this tinygpt reads format 1)", manifest.format),
+        ));
+    }
+    for (name, want) in &manifest.files {
+        if only.is_some_and(|o| !o.contains(&name.as_str())) {
+            continue;
+        }
+        if name.contains('/') || name.contains('\\') || name.starts_with('.') {
+            return Err(Error::bad_file(
+                &path,
+                None,
+                format!("lists {name:?}, which is not a file name in the directory"),
+            ));
+        }
+        let file = dir.join(name);
+        if !file.is_file() {
+            return Err(Error::checkpoint(
+                dir,
+                format!("missing {name}, which its manifest lists"),
+            ));
+        }
+        let got = file_entry(&file)?;
+        if got.bytes != want.bytes {
+            return Err(Error::checkpoint(
+                dir,
+                format!(
+                    "{name} is {} bytes, its manifest says {}: the file was changed or damaged \
+                     after the checkpoint was written",
+                    got.bytes, want.bytes
+                ),
+            ));
+        }
+        if got.crc32 != want.crc32 {
+            return Err(Error::checkpoint(
+                dir,
+                format!(
+                    "{name} has CRC-32 {}, its manifest says {}: the file was changed or \
+                     damaged after the checkpoint was written",
+                    got.crc32, want.crc32
+                ),
+            ));
+        }
+    }
+    Ok(true)
+}
+
+/// The latest states under `dir` (its `checkpoint-STEP` subdirectories), oldest first.
+///
+/// # Errors
+/// [`Error::Io`] if `dir` cannot be listed.
+pub fn state_dirs(dir: impl AsRef<Path>) -> Result<Vec<(usize, PathBuf)>> {
+    let dir = dir.as_ref();
+    if !dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut states = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        if let Some(step) = state_step(&entry.file_name().to_string_lossy()) {
+            if entry.path().is_dir() {
+                states.push((step, entry.path()));
+            }
+        }
+    }
+    states.sort();
+    Ok(states)
+}
+
+/// The directory a run saved in `dir` continues from: the newest of `dir` itself (the best
+/// checkpoint) and its latest states `dir/checkpoint-STEP`, by the step in their
+/// `trainer_state.json`. A state newer than the best one is what was trained after it (an
+/// interrupt, the end of a run whose last evaluation did not improve), so resuming from it
+/// loses none of those steps. Each candidate is checked against its manifest.
+///
+/// # Errors
+/// [`Error::Checkpoint`] if `dir` holds no checkpoint, or if the newest state does not match
+/// its manifest (naming the file; remove that state to continue from the one before).
+pub fn latest_state(dir: impl AsRef<Path>) -> Result<PathBuf> {
+    let dir = dir.as_ref();
+    let mut best: Option<(usize, PathBuf)> = None;
+    if is_checkpoint_dir(dir) {
+        let step = crate::train::TrainerState::load(dir)?.step;
+        best = Some((step, dir.to_path_buf()));
+    }
+    for (step, path) in state_dirs(dir)? {
+        if !is_checkpoint_dir(&path) {
+            continue;
+        }
+        let step = crate::train::TrainerState::load(&path).map(|s| s.step).unwrap_or(step);
+        if best.as_ref().is_none_or(|(s, _)| step > *s) {
+            best = Some((step, path));
+        }
+    }
+    match best {
+        Some((_, path)) => {
+            verify(&path).map_err(|e| match e {
+                Error::Checkpoint { path: p, msg } => Error::Checkpoint {
+                    path: p.clone(),
+                    msg: format!(
+                        "{msg}; it is the newest state of {}: remove {} to continue from the \
+                         state before it",
+                        dir.display(),
+                        p.display()
+                    ),
+                },
+                e => e,
+            })?;
+            Ok(path)
+        }
+        None => Err(Error::checkpoint(
+            dir,
+            format!(
+                "holds no checkpoint to continue (neither the files {} nor a {}STEP \
+                 subdirectory holding them)",
+                files::REQUIRED.join(", "),
+                files::STATE_PREFIX
+            ),
+        )),
+    }
+}
+
+/// Removes what a killed run left beside and inside the checkpoint directory `target`
+/// (temporary `.NAME.tmp-PID` and old `.NAME.old-PID` directories, and the same for its
+/// latest states), after putting back what belongs in it: an old checkpoint whose
+/// replacement never arrived (a crash between the two renames where the system cannot swap
+/// directories), or latest states a crash left in a temporary directory. Call it only while
+/// holding the directory's lock ([`crate::Trainer::fit`] does): then nothing else is writing
+/// there. Returns the paths removed.
+///
+/// # Errors
+/// [`Error::Io`] naming a path that could not be moved or removed.
+pub fn clean_stale(target: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
+    let target = resolve_link(target.as_ref())?;
+    let name = match target.file_name() {
+        Some(n) => n.to_string_lossy().into_owned(),
+        None => return Ok(Vec::new()),
+    };
+    let parent = parent_of(&target);
+    let mut removed = Vec::new();
+    let leftovers = |dir: &Path, prefix: &str| -> Result<Vec<PathBuf>> {
+        let mut v = Vec::new();
+        if !dir.is_dir() {
+            return Ok(v);
+        }
+        for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+            let entry = entry.map_err(|e| Error::io(dir, e))?;
+            let n = entry.file_name().to_string_lossy().into_owned();
+            if let Some(rest) = n.strip_prefix(prefix) {
+                if rest.starts_with(".tmp-") || rest.starts_with(".old-") {
+                    v.push(entry.path());
+                }
+            }
+        }
+        v.sort();
+        Ok(v)
+    };
+    let mine = leftovers(&parent, &format!(".{name}"))?;
+    // 1. A checkpoint moved aside whose replacement never arrived: put it back.
+    if !target.exists() {
+        if let Some(old) = mine.iter().find(|p| {
+            p.to_string_lossy().contains(".old-") && is_checkpoint_dir(p) && verify(p).is_ok()
+        }) {
+            std::fs::rename(old, &target).map_err(|e| Error::io(old, e))?;
+            durable::sync_dir(&parent)?;
+        }
+    }
+    for left in mine {
+        if !left.exists() {
+            continue;
+        }
+        // 2. Latest states a crash left in the temporary directory (they are moved into the
+        // new checkpoint just before the swap): back into the checkpoint.
+        if target.is_dir() {
+            for (step, state) in state_dirs(&left)? {
+                let home = target.join(format!("{}{step}", files::STATE_PREFIX));
+                if !home.exists() {
+                    std::fs::rename(&state, &home).map_err(|e| Error::io(&state, e))?;
+                }
+            }
+            durable::sync_dir(&target)?;
+        }
+        remove_path(&left)?;
+        removed.push(left);
+    }
+    if target.is_dir() {
+        for entry in std::fs::read_dir(&target).map_err(|e| Error::io(&target, e))? {
+            let entry = entry.map_err(|e| Error::io(&target, e))?;
+            if is_leftover(&entry.file_name().to_string_lossy()) {
+                remove_path(&entry.path())?;
+                removed.push(entry.path());
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// Removes a file or a directory tree.
+fn remove_path(path: &Path) -> Result<()> {
+    let meta = std::fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        std::fs::remove_dir_all(path).map_err(|e| Error::io(path, e))
+    } else {
+        std::fs::remove_file(path).map_err(|e| Error::io(path, e))
+    }
+}
+
+/// Keeps the newest `keep_last` latest states of `dir` (and none newer than `newest`, which
+/// belong to a run this one replaced); each removed state is first renamed to a hidden name,
+/// so a crash while deleting never leaves a partial state under a state's name.
+///
+/// # Errors
+/// [`Error::Io`] naming the state that could not be removed.
+pub(crate) fn prune_states(dir: &Path, keep_last: usize, newest: usize) -> Result<()> {
+    let states = state_dirs(dir)?;
+    let (valid, future): (Vec<_>, Vec<_>) = states.into_iter().partition(|(s, _)| *s <= newest);
+    let drop_n = valid.len().saturating_sub(keep_last);
+    for (step, path) in future.iter().chain(valid.iter().take(drop_n)) {
+        let hidden = dir.join(format!(
+            ".{}{step}.old-{}",
+            files::STATE_PREFIX,
+            std::process::id()
+        ));
+        std::fs::rename(path, &hidden).map_err(|e| Error::io(path, e))?;
+        durable::sync_dir(dir)?;
+        remove_path(&hidden)?;
+    }
+    Ok(())
+}
+
+/// Refuses to start a checkpoint of `needed` bytes at `target` when the file system has less
+/// free space (with a margin of 1%), naming both.
+///
+/// # Errors
+/// [`Error::Checkpoint`] naming `target`, the bytes needed and the bytes free.
+pub(crate) fn check_space(target: &Path, needed: u64) -> Result<()> {
+    let Some(free) = durable::free_bytes(&parent_of(target)) else {
+        return Ok(());
+    };
+    let needed = needed + needed / 100;
+    if free < needed {
+        return Err(Error::checkpoint(
+            target,
+            format!(
+                "a checkpoint needs {} ({needed} bytes) and the file system holding it has {} \
+                 free: free some space or choose another output directory (the previous \
+                 checkpoint is untouched)",
+                durable::human_bytes(needed),
+                durable::human_bytes(free)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Loads the model and tokenizer of a checkpoint directory for inference (constant weights,
@@ -169,6 +568,17 @@ fn load(dir: &Path, device: &Device, trainable: bool) -> Result<(Gpt, Tokenizer)
         ));
     }
     if !dir.join(files::CONFIG).is_file() {
+        if let Some((step, state)) = state_dirs(dir)?.pop() {
+            return Err(Error::checkpoint(
+                dir,
+                format!(
+                    "holds no best checkpoint yet, only the latest state of step {step} in {} \
+                     (the run stopped before an evaluation improved): load that directory, \
+                     or continue the run",
+                    state.display()
+                ),
+            ));
+        }
         return Err(Error::checkpoint(
             dir,
             format!(
@@ -196,6 +606,7 @@ fn load(dir: &Path, device: &Device, trainable: bool) -> Result<(Gpt, Tokenizer)
         return Ok((model, tokenizer));
     }
     require_files(dir, &[files::CONFIG, files::MODEL, files::TOKENIZER])?;
+    verify_only(dir, Some(&[files::CONFIG, files::MODEL, files::TOKENIZER]))?;
     let cfg = GptConfig::load(dir.join(files::CONFIG))?;
     let tokenizer = Tokenizer::from_file(dir.join(files::TOKENIZER))?;
     if tokenizer.vocab_size() > cfg.vocab_size {
@@ -278,14 +689,16 @@ pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: impl AsRef<Path
 }
 
 /// Writes a checkpoint directory atomically: files go into a temporary sibling directory,
-/// which replaces the target on [`CheckpointWriter::commit`]. Dropped uncommitted, it removes
-/// the temporary directory and leaves the old checkpoint untouched.
+/// which replaces the target on [`CheckpointWriter::commit`] (see the module docs: manifest,
+/// fsync, one atomic swap). Dropped uncommitted, it removes the temporary directory and leaves
+/// the old checkpoint untouched.
 ///
-/// Only a checkpoint directory ([`is_checkpoint_dir`]) or an empty one is ever replaced: a
-/// target that is a file or a directory holding anything else is refused, and so is a
-/// checkpoint directory holding a file the new checkpoint does not (nothing but older versions
-/// of the checkpoint's own files is lost). A symbolic link is followed: the directory it points
-/// to is replaced and the link kept.
+/// Only a checkpoint directory ([`is_checkpoint_dir`], or one holding only latest states) or
+/// an empty one is ever replaced: a target that is a file or a directory holding anything else
+/// is refused, and so is a checkpoint directory holding a file the new checkpoint does not
+/// (nothing but older versions of the checkpoint's own files is lost). The latest states
+/// (`checkpoint-STEP` subdirectories) move into the new checkpoint. A symbolic link is
+/// followed: the directory it points to is replaced and the link kept.
 #[derive(Debug)]
 pub struct CheckpointWriter {
     target: PathBuf,
@@ -306,10 +719,7 @@ impl CheckpointWriter {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "checkpoint".into());
-        let parent = match target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
+        let parent = parent_of(&target);
         std::fs::create_dir_all(&parent).map_err(|e| {
             Error::checkpoint(
                 &target,
@@ -358,58 +768,92 @@ impl CheckpointWriter {
         &self.tmp
     }
 
-    /// Flushes the files to disk and swaps the directory into place.
+    /// The checkpoint directory this writer replaces.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Writes the manifest, flushes every file and the directory to disk, and swaps the
+    /// directory into place.
     ///
     /// # Errors
     /// [`Error::Checkpoint`] if the target is no longer an empty or checkpoint directory, or
-    /// holds a file the new checkpoint lacks; [`Error::Io`] naming the path that failed; the
-    /// previous checkpoint is then still intact (at `target`, or at the `.old` sibling if the
-    /// failure came between the two renames).
+    /// holds a file the new checkpoint lacks; [`Error::Io`] naming the path that failed (a
+    /// full disk is `No space left on device` naming the file); the previous checkpoint is
+    /// then still intact (at `target`, or, only where directories cannot be swapped
+    /// atomically and the failure came between the two renames, at the `.old` sibling, which
+    /// the next run puts back).
     pub fn commit(mut self) -> Result<()> {
+        write_manifest(&self.tmp)?;
         let mut written = Vec::new();
         for entry in std::fs::read_dir(&self.tmp).map_err(|e| Error::io(&self.tmp, e))? {
             let entry = entry.map_err(|e| Error::io(&self.tmp, e))?;
             let path = entry.path();
-            let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
-            file.sync_all().map_err(|e| Error::io(&path, e))?;
+            if path.is_file() {
+                durable::sync_file(&path)?;
+            }
             written.push(entry.file_name());
         }
+        durable::sync_dir(&self.tmp)?;
+        let parent = parent_of(&self.target);
         let had_old = match inspect_target(&self.target)? {
             Target::Absent => false,
             Target::Empty => true,
             Target::Checkpoint => {
                 let dir = &self.target;
                 for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-                    let name = entry.map_err(|e| Error::io(dir, e))?.file_name();
-                    if !written.contains(&name) {
+                    let entry = entry.map_err(|e| Error::io(dir, e))?;
+                    let name = entry.file_name();
+                    let n = name.to_string_lossy();
+                    let carried = state_step(&n).is_some() && entry.path().is_dir();
+                    if !carried && !is_leftover(&n) && !written.contains(&name) {
                         return Err(Error::checkpoint(
                             dir,
                             format!(
-                                "holds {}, which the new checkpoint does not: the directory is \
-                                 replaced whole, so move it elsewhere first",
-                                name.to_string_lossy()
+                                "holds {n}, which the new checkpoint does not: the directory \
+                                 is replaced whole, so move it elsewhere first"
                             ),
                         ));
                     }
                 }
+                // The latest states stay with the run: into the new checkpoint before the swap
+                // (a crash in between leaves them in the temporary directory, from where
+                // `clean_stale` puts them back).
+                for (_, state) in state_dirs(dir)? {
+                    if let Some(name) = state.file_name() {
+                        let to = self.tmp.join(name);
+                        std::fs::rename(&state, &to).map_err(|e| Error::io(&state, e))?;
+                    }
+                }
+                durable::sync_dir(&self.tmp)?;
                 true
             }
         };
-        let old = self.tmp.with_file_name(format!(
-            ".{}.old-{}",
-            self.target
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            std::process::id()
-        ));
         if had_old {
+            if durable::exchange(&self.tmp, &self.target).map_err(|e| Error::io(&self.target, e))? {
+                durable::sync_dir(&parent)?;
+                self.committed = true;
+                // `tmp` now holds the old checkpoint.
+                std::fs::remove_dir_all(&self.tmp).map_err(|e| Error::io(&self.tmp, e))?;
+                return Ok(());
+            }
+            let old = parent.join(format!(
+                ".{}.old-{}",
+                self.target
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                std::process::id()
+            ));
             std::fs::rename(&self.target, &old).map_err(|e| Error::io(&self.target, e))?;
-        }
-        std::fs::rename(&self.tmp, &self.target).map_err(|e| Error::io(&self.target, e))?;
-        self.committed = true;
-        if had_old {
+            std::fs::rename(&self.tmp, &self.target).map_err(|e| Error::io(&self.target, e))?;
+            durable::sync_dir(&parent)?;
+            self.committed = true;
             std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+        } else {
+            std::fs::rename(&self.tmp, &self.target).map_err(|e| Error::io(&self.target, e))?;
+            durable::sync_dir(&parent)?;
+            self.committed = true;
         }
         Ok(())
     }
@@ -587,11 +1031,11 @@ mod tests {
         std::fs::remove_file(target.join("notes.txt")).unwrap();
         // A checkpoint file the new checkpoint does not write (another stage's head): refused
         // at commit, the old checkpoint kept.
-        std::fs::write(target.join(files::KNOWN[6]), "head").unwrap();
+        std::fs::write(target.join(files::KNOWN[7]), "head").unwrap();
         let w = CheckpointWriter::begin(&target).unwrap();
         write_checkpoint_files(w.path(), "2");
         let e = w.commit().unwrap_err().to_string();
-        assert!(e.contains(&format!("holds {}", files::KNOWN[6])), "{e}");
+        assert!(e.contains(&format!("holds {}", files::KNOWN[7])), "{e}");
         assert_eq!(
             std::fs::read_to_string(target.join(files::MODEL)).unwrap(),
             "1"

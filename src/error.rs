@@ -106,6 +106,25 @@ pub enum Error {
     /// A caller passed an argument outside its documented range (empty prompt, bad shape, …).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+
+    /// Training stopped because it was asked to ([`crate::Trainer::with_stop_flag`]: Ctrl-C,
+    /// SIGTERM), after finishing an optimiser step and saving its state.
+    #[error(
+        "training interrupted after step {step}{}",
+        saved.as_ref().map(|p| format!("; its state is saved in {}", p.display())).unwrap_or_default()
+    )]
+    Interrupted {
+        /// Optimiser steps done.
+        step: usize,
+        /// The latest state written (`OUT/checkpoint-STEP`, or `OUT` itself when the best
+        /// checkpoint is of that step); `None` without an output directory.
+        saved: Option<PathBuf>,
+    },
+
+    /// Training cannot go on: e.g. `max_bad_steps` steps in a row had a non-finite loss or
+    /// gradient. Nothing was saved for those steps.
+    #[error("training stopped: {0}")]
+    Training(String),
 }
 
 /// serde_json's message without its trailing "at line L column C" (the line is reported by

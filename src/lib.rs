@@ -58,6 +58,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod data;
 pub mod decode;
+mod durable;
 pub mod error;
 mod gemv;
 pub mod hf;
@@ -70,6 +71,7 @@ pub mod sampler;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod sft;
+pub mod signals;
 #[cfg(test)]
 mod testing;
 pub mod threads;

@@ -104,16 +104,7 @@ impl AdamW {
     /// # Errors
     /// [`Error::Config`] for a negative learning rate or betas outside `[0, 1)`.
     pub fn new(params: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
-        if cfg.lr.is_nan()
-            || cfg.lr < 0.0
-            || !(0.0..1.0).contains(&cfg.beta1)
-            || !(0.0..1.0).contains(&cfg.beta2)
-        {
-            return Err(Error::Config(format!(
-                "AdamW needs lr >= 0 and betas in [0, 1), got lr {} beta1 {} beta2 {}",
-                cfg.lr, cfg.beta1, cfg.beta2
-            )));
-        }
+        check_config(&cfg)?;
         let moments = params
             .iter()
             .map(|(_, p)| Moments::zeros(p))
@@ -144,6 +135,22 @@ impl AdamW {
     /// Sets the learning rate (the schedule calls this before every step).
     pub fn set_lr(&mut self, lr: f64) {
         self.cfg.lr = lr;
+    }
+
+    /// The hyper-parameters in use.
+    pub fn config(&self) -> &AdamWConfig {
+        &self.cfg
+    }
+
+    /// Replaces the hyper-parameters (betas, eps, weight decay, lr), keeping the moments and
+    /// the step count: how a resumed run takes the settings saved with it.
+    ///
+    /// # Errors
+    /// [`Error::Config`] as [`AdamW::new`].
+    pub fn set_config(&mut self, cfg: AdamWConfig) -> Result<()> {
+        check_config(&cfg)?;
+        self.cfg = cfg;
+        Ok(())
     }
 
     /// One update. `grads[i]` is the gradient of `params()[i]`, same shape; every gradient is
@@ -443,6 +450,21 @@ impl LrSchedule {
         let coeff = 0.5 * (1.0 + (std::f64::consts::PI * ratio).cos()); // 1 → 0
         self.min_lr + coeff * (self.lr - self.min_lr)
     }
+}
+
+/// lr ≥ 0 and betas in `[0, 1)`.
+fn check_config(cfg: &AdamWConfig) -> Result<()> {
+    if cfg.lr.is_nan()
+        || cfg.lr < 0.0
+        || !(0.0..1.0).contains(&cfg.beta1)
+        || !(0.0..1.0).contains(&cfg.beta2)
+    {
+        return Err(Error::Config(format!(
+            "AdamW needs lr >= 0 and betas in [0, 1), got lr {} beta1 {} beta2 {}",
+            cfg.lr, cfg.beta1, cfg.beta2
+        )));
+    }
+    Ok(())
 }
 
 /// The global L2 norm of `grads` and the factor that brings it down to `max_norm`, as

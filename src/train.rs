@@ -23,10 +23,33 @@
 //!   clipping; `null` with clipping off), `tokens_per_sec` (since the previous such row) and
 //!   `elapsed_s`.
 //!
+//! - `"kind": "skip"`, one per skipped step: `step` (the step's number, 1-based), `reason`,
+//!   `loss`, `grad_norm`.
+//!
 //! Readers that want the evaluations filter on `"kind"` (rows written before it existed are all
 //! evaluations).
+//!
+//! # Nothing lost
+//! - **Latest state.** Besides the best checkpoint (`OUT`), the run writes its latest state,
+//!   `OUT/checkpoint-STEP`, at the end of the run (when the last evaluation did not improve),
+//!   on an interrupt ([`Trainer::with_stop_flag`]) and every `save_interval` steps; the newest
+//!   `keep_last` are kept. A resumed run continues from the newest
+//!   ([`crate::checkpoint::latest_state`]).
+//! - **Bad steps.** A step whose loss or gradient norm is NaN or infinite (or, with
+//!   `spike_zscore`, an outlier: llm.c's z-score over the last `spike_window` steps) is
+//!   skipped: no parameter or moment changes. It is reported and counted; `max_bad_steps` in a
+//!   row stop the run with [`Error::Training`], the checkpoints as they were.
+//! - **Exact resume.** The optimiser's and schedule's settings, both RNGs, the skip detector's
+//!   window and the optimiser's own step count are saved, so a resumed run takes the steps an
+//!   uninterrupted one takes, bit for bit on the CPU. A caller's settings that differ from the
+//!   saved ones apply only through [`Trainer::override_config`], which records the change.
+//! - **One writer.** [`Trainer::fit`] holds a lock on `OUT` (a file beside it) and removes what
+//!   a killed run left there ([`crate::checkpoint::clean_stale`]).
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{Tensor, Var};
@@ -35,8 +58,9 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{
-    files, load_safetensors, require_files, save_safetensors, CheckpointWriter,
+    self, files, load_safetensors, require_files, save_safetensors, CheckpointWriter,
 };
+use crate::durable::{self, DirLock};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
 use crate::{Error, Result};
 
@@ -123,6 +147,19 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Checkpoint at every evaluation, not only when the validation loss improves.
     pub always_save_checkpoint: bool,
+    /// Also write the latest state (`OUT/checkpoint-STEP`) every this many steps; 0: only at
+    /// the end of the run and on an interrupt.
+    pub save_interval: usize,
+    /// How many latest states to keep, the newest; at least 1.
+    pub keep_last: usize,
+    /// Stop the run after this many skipped steps in a row (see the module docs); at least 1.
+    pub max_bad_steps: usize,
+    /// Skip a step whose loss or gradient norm lies more than this many standard deviations
+    /// above the mean of the previous `spike_window` steps (llm.c's `skip_update_lossz`); 0
+    /// disables it.
+    pub spike_zscore: f64,
+    /// Steps the spike detector looks back over (llm.c: 128); it acts once the window is full.
+    pub spike_window: usize,
 }
 
 impl Default for TrainConfig {
@@ -146,6 +183,11 @@ impl Default for TrainConfig {
             grad_clip: 1.0,
             seed: 1337,
             always_save_checkpoint: false,
+            save_interval: 0,
+            keep_last: 1,
+            max_bad_steps: 5,
+            spike_zscore: 0.0,
+            spike_window: 128,
         }
     }
 }
@@ -165,6 +207,9 @@ impl TrainConfig {
                 "gradient_accumulation_steps",
                 self.gradient_accumulation_steps,
             ),
+            ("keep_last", self.keep_last),
+            ("max_bad_steps", self.max_bad_steps),
+            ("spike_window", self.spike_window),
         ] {
             if v == 0 {
                 return Err(Error::Config(format!("{name} must be at least 1, got 0")));
@@ -192,8 +237,36 @@ impl TrainConfig {
                 self.grad_clip, self.weight_decay
             )));
         }
+        if !self.spike_zscore.is_finite() || self.spike_zscore < 0.0 {
+            return Err(Error::Config(format!(
+                "spike_zscore must be >= 0 (0 turns spike skipping off), got {}",
+                self.spike_zscore
+            )));
+        }
         Ok(())
     }
+
+    /// The fields a resumed run takes from its checkpoint rather than from the caller (the
+    /// optimiser, the schedule, the batches and the skip detector: what makes its steps the
+    /// ones an uninterrupted run takes). The others (`max_iters`, the evaluation, logging and
+    /// saving settings) are the caller's. See [`Trainer::override_config`].
+    pub const RESTORED_ON_RESUME: [&'static str; 15] = [
+        "batch_size",
+        "gradient_accumulation_steps",
+        "lr",
+        "min_lr",
+        "warmup_iters",
+        "lr_decay_iters",
+        "decay_lr",
+        "beta1",
+        "beta2",
+        "eps",
+        "weight_decay",
+        "grad_clip",
+        "seed",
+        "spike_zscore",
+        "spike_window",
+    ];
 
     /// The learning-rate schedule these settings describe.
     pub fn schedule(&self) -> LrSchedule {
@@ -281,6 +354,67 @@ pub struct TrainerState {
     /// Stage-specific facts an example wants back on resume (data path, tokenizer kind, …).
     #[serde(default)]
     pub extra: serde_json::Value,
+    /// Why this state was written: the best checkpoint, a latest state, or an interrupt.
+    #[serde(default)]
+    pub kind: StateKind,
+    /// Whether the evaluation due at `step` has not run yet (a state written on an interrupt
+    /// before it): the resumed run runs it first.
+    #[serde(default)]
+    pub pending_eval: bool,
+    /// AdamW updates taken (fewer than `step` when steps were skipped); `None` in checkpoints
+    /// written before steps could be skipped, where it equals `step`.
+    #[serde(default)]
+    pub optimizer_steps: Option<usize>,
+    /// Steps skipped so far (non-finite or outlying loss or gradient norm).
+    #[serde(default)]
+    pub skipped_steps: usize,
+    /// Skipped steps in a row just before `step`.
+    #[serde(default)]
+    pub bad_streak: usize,
+    /// The spike detector's window: the losses and gradient norms of the last
+    /// `spike_window` finite steps, oldest first.
+    #[serde(default)]
+    pub spike_history: Vec<(f64, f64)>,
+    /// Settings changed on a resume ([`Trainer::override_config`]), in order.
+    #[serde(default)]
+    pub overrides: Vec<ConfigChange>,
+}
+
+/// Why a checkpoint was written ([`TrainerState::kind`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateKind {
+    /// The best checkpoint so far (`OUT`): the lowest validation loss, or the latest
+    /// evaluation for stages without one or with `always_save_checkpoint`.
+    #[default]
+    Best,
+    /// A latest state (`OUT/checkpoint-STEP`): the end of the run, or every `save_interval`.
+    Latest,
+    /// A latest state written because the run was asked to stop (Ctrl-C, SIGTERM).
+    Interrupted,
+}
+
+/// One setting a resumed run changed from the value saved with its checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigChange {
+    /// The [`TrainConfig`] field.
+    pub field: String,
+    /// The value saved in the checkpoint.
+    pub saved: serde_json::Value,
+    /// The value the run uses from now on.
+    pub now: serde_json::Value,
+    /// The step from which it applies.
+    pub step: usize,
+}
+
+impl std::fmt::Display for ConfigChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {} (saved) -> {} from step {}",
+            self.field, self.saved, self.now, self.step
+        )
+    }
 }
 
 impl TrainerState {
@@ -380,6 +514,24 @@ pub enum TrainEvent {
         /// Where.
         dir: PathBuf,
     },
+    /// A latest state was written (`OUT/checkpoint-STEP`).
+    State {
+        /// Step it holds.
+        step: usize,
+        /// Where.
+        dir: PathBuf,
+        /// Whether it was written because the run was asked to stop.
+        interrupted: bool,
+    },
+    /// A step was skipped: nothing was updated (see the module docs).
+    Skipped {
+        /// The step's number (steps done after it).
+        step: usize,
+        /// Why (`"loss is NaN"`, `"gradient norm is inf"`, `"loss spike: z = 7.2"`).
+        reason: String,
+        /// Skipped steps in a row so far.
+        in_a_row: usize,
+    },
 }
 
 /// What [`Trainer::fit`] returns.
@@ -398,14 +550,16 @@ pub struct TrainSummary {
 }
 
 /// What one optimiser step did.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StepStats {
     /// Mean micro-batch loss.
     pub loss: f64,
-    /// Global gradient norm before clipping (NaN when clipping is off).
+    /// Global gradient norm before clipping.
     pub grad_norm: f64,
     /// Tokens processed.
     pub tokens: usize,
+    /// Why the update was skipped (nothing was changed), if it was.
+    pub skipped: Option<String>,
 }
 
 /// The training loop. See the module docs for the order of operations.
@@ -426,6 +580,18 @@ pub struct Trainer {
     metrics_file_stale: bool,
     rng: ChaCha8Rng,
     eval_rng: ChaCha8Rng,
+    /// Raised to stop after the current step ([`Trainer::with_stop_flag`]).
+    stop: Option<Arc<AtomicBool>>,
+    /// The step and directory of the newest state on disk (written or resumed from).
+    last_saved: Option<(usize, PathBuf)>,
+    /// Settings of the caller's config that [`Trainer::resume_from`] replaced by the saved
+    /// ones.
+    ignored_on_resume: Vec<ConfigChange>,
+    /// The spike detector's window (see [`TrainerState::spike_history`]).
+    spike_history: VecDeque<(f64, f64)>,
+    /// Whether `out_dir`'s latest states are another run's (one this run replaces), to be
+    /// removed with this run's first checkpoint.
+    foreign_states: bool,
 }
 
 impl Trainer {
@@ -449,6 +615,13 @@ impl Trainer {
                 tokens_seen: 0,
                 train_config: cfg.clone(),
                 extra: serde_json::Value::Null,
+                kind: StateKind::Best,
+                pending_eval: false,
+                optimizer_steps: None,
+                skipped_steps: 0,
+                bad_streak: 0,
+                spike_history: Vec::new(),
+                overrides: Vec::new(),
             },
             cfg,
             opt,
@@ -459,7 +632,21 @@ impl Trainer {
             metrics_file_stale: false,
             rng,
             eval_rng,
+            stop: None,
+            last_saved: None,
+            ignored_on_resume: Vec::new(),
+            spike_history: VecDeque::new(),
+            foreign_states: false,
         })
+    }
+
+    /// A flag that, once raised, makes [`Trainer::fit`] stop after the optimiser step it is
+    /// in: it writes the latest state (marked interrupted) and returns
+    /// [`Error::Interrupted`]. [`crate::signals::StopSignal`] raises one on Ctrl-C and
+    /// SIGTERM.
+    pub fn with_stop_flag(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.stop = Some(flag);
+        self
     }
 
     /// Where checkpoints go (created when the first one is written). Without it nothing is
@@ -477,26 +664,47 @@ impl Trainer {
         self
     }
 
-    /// Continues the run saved in `dir`: optimiser moments, step, best validation loss, RNG
-    /// state, elapsed time and metrics. The model's weights must already have been loaded
-    /// from the same directory (e.g. with [`crate::checkpoint::load_trainable`]).
+    /// Continues the run saved in `dir`: optimiser moments and settings, step, best
+    /// validation loss, RNG state, the skip detector, elapsed time and metrics. The model's
+    /// weights must already have been loaded from the same directory (e.g. with
+    /// [`crate::checkpoint::load_trainable`]); for a run's directory, take the newest state
+    /// with [`crate::checkpoint::latest_state`].
+    ///
+    /// The settings that decide which steps the run takes ([`TrainConfig::RESTORED_ON_RESUME`]:
+    /// optimiser, schedule, batches, seed) are the saved ones; where the config given to
+    /// [`Trainer::new`] differs, those values are set aside ([`Trainer::ignored_on_resume`])
+    /// and apply only through [`Trainer::override_config`]. The rest (`max_iters`, the
+    /// evaluation and saving settings) are the caller's.
     ///
     /// # Errors
-    /// [`Error::Checkpoint`] for missing files, [`Error::MissingTensor`] /
-    /// [`Error::ShapeMismatch`] if the optimiser state does not fit the parameters.
+    /// [`Error::Checkpoint`] for missing files or files that differ from the checkpoint's
+    /// manifest, [`Error::MissingTensor`] / [`Error::ShapeMismatch`] if the optimiser state
+    /// does not fit the parameters; [`Error::Config`] if the saved settings are invalid.
     pub fn resume_from(mut self, dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         require_files(dir, &[files::OPTIMIZER, files::TRAINER_STATE])?;
+        checkpoint::verify_only(dir, Some(&[files::OPTIMIZER, files::TRAINER_STATE]))?;
         self.resumed_from = Some(dir.to_path_buf());
         let state = TrainerState::load(dir)?;
+        let (cfg, ignored) = resumed_config(&state.train_config, &self.cfg, state.step);
+        cfg.validate().map_err(|e| {
+            Error::checkpoint(
+                dir.join(files::TRAINER_STATE),
+                format!("its saved training settings are invalid: {e}"),
+            )
+        })?;
+        self.opt.set_config(cfg.adamw())?;
+        self.cfg = cfg;
+        self.ignored_on_resume = ignored;
         let device = match self.opt.params().first() {
             Some((_, v)) => v.device().clone(),
             None => candle_core::Device::Cpu,
         };
         let opt_path = dir.join(files::OPTIMIZER);
         let moments = load_safetensors(&opt_path, &device)?;
+        let optimizer_steps = state.optimizer_steps.unwrap_or(state.step);
         self.opt
-            .load_state(&moments, state.step)
+            .load_state(&moments, optimizer_steps)
             .map_err(|e| match e {
                 Error::MissingTensor { name, .. } => Error::MissingTensor {
                     name,
@@ -521,7 +729,11 @@ impl Trainer {
         if metrics_path.is_file() {
             let text =
                 std::fs::read_to_string(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
-            let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+            let mut lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+            // A last line without its newline was cut off by a crash while it was appended.
+            if !text.ends_with('\n') {
+                lines.pop();
+            }
             // Rows past the checkpoint's step were logged after it was saved: the resumed run
             // logs those steps again.
             self.metrics = lines
@@ -529,17 +741,47 @@ impl Trainer {
                 .filter(|l| !row_is_after(l, state.step))
                 .map(|l| l.to_string())
                 .collect();
-            self.metrics_file_stale = self.metrics.len() != lines.len();
+            self.metrics_file_stale = true;
         }
         if self.state.extra.is_null() {
             self.state.extra = state.extra.clone();
         }
+        self.spike_history = state.spike_history.iter().copied().collect();
+        self.last_saved = Some((state.step, dir.to_path_buf()));
         self.state = TrainerState {
             train_config: self.cfg.clone(),
             extra: self.state.extra.clone(),
+            optimizer_steps: Some(optimizer_steps),
             ..state
         };
         Ok(self)
+    }
+
+    /// The caller's settings that [`Trainer::resume_from`] did not take, because they differ
+    /// from those saved with the checkpoint (each with the saved value, which is in use).
+    pub fn ignored_on_resume(&self) -> &[ConfigChange] {
+        &self.ignored_on_resume
+    }
+
+    /// Replaces the run's settings with `cfg`, also those a resume restored from the
+    /// checkpoint (a new learning rate or weight decay for the rest of a run, say). Each
+    /// change to a [`TrainConfig::RESTORED_ON_RESUME`] field is returned, and recorded in the
+    /// next checkpoint's `trainer_state.json` (`overrides`). The optimiser keeps its moments.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for invalid settings (nothing is changed then).
+    pub fn override_config(&mut self, cfg: TrainConfig) -> Result<Vec<ConfigChange>> {
+        cfg.validate()?;
+        let changes = config_changes(&self.cfg, &cfg, self.state.step);
+        self.opt.set_config(AdamWConfig {
+            lr: self.opt.lr(),
+            ..cfg.adamw()
+        })?;
+        self.cfg = cfg;
+        self.state.train_config = self.cfg.clone();
+        self.state.overrides.extend(changes.iter().cloned());
+        self.ignored_on_resume.clear();
+        Ok(changes)
     }
 
     /// The step the next iteration will take (0 for a new run).
@@ -555,13 +797,18 @@ impl Trainer {
     /// Runs iterations from the current step to `max_iters` (see the module docs), calling
     /// `on_event` as things happen.
     ///
+    /// With an output directory, it first takes the directory's lock (refusing to start while
+    /// another process trains into it) and removes what a killed run left there.
+    ///
     /// # Errors
     /// Before the first step, [`Error::Checkpoint`] if the run was resumed from a checkpoint
-    /// of another stage than `objective`'s ([`TrainerState::check_stage`]), or naming the
-    /// output directory if checkpoints could not be written there (see
-    /// [`CheckpointWriter::preflight`]). Then any error of the objective, the optimiser or
-    /// checkpoint writing; a NaN or infinite loss stops training with
-    /// [`Error::InvalidArgument`] (nothing is saved for that step).
+    /// of another stage than `objective`'s ([`TrainerState::check_stage`]), if another process
+    /// holds the output directory's lock, or naming the output directory if checkpoints could
+    /// not be written there (see [`CheckpointWriter::preflight`]). Then any error of the
+    /// objective, the optimiser or checkpoint writing (a full disk names the path and the
+    /// bytes needed; the previous checkpoint stays); [`Error::Training`] after
+    /// `max_bad_steps` skipped steps in a row; [`Error::Interrupted`] when the stop flag was
+    /// raised, after the latest state was saved.
     pub fn fit<O: Objective + ?Sized>(
         &mut self,
         objective: &mut O,
@@ -570,15 +817,25 @@ impl Trainer {
         if let Some(dir) = &self.resumed_from {
             self.state.check_stage(dir, objective.stage())?;
         }
-        if let Some(dir) = &self.out_dir {
-            CheckpointWriter::preflight(dir)?;
-            if let Some(from) = &self.resumed_from {
-                self.out_dir_is_ours |= same_path(from, dir);
+        let _lock = match self.out_dir.clone() {
+            Some(dir) => {
+                let lock = DirLock::acquire(&lock_path(&dir))?;
+                checkpoint::clean_stale(&dir)?;
+                CheckpointWriter::preflight(&dir)?;
+                let inside = self
+                    .resumed_from
+                    .as_ref()
+                    .is_some_and(|from| same_path(from, &dir) || is_state_of(from, &dir));
+                self.out_dir_is_ours |= inside;
+                self.foreign_states = !inside;
+                Some(lock)
             }
-        }
+            None => None,
+        };
         self.state.stage = objective.stage().to_string();
         let schedule = self.cfg.schedule();
         let start_step = self.state.step;
+        let pending_eval = self.state.pending_eval;
         let mut last_metrics = Vec::new();
         let mut window_tokens = 0u64;
         let mut window_time = 0f64;
@@ -586,9 +843,19 @@ impl Trainer {
         for it in start_step..=self.cfg.max_iters {
             let lr = schedule.lr_at(it);
             self.opt.set_lr(lr);
-
             let is_eval = it % self.cfg.eval_interval == 0 || it == self.cfg.max_iters;
-            if is_eval && (it != start_step || start_step == 0) {
+            let eval_now = is_eval && (it != start_step || start_step == 0 || pending_eval);
+
+            if self.stop_requested() {
+                let saved = if it == start_step {
+                    self.last_saved.as_ref().map(|(_, d)| d.clone())
+                } else {
+                    self.save_latest(objective, it, StateKind::Interrupted, eval_now, &mut on_event)?
+                };
+                return Err(Error::Interrupted { step: it, saved });
+            }
+
+            if eval_now {
                 let tps = if eval_window.1 > 0.0 {
                     eval_window.0 as f64 / eval_window.1
                 } else {
@@ -615,11 +882,15 @@ impl Trainer {
                 let save = it > 0 && (improved || self.cfg.always_save_checkpoint || val.is_none());
                 if let (true, Some(dir)) = (save, self.out_dir.clone()) {
                     self.state.step = it;
-                    self.save_checkpoint(objective, &dir)?;
+                    self.save_state(objective, it, StateKind::Best, false)?;
                     on_event(&TrainEvent::Checkpoint { step: it, dir });
                 } else {
                     self.append_metrics_line()?;
                 }
+            }
+            let periodic = self.cfg.save_interval > 0 && it % self.cfg.save_interval == 0;
+            if it > start_step && (periodic || it == self.cfg.max_iters) {
+                self.save_latest(objective, it, StateKind::Latest, false, &mut on_event)?;
             }
             if it == self.cfg.max_iters {
                 break;
@@ -631,6 +902,7 @@ impl Trainer {
                 loss,
                 grad_norm,
                 tokens,
+                skipped,
             } = self.optimizer_step(objective, it, lr)?;
             let dt = t0.elapsed().as_secs_f64();
 
@@ -641,6 +913,37 @@ impl Trainer {
             window_time += dt;
             eval_window.0 += tokens as u64;
             eval_window.1 += dt;
+            if let Some(reason) = skipped {
+                self.state.skipped_steps += 1;
+                self.state.bad_streak += 1;
+                self.metrics
+                    .push(skip_row(self.state.step, &reason, loss, grad_norm));
+                self.append_metrics_line()?;
+                on_event(&TrainEvent::Skipped {
+                    step: self.state.step,
+                    reason: reason.clone(),
+                    in_a_row: self.state.bad_streak,
+                });
+                if self.state.bad_streak >= self.cfg.max_bad_steps {
+                    let n = self.state.bad_streak;
+                    return Err(Error::Training(format!(
+                        "{n} steps in a row were skipped (steps {} to {}, the last because the \
+                         {reason}): lower lr, check the data, or raise max_bad_steps; nothing \
+                         was saved for those steps{}",
+                        self.state.step + 1 - n,
+                        self.state.step,
+                        match (&self.out_dir, &self.last_saved) {
+                            (Some(_), Some((s, d))) => format!(
+                                ", and the checkpoints are as they were (newest: step {s} in {})",
+                                d.display()
+                            ),
+                            _ => String::new(),
+                        }
+                    )));
+                }
+            } else {
+                self.state.bad_streak = 0;
+            }
             if self.state.step.is_multiple_of(self.cfg.log_interval)
                 || self.state.step == self.cfg.max_iters
             {
@@ -679,14 +982,54 @@ impl Trainer {
         })
     }
 
+    /// Whether the stop flag is up.
+    fn stop_requested(&self) -> bool {
+        self.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst))
+    }
+
+    /// The newest state on disk, written or resumed from: its step and directory.
+    pub fn last_saved(&self) -> Option<(usize, &Path)> {
+        self.last_saved.as_ref().map(|(s, d)| (*s, d.as_path()))
+    }
+
+    /// Writes the latest state of step `it` (unless the newest state on disk is of that step
+    /// already), then reports it. Returns where the newest state is; `None` without an output
+    /// directory.
+    fn save_latest<O: Objective + ?Sized>(
+        &mut self,
+        objective: &O,
+        it: usize,
+        kind: StateKind,
+        pending_eval: bool,
+        on_event: &mut impl FnMut(&TrainEvent),
+    ) -> Result<Option<PathBuf>> {
+        if self.out_dir.is_none() {
+            return Ok(None);
+        }
+        if let Some((step, dir)) = &self.last_saved {
+            if *step == it && !pending_eval {
+                return Ok(Some(dir.clone()));
+            }
+        }
+        self.state.step = it;
+        let dir = self.save_state(objective, it, kind, pending_eval)?;
+        on_event(&TrainEvent::State {
+            step: it,
+            dir: dir.clone(),
+            interrupted: kind == StateKind::Interrupted,
+        });
+        Ok(Some(dir))
+    }
+
     /// One optimiser step at iteration `it` with learning rate `lr`: gradients accumulated over
     /// `gradient_accumulation_steps` micro-batches (each loss divided by their number), the
-    /// global norm clipped to `grad_clip`, one AdamW update. Does not advance the step count
-    /// or write anything: [`Trainer::fit`] does that around it. Public for benchmarks.
+    /// global norm clipped to `grad_clip`, one AdamW update. A non-finite loss or gradient
+    /// norm, or (with `spike_zscore`) an outlying one, skips the update: no parameter or moment
+    /// changes, and [`StepStats::skipped`] says why. Does not advance the step count or write
+    /// anything: [`Trainer::fit`] does that around it. Public for benchmarks.
     ///
     /// # Errors
-    /// Errors of the objective or the optimiser; a NaN or infinite loss is
-    /// [`Error::InvalidArgument`] (the parameters are then left as they were).
+    /// Errors of the objective or the optimiser.
     pub fn optimizer_step<O: Objective + ?Sized>(
         &mut self,
         objective: &mut O,
@@ -703,7 +1046,7 @@ impl Trainer {
     fn optimizer_step_here<O: Objective + ?Sized>(
         &mut self,
         objective: &mut O,
-        it: usize,
+        _it: usize,
         lr: f64,
     ) -> Result<StepStats> {
         self.opt.set_lr(lr);
@@ -712,16 +1055,16 @@ impl Trainer {
         let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
         let mut loss_sum = 0f64;
         let mut tokens = 0usize;
+        // Every micro-batch is drawn even when one is bad, so the batches of later steps do
+        // not depend on whether a step was skipped.
         for _ in 0..accum {
             let (loss, n) = objective.train_loss(&mut self.rng)?;
             let value = loss.to_scalar::<f32>()? as f64;
-            if !value.is_finite() {
-                return Err(Error::InvalidArgument(format!(
-                    "training loss is {value} at step {it}: lower lr or check the data"
-                )));
-            }
             loss_sum += value;
             tokens += n;
+            if !value.is_finite() {
+                continue;
+            }
             let loss = if accum > 1 {
                 (loss / accum as f64)?
             } else {
@@ -738,6 +1081,16 @@ impl Trainer {
                 }
             }
         }
+        let loss = loss_sum / accum as f64;
+        let skip = |reason: String| StepStats {
+            loss,
+            grad_norm: f64::NAN,
+            tokens,
+            skipped: Some(reason),
+        };
+        if !loss.is_finite() {
+            return Ok(skip(format!("loss is {loss}")));
+        }
         let grads = params
             .iter()
             .zip(grads)
@@ -746,17 +1099,71 @@ impl Trainer {
                 None => Ok(v.zeros_like()?),
             })
             .collect::<Result<Vec<_>>>()?;
-        let (grad_norm, grad_scale) = if self.cfg.grad_clip > 0.0 {
-            clip_grad_norm(&grads, self.cfg.grad_clip)?
+        let max_norm = if self.cfg.grad_clip > 0.0 {
+            self.cfg.grad_clip
         } else {
-            (f64::NAN, 1.0)
+            f64::INFINITY
         };
+        let (grad_norm, grad_scale) = clip_grad_norm(&grads, max_norm)?;
+        if !grad_norm.is_finite() {
+            return Ok(StepStats {
+                grad_norm,
+                ..skip(format!("gradient norm is {grad_norm}"))
+            });
+        }
+        let spike = self.spike(loss, grad_norm);
+        self.spike_history.push_back((loss, grad_norm));
+        while self.spike_history.len() > self.cfg.spike_window {
+            self.spike_history.pop_front();
+        }
+        if let Some(reason) = spike {
+            return Ok(StepStats {
+                grad_norm,
+                ..skip(reason)
+            });
+        }
         self.opt.step(&grads, grad_scale)?;
         Ok(StepStats {
-            loss: loss_sum / accum as f64,
+            loss,
             grad_norm,
             tokens,
+            skipped: None,
         })
+    }
+
+    /// llm.c's outlier test: the z-score of this step's loss and gradient norm against the
+    /// previous `spike_window` steps, once that many have been seen; why to skip, if either
+    /// exceeds `spike_zscore`.
+    fn spike(&self, loss: f64, grad_norm: f64) -> Option<String> {
+        let z_max = self.cfg.spike_zscore;
+        let n = self.spike_history.len();
+        if z_max <= 0.0 || n < self.cfg.spike_window || n < 2 {
+            return None;
+        }
+        let z = |value: f64, pick: fn(&(f64, f64)) -> f64| {
+            let mean = self.spike_history.iter().map(pick).sum::<f64>() / n as f64;
+            let var = self
+                .spike_history
+                .iter()
+                .map(|p| (pick(p) - mean).powi(2))
+                .sum::<f64>()
+                / n as f64;
+            let std = var.sqrt();
+            if std > 0.0 {
+                (value - mean) / std
+            } else {
+                0.0
+            }
+        };
+        let zl = z(loss, |p| p.0);
+        let zg = z(grad_norm, |p| p.1);
+        if zl > z_max {
+            Some(format!("loss spiked: {loss:.4}, z = {zl:.1}"))
+        } else if zg > z_max {
+            Some(format!("gradient norm spiked: {grad_norm:.4}, z = {zg:.1}"))
+        } else {
+            None
+        }
     }
 
     /// Runs the objective's evaluation and records a metrics line. As nanoGPT's
@@ -799,7 +1206,7 @@ impl Trainer {
         if self.metrics_file_stale {
             let mut text = self.metrics.join("\n");
             text.push('\n');
-            std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+            durable::write_atomic(&path, text.as_bytes())?;
             self.metrics_file_stale = false;
             return Ok(());
         }
@@ -812,28 +1219,166 @@ impl Trainer {
         writeln!(f, "{line}").map_err(|e| Error::io(&path, e))
     }
 
-    /// Writes model, optimiser, trainer state and metrics into `dir`, atomically.
-    fn save_checkpoint<O: Objective + ?Sized>(&mut self, objective: &O, dir: &Path) -> Result<()> {
-        let writer = CheckpointWriter::begin(dir)?;
+    /// Writes model, optimiser, trainer state and metrics, atomically: the best checkpoint
+    /// into `OUT`, a latest state into `OUT/checkpoint-STEP` (then keeps the newest
+    /// `keep_last`). Returns the directory written.
+    fn save_state<O: Objective + ?Sized>(
+        &mut self,
+        objective: &O,
+        step: usize,
+        kind: StateKind,
+        pending_eval: bool,
+    ) -> Result<PathBuf> {
+        let Some(out) = self.out_dir.clone() else {
+            return Err(Error::InvalidArgument(
+                "no output directory to save a checkpoint into".into(),
+            ));
+        };
+        let target = match kind {
+            StateKind::Best => out.clone(),
+            _ => out.join(format!("{}{step}", files::STATE_PREFIX)),
+        };
+        if kind != StateKind::Best && !out.exists() {
+            std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+            durable::sync_dir(&durable::parent_of(&out))?;
+        }
+        // Model, two moments per parameter, and the old copy until the swap.
+        let param_bytes: u64 = self
+            .opt
+            .params()
+            .iter()
+            .map(|(_, v)| (v.elem_count() * v.dtype().size_in_bytes()) as u64)
+            .sum();
+        let needed = 3 * param_bytes;
+        checkpoint::check_space(&target, needed)?;
+        let full = |e: Error| disk_full(e, &target, needed);
+        let writer = CheckpointWriter::begin(&target)?;
         let tmp = writer.path().to_path_buf();
-        objective.save(&tmp)?;
-        save_safetensors(&self.opt.state_tensors()?, tmp.join(files::OPTIMIZER))?;
+        objective.save(&tmp).map_err(full)?;
+        save_safetensors(&self.opt.state_tensors()?, tmp.join(files::OPTIMIZER)).map_err(full)?;
+        self.state.step = step;
+        self.state.kind = kind;
+        self.state.pending_eval = pending_eval;
+        self.state.optimizer_steps = Some(self.opt.step_count());
+        self.state.spike_history = self.spike_history.iter().copied().collect();
         self.state.rng = RngState::of(&self.rng);
         self.state.eval_rng = RngState::of(&self.eval_rng);
         self.state.train_config = self.cfg.clone();
         let state_path = tmp.join(files::TRAINER_STATE);
         let json = serde_json::to_string_pretty(&self.state)
             .map_err(|e| Error::bad_file(&state_path, None, e.to_string()))?;
-        std::fs::write(&state_path, json + "\n").map_err(|e| Error::io(&state_path, e))?;
+        std::fs::write(&state_path, json + "\n")
+            .map_err(|e| full(Error::io(&state_path, e)))?;
         let metrics_path = tmp.join(files::METRICS);
         let mut text = self.metrics.join("\n");
         text.push('\n');
-        std::fs::write(&metrics_path, text).map_err(|e| Error::io(&metrics_path, e))?;
-        writer.commit()?;
-        self.out_dir_is_ours = true;
-        self.metrics_file_stale = false;
-        Ok(())
+        std::fs::write(&metrics_path, text).map_err(|e| full(Error::io(&metrics_path, e)))?;
+        writer.commit().map_err(full)?;
+        if self.foreign_states {
+            // The states another run left in OUT: this run's first checkpoint replaces them.
+            let keep = usize::from(kind != StateKind::Best); // the state just written
+            checkpoint::prune_states(&out, keep, step)?;
+            self.foreign_states = false;
+        }
+        if kind != StateKind::Best {
+            checkpoint::prune_states(&out, self.cfg.keep_last, step)?;
+        }
+        if kind == StateKind::Best {
+            self.out_dir_is_ours = true;
+            self.metrics_file_stale = false;
+        }
+        self.last_saved = Some((step, target.clone()));
+        Ok(target)
     }
+}
+
+/// A write error from a full disk, as a message naming the checkpoint, the space it needs and
+/// that the previous checkpoint is untouched; other errors as they are.
+fn disk_full(e: Error, target: &Path, needed: u64) -> Error {
+    let full = |io: &std::io::Error| io.raw_os_error() == Some(28); // ENOSPC
+    match &e {
+        Error::Io { path, error } if full(error) => Error::checkpoint(
+            target,
+            format!(
+                "the disk filled up while writing {} (a checkpoint needs about {}): free some \
+                 space or choose another output directory; the previous checkpoint is untouched",
+                path.display(),
+                durable::human_bytes(needed)
+            ),
+        ),
+        _ => e,
+    }
+}
+
+/// The caller's config `now` on a resume of a checkpoint saved with `saved`: the saved values
+/// of [`TrainConfig::RESTORED_ON_RESUME`], the caller's for the rest; and the caller's values
+/// that were set aside.
+fn resumed_config(saved: &TrainConfig, now: &TrainConfig, step: usize) -> (TrainConfig, Vec<ConfigChange>) {
+    let ignored = config_changes(saved, now, step);
+    let (Ok(serde_json::Value::Object(saved_v)), Ok(serde_json::Value::Object(mut now_v))) =
+        (serde_json::to_value(saved), serde_json::to_value(now))
+    else {
+        return (saved.clone(), ignored);
+    };
+    for field in TrainConfig::RESTORED_ON_RESUME {
+        if let Some(v) = saved_v.get(field) {
+            now_v.insert(field.to_string(), v.clone());
+        }
+    }
+    match serde_json::from_value(serde_json::Value::Object(now_v)) {
+        Ok(cfg) => (cfg, ignored),
+        Err(_) => (saved.clone(), ignored),
+    }
+}
+
+/// The [`TrainConfig::RESTORED_ON_RESUME`] fields that differ from `from` to `to`.
+fn config_changes(from: &TrainConfig, to: &TrainConfig, step: usize) -> Vec<ConfigChange> {
+    let (Ok(a), Ok(b)) = (serde_json::to_value(from), serde_json::to_value(to)) else {
+        return Vec::new();
+    };
+    TrainConfig::RESTORED_ON_RESUME
+        .iter()
+        .filter_map(|f| {
+            let (x, y) = (a.get(*f)?, b.get(*f)?);
+            (x != y).then(|| ConfigChange {
+                field: f.to_string(),
+                saved: x.clone(),
+                now: y.clone(),
+                step,
+            })
+        })
+        .collect()
+}
+
+/// A `"kind": "skip"` row of `metrics.jsonl`.
+fn skip_row(step: usize, reason: &str, loss: f64, grad_norm: f64) -> String {
+    let num = |v: f64| {
+        serde_json::Number::from_f64(v)
+            .map(serde_json::Value::Number)
+            .unwrap_or(serde_json::Value::Null)
+    };
+    serde_json::json!({
+        "kind": "skip",
+        "step": step,
+        "reason": reason,
+        "loss": num(loss),
+        "grad_norm": num(grad_norm),
+    })
+    .to_string()
+}
+
+/// The path to lock for checkpoints written to `dir`: the directory a link names, so two
+/// paths to one directory share one lock.
+fn lock_path(dir: &Path) -> PathBuf {
+    std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf())
+}
+
+/// Whether `from` is one of `dir`'s latest states (`dir/checkpoint-STEP`).
+fn is_state_of(from: &Path, dir: &Path) -> bool {
+    from.parent().is_some_and(|p| same_path(p, dir))
+        && from
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(files::STATE_PREFIX))
 }
 
 /// One `metrics.jsonl` line: `kind`, `step` (an integer), then `fields` (a non-finite value,
@@ -903,6 +1448,13 @@ mod tests {
             tokens_seen: 0,
             train_config: TrainConfig::default(),
             extra: serde_json::Value::Null,
+            kind: StateKind::Best,
+            pending_eval: false,
+            optimizer_steps: None,
+            skipped_steps: 0,
+            bad_streak: 0,
+            spike_history: Vec::new(),
+            overrides: Vec::new(),
         };
         assert!(state.check_stage("out/sft", "sft").is_ok());
         assert_eq!(
@@ -1055,5 +1607,301 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("min_lr (1) must not exceed lr"));
+    }
+
+    /// A pre-training objective on a tiny model that, at the calls in `bad`, adds a term
+    /// whose value is 0 and whose gradient is infinite (√(w − w) at 0), or, at `nan`, makes
+    /// the loss NaN.
+    struct Inject {
+        inner: crate::Pretraining,
+        calls: usize,
+        bad_grad: Vec<usize>,
+        nan: Vec<usize>,
+    }
+
+    impl Objective for Inject {
+        fn stage(&self) -> &str {
+            self.inner.stage()
+        }
+        fn parameters(&self) -> Result<Vec<(String, Var)>> {
+            self.inner.parameters()
+        }
+        fn train_loss(&mut self, rng: &mut ChaCha8Rng) -> Result<(Tensor, usize)> {
+            let (loss, n) = self.inner.train_loss(rng)?;
+            let call = self.calls;
+            self.calls += 1;
+            if self.bad_grad.contains(&call) {
+                let (_, w) = &self.inner.parameters()?[0];
+                let zero = (w.as_tensor() - w.as_tensor().detach())?;
+                return Ok(((loss + zero.sqrt()?.sum_all()?)?, n));
+            }
+            if self.nan.contains(&call) {
+                return Ok(((loss * f64::NAN)?, n));
+            }
+            Ok((loss, n))
+        }
+        fn evaluate(&mut self, i: usize, rng: &mut ChaCha8Rng) -> Result<Vec<(String, f64)>> {
+            self.inner.evaluate(i, rng)
+        }
+        fn save(&self, dir: &Path) -> Result<()> {
+            self.inner.save(dir)
+        }
+    }
+
+    fn tiny_objective(bad_grad: Vec<usize>, nan: Vec<usize>) -> Inject {
+        use crate::{Pretraining, TokenDataset, Tokenizer};
+        let text = "to be or not to be, that is the question. ".repeat(20);
+        let tokenizer = Tokenizer::train_char(&text).unwrap();
+        let data = TokenDataset::from_tokens(tokenizer.encode(&text).unwrap(), 0.2).unwrap();
+        let model = crate::testing::tiny_gpt(tokenizer.vocab_size(), 8);
+        Inject {
+            inner: Pretraining::new(model, tokenizer, data, 2).unwrap(),
+            calls: 0,
+            bad_grad,
+            nan,
+        }
+    }
+
+    fn weights(o: &Inject) -> Vec<Vec<f32>> {
+        o.parameters()
+            .unwrap()
+            .iter()
+            .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect()
+    }
+
+    fn small_cfg(max_iters: usize) -> TrainConfig {
+        TrainConfig {
+            max_iters,
+            eval_interval: 3,
+            eval_iters: 1,
+            log_interval: 1,
+            batch_size: 2,
+            warmup_iters: 2,
+            lr_decay_iters: max_iters,
+            ..TrainConfig::default()
+        }
+    }
+
+    #[test]
+    fn a_bad_gradient_or_loss_skips_exactly_that_step() {
+        for (bad_grad, nan) in [(vec![4], vec![]), (vec![], vec![4])] {
+            let k = 4;
+            // With the bad step: skipped by the guard.
+            let mut a = tiny_objective(bad_grad, nan);
+            let mut ta = Trainer::new(small_cfg(8), a.parameters().unwrap()).unwrap();
+            let mut skipped = Vec::new();
+            ta.fit(&mut a, |e| {
+                if let TrainEvent::Skipped { step, reason, .. } = e {
+                    skipped.push((*step, reason.clone()));
+                }
+            })
+            .unwrap();
+            assert_eq!(skipped.len(), 1, "{skipped:?}");
+            assert_eq!(skipped[0].0, k + 1);
+            assert!(
+                skipped[0].1 == "gradient norm is inf" || skipped[0].1 == "loss is NaN",
+                "{skipped:?}"
+            );
+            assert_eq!(ta.state.skipped_steps, 1);
+            assert_eq!(ta.opt.step_count(), 7);
+            // The reference: the same run by hand, step k drawing its batch and updating
+            // nothing.
+            let mut b = tiny_objective(vec![], vec![]);
+            let mut tb = Trainer::new(small_cfg(8), b.parameters().unwrap()).unwrap();
+            for it in 0..8 {
+                let lr = tb.lr_at(it);
+                if it == k {
+                    b.train_loss(&mut tb.rng).unwrap();
+                } else {
+                    tb.optimizer_step(&mut b, it, lr).unwrap();
+                }
+            }
+            assert_eq!(weights(&a), weights(&b), "weights equal the run without step k");
+        }
+    }
+
+    #[test]
+    fn bad_steps_in_a_row_stop_the_run_and_leave_the_best_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("ckpt");
+        let mut o = tiny_objective(vec![3, 5], vec![4]);
+        let cfg = TrainConfig {
+            max_bad_steps: 3,
+            always_save_checkpoint: true,
+            ..small_cfg(10)
+        };
+        let mut t = Trainer::new(cfg, o.parameters().unwrap())
+            .unwrap()
+            .with_out_dir(&out);
+        let mut best = None;
+        let e = t
+            .fit(&mut o, |e| {
+                if let TrainEvent::Checkpoint { step, dir } = e {
+                    best = Some((*step, std::fs::read(dir.join(files::MODEL)).unwrap()));
+                }
+            })
+            .unwrap_err();
+        assert!(matches!(e, Error::Training(_)), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("training stopped: 3 steps in a row were skipped (steps 4 to 6")
+                && msg.contains("newest: step 3 in"),
+            "{msg}"
+        );
+        let (step, bytes) = best.unwrap();
+        assert_eq!(step, 3);
+        assert_eq!(std::fs::read(out.join(files::MODEL)).unwrap(), bytes);
+        assert_eq!(TrainerState::load(&out).unwrap().step, 3);
+        assert!(checkpoint::verify(&out).unwrap());
+        assert!(checkpoint::state_dirs(&out).unwrap().is_empty());
+        let skips = std::fs::read_to_string(out.join(files::METRICS))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(r#""kind":"skip""#))
+            .count();
+        assert_eq!(skips, 3);
+    }
+
+    #[test]
+    fn an_interrupt_saves_the_step_and_resume_reaches_the_uninterrupted_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = small_cfg(12);
+        // Uninterrupted.
+        let full_out = dir.path().join("full");
+        let mut full = tiny_objective(vec![], vec![]);
+        let mut t = Trainer::new(cfg.clone(), full.parameters().unwrap())
+            .unwrap()
+            .with_out_dir(&full_out);
+        t.fit(&mut full, |_| {}).unwrap();
+        let end = checkpoint::latest_state(&full_out).unwrap();
+        assert_eq!(TrainerState::load(&end).unwrap().step, 12);
+        // Stopped after step 5 (the flag raised while step 5 ran, as a signal would).
+        let out = dir.path().join("run");
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut o = tiny_objective(vec![], vec![]);
+        let mut t = Trainer::new(cfg.clone(), o.parameters().unwrap())
+            .unwrap()
+            .with_out_dir(&out)
+            .with_stop_flag(Arc::clone(&stop));
+        let e = t
+            .fit(&mut o, |e| {
+                if let TrainEvent::Step { step: 5, .. } = e {
+                    stop.store(true, Ordering::SeqCst);
+                }
+            })
+            .unwrap_err();
+        let saved = out.join("checkpoint-5");
+        match &e {
+            Error::Interrupted { step: 5, saved: Some(p) } => assert_eq!(p, &saved),
+            e => panic!("{e}"),
+        }
+        let state = TrainerState::load(&saved).unwrap();
+        assert_eq!((state.step, state.kind), (5, StateKind::Interrupted));
+        assert!(checkpoint::verify(&saved).unwrap());
+        assert_eq!(checkpoint::latest_state(&out).unwrap(), saved);
+        assert!(!dir.path().join(".run.lock").exists(), "the lock goes with the run");
+        // Resumed from the newest state: the same weights and the same rows as the full run.
+        let from = checkpoint::latest_state(&out).unwrap();
+        let (model, tok) = crate::checkpoint::load_trainable(&from, &candle_core::Device::Cpu).unwrap();
+        let data_text = "to be or not to be, that is the question. ".repeat(20);
+        let data = crate::TokenDataset::from_tokens(tok.encode(&data_text).unwrap(), 0.2).unwrap();
+        let mut r = Inject {
+            inner: crate::Pretraining::new(model, tok, data, 2).unwrap(),
+            calls: 0,
+            bad_grad: vec![],
+            nan: vec![],
+        };
+        let mut t = Trainer::new(cfg, r.parameters().unwrap())
+            .unwrap()
+            .with_out_dir(&out)
+            .resume_from(&from)
+            .unwrap();
+        t.fit(&mut r, |_| {}).unwrap();
+        assert_eq!(weights(&r), weights(&full));
+        let end_r = checkpoint::latest_state(&out).unwrap();
+        for f in [files::MODEL, files::OPTIMIZER] {
+            assert_eq!(
+                std::fs::read(end.join(f)).unwrap(),
+                std::fs::read(end_r.join(f)).unwrap(),
+                "{f}"
+            );
+        }
+        let rows = |d: &Path| {
+            std::fs::read_to_string(d.join(files::METRICS))
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    for k in ["tokens_per_sec", "elapsed_s"] {
+                        v.as_object_mut().unwrap().remove(k);
+                    }
+                    v
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(rows(&end), rows(&end_r));
+        // keep_last 1: only the newest latest state is left.
+        let states = checkpoint::state_dirs(&out).unwrap();
+        assert!(states.len() <= 1, "{states:?}");
+    }
+
+    #[test]
+    fn resume_takes_the_saved_optimiser_settings_unless_overridden() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("ckpt");
+        let cfg = TrainConfig {
+            always_save_checkpoint: true,
+            ..small_cfg(3)
+        };
+        let mut o = tiny_objective(vec![], vec![]);
+        Trainer::new(cfg.clone(), o.parameters().unwrap())
+            .unwrap()
+            .with_out_dir(&out)
+            .fit(&mut o, |_| {})
+            .unwrap();
+        let mine = TrainConfig {
+            max_iters: 6,
+            beta2: 0.95,
+            weight_decay: 0.0,
+            ..cfg.clone()
+        };
+        let mut t = Trainer::new(mine.clone(), o.parameters().unwrap())
+            .unwrap()
+            .resume_from(&out)
+            .unwrap();
+        assert_eq!(t.cfg.beta2, 0.99);
+        assert_eq!(t.cfg.weight_decay, 0.1);
+        assert_eq!(t.cfg.max_iters, 6, "max_iters is the caller's");
+        assert_eq!(t.opt.config().beta2, 0.99);
+        let ignored: Vec<String> = t.ignored_on_resume().iter().map(|c| c.to_string()).collect();
+        assert_eq!(
+            ignored,
+            [
+                "beta2: 0.99 (saved) -> 0.95 from step 3",
+                "weight_decay: 0.1 (saved) -> 0.0 from step 3"
+            ]
+        );
+        let changes = t.override_config(mine).unwrap();
+        assert_eq!(changes.len(), 2);
+        assert_eq!(t.opt.config().beta2, 0.95);
+        assert_eq!(t.state.overrides, changes);
+        assert!(t.ignored_on_resume().is_empty());
+    }
+
+    #[test]
+    fn a_second_trainer_into_the_same_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("ckpt");
+        let held = DirLock::acquire(&out).unwrap();
+        let mut o = tiny_objective(vec![], vec![]);
+        let e = Trainer::new(small_cfg(2), o.parameters().unwrap())
+            .unwrap()
+            .with_out_dir(&out)
+            .fit(&mut o, |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("another run") && e.contains(".ckpt.lock"), "{e}");
+        drop(held);
     }
 }

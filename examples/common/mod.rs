@@ -371,6 +371,27 @@ impl Progress {
                     dir.display()
                 ));
             }
+            TrainEvent::State {
+                step,
+                dir,
+                interrupted,
+            } => {
+                self.say(format!(
+                    "step {step:>5}: saved the {} state to {}",
+                    if *interrupted { "interrupted" } else { "latest" },
+                    dir.display()
+                ));
+            }
+            TrainEvent::Skipped {
+                step,
+                reason,
+                in_a_row,
+            } => {
+                self.say(format!(
+                    "step {step:>5}: skipped ({reason}; {in_a_row} in a row), nothing updated"
+                ));
+            }
+            _ => {}
         }
     }
 
