@@ -102,6 +102,14 @@ pub trait Objective: Send {
     /// # Errors
     /// File errors.
     fn save(&self, dir: &Path) -> Result<()>;
+
+    /// Whether a state saved now resumes exactly: `false` while the objective holds work of
+    /// the current step that [`Objective::save`] does not keep (PPO between the minibatch
+    /// steps of one rollout). An interrupt and a periodic latest state then wait for the next
+    /// step where it is `true`. Default: always.
+    fn resumable_here(&self) -> bool {
+        true
+    }
 }
 
 /// Training hyper-parameters, with nanoGPT's names. The defaults are nanoGPT's CPU recipe for
@@ -846,7 +854,7 @@ impl Trainer {
             let is_eval = it % self.cfg.eval_interval == 0 || it == self.cfg.max_iters;
             let eval_now = is_eval && (it != start_step || start_step == 0 || pending_eval);
 
-            if self.stop_requested() {
+            if self.stop_requested() && objective.resumable_here() {
                 let saved = if it == start_step {
                     self.last_saved.as_ref().map(|(_, d)| d.clone())
                 } else {
@@ -888,7 +896,9 @@ impl Trainer {
                     self.append_metrics_line()?;
                 }
             }
-            let periodic = self.cfg.save_interval > 0 && it % self.cfg.save_interval == 0;
+            let periodic = self.cfg.save_interval > 0
+                && it % self.cfg.save_interval == 0
+                && objective.resumable_here();
             if it > start_step && (periodic || it == self.cfg.max_iters) {
                 self.save_latest(objective, it, StateKind::Latest, false, &mut on_event)?;
             }

@@ -398,3 +398,106 @@ fn ppo_metrics_have_one_line_per_iteration() {
     assert_eq!(lines[1]["kl"], 0.0);
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Interrupting (Ctrl-C's stop flag) and resuming from the latest state, bit for bit
+// ---------------------------------------------------------------------------------------------
+
+/// Trains `stage` into `out`, from `from` (a state to resume) or fresh; raises the stop flag
+/// after step `stop_after` as Ctrl-C would. Returns the error `fit` ended with, if any.
+fn run_stoppable(
+    stage: Stage,
+    root: &Path,
+    out: &Path,
+    from: Option<&Path>,
+    stop_after: Option<usize>,
+) -> Option<tinygpt::Error> {
+    let mut obj = objective(stage, root, from.unwrap_or(out), from.is_some());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut trainer = Trainer::new(stage_cfg(stage), obj.parameters().unwrap())
+        .unwrap()
+        .with_out_dir(out)
+        .with_stop_flag(stop.clone());
+    if let Some(from) = from {
+        trainer = trainer.resume_from(from).unwrap();
+    }
+    trainer
+        .fit(obj.as_mut(), |e| {
+            if let TrainEvent::Step { step, .. } = e {
+                if Some(*step) == stop_after {
+                    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        })
+        .err()
+}
+
+/// Every file of the newest state of `out` but the logs and the manifest, by name.
+fn final_state(out: &Path) -> Vec<(String, Vec<u8>)> {
+    let last = checkpoint::latest_state(out).unwrap();
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&last)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.path().is_file())
+        .map(|e| e.file_name().into_string().unwrap())
+        .filter(|n| {
+            !matches!(
+                n.as_str(),
+                "metrics.jsonl" | "manifest.json" | "trainer_state.json"
+            )
+        })
+        .map(|n| (n.clone(), std::fs::read(last.join(&n)).unwrap()))
+        .collect();
+    files.sort();
+    files
+}
+
+fn interrupt_and_resume(stage: Stage) {
+    let root = tmp(&format!("interrupt-{stage:?}"));
+    checkpoints(&root);
+    let full = root.join("full");
+    assert!(run_stoppable(stage, &root, &full, None, None).is_none());
+    let want = final_state(&full);
+    assert!(want.iter().any(|(n, _)| n == "model.safetensors"));
+
+    // The flag goes up during step 6; PPO finishes its iteration (steps 5 to 8) first.
+    let out = root.join("stopped");
+    let at = if stage == Stage::Ppo { 8 } else { 6 };
+    match run_stoppable(stage, &root, &out, None, Some(6)) {
+        Some(tinygpt::Error::Interrupted { step, saved: Some(saved) }) => {
+            assert_eq!(step, at, "{stage:?}");
+            let state = tinygpt::train::TrainerState::load(&saved).unwrap();
+            assert_eq!(state.step, at);
+            assert_eq!(state.kind, tinygpt::train::StateKind::Interrupted);
+            assert!(checkpoint::verify(&saved).unwrap());
+        }
+        other => panic!("{stage:?}: {other:?}"),
+    }
+    let from = checkpoint::latest_state(&out).unwrap();
+    assert_eq!(from, out.join(format!("checkpoint-{at}")));
+    assert!(run_stoppable(stage, &root, &out, Some(&from), None).is_none());
+    let got = final_state(&out);
+    assert_eq!(
+        got.iter().map(|f| &f.0).collect::<Vec<_>>(),
+        want.iter().map(|f| &f.0).collect::<Vec<_>>()
+    );
+    for ((name, a), (_, b)) in got.iter().zip(&want) {
+        assert!(a == b, "{stage:?}: {name} differs from the uninterrupted run's");
+    }
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn reward_interrupted_resumes_bit_for_bit() {
+    interrupt_and_resume(Stage::Reward);
+}
+
+#[test]
+fn dpo_interrupted_resumes_bit_for_bit() {
+    interrupt_and_resume(Stage::Dpo);
+}
+
+#[test]
+fn ppo_interrupted_resumes_bit_for_bit() {
+    interrupt_and_resume(Stage::Ppo);
+}

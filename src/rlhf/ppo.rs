@@ -941,6 +941,14 @@ impl Objective for Ppo {
         Ok(self.last_iteration.map(|s| s.metrics()).unwrap_or_default())
     }
 
+    /// Between iterations only: a rollout being trained on is not saved (a resumed run
+    /// collects a new one), so a state saved in the middle of one would not resume exactly.
+    fn resumable_here(&self) -> bool {
+        self.rollout
+            .as_ref()
+            .is_none_or(|r| r.done(self.cfg.ppo_epochs))
+    }
+
     /// The policy's model files, [`Ppo::VALUE_HEAD_FILE`] and [`Ppo::STATE_FILE`].
     fn save(&self, dir: &Path) -> Result<()> {
         save_model(dir, &self.policy, &self.tokenizer)?;
