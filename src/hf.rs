@@ -305,13 +305,12 @@ impl TryFrom<&Gpt2Config> for GptConfig {
             );
         }
         if let Some(n_inner) = hf.n_inner {
-            if n_inner != 4 * hf.n_embd {
+            let width = hf.n_embd.checked_mul(4);
+            if Some(n_inner) != width {
+                let width = width.map(|w| format!(" = {w}")).unwrap_or_default();
                 return refuse(
                     format!("`n_inner: {n_inner}`"),
-                    &format!(
-                        "tinygpt's MLP is 4 · n_embd = {} wide (use null)",
-                        4 * hf.n_embd
-                    ),
+                    &format!("tinygpt's MLP is 4 · n_embd{width} wide (use null)"),
                 );
             }
         }
@@ -410,7 +409,9 @@ impl Gpt {
     /// # Errors
     /// [`Error::Checkpoint`] if `dir` or its weights file is missing (naming the file), or a
     /// tensor is unexpected (named); [`Error::Config`] naming the `config.json` key tinygpt
-    /// does not support (see [`GptConfig::try_from`]); [`Error::MissingTensor`] /
+    /// does not support (see [`GptConfig::try_from`]), or for a model larger than the memory
+    /// there is (checked before the weights are read: [`crate::memory`]);
+    /// [`Error::MissingTensor`] /
     /// [`Error::ShapeMismatch`] naming the tensor, the file and both shapes; [`Error::BadFile`]
     /// for a malformed `config.json` or a truncated/corrupt safetensors file.
     pub fn from_hf_dir(dir: impl AsRef<Path>, device: &Device) -> Result<Gpt> {
@@ -435,6 +436,9 @@ impl Gpt {
         }
         let dir = dir.as_ref();
         let cfg = load_config(dir)?;
+        // Before the weights are read: the file is read whole into memory.
+        let config = dir.join(files::CONFIG);
+        crate::memory::check_fits_from(&cfg, false, 1, dtype, device, Some(&config))?;
         let (tensors, path) = load_weights(dir, device)?;
         let tensors = hf_tensors_to_tinygpt(&cfg, tensors, &path)?;
         let tensors = tensors
