@@ -213,6 +213,58 @@ fn unprefixed_keys_old_buffers_and_tied_head_load() {
     assert!(e.contains("`lm_head.weight` differs"), "{e}");
 }
 
+#[test]
+fn a_tied_matrix_stored_only_as_lm_head_loads_as_wte() {
+    // safetensors' `save_model` keeps one name of tensors that share storage, and for a
+    // GPT2LMHeadModel that can be `lm_head.weight`: transformers ties it back into wte.
+    let dir = edited_copy(|t| {
+        let wte = t.remove("transformer.wte.weight").unwrap();
+        t.insert("lm_head.weight".into(), wte);
+    });
+    let saved = load_safetensors(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
+    assert!(saved.contains_key("lm_head.weight"));
+    assert!(!saved.contains_key("transformer.wte.weight"));
+    let normal = Gpt::from_hf_dir(model_dir(), &Device::Cpu).unwrap();
+    let model = Gpt::from_hf_dir(dir.path(), &Device::Cpu).unwrap();
+    assert_eq!(model.config(), normal.config());
+    for w in ["a", "b"] {
+        let (input, _) = reference(w);
+        let (x, y) = (
+            normal.forward(&input).unwrap(),
+            model.forward(&input).unwrap(),
+        );
+        assert_eq!(max_abs_diff(&x, &y), 0.0, "input {w}");
+    }
+    // GPT2Model's unprefixed names too, and through the checkpoint loader.
+    let dir = edited_copy(|t| {
+        let wte = t.remove("transformer.wte.weight").unwrap();
+        *t = t
+            .drain()
+            .map(|(k, v)| (k.trim_start_matches("transformer.").to_string(), v))
+            .collect();
+        t.insert("lm_head.weight".into(), wte);
+    });
+    let (model, _) = tinygpt::checkpoint::load_model(dir.path(), &Device::Cpu).unwrap();
+    let (input, _) = reference("a");
+    assert_eq!(
+        max_abs_diff(
+            &normal.forward(&input).unwrap(),
+            &model.forward(&input).unwrap()
+        ),
+        0.0
+    );
+    // Neither name: wte is missing, by its name.
+    let dir = edited_copy(|t| {
+        t.remove("transformer.wte.weight");
+    });
+    let e = Gpt::from_hf_dir(dir.path(), &Device::Cpu).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("tensor `transformer.wte.weight` is missing in "),
+        "{e}"
+    );
+}
+
 /// Set in the child processes of
 /// [`a_model_over_the_memory_limit_is_refused_before_its_weights_are_read`].
 const CHILD: &str = "TINYGPT_TEST_MEMORY_CHILD";
