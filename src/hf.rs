@@ -21,7 +21,9 @@
 //! * **weights**: keys may or may not carry the `transformer.` prefix (`GPT2LMHeadModel`
 //!   writes it, `GPT2Model` does not); the `h.{i}.attn.bias` / `h.{i}.attn.masked_bias`
 //!   buffers of old exports are ignored; `lm_head.weight` is usually absent (tied to
-//!   `wte`), and is accepted only if it equals `wte`. f16/bf16 files load as f32 unless asked
+//!   `wte`), and is accepted only if it equals `wte`; a file holding the tied matrix only as
+//!   `lm_head.weight` (no `wte`, as safetensors' de-duplication can write it) loads it as
+//!   `wte`, as transformers does. f16/bf16 files load as f32 unless asked
 //!   otherwise ([`Gpt::from_hf_dir_with_dtype`]).
 //! * **saving** ([`Gpt::save_hf_dir`]) writes the same layout back, with zero biases for
 //!   models trained without biases (GPT-2 always has them; zeros compute the same), so
@@ -305,13 +307,12 @@ impl TryFrom<&Gpt2Config> for GptConfig {
             );
         }
         if let Some(n_inner) = hf.n_inner {
-            if n_inner != 4 * hf.n_embd {
+            let width = hf.n_embd.checked_mul(4);
+            if Some(n_inner) != width {
+                let width = width.map(|w| format!(" = {w}")).unwrap_or_default();
                 return refuse(
                     format!("`n_inner: {n_inner}`"),
-                    &format!(
-                        "tinygpt's MLP is 4 · n_embd = {} wide (use null)",
-                        4 * hf.n_embd
-                    ),
+                    &format!("tinygpt's MLP is 4 · n_embd{width} wide (use null)"),
                 );
             }
         }
@@ -410,7 +411,9 @@ impl Gpt {
     /// # Errors
     /// [`Error::Checkpoint`] if `dir` or its weights file is missing (naming the file), or a
     /// tensor is unexpected (named); [`Error::Config`] naming the `config.json` key tinygpt
-    /// does not support (see [`GptConfig::try_from`]); [`Error::MissingTensor`] /
+    /// does not support (see [`GptConfig::try_from`]), or for a model larger than the memory
+    /// there is (checked before the weights are read: [`crate::memory`]);
+    /// [`Error::MissingTensor`] /
     /// [`Error::ShapeMismatch`] naming the tensor, the file and both shapes; [`Error::BadFile`]
     /// for a malformed `config.json` or a truncated/corrupt safetensors file.
     pub fn from_hf_dir(dir: impl AsRef<Path>, device: &Device) -> Result<Gpt> {
@@ -435,6 +438,9 @@ impl Gpt {
         }
         let dir = dir.as_ref();
         let cfg = load_config(dir)?;
+        // Before the weights are read: the file is read whole into memory.
+        let config = dir.join(files::CONFIG);
+        crate::memory::check_fits_from(&cfg, false, 1, dtype, device, Some(&config))?;
         let (tensors, path) = load_weights(dir, device)?;
         let tensors = hf_tensors_to_tinygpt(&cfg, tensors, &path)?;
         let tensors = tensors
@@ -586,7 +592,8 @@ fn is_attention_buffer(name: &str) -> bool {
 
 /// Renames the tensors of an HF GPT-2 safetensors file to tinygpt's names and checks them
 /// against `cfg`: the `transformer.` prefix is added where missing, attention buffers are
-/// dropped, and `lm_head.weight` (if any) must equal `wte`.
+/// dropped, and `lm_head.weight` (if any) must equal `wte` — or, in a file that stores the
+/// tied matrix only under that name, is `wte`.
 ///
 /// `cfg` must have `bias: true` (HF GPT-2 always has biases). `path` names the file in
 /// errors.
@@ -620,6 +627,13 @@ pub fn hf_tensors_to_tinygpt(
                     "tensor `{full}` is stored twice, with and without the `transformer.` prefix"
                 ),
             ));
+        }
+    }
+    // The tied matrix stored once, as `lm_head.weight` only (safetensors' de-duplication of
+    // shared tensors can keep that name): it is the token embedding, as transformers ties it.
+    if !out.contains_key("transformer.wte.weight") {
+        if let Some(head) = lm_head.take() {
+            out.insert("transformer.wte.weight".to_string(), head);
         }
     }
     check_tensors(cfg, &out, Some(path))?;

@@ -63,6 +63,7 @@ pub mod error;
 mod gemv;
 pub mod hf;
 pub mod layers;
+pub mod memory;
 pub mod model;
 pub mod optim;
 pub mod pretrain;

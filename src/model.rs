@@ -445,24 +445,57 @@ impl GptConfig {
         out
     }
 
-    /// Number of parameters (the tied head counted once; position embeddings included).
+    /// Number of parameters (the tied head counted once; position embeddings included),
+    /// counted from the sizes without listing the tensors; `usize::MAX` for a config too
+    /// large to count (see [`GptConfig::memory_estimate`]).
     pub fn num_parameters(&self) -> usize {
-        self.parameter_shapes()
-            .iter()
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum()
+        crate::memory::parameter_count(self)
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(usize::MAX)
     }
 
-    /// Reads a `config.json` written by [`GptConfig::save`].
+    /// The memory a model of this config needs with f32 weights, for training (weights,
+    /// gradients, AdamW moments, activations) or inference (weights, KV cache, one forward
+    /// pass) on batches of `batch_size` sequences of `block_size` tokens. See
+    /// [`crate::memory`].
+    ///
+    /// # Errors
+    /// [`Error::Config`] if a size overflows 64 bits.
+    pub fn memory_estimate(
+        &self,
+        training: bool,
+        batch_size: usize,
+    ) -> Result<crate::memory::MemoryEstimate> {
+        crate::memory::MemoryEstimate::new(self, training, batch_size, DType::F32)
+    }
+
+    /// Checks that [`GptConfig::memory_estimate`] fits in the memory of `device` (or in
+    /// `TINYGPT_MEMORY_LIMIT`); nothing is checked where the memory is unknown. Model
+    /// constructors check with a batch of 1; a caller that knows its batch size can check it
+    /// before training.
+    ///
+    /// # Errors
+    /// [`Error::Config`] saying what the model needs and what was found, in GiB.
+    pub fn check_fits(&self, training: bool, batch_size: usize, device: &Device) -> Result<()> {
+        crate::memory::check_fits(self, training, batch_size, DType::F32, device)
+    }
+
+    /// Reads a `config.json` written by [`GptConfig::save`], and checks that the model it
+    /// describes fits in memory for inference (its weights are read into memory next).
     ///
     /// # Errors
     /// [`Error::Io`] if the file cannot be read, [`Error::BadFile`] if it is not a valid
-    /// config, [`Error::Config`] if it fails [`GptConfig::validate`].
+    /// config, [`Error::Config`] (naming the file) if it fails [`GptConfig::validate`] or
+    /// describes a model larger than the memory there is ([`GptConfig::check_fits`]).
     pub fn load(path: impl AsRef<std::path::Path>) -> Result<Self> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let cfg: Self = serde_json::from_str(&text).map_err(|e| Error::json(path, None, &e))?;
-        cfg.validate()?;
+        cfg.validate().map_err(|e| match e {
+            Error::Config(msg) => Error::Config(format!("{}: {msg}", path.display())),
+            e => e,
+        })?;
+        crate::memory::check_fits_from(&cfg, false, 1, DType::F32, &Device::Cpu, Some(path))?;
         Ok(cfg)
     }
 
@@ -538,12 +571,22 @@ pub struct Gpt {
 
 impl Gpt {
     /// Builds the model from the tensors `vb` provides (a `VarMap` for training, safetensors
-    /// for inference), under HF GPT-2 names.
+    /// for inference), under HF GPT-2 names. First the weights, in `vb`'s dtype, with a KV
+    /// cache and a forward pass of one sequence, are checked to fit in memory
+    /// ([`crate::memory`]): a `VarBuilder` allocates what it is asked for.
     ///
     /// # Errors
-    /// [`Error::Config`] for an invalid config, [`Error::MissingTensor`] /
+    /// [`Error::Config`] for an invalid config or one too large for the memory there is,
+    /// [`Error::MissingTensor`] /
     /// [`Error::ShapeMismatch`] naming the tensor when `vb` lacks it or holds another shape.
     pub fn new(cfg: &GptConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        crate::memory::check_fits(cfg, false, 1, vb.dtype(), vb.device())?;
+        Self::build(cfg, vb)
+    }
+
+    /// As [`Gpt::new`] without the memory check: for tensors already in memory.
+    fn build(cfg: &GptConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
         let params = cfg
             .parameter_shapes()
@@ -568,10 +611,15 @@ impl Gpt {
     /// sqrt(2 · n_layer)) (GPT-2 paper, §2.3), biases 0, LayerNorm weights 1. Random numbers
     /// come from ChaCha8 seeded with `seed`, so the same seed gives the same model everywhere.
     ///
+    /// The memory for training it (weights, gradients, AdamW moments and the activations of
+    /// one sequence; see [`crate::memory`]) is checked before anything is allocated.
+    ///
     /// # Errors
-    /// [`Error::Config`] for an invalid config; candle errors on device allocation.
+    /// [`Error::Config`] for an invalid config or one too large for the memory there is
+    /// ([`GptConfig::check_fits`]); candle errors on device allocation.
     pub fn init(cfg: &GptConfig, seed: u64, device: &Device) -> Result<Self> {
         cfg.validate()?;
+        cfg.check_fits(true, 1, device)?;
         let mut rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
         let proj_std = 0.02 / (2.0 * cfg.n_layer as f64).sqrt();
         let mut tensors = HashMap::new();
@@ -591,14 +639,19 @@ impl Gpt {
                     .map_err(|e| Error::Config(format!("init std {std}: {e}")))?;
                 (0..n).map(|_| normal.sample(&mut rng)).collect()
             };
-            tensors.insert(name, Tensor::from_vec(data, shape, device)?);
+            // Made a `Var` where it is allocated: no copy, so the check above holds.
+            tensors.insert(name, Var::from_vec(data, shape, device)?.into_inner());
         }
-        Self::from_tensors(cfg, tensors, true)
+        check_tensors(cfg, &tensors, None)?;
+        Self::build(cfg, VarBuilder::from_tensors(tensors, DType::F32, device))
     }
 
     /// Builds the model from named tensors (HF GPT-2 names, `Conv1D` layout). With
     /// `trainable`, every tensor becomes a fresh candle `Var` (a copy) that training updates;
     /// otherwise the tensors are used as constants and no autograd graph is recorded.
+    ///
+    /// With `trainable`, the memory for the copy and for training it (gradients, AdamW moments,
+    /// the activations of one sequence) is checked before the copy is made.
     ///
     /// # Errors
     /// As [`Gpt::new`], and [`Error::InvalidArgument`] naming a tensor the config does not
@@ -623,6 +676,9 @@ impl Gpt {
             .get("transformer.wte.weight")
             .map(|t| t.dtype())
             .unwrap_or(DType::F32);
+        if trainable {
+            crate::memory::check_fits(cfg, true, 1, dtype, &device)?;
+        }
         let tensors = tensors
             .into_iter()
             .map(|(name, t)| {
@@ -634,7 +690,7 @@ impl Gpt {
                 Ok((name, t))
             })
             .collect::<Result<HashMap<_, _>>>()?;
-        Self::new(cfg, VarBuilder::from_tensors(tensors, dtype, &device))
+        Self::build(cfg, VarBuilder::from_tensors(tensors, dtype, &device))
     }
 
     /// The model's configuration.
@@ -1203,6 +1259,116 @@ mod tests {
             e.contains("n_embd (8) must be divisible by n_head (3)"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn absurd_configs_are_refused_by_field() {
+        for (field, cfg) in [
+            (
+                "vocab_size",
+                GptConfig {
+                    vocab_size: 0,
+                    ..tiny()
+                },
+            ),
+            (
+                "block_size",
+                GptConfig {
+                    block_size: 0,
+                    ..tiny()
+                },
+            ),
+            (
+                "n_layer",
+                GptConfig {
+                    n_layer: 0,
+                    ..tiny()
+                },
+            ),
+            (
+                "n_head",
+                GptConfig {
+                    n_head: 0,
+                    ..tiny()
+                },
+            ),
+            (
+                "n_embd",
+                GptConfig {
+                    n_embd: 0,
+                    ..tiny()
+                },
+            ),
+        ] {
+            let e = cfg.validate().unwrap_err().to_string();
+            assert_eq!(
+                e,
+                format!("invalid config: {field} must be at least 1, got 0")
+            );
+        }
+        let e = GptConfig {
+            n_head: 16,
+            ..tiny()
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid config: n_embd (8) must be divisible by n_head (16)"
+        );
+        for dropout in [f32::NAN, -0.1, 1.0] {
+            let e = GptConfig { dropout, ..tiny() }.validate().unwrap_err();
+            assert!(e.to_string().contains("dropout must be in [0, 1)"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_model_larger_than_memory_is_refused_before_allocation() {
+        // Sizes that overflow 64 bits: refused wherever the memory is known or not.
+        let huge = GptConfig {
+            n_embd: 1_000_000_000_000,
+            ..tiny()
+        };
+        let e = Gpt::init(&huge, 0, &Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("n_embd 1000000000000"), "{e}");
+        assert!(e.contains("overflows 64 bits"), "{e}");
+        let dir = std::env::temp_dir().join(format!("tinygpt-huge-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.json");
+        huge.save(&path).unwrap();
+        let e = GptConfig::load(&path).unwrap_err().to_string();
+        std::fs::remove_dir_all(&dir).ok();
+        assert!(
+            e.starts_with(&format!("invalid config: {}: a model of", path.display())),
+            "{e}"
+        );
+        // n_embd 10^8: about 7000 GiB to train, more than any machine this runs on. Where the
+        // memory is unknown (not Linux, TINYGPT_MEMORY_LIMIT=off) nothing is checked, so the
+        // model is not built either.
+        if crate::memory::MemoryBudget::detect(&Device::Cpu)
+            .unwrap()
+            .is_none()
+        {
+            return;
+        }
+        let big = GptConfig {
+            n_embd: 100_000_000,
+            ..tiny()
+        };
+        let e = Gpt::init(&big, 0, &Device::Cpu).unwrap_err();
+        assert!(matches!(e, Error::Config(_)), "{e:?}");
+        let e = e.to_string();
+        assert!(e.contains("GiB to train (weights "), "{e}");
+        assert!(e.contains(" GiB "), "{e}");
+        let mut t = HashMap::new();
+        t.insert(
+            "transformer.wte.weight".to_string(),
+            Tensor::zeros((1, 1), DType::F32, &Device::Cpu).unwrap(),
+        );
+        // Before the tensors are looked at, for an inference load.
+        let vb = VarBuilder::from_tensors(t, DType::F32, &Device::Cpu);
+        let e = Gpt::new(&big, vb).unwrap_err().to_string();
+        assert!(e.contains("GiB to run (weights "), "{e}");
     }
 
     #[test]

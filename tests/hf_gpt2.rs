@@ -214,6 +214,127 @@ fn unprefixed_keys_old_buffers_and_tied_head_load() {
 }
 
 #[test]
+fn a_tied_matrix_stored_only_as_lm_head_loads_as_wte() {
+    // safetensors' `save_model` keeps one name of tensors that share storage, and for a
+    // GPT2LMHeadModel that can be `lm_head.weight`: transformers ties it back into wte.
+    let dir = edited_copy(|t| {
+        let wte = t.remove("transformer.wte.weight").unwrap();
+        t.insert("lm_head.weight".into(), wte);
+    });
+    let saved = load_safetensors(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
+    assert!(saved.contains_key("lm_head.weight"));
+    assert!(!saved.contains_key("transformer.wte.weight"));
+    let normal = Gpt::from_hf_dir(model_dir(), &Device::Cpu).unwrap();
+    let model = Gpt::from_hf_dir(dir.path(), &Device::Cpu).unwrap();
+    assert_eq!(model.config(), normal.config());
+    for w in ["a", "b"] {
+        let (input, _) = reference(w);
+        let (x, y) = (
+            normal.forward(&input).unwrap(),
+            model.forward(&input).unwrap(),
+        );
+        assert_eq!(max_abs_diff(&x, &y), 0.0, "input {w}");
+    }
+    // GPT2Model's unprefixed names too, and through the checkpoint loader.
+    let dir = edited_copy(|t| {
+        let wte = t.remove("transformer.wte.weight").unwrap();
+        *t = t
+            .drain()
+            .map(|(k, v)| (k.trim_start_matches("transformer.").to_string(), v))
+            .collect();
+        t.insert("lm_head.weight".into(), wte);
+    });
+    let (model, _) = tinygpt::checkpoint::load_model(dir.path(), &Device::Cpu).unwrap();
+    let (input, _) = reference("a");
+    assert_eq!(
+        max_abs_diff(
+            &normal.forward(&input).unwrap(),
+            &model.forward(&input).unwrap()
+        ),
+        0.0
+    );
+    // Neither name: wte is missing, by its name.
+    let dir = edited_copy(|t| {
+        t.remove("transformer.wte.weight");
+    });
+    let e = Gpt::from_hf_dir(dir.path(), &Device::Cpu).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("tensor `transformer.wte.weight` is missing in "),
+        "{e}"
+    );
+}
+
+/// Set in the child processes of
+/// [`a_model_over_the_memory_limit_is_refused_before_its_weights_are_read`].
+const CHILD: &str = "TINYGPT_TEST_MEMORY_CHILD";
+
+/// `TINYGPT_MEMORY_LIMIT` is read per process, so the checks run in child processes of this
+/// test binary (this test again, with the variable set), where no other test sees it.
+#[test]
+fn a_model_over_the_memory_limit_is_refused_before_its_weights_are_read() {
+    const NAME: &str = "a_model_over_the_memory_limit_is_refused_before_its_weights_are_read";
+    if std::env::var_os(CHILD).is_none() {
+        for limit in ["1M", "2M", "eight"] {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+                .env(CHILD, "1")
+                .env("TINYGPT_MEMORY_LIMIT", limit)
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success() && stdout.contains("1 passed"),
+                "TINYGPT_MEMORY_LIMIT={limit}:\n{stdout}\n{stderr}"
+            );
+        }
+        return;
+    }
+    // The fixture needs 1.6 MiB to run: 172,288 f32 weights (0.7 MiB), a KV cache of
+    // 2 · 2 layers · 128 positions · 64 (0.1 MiB), one forward pass of 128 · (10 · 64 + 1000)
+    // floats (0.8 MiB). A truncated weights file shows that the refusal comes before it is read.
+    let dir = edited_copy(|_| {});
+    let weights = dir.path().join("model.safetensors");
+    std::fs::write(&weights, b"truncated").unwrap();
+    let limit = std::env::var("TINYGPT_MEMORY_LIMIT").unwrap();
+    let result = Gpt::from_hf_dir(dir.path(), &Device::Cpu);
+    match limit.as_str() {
+        "1M" => {
+            let e = result.unwrap_err();
+            assert!(matches!(e, Error::Config(_)), "{e:?}");
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "invalid config: {}: a model of n_layer 2, n_head 4, n_embd 64, vocab_size \
+                     1000, block_size 128 (0.2M parameters) needs about 1.6 MiB to run (weights \
+                     0.7 MiB, KV cache 0.1 MiB, activations 0.8 MiB, for batches of 1 × 128 \
+                     tokens), more than the 1.0 MiB TINYGPT_MEMORY_LIMIT allows: make the model \
+                     smaller, or set TINYGPT_MEMORY_LIMIT (e.g. 64G) to override the check",
+                    dir.path().join("config.json").display()
+                )
+            );
+            // Through the checkpoint loader too, and for a model built in memory.
+            let e = tinygpt::checkpoint::load_model(dir.path(), &Device::Cpu).unwrap_err();
+            assert!(e.to_string().contains("needs about 1.6 MiB to run"), "{e}");
+            let cfg = tinygpt::hf::load_config(model_dir()).unwrap();
+            let e = Gpt::init(&cfg, 0, &Device::Cpu).unwrap_err().to_string();
+            assert!(
+                e.contains("to train (weights 0.7 MiB, gradients 0.7 MiB"),
+                "{e}"
+            );
+        }
+        // It fits: the weights are read, and found truncated.
+        "2M" => assert!(matches!(result, Err(Error::BadFile { .. })), "{result:?}"),
+        _ => assert_eq!(
+            result.unwrap_err().to_string(),
+            "invalid config: TINYGPT_MEMORY_LIMIT=\"eight\" is not a memory size: give bytes, \
+             or a number with K, M, G or T (binary: 8G is 8 GiB), or `off`"
+        ),
+    }
+}
+
+#[test]
 fn sharded_weights_load() {
     let dir = edited_copy(|_| {});
     let all = load_safetensors(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();

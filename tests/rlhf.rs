@@ -211,6 +211,75 @@ fn the_reference_is_bit_identical_after_dpo_and_ppo() {
     std::fs::remove_dir_all(&root).unwrap();
 }
 
+/// DPO and PPO compare the policy with its reference in one mode, dropout off in both (as TRL
+/// does): with dropout 0.5 and policy = reference, DPO's first training loss is ln 2 and PPO's
+/// first ratio is 1 and its KL 0, as they are without dropout.
+#[test]
+fn policy_and_reference_compare_without_dropout() {
+    let (tok, t) = chat_tokenizer();
+    let cfg = GptConfig {
+        dropout: 0.5,
+        ..tiny(tok.vocab_size())
+    };
+    let policy = Gpt::init(&cfg, 31, &Device::Cpu).unwrap();
+    let reference = Gpt::from_tensors(&cfg, policy.tensors(), false).unwrap();
+    let (train, val) = datasets(&tok, &t);
+    let mut dpo = Dpo::new(
+        policy.clone(),
+        reference.clone(),
+        tok.clone(),
+        train,
+        val,
+        8,
+        0.1,
+    )
+    .unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    for step in 0..3 {
+        let (loss, tokens) = dpo.train_loss(&mut rng).unwrap();
+        assert!(tokens > 0);
+        let value = loss.to_scalar::<f32>().unwrap() as f64;
+        assert!(
+            (value - std::f64::consts::LN_2).abs() < 1e-6,
+            "batch {step}: {value}"
+        );
+        // The loss still reaches the policy's weights.
+        let grads = loss.backward().unwrap();
+        let vars = dpo.parameters().unwrap();
+        assert!(vars.iter().any(|(_, v)| grads.get(v.as_tensor()).is_some()));
+    }
+
+    let backbone = Gpt::init(&cfg, 32, &Device::Cpu).unwrap();
+    let backbone = Gpt::from_tensors(&cfg, backbone.tensors(), false).unwrap();
+    let w: Vec<f32> = (0..16).map(|i| ((i % 5) as f32 - 2.0) * 0.5).collect();
+    let head = ScalarHead::from_tensors(
+        "score",
+        Tensor::new(w, &Device::Cpu).unwrap(),
+        Tensor::new(&[0f32], &Device::Cpu).unwrap(),
+        false,
+    )
+    .unwrap();
+    let reward = RewardModel::from_parts(backbone, head).unwrap();
+    let value_head = ScalarHead::zeros(Ppo::VALUE_HEAD_NAME, 16, &Device::Cpu, true).unwrap();
+    let mut ppo = Ppo::new(
+        policy,
+        value_head,
+        reference,
+        reward,
+        tok,
+        &prompts(),
+        ppo_cfg(),
+    )
+    .unwrap();
+    let (loss, tokens) = ppo.train_loss(&mut rng).unwrap();
+    assert!(tokens > 0 && loss.to_scalar::<f32>().unwrap().is_finite());
+    let s = *ppo.last_minibatch().unwrap();
+    assert_eq!((s.ratio_min, s.ratio_max), (1.0, 1.0), "{s:?}");
+    assert_eq!((s.clip_fraction, s.approx_kl), (0.0, 0.0));
+    let r = *ppo.current_rollout().unwrap();
+    assert_eq!((r.kl, r.kl_per_token), (0.0, 0.0), "{r:?}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Stopping and resuming
 // ---------------------------------------------------------------------------------------------

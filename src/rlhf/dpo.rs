@@ -12,7 +12,10 @@
 //! where `log π(y|x)` is summed over the reply's tokens (its content and `<|end|>`) only —
 //! never the prompt or padding ([`crate::rlhf::sequence_logprobs`]). `π_ref` is the SFT model,
 //! frozen: loaded with constant weights and run without building a graph, so it never changes.
-//! At the start `π = π_ref`, both implicit rewards are 0 and the loss is exactly `ln 2`.
+//! Both are run with dropout off, in training too (TRL's `DPOConfig.disable_dropout`, on by
+//! default): dropout in the policy's pass alone would make `log π − log π_ref` noise that
+//! neither model has. So at the start `π = π_ref`, both implicit rewards are 0 and the loss is
+//! exactly `ln 2`, whatever the model's `dropout`.
 //!
 //! Logged (as TRL's `DPOTrainer` does): the loss, the implicit rewards of both sides
 //! (`reward_chosen`, `reward_rejected`), their mean difference (`reward_margin`) and the
@@ -131,16 +134,17 @@ impl Dpo {
         &self.val
     }
 
-    /// Loss and implicit rewards `(N,)` for the pairs at `indices`.
+    /// Loss and implicit rewards `(N,)` for the pairs at `indices`. Both models run without
+    /// dropout (see the module docs); the policy's pass builds a graph when its weights are
+    /// trainable.
     fn batch(
         &self,
         data: &PreferenceDataset,
         indices: &[usize],
-        rng: Option<&mut ChaCha8Rng>,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let batch = data.batch(indices, self.tokenizer.eot_id(), self.policy.device())?;
         let n = indices.len();
-        let (_, policy) = sequence_logprobs(&self.policy, &batch, rng)?; // (2N,)
+        let (_, policy) = sequence_logprobs(&self.policy, &batch, None)?; // (2N,)
         let (_, reference) = sequence_logprobs(&self.reference, &batch, None)?; // (2N,), no graph
         let reference = reference.detach();
         dpo_loss(
@@ -165,7 +169,7 @@ impl Dpo {
         let mut acc = PairAccumulator::default();
         let indices: Vec<usize> = (0..data.len()).collect();
         for chunk in indices.chunks(self.batch_size).take(max_batches) {
-            let (loss, c, r) = self.batch(data, chunk, None)?;
+            let (loss, c, r) = self.batch(data, chunk)?;
             acc.add(loss.to_scalar::<f32>()? as f64, &c, &r)?;
         }
         Ok(acc.finish())
@@ -203,10 +207,11 @@ impl Objective for Dpo {
         self.policy.vars()
     }
 
-    /// `batch_size` pairs drawn at random (with replacement).
+    /// `batch_size` pairs drawn at random (with replacement), the policy without dropout
+    /// like its reference.
     fn train_loss(&mut self, rng: &mut ChaCha8Rng) -> Result<(Tensor, usize)> {
         let (indices, tokens) = self.train.sample(self.batch_size, rng);
-        let (loss, _, _) = self.batch(&self.train, &indices, Some(rng))?;
+        let (loss, _, _) = self.batch(&self.train, &indices)?;
         Ok((loss, tokens))
     }
 
@@ -276,7 +281,7 @@ mod tests {
     fn loss_at_initialisation_is_ln_2() {
         let (policy, reference, tok, ds) = setup();
         let dpo = Dpo::new(policy, reference, tok, ds.clone(), ds.clone(), 4, 0.1).unwrap();
-        let (loss, c, r) = dpo.batch(&ds, &[0, 1, 2, 3], None).unwrap();
+        let (loss, c, r) = dpo.batch(&ds, &[0, 1, 2, 3]).unwrap();
         let loss = loss.to_scalar::<f32>().unwrap() as f64;
         assert!((loss - std::f64::consts::LN_2).abs() < 1e-6, "{loss}");
         assert_eq!(c.to_vec1::<f32>().unwrap(), vec![0.0; 4]);

@@ -35,7 +35,10 @@
 //! gradient clipping, atomic checkpoints, `metrics.jsonl` and resuming for free. The old
 //! log-probabilities and values of a minibatch are computed at collection time by the same
 //! code on the same padded batch as the new ones, so on the first minibatch of an iteration
-//! (no step taken yet) the ratio is exactly 1. [`Objective::evaluate`] reports the last
+//! (no step taken yet) the ratio is exactly 1. Every forward pass (the policy's, old and new,
+//! the reference's and the reward model's) runs with dropout off, as TRL's do, so that holds
+//! whatever the model's `dropout`, and the KL penalty compares the two models, not two
+//! dropout masks. [`Objective::evaluate`] reports the last
 //! complete iteration; setting the trainer's `eval_interval` to a multiple of
 //! `steps_per_iteration` writes one `"kind": "eval"` `metrics.jsonl` row per iteration (or per
 //! few; the `"kind": "train"` rows are the optimiser steps) and a
@@ -645,8 +648,9 @@ impl Ppo {
         self.rollout.as_ref().map(|r| &r.stats)
     }
 
-    /// One forward pass of the policy on a batch: per-token log-probabilities `(B, T−1)` (zero
-    /// outside the response), values `(B, T−1)` and logits `(B, T, V)`, with a graph.
+    /// One forward pass of the policy on a batch, without dropout (like the reference's):
+    /// per-token log-probabilities `(B, T−1)` (zero outside the response), values `(B, T−1)`
+    /// and logits `(B, T, V)`, with a graph.
     fn policy_outputs(&self, batch: &SequenceBatch) -> Result<(Tensor, Tensor, Tensor)> {
         let hidden = self.policy.hidden_states(&batch.ids, None, None)?; // (B, T, C)
         let logits = self.policy.lm_head(&hidden)?; // (B, T, V)
