@@ -1179,4 +1179,80 @@ mod tests {
         assert!(!crate::hf::is_hf_dir(&root));
         std::fs::remove_dir_all(&root).unwrap();
     }
+
+    #[test]
+    fn the_manifest_names_a_damaged_or_missing_file() {
+        let root = tmpdir("manifest");
+        let target = root.join("ckpt");
+        let w = CheckpointWriter::begin(&target).unwrap();
+        write_checkpoint_files(w.path(), "weights");
+        std::fs::write(w.path().join(files::METRICS), "{}\n").unwrap();
+        w.commit().unwrap();
+        assert!(verify(&target).unwrap());
+        // The metrics grow after the checkpoint: not in the manifest.
+        std::fs::write(target.join(files::METRICS), "{}\n{}\n").unwrap();
+        assert!(verify(&target).unwrap());
+        // Same size, other bytes: the checksum tells.
+        std::fs::write(target.join(files::MODEL), "weightz").unwrap();
+        let e = verify(&target).unwrap_err().to_string();
+        assert!(
+            e.contains("model.safetensors has CRC-32") && e.contains("its manifest says"),
+            "{e}"
+        );
+        std::fs::write(target.join(files::MODEL), "weight").unwrap();
+        let e = verify(&target).unwrap_err().to_string();
+        assert!(e.contains("model.safetensors is 6 bytes, its manifest says 7"), "{e}");
+        std::fs::remove_file(target.join(files::MODEL)).unwrap();
+        let e = verify(&target).unwrap_err().to_string();
+        assert!(e.contains("missing model.safetensors, which its manifest lists"), "{e}");
+        // No manifest (older checkpoints): nothing to check.
+        std::fs::remove_file(target.join(files::MANIFEST)).unwrap();
+        assert!(!verify(&target).unwrap());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn latest_states_move_with_the_best_checkpoint_and_leftovers_are_cleaned() {
+        let root = tmpdir("states");
+        let target = root.join("ckpt");
+        let w = CheckpointWriter::begin(&target).unwrap();
+        write_checkpoint_files(w.path(), "best");
+        w.commit().unwrap();
+        let state = target.join("checkpoint-7");
+        let w = CheckpointWriter::begin(&state).unwrap();
+        write_checkpoint_files(w.path(), "latest");
+        w.commit().unwrap();
+        assert_eq!(CheckpointWriter::preflight(&target).unwrap(), Target::Checkpoint);
+        // A new best checkpoint keeps the state.
+        let w = CheckpointWriter::begin(&target).unwrap();
+        write_checkpoint_files(w.path(), "best2");
+        w.commit().unwrap();
+        assert_eq!(std::fs::read_to_string(state.join(files::MODEL)).unwrap(), "latest");
+        assert_eq!(state_dirs(&target).unwrap(), vec![(7, state.clone())]);
+        // What a kill leaves: a temporary directory holding the states (moved there just
+        // before a swap), an old latest state being deleted, a half-written file.
+        let tmp = root.join(".ckpt.tmp-999");
+        std::fs::create_dir_all(&tmp).unwrap();
+        std::fs::rename(&state, tmp.join("checkpoint-7")).unwrap();
+        std::fs::create_dir_all(target.join(".checkpoint-3.old-999")).unwrap();
+        std::fs::write(target.join(".metrics.jsonl.tmp-999"), "x").unwrap();
+        assert_eq!(clean_stale(&target).unwrap().len(), 3);
+        assert_eq!(std::fs::read_to_string(state.join(files::MODEL)).unwrap(), "latest");
+        assert_eq!(names(&root), ["ckpt"]);
+        // A checkpoint moved aside whose replacement never arrived (two renames, no swap).
+        std::fs::rename(&target, root.join(".ckpt.old-999")).unwrap();
+        clean_stale(&target).unwrap();
+        assert_eq!(std::fs::read_to_string(target.join(files::MODEL)).unwrap(), "best2");
+        assert_eq!(names(&root), ["ckpt"]);
+        // Pruning keeps the newest and drops states newer than the run's own.
+        for step in [8, 9, 30] {
+            let w = CheckpointWriter::begin(target.join(format!("checkpoint-{step}"))).unwrap();
+            write_checkpoint_files(w.path(), "s");
+            w.commit().unwrap();
+        }
+        prune_states(&target, 2, 9).unwrap();
+        let steps: Vec<usize> = state_dirs(&target).unwrap().into_iter().map(|s| s.0).collect();
+        assert_eq!(steps, [8, 9]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }

@@ -161,3 +161,79 @@ fn chat_session_keeps_working_past_the_context() {
     assert!(session.send("ZZZ", |_| {}).is_err());
     assert_eq!(session.history().len(), n);
 }
+
+/// SFT stopped by its stop flag (what Ctrl-C raises) during step 7 and resumed from the state it
+/// saved ends with the uninterrupted run's weights and moments, bit for bit; dropout on, so
+/// the RNG's state is part of what must come back.
+#[test]
+fn sft_interrupted_resumes_bit_for_bit() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use tinygpt::checkpoint;
+    let root = tempfile::tempdir().unwrap();
+    let tok = Tokenizer::train_char(ALPHABET).unwrap();
+    let base_cfg = GptConfig {
+        dropout: 0.1,
+        ..cfg(tok.vocab_size() + 4, 32)
+    };
+    let base = Gpt::init(&base_cfg, 3, &Device::Cpu).unwrap();
+    let (model, tok, template) = prepare_for_chat(&base, tok).unwrap();
+    let (train, _) = SftDataset::new(&conversations(100, 1), &tok, &template, 32).unwrap();
+    let (val, _) = SftDataset::new(&conversations(20, 2), &tok, &template, 32).unwrap();
+    let train_cfg = TrainConfig {
+        max_iters: 16,
+        eval_interval: 5,
+        eval_iters: 2,
+        log_interval: 1,
+        warmup_iters: 2,
+        lr_decay_iters: 16,
+        ..TrainConfig::default()
+    };
+    let run = |out: &std::path::Path, from: Option<&std::path::Path>, stop_after: Option<usize>| {
+        let (model, tok) = match from {
+            Some(from) => checkpoint::load_trainable(from, &Device::Cpu).unwrap(),
+            None => (
+                Gpt::from_tensors(model.config(), model.tensors(), true).unwrap(),
+                tok.clone(),
+            ),
+        };
+        let mut sft = Sft::new(model, tok, train.clone(), val.clone(), 4).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut trainer = Trainer::new(train_cfg.clone(), sft.parameters().unwrap())
+            .unwrap()
+            .with_out_dir(out)
+            .with_stop_flag(stop.clone());
+        if let Some(from) = from {
+            trainer = trainer.resume_from(from).unwrap();
+        }
+        trainer
+            .fit(&mut sft, |e| {
+                if let TrainEvent::Step { step, .. } = e {
+                    if Some(*step) == stop_after {
+                        stop.store(true, Ordering::SeqCst);
+                    }
+                }
+            })
+            .err()
+    };
+    let full = root.path().join("full");
+    assert!(run(&full, None, None).is_none());
+    let out = root.path().join("stopped");
+    let e = run(&out, None, Some(7)).unwrap();
+    assert!(
+        matches!(&e, tinygpt::Error::Interrupted { step: 7, saved: Some(p) } if p == &out.join("checkpoint-7")),
+        "{e}"
+    );
+    let from = checkpoint::latest_state(&out).unwrap();
+    assert!(run(&out, Some(&from), None).is_none());
+    let (a, b) = (
+        checkpoint::latest_state(&full).unwrap(),
+        checkpoint::latest_state(&out).unwrap(),
+    );
+    for f in ["model.safetensors", "optimizer.safetensors"] {
+        assert!(
+            std::fs::read(a.join(f)).unwrap() == std::fs::read(b.join(f)).unwrap(),
+            "{f} differs from the uninterrupted run's"
+        );
+    }
+}
