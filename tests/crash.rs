@@ -19,7 +19,7 @@ use tinygpt::{Gpt, GptConfig, Objective, Pretraining, TokenDataset, Tokenizer, T
 
 const CHILD_ENV: &str = "TINYGPT_CRASH_CHILD";
 const KILLS: usize = 50;
-const MAX_ITERS: usize = 40;
+const MAX_ITERS: usize = 24;
 
 fn text() -> String {
     "First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. "
@@ -29,7 +29,7 @@ fn text() -> String {
 fn cfg() -> TrainConfig {
     TrainConfig {
         max_iters: MAX_ITERS,
-        eval_interval: 8,
+        eval_interval: 6,
         eval_iters: 2,
         log_interval: 1,
         batch_size: 4,
@@ -153,16 +153,26 @@ fn kill_9_at_random_instants_loses_nothing() {
     let out = work.join("out");
     let (mut with_leftovers, mut finished, mut before_first) = (0, 0, 0);
     let mut steps_seen = std::collections::BTreeSet::new();
-    for kill in 0..KILLS {
+    // Until 50 kills have landed mid-run (a child that finished before its kill does not
+    // count; the next one starts over).
+    let (mut kill, mut attempts) = (0, 0);
+    while kill < KILLS {
+        attempts += 1;
+        assert!(attempts < 4 * KILLS, "the runs keep finishing before their kill");
+        // Spread over what is left of the run (a resumed child has fewer steps to go).
+        let done = checkpoint::latest_state(&out)
+            .ok()
+            .and_then(|d| TrainerState::load(d).ok())
+            .map_or(0, |s| s.step);
+        let left = (MAX_ITERS - done) as f64 / MAX_ITERS as f64;
         let mut proc = child(&out);
-        let wait = rng.random_range(0.05..0.7) * run_time.as_secs_f64();
+        let wait = rng.random_range(0.0..1.0) * run_time.as_secs_f64() * left.max(0.1);
         std::thread::sleep(Duration::from_secs_f64(wait));
         let _ = proc.kill(); // SIGKILL
         let status = proc.wait().unwrap();
         if status.success() {
             finished += 1;
-        }
-        if leftovers(&work, &out) > 0 {
+        } else if leftovers(&work, &out) > 0 {
             with_leftovers += 1;
         }
         // Whatever the instant: the directory loads and verifies.
@@ -198,12 +208,14 @@ fn kill_9_at_random_instants_loses_nothing() {
             // Start again, so that the kills keep landing mid-run.
             std::fs::remove_dir_all(&work).unwrap();
             std::fs::create_dir_all(&work).unwrap();
+        } else {
+            kill += 1;
         }
     }
     println!(
         "{KILLS} kills over a {:.2} s run: {with_leftovers} left a checkpoint write half done, \
-         {before_first} came before the first state, {finished} runs finished first; states \
-         resumed from: {steps_seen:?}",
+         {before_first} came before the first state ({finished} more runs finished before \
+         their kill); states resumed from: {steps_seen:?}",
         run_time.as_secs_f64()
     );
     assert!(with_leftovers > 0, "no kill landed during a checkpoint write");
