@@ -830,6 +830,7 @@ impl Trainer {
                 let lock = DirLock::acquire(&lock_path(&dir))?;
                 checkpoint::clean_stale(&dir)?;
                 CheckpointWriter::preflight(&dir)?;
+                checkpoint::check_space(&dir, self.checkpoint_bytes())?;
                 let inside = self
                     .resumed_from
                     .as_ref()
@@ -990,6 +991,18 @@ impl Trainer {
             tokens_per_sec: self.state.tokens_seen as f64 / self.state.elapsed_s.max(1e-9),
             last_metrics,
         })
+    }
+
+    /// About the bytes one checkpoint takes on disk: the weights and AdamW's two moments
+    /// (besides the old checkpoint, which stays until the new one is complete).
+    fn checkpoint_bytes(&self) -> u64 {
+        let param_bytes: u64 = self
+            .opt
+            .params()
+            .iter()
+            .map(|(_, v)| (v.elem_count() * v.dtype().size_in_bytes()) as u64)
+            .sum();
+        3 * param_bytes
     }
 
     /// Whether the stop flag is up.
@@ -1252,14 +1265,7 @@ impl Trainer {
             std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
             durable::sync_dir(&durable::parent_of(&out))?;
         }
-        // Model, two moments per parameter, and the old copy until the swap.
-        let param_bytes: u64 = self
-            .opt
-            .params()
-            .iter()
-            .map(|(_, v)| (v.elem_count() * v.dtype().size_in_bytes()) as u64)
-            .sum();
-        let needed = 3 * param_bytes;
+        let needed = self.checkpoint_bytes();
         checkpoint::check_space(&target, needed)?;
         let full = |e: Error| disk_full(e, &target, needed);
         let writer = CheckpointWriter::begin(&target)?;
@@ -1913,5 +1919,22 @@ mod tests {
             .to_string();
         assert!(e.contains("another run") && e.contains(".ckpt.lock"), "{e}");
         drop(held);
+    }
+
+    #[test]
+    fn a_full_disk_is_named_with_the_bytes_needed() {
+        let io = Error::io(
+            "out/.ckpt.tmp-1/model.safetensors",
+            std::io::Error::from_raw_os_error(28),
+        );
+        let e = disk_full(io, Path::new("out/ckpt"), 38_569_912).to_string();
+        assert_eq!(
+            e,
+            "checkpoint out/ckpt: the disk filled up while writing \
+             out/.ckpt.tmp-1/model.safetensors (a checkpoint needs about 38.6 MB): free some \
+             space or choose another output directory; the previous checkpoint is untouched"
+        );
+        let other = Error::io("x", std::io::Error::from_raw_os_error(13));
+        assert!(matches!(disk_full(other, Path::new("o"), 1), Error::Io { .. }));
     }
 }
