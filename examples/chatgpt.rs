@@ -6,7 +6,8 @@
 //!     --sft-data data/sft_identity.jsonl data/sft_alpaca_en_demo.jsonl \
 //!     --ask "Who are you?" --ask "Write a short poem about the sea."
 //! ```
-//! Sized to finish in about ten minutes on two cores; every stage prints what it did.
+//! Sized to finish in about ten minutes on two cores; every stage prints what it did. Ctrl-C
+//! (or SIGTERM) stops the stage in training after its current step and saves its state.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -84,8 +85,13 @@ struct Args {
     device: String,
 }
 
+/// What to do after Ctrl-C: this example has no --resume.
+const AFTER_INTERRUPT: &str = "chatgpt does not continue a stage: run the same command with \
+    --overwrite added to start over";
+
 fn main() -> Result<()> {
     common::init();
+    let stop = common::Stop::install()?;
     let args = Args::parse();
     let device = common::device(&args.device)?;
     let started = Instant::now();
@@ -132,10 +138,17 @@ fn main() -> Result<()> {
     let pre_dir = args.out.join("pretrain");
     let mut pretraining = Pretraining::new(model, tokenizer, dataset, pre_cfg.batch_size)?;
     let progress = common::Progress::new(pre_cfg.max_iters, 0);
-    let pre = Trainer::new(pre_cfg.clone(), pretraining.parameters()?)?
+    let mut trainer = Trainer::new(pre_cfg.clone(), pretraining.parameters()?)?
         .with_out_dir(&pre_dir)
-        .fit(&mut pretraining, |e| progress.event(e))?;
-    progress.finish();
+        .with_stop_flag(stop.flag());
+    let pre = common::train(
+        &mut trainer,
+        &mut pretraining,
+        &stop,
+        &progress,
+        |_| {},
+        AFTER_INTERRUPT,
+    )?;
     println!(
         "pre-trained {} steps: best val loss {:.3} ({:.0} s)",
         pre.steps,
@@ -189,10 +202,17 @@ fn main() -> Result<()> {
     let sft_dir = args.out.join("sft");
     let mut sft = Sft::new(model, tokenizer, train, val, sft_cfg.batch_size)?;
     let progress = common::Progress::new(sft_cfg.max_iters, 0);
-    let tuned = Trainer::new(sft_cfg.clone(), sft.parameters()?)?
+    let mut trainer = Trainer::new(sft_cfg.clone(), sft.parameters()?)?
         .with_out_dir(&sft_dir)
-        .fit(&mut sft, |e| progress.event(e))?;
-    progress.finish();
+        .with_stop_flag(stop.flag());
+    let tuned = common::train(
+        &mut trainer,
+        &mut sft,
+        &stop,
+        &progress,
+        |_| {},
+        AFTER_INTERRUPT,
+    )?;
     println!(
         "fine-tuned {} steps: held-out assistant loss {:.3} ({:.0} s)",
         tuned.steps,

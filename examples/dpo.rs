@@ -39,20 +39,23 @@ struct Args {
     /// or the resumed run's].
     #[arg(long, allow_negative_numbers = true)]
     val_fraction: Option<f64>,
-    /// Checkpoint directory, holding the best held-out loss [default: the --resume directory,
-    /// else out/dpo].
+    /// Checkpoint directory, holding the best held-out loss and the latest states
+    /// (OUT/checkpoint-STEP) [default: the --resume directory, else out/dpo].
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Continue the run saved in this directory.
+    /// Continue the run saved in this directory (an earlier --out) from its newest state, the
+    /// best checkpoint or a later OUT/checkpoint-STEP (or from the OUT/checkpoint-STEP named);
+    /// training flags given override the saved settings.
     #[arg(long)]
     resume: Option<PathBuf>,
     /// DPO's β: how far the policy may move from the reference (the paper: 0.1).
     #[arg(long)]
     beta: Option<f64>,
-    /// Replies are cut to this many tokens [default: half the context].
+    /// Replies are cut to this many tokens [default: half the context, or the resumed run's].
     #[arg(long)]
     max_response_tokens: Option<usize>,
-    /// Skip (and count) malformed records instead of stopping before training.
+    /// Skip (and count) malformed records instead of stopping before training [default: off,
+    /// or the resumed run's].
     #[arg(long)]
     skip_bad_lines: bool,
     #[command(flatten)]
@@ -81,10 +84,16 @@ fn dpo_defaults() -> TrainConfig {
 
 fn main() -> Result<()> {
     common::init();
+    let stop = common::Stop::install()?;
     let args = Args::parse();
+    let resume = match &args.resume {
+        Some(dir) => Some(common::resume(dir, Dpo::STAGE)?),
+        None => None,
+    };
+    let resumed = resume.as_ref().map(|r| r.run.as_path());
     let out = common::stage_out_dir(
         args.out.as_deref(),
-        args.resume.as_deref(),
+        resumed,
         Dpo::STAGE,
         &[("--sft", args.sft.as_deref())],
         args.train.overwrite,
@@ -98,9 +107,9 @@ fn main() -> Result<()> {
     let started = Instant::now();
 
     // 1. Policy, reference and settings: fresh from --sft, or from the run to resume.
-    let (policy_dir, sft, cfg, data, val_data, beta) = match &args.resume {
-        Some(dir) => {
-            let state = tinygpt::train::TrainerState::load_for_stage(dir, Dpo::STAGE)?;
+    let (policy_dir, sft, cfg, data, val_data, beta) = match &resume {
+        Some(resume) => {
+            let (dir, state) = (&resume.run, resume.state.clone());
             let sft = match (&args.sft, state.extra["sft"].as_str()) {
                 (Some(s), _) => s.clone(),
                 (None, Some(s)) => PathBuf::from(s),
@@ -118,9 +127,8 @@ fn main() -> Result<()> {
                 0.05,
             )?;
             let beta = args.beta.or(state.extra["beta"].as_f64()).unwrap_or(0.1);
-            println!("resuming {} at step {}", dir.display(), state.step);
             (
-                dir.clone(),
+                resume.dir.clone(),
                 sft,
                 args.train.apply(state.train_config),
                 data,
@@ -150,11 +158,21 @@ fn main() -> Result<()> {
         .with_context(|| format!("loading the reference {}", sft.display()))?;
     let template = ChatTemplate::new(&tokenizer)?;
     let block_size = policy.config().block_size;
-    let max_response = args.max_response_tokens.unwrap_or(block_size / 2);
+    // Not training settings, so not in train_config: the resumed run's, unless given.
+    let recorded = resume.as_ref().map(|r| &r.state.extra);
+    let max_response = args
+        .max_response_tokens
+        .or(recorded.and_then(|e| e["max_response_tokens"].as_u64().map(|n| n as usize)))
+        .unwrap_or(block_size / 2);
+    let recorded_skip = recorded.is_some_and(|e| e["skip_bad_lines"].as_bool() == Some(true));
+    if recorded_skip && !args.skip_bad_lines {
+        println!("skipping bad records, as the run did (--skip-bad-lines)");
+    }
+    let skip_bad = args.skip_bad_lines || recorded_skip;
     let (train, val) = common::rlhf::datasets(
         &data,
         &val_data,
-        args.skip_bad_lines,
+        skip_bad,
         &tokenizer,
         &template,
         block_size,
@@ -176,19 +194,29 @@ fn main() -> Result<()> {
         "data": common::rlhf::paths_json(&data),
         "val_data": val_data.to_extra().0,
         "val_fraction": val_data.to_extra().1,
+        "max_response_tokens": max_response,
+        "skip_bad_lines": skip_bad,
         "beta": beta,
     });
     common::announce(&cfg)?;
     let mut trainer = Trainer::new(cfg.clone(), objective.parameters()?)?
         .with_out_dir(&out)
-        .with_extra(extra);
-    if let Some(dir) = &args.resume {
-        trainer = trainer.resume_from(dir)?;
+        .with_extra(extra)
+        .with_stop_flag(stop.flag());
+    if let Some(resume) = &resume {
+        trainer = common::resume_trainer(trainer, resume, &cfg, "--max-iters")?;
     }
     let progress = common::Progress::new(cfg.max_iters, trainer.step());
-    let summary = trainer.fit(&mut objective, |e| progress.event(e))?;
-    progress.finish();
-    let holds = common::holds_run_checkpoint(&out, progress.saved(), args.resume.as_deref());
+    let again = common::device_flag(&args.device);
+    let summary = common::train(
+        &mut trainer,
+        &mut objective,
+        &stop,
+        &progress,
+        |_| {},
+        &common::continue_with("dpo", &out, &again),
+    )?;
+    let holds = common::holds_run_checkpoint(&out, progress.saved(), resumed);
 
     // 3. Summary from the last evaluation.
     let get = |k: &str| {
@@ -207,7 +235,7 @@ fn main() -> Result<()> {
         get("reward_margin"),
         summary.steps,
         started.elapsed().as_secs_f64(),
-        common::checkpoint_note(&out, holds)
+        common::checkpoint_note(&out, holds, &trainer)
     );
     Ok(())
 }

@@ -5,6 +5,9 @@
 //!     --data out/rule/prompts_train.jsonl --out out/ppo --iterations 30
 //! cargo run --release --example ppo -- --resume out/ppo --iterations 40
 //! ```
+//!
+//! Ctrl-C (or SIGTERM) stops at the end of the iteration in progress (a rollout is not saved)
+//! and saves the state in `OUT/checkpoint-STEP`; `--resume OUT` continues from it.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -37,19 +40,22 @@ struct Args {
     /// Prompts: preference JSONL (history + prompt) or SFT JSONL (messages before the reply).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Checkpoint directory, written every --log-every iterations [default: the --resume
-    /// directory, else out/ppo].
+    /// Checkpoint directory, written every --log-every iterations, and the latest states
+    /// (OUT/checkpoint-STEP) [default: the --resume directory, else out/ppo].
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Continue the run saved in this directory.
+    /// Continue the run saved in this directory (an earlier --out) from its newest state, the
+    /// checkpoint or a later OUT/checkpoint-STEP (or from the OUT/checkpoint-STEP named);
+    /// --sft, --reward, --data and the PPO settings default to the run's, training flags given
+    /// override the saved settings.
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// PPO iterations in total (rollout + optimisation).
-    #[arg(long, default_value_t = 30)]
-    iterations: usize,
-    /// Evaluate, log and checkpoint every N iterations.
-    #[arg(long, default_value_t = 1)]
-    log_every: usize,
+    /// PPO iterations in total (rollout + optimisation) [default: 30, or the resumed run's].
+    #[arg(long)]
+    iterations: Option<usize>,
+    /// Evaluate, log and checkpoint every N iterations [default: 1, or the resumed run's].
+    #[arg(long)]
+    log_every: Option<usize>,
     /// Replies per rollout.
     #[arg(long)]
     rollout_size: Option<usize>,
@@ -107,10 +113,16 @@ fn ppo_defaults() -> TrainConfig {
 
 fn main() -> Result<()> {
     common::init();
+    let stop = common::Stop::install()?;
     let args = Args::parse();
+    let resume = match &args.resume {
+        Some(dir) => Some(common::resume(dir, Ppo::STAGE)?),
+        None => None,
+    };
+    let resumed = resume.as_ref().map(|r| r.run.as_path());
     let out = common::stage_out_dir(
         args.out.as_deref(),
-        args.resume.as_deref(),
+        resumed,
         Ppo::STAGE,
         &[
             ("--sft", args.sft.as_deref()),
@@ -126,13 +138,7 @@ fn main() -> Result<()> {
     let started = Instant::now();
 
     // 1. Settings: fresh, or those of the run to resume with the flags given on top.
-    let state = match &args.resume {
-        Some(dir) => Some(tinygpt::train::TrainerState::load_for_stage(
-            dir,
-            Ppo::STAGE,
-        )?),
-        None => None,
-    };
+    let state = resume.as_ref().map(|r| &r.state);
     let recorded = |k: &str| {
         state
             .as_ref()
@@ -171,13 +177,30 @@ fn main() -> Result<()> {
         .as_ref()
         .map(|s| s.train_config.clone())
         .unwrap_or_else(ppo_defaults);
-    let mut cfg = args.train.apply(base);
+    // Iterations and --log-every as the run had them (in optimiser steps of its PPO
+    // settings), unless given.
+    let saved_steps = state
+        .and_then(|s| serde_json::from_value::<PpoConfig>(s.extra["ppo"].clone()).ok())
+        .map(|c| c.steps_per_iteration().max(1));
+    let (iterations, log_every) = match (state, saved_steps) {
+        (Some(s), Some(n)) => (
+            args.iterations.unwrap_or(s.train_config.max_iters / n),
+            args.log_every
+                .unwrap_or((s.train_config.eval_interval / n).max(1)),
+        ),
+        _ => (args.iterations.unwrap_or(30), args.log_every.unwrap_or(1)),
+    };
+    let mut cfg = args.train.apply(base.clone());
     if args.train.max_iters.is_none() {
-        cfg.max_iters = args.iterations * steps;
+        cfg.max_iters = iterations * steps;
     }
-    cfg.eval_interval = args.log_every.max(1) * steps;
+    cfg.eval_interval = log_every.max(1) * steps;
     cfg.batch_size = ppo_cfg.minibatch_size;
-    if args.train.lr_decay_iters.is_none() {
+    // The end of the decay follows the run's length, as in the other stages; a resumed run
+    // keeps the saved one unless its length changes and its learning rate decays (PPO's is
+    // constant unless the saved settings say otherwise).
+    let longer = cfg.decay_lr && cfg.max_iters != base.max_iters;
+    if args.train.lr_decay_iters.is_none() && (state.is_none() || longer) {
         cfg.lr_decay_iters = cfg.max_iters;
     }
 
@@ -186,7 +209,7 @@ fn main() -> Result<()> {
     let mut objective = Ppo::load(
         &sft,
         &reward,
-        args.resume.as_deref(),
+        resume.as_ref().map(|r| r.dir.as_path()),
         &prompts,
         ppo_cfg.clone(),
         &device,
@@ -196,7 +219,7 @@ fn main() -> Result<()> {
         None => "fixed".into(),
     };
     println!(
-        "ppo: {} prompts from {} | {} of {} replies, {} epochs × {} minibatches = {} steps each | kl_coef {} ({kl_control})",
+        "ppo: {} prompts from {} | {} of {} replies, {} epochs × {} minibatches = {} steps each | kl_coef {:.4} ({kl_control})",
         prompts.len(),
         data.display(),
         common::plural(cfg.max_iters / steps, "iteration"),
@@ -217,25 +240,31 @@ fn main() -> Result<()> {
     common::announce(&cfg)?;
     let mut trainer = Trainer::new(cfg.clone(), objective.parameters()?)?
         .with_out_dir(&out)
-        .with_extra(extra);
-    if let Some(dir) = &args.resume {
-        trainer = trainer.resume_from(dir)?;
+        .with_extra(extra)
+        .with_stop_flag(stop.flag());
+    if let Some(resume) = &resume {
+        trainer = common::resume_trainer(trainer, resume, &cfg, "--iterations")?;
     }
     let progress = common::Progress::new(cfg.max_iters, trainer.step());
     let done_before = trainer.step() / steps.max(1);
     // (iteration, mean reward) of the first rollout this run logged.
     let mut first: Option<(f64, f64)> = None;
-    let summary = trainer.fit(&mut objective, |e| {
-        if let tinygpt::TrainEvent::Eval { metrics, .. } = e {
-            let get = |key: &str| metrics.iter().find(|(k, _)| k == key).map(|(_, v)| *v);
-            if let (Some(i), Some(r)) = (get("iteration"), get("reward_mean")) {
-                first = first.or(Some((i, r)));
+    let summary = common::train(
+        &mut trainer,
+        &mut objective,
+        &stop,
+        &progress,
+        |e| {
+            if let tinygpt::TrainEvent::Eval { metrics, .. } = e {
+                let get = |key: &str| metrics.iter().find(|(k, _)| k == key).map(|(_, v)| *v);
+                if let (Some(i), Some(r)) = (get("iteration"), get("reward_mean")) {
+                    first = first.or(Some((i, r)));
+                }
             }
-        }
-        progress.event(e)
-    })?;
-    progress.finish();
-    let holds = common::holds_run_checkpoint(&out, progress.saved(), args.resume.as_deref());
+        },
+        &common::continue_with("ppo", &out, &common::device_flag(&args.device)),
+    )?;
+    let holds = common::holds_run_checkpoint(&out, progress.saved(), resumed);
 
     let iterations = objective.state().iteration;
     // PPO has no validation loss: it checkpoints after every --log-every iterations.
@@ -243,6 +272,7 @@ fn main() -> Result<()> {
         &out,
         holds,
         "no PPO iteration ran (--iterations must exceed the iterations already done)",
+        &trainer,
     );
     let Some(last) = objective.last_iteration().copied() else {
         println!(

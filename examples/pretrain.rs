@@ -6,6 +6,9 @@
 //! cargo run --release --example pretrain -- --tokenizer bpe --vocab-size 2048
 //! cargo run --release --example pretrain -- --resume out/pretrain  # continue a run
 //! ```
+//!
+//! Ctrl-C (or SIGTERM) stops after the step in progress and saves the state in
+//! `OUT/checkpoint-STEP`; `--resume OUT` continues from it.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -36,18 +39,21 @@ enum TokenizerChoice {
 ///
 /// Model flags (--tokenizer … --bias) describe a new model; with --resume the saved model is
 /// continued and they must not be given. Training flags given with --resume override the saved
-/// ones.
+/// ones (each change is printed). Ctrl-C or SIGTERM stops after the current step, saves the
+/// state (OUT/checkpoint-STEP) and prints the command that continues.
 #[derive(Debug, Parser)]
 #[command(version, args_override_self = true)]
 struct Args {
     /// UTF-8 text to train on [default: Tiny Shakespeare, downloaded into data/].
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Checkpoint directory, holding the best-validation-loss checkpoint [default: out/pretrain,
-    /// or the --resume directory].
+    /// Checkpoint directory, holding the best-validation-loss checkpoint and the latest states
+    /// (OUT/checkpoint-STEP) [default: out/pretrain, or the --resume directory].
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Continue the run saved in this checkpoint directory.
+    /// Continue the run saved in this directory (an earlier --out), from its newest state: the
+    /// best checkpoint or a later OUT/checkpoint-STEP (an interrupt, the end of the run); or
+    /// from the OUT/checkpoint-STEP named.
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Tokenizer to train on the corpus [default: char].
@@ -103,13 +109,19 @@ fn tokenizer_kind_name(t: &Tokenizer) -> &'static str {
 
 fn main() -> Result<()> {
     common::init();
+    let stop = common::Stop::install()?;
     let args = Args::parse();
     let device = common::device(&args.device)?;
     let started = Instant::now();
 
     // 1. Data, tokenizer and model: fresh, or from the checkpoint to resume.
-    let (model, tokenizer, train_cfg, data_path, out) = match &args.resume {
-        Some(dir) => {
+    let resume = match &args.resume {
+        Some(dir) => Some(common::resume(dir, Pretraining::STAGE)?),
+        None => None,
+    };
+    let (model, tokenizer, train_cfg, data_path, out) = match &resume {
+        Some(resume) => {
+            let dir = &resume.run;
             let model_flags = [
                 ("--tokenizer", args.tokenizer.is_some()),
                 ("--vocab-size", args.vocab_size.is_some()),
@@ -129,13 +141,13 @@ fn main() -> Result<()> {
                     dir.display()
                 );
             }
-            let state = tinygpt::train::TrainerState::load_for_stage(dir, Pretraining::STAGE)?;
+            let state = &resume.state;
             let data_path = match (&args.data, state.extra.get("data").and_then(|d| d.as_str())) {
                 (Some(p), _) => common::data::resolve("--data", p)?,
                 (None, Some(p)) => common::data::resolve("--data (recorded)", Path::new(p))?,
                 (None, None) => bail!("{}: no data path recorded; pass --data", dir.display()),
             };
-            let (model, tokenizer) = checkpoint::load_trainable(dir, &device)?;
+            let (model, tokenizer) = checkpoint::load_trainable(&resume.dir, &device)?;
             let cfg = args.train.apply(state.train_config.clone());
             let out = args.out.clone().unwrap_or_else(|| dir.clone());
             common::fresh_out_dir(
@@ -144,7 +156,6 @@ fn main() -> Result<()> {
                 Some(dir),
                 args.train.overwrite,
             )?;
-            println!("resuming {} at step {}", dir.display(), state.step);
             (model, tokenizer, cfg, data_path, out)
         }
         None => {
@@ -219,14 +230,26 @@ fn main() -> Result<()> {
     common::announce(&train_cfg)?;
     let mut trainer = Trainer::new(train_cfg.clone(), objective.parameters()?)?
         .with_out_dir(&out)
-        .with_extra(extra);
-    if let Some(dir) = &args.resume {
-        trainer = trainer.resume_from(dir)?;
+        .with_extra(extra)
+        .with_stop_flag(stop.flag());
+    if let Some(resume) = &resume {
+        trainer = common::resume_trainer(trainer, resume, &train_cfg, "--max-iters")?;
     }
     let progress = common::Progress::new(train_cfg.max_iters, trainer.step());
-    let summary = trainer.fit(&mut objective, |event| progress.event(event))?;
-    progress.finish();
-    let holds = common::holds_run_checkpoint(&out, progress.saved(), args.resume.as_deref());
+    let mut again = common::device_flag(&args.device);
+    if args.sample_chars != 500 {
+        again.extend(["--sample-chars".into(), args.sample_chars.to_string()]);
+    }
+    let summary = common::train(
+        &mut trainer,
+        &mut objective,
+        &stop,
+        &progress,
+        |_| {},
+        &common::continue_with("pretrain", &out, &again),
+    )?;
+    let resumed = resume.as_ref().map(|r| r.run.as_path());
+    let holds = common::holds_run_checkpoint(&out, progress.saved(), resumed);
 
     // 3. A sample from the best checkpoint, then the summary.
     if args.sample_chars > 0 && holds {
@@ -259,7 +282,7 @@ fn main() -> Result<()> {
         summary.elapsed_s,
         started.elapsed().as_secs_f64(),
         common::human(summary.tokens_per_sec),
-        common::checkpoint_note(&out, holds)
+        common::checkpoint_note(&out, holds, &trainer)
     );
     Ok(())
 }

@@ -39,17 +39,20 @@ struct Args {
     /// or the resumed run's].
     #[arg(long, allow_negative_numbers = true)]
     val_fraction: Option<f64>,
-    /// Checkpoint directory, holding the best held-out loss [default: the --resume directory,
-    /// else out/reward].
+    /// Checkpoint directory, holding the best held-out loss and the latest states
+    /// (OUT/checkpoint-STEP) [default: the --resume directory, else out/reward].
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Continue the run saved in this directory.
+    /// Continue the run saved in this directory (an earlier --out) from its newest state, the
+    /// best checkpoint or a later OUT/checkpoint-STEP (or from the OUT/checkpoint-STEP named);
+    /// training flags given override the saved settings.
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// Replies are cut to this many tokens [default: half the context].
+    /// Replies are cut to this many tokens [default: half the context, or the resumed run's].
     #[arg(long)]
     max_response_tokens: Option<usize>,
-    /// Skip (and count) malformed records instead of stopping before training.
+    /// Skip (and count) malformed records instead of stopping before training [default: off,
+    /// or the resumed run's].
     #[arg(long)]
     skip_bad_lines: bool,
     #[command(flatten)]
@@ -77,10 +80,16 @@ fn reward_defaults() -> TrainConfig {
 
 fn main() -> Result<()> {
     common::init();
+    let stop = common::Stop::install()?;
     let args = Args::parse();
+    let resume = match &args.resume {
+        Some(dir) => Some(common::resume(dir, RewardTraining::STAGE)?),
+        None => None,
+    };
+    let resumed = resume.as_ref().map(|r| r.run.as_path());
     let out = common::stage_out_dir(
         args.out.as_deref(),
-        args.resume.as_deref(),
+        resumed,
         RewardTraining::STAGE,
         &[("--sft", args.sft.as_deref())],
         args.train.overwrite,
@@ -94,10 +103,10 @@ fn main() -> Result<()> {
     let started = Instant::now();
 
     // 1. The model and the settings: fresh from --sft, or from the run to resume.
-    let (model, tokenizer, cfg, data, val_data, sft) = match &args.resume {
-        Some(dir) => {
-            let state = tinygpt::train::TrainerState::load_for_stage(dir, RewardTraining::STAGE)?;
-            let (model, tokenizer) = RewardModel::load_trainable(dir, &device)?;
+    let (model, tokenizer, cfg, data, val_data, sft) = match &resume {
+        Some(resume) => {
+            let state = resume.state.clone();
+            let (model, tokenizer) = RewardModel::load_trainable(&resume.dir, &device)?;
             let data = if args.data.is_empty() {
                 common::rlhf::paths_from_json(state.extra.get("data"))
             } else {
@@ -110,7 +119,6 @@ fn main() -> Result<()> {
                 0.05,
             )?;
             let sft = state.extra["sft"].as_str().unwrap_or_default().to_string();
-            println!("resuming {} at step {}", dir.display(), state.step);
             (
                 model,
                 tokenizer,
@@ -140,11 +148,21 @@ fn main() -> Result<()> {
     }
     let template = ChatTemplate::new(&tokenizer)?;
     let block_size = model.backbone().config().block_size;
-    let max_response = args.max_response_tokens.unwrap_or(block_size / 2);
+    // Not training settings, so not in train_config: the resumed run's, unless given.
+    let recorded = resume.as_ref().map(|r| &r.state.extra);
+    let max_response = args
+        .max_response_tokens
+        .or(recorded.and_then(|e| e["max_response_tokens"].as_u64().map(|n| n as usize)))
+        .unwrap_or(block_size / 2);
+    let recorded_skip = recorded.is_some_and(|e| e["skip_bad_lines"].as_bool() == Some(true));
+    if recorded_skip && !args.skip_bad_lines {
+        println!("skipping bad records, as the run did (--skip-bad-lines)");
+    }
+    let skip_bad = args.skip_bad_lines || recorded_skip;
     let (train, val) = common::rlhf::datasets(
         &data,
         &val_data,
-        args.skip_bad_lines,
+        skip_bad,
         &tokenizer,
         &template,
         block_size,
@@ -158,19 +176,29 @@ fn main() -> Result<()> {
         "data": common::rlhf::paths_json(&data),
         "val_data": val_data.to_extra().0,
         "val_fraction": val_data.to_extra().1,
+        "max_response_tokens": max_response,
+        "skip_bad_lines": skip_bad,
     });
     common::announce(&cfg)?;
     let mut trainer = Trainer::new(cfg.clone(), objective.parameters()?)?
         .with_out_dir(&out)
-        .with_extra(extra);
-    if let Some(dir) = &args.resume {
-        trainer = trainer.resume_from(dir)?;
+        .with_extra(extra)
+        .with_stop_flag(stop.flag());
+    if let Some(resume) = &resume {
+        trainer = common::resume_trainer(trainer, resume, &cfg, "--max-iters")?;
     }
     let progress = common::Progress::new(cfg.max_iters, trainer.step());
-    let summary = trainer.fit(&mut objective, |e| progress.event(e))?;
-    progress.finish();
-    let holds = common::holds_run_checkpoint(&out, progress.saved(), args.resume.as_deref());
-    let note = common::checkpoint_note(&out, holds);
+    let again = common::device_flag(&args.device);
+    let summary = common::train(
+        &mut trainer,
+        &mut objective,
+        &stop,
+        &progress,
+        |_| {},
+        &common::continue_with("reward", &out, &again),
+    )?;
+    let holds = common::holds_run_checkpoint(&out, progress.saved(), resumed);
+    let note = common::checkpoint_note(&out, holds, &trainer);
 
     // 3. The best checkpoint (or, if none was written, the model as trained) on the whole
     // held-out set.

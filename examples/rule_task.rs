@@ -24,6 +24,10 @@
 //!    model to the SFT model on its own samples.
 //!
 //! The last line is a one-line summary; `results.json` in `--out` holds the figures.
+//!
+//! Ctrl-C (or SIGTERM) stops the stage in training after its current step and saves its state;
+//! the same command with `--reuse` then keeps the stages that finished and trains the others
+//! again.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -71,8 +75,9 @@ struct Args {
     /// A smoke run: tiny data and a few steps per stage (seconds, meaningless numbers).
     #[arg(long)]
     quick: bool,
-    /// Reuse the pre-training, SFT and reward checkpoints already in --out (the PPO and DPO
-    /// checkpoints and results.json there are replaced).
+    /// Reuse the pre-training, SFT and reward checkpoints already in --out that finished their
+    /// steps (one stopped before its end, e.g. by Ctrl-C, is trained again, as are PPO and DPO;
+    /// results.json there is replaced).
     #[arg(long)]
     reuse: bool,
     /// Replace an earlier run in --out (its checkpoints and results.json).
@@ -213,10 +218,15 @@ fn check_out(out: &Path, overwrite: bool, reuse: bool) -> Result<()> {
         );
     }
     let non_empty = std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
+    // A stage interrupted before its first checkpoint holds only its latest state.
     let earlier: Vec<&str> = STAGES
         .iter()
         .copied()
-        .filter(|s| checkpoint::is_checkpoint_dir(out.join(s)))
+        .filter(|s| {
+            let dir = out.join(s);
+            checkpoint::is_checkpoint_dir(&dir)
+                || checkpoint::state_dirs(&dir).is_ok_and(|v| !v.is_empty())
+        })
         .collect();
     if non_empty && earlier.is_empty() {
         bail!(
@@ -255,20 +265,59 @@ fn write_jsonl<T: serde::Serialize>(path: &Path, records: &[T]) -> Result<()> {
     Ok(())
 }
 
+/// What to do after Ctrl-C: this example trains a stage again rather than continuing it.
+const AFTER_INTERRUPT: &str = "rule_task does not continue a stage: run the same command with \
+    --reuse added to keep the stages that finished (pre-training, SFT, reward model) and train \
+    the others again, or with --overwrite to start over";
+
 /// Runs `objective` under the shared trainer, with a progress bar; returns the last metrics.
+/// Ctrl-C ends the process after saving the stage's state (see [`common::train`]).
 fn fit(
     objective: &mut impl Objective,
     cfg: TrainConfig,
     out: &Path,
     extra: serde_json::Value,
+    stop: &common::Stop,
 ) -> Result<Vec<(String, f64)>> {
     let mut trainer = Trainer::new(cfg.clone(), objective.parameters()?)?
         .with_out_dir(out)
-        .with_extra(extra);
+        .with_extra(extra)
+        .with_stop_flag(stop.flag());
     let progress = common::Progress::new(cfg.max_iters, 0);
-    let summary = trainer.fit(objective, |e| progress.event(e))?;
-    progress.finish();
+    let summary = common::train(
+        &mut trainer,
+        objective,
+        stop,
+        &progress,
+        |_| {},
+        AFTER_INTERRUPT,
+    )?;
     Ok(summary.last_metrics)
+}
+
+/// Whether `dir` holds a stage of an earlier run that trained all its `iters` steps (under
+/// --reuse; one that stopped before, by Ctrl-C or a crash, is trained again, and it says so).
+fn finished(dir: &Path, iters: usize, what: &str) -> bool {
+    if !checkpoint::is_checkpoint_dir(dir)
+        && !checkpoint::state_dirs(dir).is_ok_and(|v| !v.is_empty())
+    {
+        return false;
+    }
+    let step = checkpoint::latest_state(dir)
+        .ok()
+        .and_then(|d| tinygpt::train::TrainerState::load(d).ok())
+        .map(|s| s.step);
+    match step {
+        Some(s) if s >= iters && checkpoint::is_checkpoint_dir(dir) => true,
+        Some(s) => {
+            println!(
+                "--reuse: the {what} in {} stopped at step {s} of {iters}: training it again",
+                dir.display()
+            );
+            false
+        }
+        None => false,
+    }
 }
 
 /// What a model's replies to the held-out prompts look like.
@@ -334,6 +383,7 @@ fn main() -> Result<()> {
         .apply()?;
     }
     common::init();
+    let stop = common::Stop::install()?;
     if args.quick {
         args.vocab_size = args.vocab_size.min(300);
         args.n_embd = args.n_embd.min(32);
@@ -381,7 +431,7 @@ fn main() -> Result<()> {
 
     // 1. Pre-training.
     let pre_dir = out.join("pretrain");
-    if !(args.reuse && pre_dir.join(checkpoint::files::MODEL).is_file()) {
+    if !(args.reuse && finished(&pre_dir, args.pretrain_iters, "pre-training")) {
         println!("== 1. pre-training ==");
         let tokenizer = Tokenizer::train_bpe(&text, args.vocab_size)?;
         let reserved = ChatTemplate::SPECIAL_TOKENS.len();
@@ -409,12 +459,12 @@ fn main() -> Result<()> {
             ..TrainConfig::default()
         };
         let mut obj = Pretraining::new(model, tokenizer, dataset, train_cfg.batch_size)?;
-        fit(&mut obj, train_cfg, &pre_dir, serde_json::json!({}))?;
+        fit(&mut obj, train_cfg, &pre_dir, serde_json::json!({}), &stop)?;
     }
 
     // 2. SFT on (line → next line) conversations.
     let sft_dir = out.join("sft");
-    if !(args.reuse && sft_dir.join(checkpoint::files::MODEL).is_file()) {
+    if !(args.reuse && finished(&sft_dir, args.sft_iters, "SFT")) {
         println!("== 2. SFT ==");
         let (base, tokenizer) = checkpoint::load_model(&pre_dir, &device)?;
         let (model, tokenizer, template) = prepare_for_chat(&base, tokenizer)?;
@@ -442,7 +492,7 @@ fn main() -> Result<()> {
             ..TrainConfig::default()
         };
         let mut obj = Sft::new(model, tokenizer, train, val, train_cfg.batch_size)?;
-        fit(&mut obj, train_cfg, &sft_dir, serde_json::json!({}))?;
+        fit(&mut obj, train_cfg, &sft_dir, serde_json::json!({}), &stop)?;
     }
     let (sft, tokenizer) = checkpoint::load_model(&sft_dir, &device)?;
     let template = ChatTemplate::new(&tokenizer)?;
@@ -530,7 +580,10 @@ fn main() -> Result<()> {
 
     // 4. Reward model.
     let rm_dir = out.join("reward");
-    if !(args.reuse && rm_dir.join(RewardModel::HEAD_FILE).is_file()) {
+    if !(args.reuse
+        && finished(&rm_dir, args.reward_iters, "reward model")
+        && rm_dir.join(RewardModel::HEAD_FILE).is_file())
+    {
         println!("== 3. reward model ==");
         let (model, tok) = RewardModel::from_sft(&sft_dir, &device)?;
         let cfg = TrainConfig {
@@ -552,6 +605,7 @@ fn main() -> Result<()> {
             cfg,
             &rm_dir,
             serde_json::json!({ "sft": sft_dir.display().to_string() }),
+            &stop,
         )?;
     }
     let (rm, _) = RewardModel::load(&rm_dir, &device)?;
@@ -603,7 +657,7 @@ fn main() -> Result<()> {
         "ppo": ppo_cfg,
     });
     let ppo_dir = out.join("ppo");
-    fit(&mut ppo, cfg, &ppo_dir, extra)?;
+    fit(&mut ppo, cfg, &ppo_dir, extra, &stop)?;
     let last = ppo.last_iteration().copied().unwrap_or_default();
     // The rollout KL of the last 10 iterations, from metrics.jsonl.
     let kls: Vec<f64> = std::fs::read_to_string(ppo_dir.join(checkpoint::files::METRICS))?
@@ -665,6 +719,7 @@ fn main() -> Result<()> {
         cfg,
         &dpo_dir,
         serde_json::json!({ "sft": sft_dir.display().to_string(), "beta": args.beta }),
+        &stop,
     )?;
     let after_dpo = replies(
         dpo.policy(),

@@ -4,6 +4,7 @@
 //! cargo run --release --example sft -- --base out/pretrain-bpe \
 //!     --data data/sft_gsm8k_train.jsonl --val-data data/sft_gsm8k_test.jsonl \
 //!     --out out/sft --eval-replies 100
+//! cargo run --release --example sft -- --resume out/sft      # continue (e.g. after Ctrl-C)
 //! ```
 
 #[path = "common/mod.rs"]
@@ -31,8 +32,10 @@ struct Args {
     /// corpus's characters), or a Hugging Face GPT-2 directory (e.g. OpenAI's gpt2).
     #[arg(long, required_unless_present = "resume")]
     base: Option<PathBuf>,
-    /// Continue the SFT run saved in this directory (--data, --val-data / --val-fraction and
-    /// --skip-bad-lines default to the run's).
+    /// Continue the SFT run saved in this directory (an earlier --out) from its newest state,
+    /// the best checkpoint or a later OUT/checkpoint-STEP (or from the OUT/checkpoint-STEP
+    /// named); --data, --val-data / --val-fraction and --skip-bad-lines default to the run's,
+    /// training flags given override the saved settings.
     #[arg(long, conflicts_with = "base")]
     resume: Option<PathBuf>,
     /// Conversation files (JSONL `{"messages": […]}`, or Alpaca JSON/JSONL).
@@ -45,7 +48,8 @@ struct Args {
     /// nothing (no held-out loss) [default: 0.05].
     #[arg(long, allow_negative_numbers = true)]
     val_fraction: Option<f64>,
-    /// Checkpoint directory [default: out/sft, or the --resume directory].
+    /// Checkpoint directory, holding the best checkpoint and the latest states
+    /// (OUT/checkpoint-STEP) [default: out/sft, or the --resume directory].
     #[arg(long)]
     out: Option<PathBuf>,
     /// Skip (and count) malformed records instead of stopping before training.
@@ -120,6 +124,7 @@ fn metric(metrics: &[(String, f64)], key: &str) -> Option<f64> {
 
 fn main() -> Result<()> {
     common::init();
+    let stop = common::Stop::install()?;
     let args = Args::parse();
     // Flags are checked before anything is loaded, used or not.
     if let Some(f) = args.val_fraction {
@@ -130,9 +135,14 @@ fn main() -> Result<()> {
         .checked_params(args.train.seed.unwrap_or(1337))?;
     let device = common::device(&args.device)?;
     let started = Instant::now();
+    let resume = match &args.resume {
+        Some(dir) => Some(common::resume(dir, Sft::STAGE)?),
+        None => None,
+    };
+    let resumed = resume.as_ref().map(|r| r.run.as_path());
     let out = common::stage_out_dir(
         args.out.as_deref(),
-        args.resume.as_deref(),
+        resumed,
         Sft::STAGE,
         &[("--base", args.base.as_deref())],
         args.train.overwrite,
@@ -146,10 +156,10 @@ fn main() -> Result<()> {
     // 1. The model: the base with the chat tokens added (if its tokenizer lacks them), or the
     //    SFT run to resume.
     let (model, tokenizer, template, base, saved_cfg, data_paths, held_out, skip_bad, recorded) =
-        match &args.resume {
-            Some(dir) => {
-                let state = tinygpt::train::TrainerState::load_for_stage(dir, Sft::STAGE)?;
-                let (model, tokenizer) = checkpoint::load_trainable(dir, &device)?;
+        match &resume {
+            Some(resume) => {
+                let (dir, state) = (&resume.run, resume.state.clone());
+                let (model, tokenizer) = checkpoint::load_trainable(&resume.dir, &device)?;
                 let template = tinygpt::ChatTemplate::new(&tokenizer)?;
                 let base = state
                     .extra
@@ -157,7 +167,6 @@ fn main() -> Result<()> {
                     .and_then(|b| b.as_str())
                     .map(PathBuf::from)
                     .unwrap_or_default();
-                println!("resuming {} at step {}", dir.display(), state.step);
                 let recorded = common::rlhf::paths_from_json(state.extra.get("data"));
                 let data: Vec<PathBuf> = if args.data.is_empty() {
                     recorded
@@ -310,8 +319,19 @@ fn main() -> Result<()> {
         .collect();
     let before = if args.eval_replies > 0 {
         let s = reply_stats(&model, &tokenizer, &probe, &params)?;
-        println!("before SFT: {}/{} replies end with <|end|> within {} tokens ({:.0}%), mean length {:.0}",
-                 s.ended, s.prompts, params.max_new_tokens, 100.0 * s.end_rate(), s.mean_tokens);
+        // A resumed run starts from its saved state, not from the base.
+        let when = match &resume {
+            Some(r) => format!("at step {}", r.state.step),
+            None => "before SFT".into(),
+        };
+        println!(
+            "{when}: {}/{} replies end with <|end|> within {} tokens ({:.0}%), mean length {:.0}",
+            s.ended,
+            s.prompts,
+            params.max_new_tokens,
+            100.0 * s.end_rate(),
+            s.mean_tokens
+        );
         Some(s)
     } else {
         None
@@ -330,6 +350,7 @@ fn main() -> Result<()> {
     common::announce(&cfg)?;
     let (val_data_json, val_fraction_json) = held_out.to_extra();
     let mut trainer = Trainer::new(cfg.clone(), objective.parameters()?)?
+        .with_stop_flag(stop.flag())
         .with_out_dir(&out)
         .with_extra(serde_json::json!({
             "base": base.display().to_string(),
@@ -340,20 +361,38 @@ fn main() -> Result<()> {
             "name": name,
             "author": author,
         }));
-    if let Some(dir) = &args.resume {
-        trainer = trainer.resume_from(dir)?;
+    if let Some(resume) = &resume {
+        trainer = common::resume_trainer(trainer, resume, &cfg, "--max-iters or --epochs")?;
     }
     let progress = common::Progress::new(cfg.max_iters, trainer.step());
-    let (mut first_val, mut first_train) = (None, None);
-    let summary = trainer.fit(&mut objective, |e| {
-        if let tinygpt::TrainEvent::Eval { metrics, .. } = e {
-            first_val = first_val.or(metric(metrics, "val_loss"));
-            first_train = first_train.or(metric(metrics, "train_loss"));
-        }
-        progress.event(e)
-    })?;
-    progress.finish();
-    let holds = common::holds_run_checkpoint(&out, progress.saved(), args.resume.as_deref());
+    // The run's first evaluation: in the resumed run's metrics, else this run's first.
+    let recorded_first = |key: &str| {
+        resume
+            .as_ref()
+            .and_then(|r| common::first_eval_metric(&r.dir, key))
+    };
+    let (mut first_val, mut first_train) =
+        (recorded_first("val_loss"), recorded_first("train_loss"));
+    // What the run needs again that is not saved with it: the device, and the reply checks.
+    let mut again = common::device_flag(&args.device);
+    if args.eval_replies > 0 {
+        again.extend(["--eval-replies".into(), args.eval_replies.to_string()]);
+        again.extend(args.sampling.flags());
+    }
+    let summary = common::train(
+        &mut trainer,
+        &mut objective,
+        &stop,
+        &progress,
+        |e| {
+            if let tinygpt::TrainEvent::Eval { metrics, .. } = e {
+                first_val = first_val.or(metric(metrics, "val_loss"));
+                first_train = first_train.or(metric(metrics, "train_loss"));
+            }
+        },
+        &common::continue_with("sft", &out, &again),
+    )?;
+    let holds = common::holds_run_checkpoint(&out, progress.saved(), resumed);
 
     // 5. Replies after SFT, from the best checkpoint.
     let after = if args.eval_replies > 0 && holds {
@@ -398,7 +437,7 @@ fn main() -> Result<()> {
         after.map(|s| format!("{:.0}%", 100.0 * s.end_rate())).unwrap_or_else(|| "-".into()),
         summary.steps,
         started.elapsed().as_secs_f64(),
-        common::checkpoint_note(&out, holds)
+        common::checkpoint_note(&out, holds, &trainer)
     );
     Ok(())
 }

@@ -4,13 +4,18 @@
 pub mod data;
 pub mod rlhf;
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use tinygpt::candle::Device;
 use tinygpt::checkpoint::{self, CheckpointWriter, Target};
 use tinygpt::data::HeldOut;
-use tinygpt::SamplingParams;
+use tinygpt::signals::StopSignal;
+use tinygpt::train::{StateKind, TrainSummary, TrainerState};
+use tinygpt::{Objective, SamplingParams, TrainConfig, TrainEvent, Trainer};
 
 /// `mi_option_purge_delay` in mimalloc.h's `mi_option_e` (v2 and v3).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
@@ -52,13 +57,13 @@ pub fn device(name: &str) -> Result<Device> {
 #[derive(Debug, Clone, clap::Args)]
 pub struct SamplingArgs {
     /// Tokens to generate at most.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = Self::MAX_NEW_TOKENS)]
     pub max_new_tokens: usize,
     /// Softmax temperature; 0 = greedy.
-    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = Self::TEMPERATURE, allow_negative_numbers = true)]
     pub temperature: f32,
     /// Keep only the k most likely tokens (0 = off).
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = Self::TOP_K)]
     pub top_k: usize,
     /// Nucleus sampling: keep the most likely tokens up to this total probability, in (0, 1].
     #[arg(long, allow_negative_numbers = true)]
@@ -67,11 +72,16 @@ pub struct SamplingArgs {
     #[arg(long, allow_negative_numbers = true)]
     pub min_p: Option<f32>,
     /// CTRL repetition penalty (1 = off), > 0.
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = Self::REPETITION_PENALTY, allow_negative_numbers = true)]
     pub repetition_penalty: f32,
 }
 
 impl SamplingArgs {
+    const MAX_NEW_TOKENS: usize = 500;
+    const TEMPERATURE: f32 = 0.8;
+    const TOP_K: usize = 200;
+    const REPETITION_PENALTY: f32 = 1.0;
+
     /// The sampling settings, drawing with `seed` (each example owns its `--seed` flag: the
     /// sampler's in `generate` and `chat`, the run's in the training examples).
     pub fn params(&self, seed: u64) -> SamplingParams {
@@ -83,6 +93,40 @@ impl SamplingArgs {
             .with_min_p(self.min_p)
             .with_repetition_penalty(self.repetition_penalty)
             .with_seed(seed)
+    }
+
+    /// The flags that differ from their defaults, as given (to repeat them in a command).
+    pub fn flags(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        let mut push = |flag: &str, value: String, default: Option<String>| {
+            if default.as_ref() != Some(&value) {
+                v.extend([flag.to_string(), value]);
+            }
+        };
+        let s = |x: &dyn std::fmt::Display| Some(x.to_string());
+        push(
+            "--max-new-tokens",
+            self.max_new_tokens.to_string(),
+            s(&Self::MAX_NEW_TOKENS),
+        );
+        push(
+            "--temperature",
+            self.temperature.to_string(),
+            s(&Self::TEMPERATURE),
+        );
+        push("--top-k", self.top_k.to_string(), s(&Self::TOP_K));
+        if let Some(p) = self.top_p {
+            push("--top-p", p.to_string(), None);
+        }
+        if let Some(p) = self.min_p {
+            push("--min-p", p.to_string(), None);
+        }
+        push(
+            "--repetition-penalty",
+            self.repetition_penalty.to_string(),
+            s(&Self::REPETITION_PENALTY),
+        );
+        v
     }
 
     /// [`SamplingArgs::params`], checked up front: a bad flag is an error naming the flag
@@ -230,6 +274,25 @@ pub struct TrainArgs {
     /// Checkpoint at every evaluation, not only on a new best validation loss.
     #[arg(long)]
     pub always_save_checkpoint: bool,
+    /// Also save the latest state (OUT/checkpoint-STEP, what --resume continues from) every N
+    /// steps; 0 = only at the end of the run and on Ctrl-C or SIGTERM [default: 0, or the
+    /// resumed run's].
+    #[arg(long)]
+    pub save_interval: Option<usize>,
+    /// How many latest states (OUT/checkpoint-STEP) to keep, the newest [default: 1, or the
+    /// resumed run's].
+    #[arg(long)]
+    pub keep_last: Option<usize>,
+    /// Stop the run after this many skipped steps in a row (a step whose loss or gradient norm
+    /// is NaN or infinite, or a spike, is skipped: nothing is updated) [default: 5, or the
+    /// resumed run's].
+    #[arg(long)]
+    pub max_bad_steps: Option<usize>,
+    /// Also skip a step whose loss or gradient norm lies more than Z standard deviations above
+    /// the mean of the previous 128 steps (llm.c's z-score); 0 = off [default: 0, or the
+    /// resumed run's].
+    #[arg(long, allow_negative_numbers = true)]
+    pub spike_zscore: Option<f64>,
     /// Seed of every random choice in training.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -241,7 +304,10 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    /// `base` with the given flags applied.
+    /// `base` with the given flags applied (a resumed run's saved settings, or the stage's
+    /// defaults); the flags not given change nothing, but --max-iters also moves the end of
+    /// the decay (unless --lr-decay-iters is given) and --lr sets min_lr to lr / 10 (unless
+    /// --min-lr is given).
     pub fn apply(&self, base: tinygpt::TrainConfig) -> tinygpt::TrainConfig {
         let mut c = base;
         macro_rules! set {
@@ -262,7 +328,11 @@ impl TrainArgs {
             beta2,
             weight_decay,
             grad_clip,
-            seed
+            seed,
+            save_interval,
+            keep_last,
+            max_bad_steps,
+            spike_zscore
         );
         if self.lr_decay_iters.is_none() && self.max_iters.is_some() {
             c.lr_decay_iters = c.max_iters;
@@ -378,7 +448,11 @@ impl Progress {
             } => {
                 self.say(format!(
                     "step {step:>5}: saved the {} state to {}",
-                    if *interrupted { "interrupted" } else { "latest" },
+                    if *interrupted {
+                        "interrupted"
+                    } else {
+                        "latest"
+                    },
                     dir.display()
                 ));
             }
@@ -391,7 +465,6 @@ impl Progress {
                     "step {step:>5}: skipped ({reason}; {in_a_row} in a row), nothing updated"
                 ));
             }
-            _ => {}
         }
     }
 
@@ -432,13 +505,22 @@ pub fn fresh_out_dir(
     resuming: Option<&Path>,
     overwrite: bool,
 ) -> Result<()> {
+    not_locked(out)?;
     let found = CheckpointWriter::preflight(out).map_err(|e| anyhow!("--out: {e}"))?;
     let continued = resuming.is_some_and(|r| same_path(r, out));
     if found == Target::Checkpoint && !continued && !overwrite {
         let d = out.display();
-        let found_stage = tinygpt::train::TrainerState::load(out)
+        // The best checkpoint's stage, else (a run interrupted before its first one) its
+        // newest state's.
+        let found_stage = TrainerState::load(out)
+            .or_else(|_| TrainerState::load(checkpoint::latest_state(out)?))
             .map(|s| s.stage)
             .unwrap_or_default();
+        let what = if checkpoint::is_checkpoint_dir(out) {
+            "a checkpoint"
+        } else {
+            "the saved state of an unfinished run"
+        };
         const STAGES: [&str; 5] = ["pretrain", "sft", "reward", "dpo", "ppo"];
         let hint = match stage {
             // An example without --resume: only --out and --overwrite apply.
@@ -464,7 +546,7 @@ pub fn fresh_out_dir(
             Some(_) => format!(" of the `{found_stage}` stage"),
         };
         bail!(
-            "{d} already holds a checkpoint{hint}: choose another --out, or pass --overwrite to \
+            "{d} already holds {what}{hint}: choose another --out, or pass --overwrite to \
              replace it"
         );
     }
@@ -488,9 +570,9 @@ pub fn out_is_not_input(out: &Path, inputs: &[(&str, Option<&Path>)]) -> Result<
     Ok(())
 }
 
-/// The `--out` of a stage example: `--out`, else the `--resume` directory, else `out/STAGE`;
-/// refused when it is a directory the run starts from ([`out_is_not_input`]) or holds what
-/// the run must not replace ([`fresh_out_dir`]).
+/// The `--out` of a stage example: `--out`, else the `--resume` directory (the run directory,
+/// [`Resume::run`]), else `out/STAGE`; refused when it is a directory the run starts from
+/// ([`out_is_not_input`]) or holds what the run must not replace ([`fresh_out_dir`]).
 pub fn stage_out_dir(
     out: Option<&Path>,
     resume: Option<&Path>,
@@ -571,13 +653,24 @@ pub fn fill_identity<'a>(
 /// What [`tinygpt::TrainConfig::validate`] refuses.
 pub fn announce(cfg: &tinygpt::TrainConfig) -> Result<()> {
     cfg.validate()?;
+    // 1e30 as "1e30", not thirty-one digits.
+    let num = |v: f64| {
+        if v != 0.0 && !(1e-6..1e6).contains(&v.abs()) {
+            format!("{v:e}")
+        } else {
+            v.to_string()
+        }
+    };
     let schedule = if cfg.decay_lr {
         format!(
             "lr {} → {} (warm-up {} steps, cosine to step {})",
-            cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters
+            num(cfg.lr),
+            num(cfg.min_lr),
+            cfg.warmup_iters,
+            cfg.lr_decay_iters
         )
     } else {
-        format!("lr {} constant", cfg.lr)
+        format!("lr {} constant", num(cfg.lr))
     };
     eprintln!(
         "training: to step {}, {} sequences × {} micro-batch(es) a step, {schedule}, AdamW \
@@ -595,6 +688,30 @@ pub fn announce(cfg: &tinygpt::TrainConfig) -> Result<()> {
         cfg.log_interval,
         cfg.seed
     );
+    let mut safety = Vec::new();
+    if cfg.save_interval > 0 {
+        safety.push(format!(
+            "the latest state saved every {} steps (the newest {} kept)",
+            cfg.save_interval, cfg.keep_last
+        ));
+    } else if cfg.keep_last != 1 {
+        safety.push(format!("the newest {} latest states kept", cfg.keep_last));
+    }
+    if cfg.spike_zscore > 0.0 {
+        safety.push(format!(
+            "steps with a loss or gradient norm z-score above {} skipped",
+            cfg.spike_zscore
+        ));
+    }
+    if cfg.max_bad_steps != TrainConfig::default().max_bad_steps {
+        safety.push(format!(
+            "stopping after {} skipped steps in a row",
+            cfg.max_bad_steps
+        ));
+    }
+    if !safety.is_empty() {
+        eprintln!("training: {}", safety.join(", "));
+    }
     if cfg.decay_lr && cfg.warmup_iters >= cfg.max_iters {
         eprintln!(
             "warning: the warm-up ({} steps) is not shorter than the run ({} steps): the learning \
@@ -626,7 +743,8 @@ pub fn quiet_on_closed_pipe(result: Result<()>) -> Result<()> {
 }
 
 /// Whether `out` holds this run's best checkpoint after training: one it `saved`, or the one
-/// it continued from `resumed` (when that is `out` itself).
+/// of the run it continued (`resumed`: [`Resume::run`], when that is `out` itself; a run
+/// interrupted before its first best checkpoint has none yet).
 pub fn holds_run_checkpoint(out: &Path, saved: bool, resumed: Option<&Path>) -> bool {
     let continued_in_place = resumed.is_some_and(|r| same_path(r, out));
     (saved || continued_in_place) && checkpoint::is_checkpoint_dir(out)
@@ -641,20 +759,29 @@ pub fn same_path(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// The last line's "checkpoint DIR", or why there is none. `holds`: from
+/// The last line's "checkpoint DIR (best, step N)", or why there is none, and the latest
+/// state when it is another directory (`trainer`'s newest state on disk). `holds`: from
 /// [`holds_run_checkpoint`].
-pub fn checkpoint_note(out: &Path, holds: bool) -> String {
+pub fn checkpoint_note(out: &Path, holds: bool, trainer: &Trainer) -> String {
     checkpoint_note_because(
         out,
         holds,
-        "no evaluation after step 0 improved on the best validation loss",
+        "no evaluation improved on the run's best validation loss (step 0's is never saved)",
+        trainer,
     )
 }
 
 /// [`checkpoint_note`] with the stage's own reason for writing none (`why`).
-pub fn checkpoint_note_because(out: &Path, holds: bool, why: &str) -> String {
-    if holds {
-        format!("checkpoint {}", out.display())
+pub fn checkpoint_note_because(out: &Path, holds: bool, why: &str, trainer: &Trainer) -> String {
+    let mut note = if holds {
+        let what = match TrainerState::load(out) {
+            Ok(s) if s.best_val_loss.is_some() && !s.train_config.always_save_checkpoint => {
+                format!(" (best, step {})", s.step)
+            }
+            Ok(s) => format!(" (last evaluation, step {})", s.step),
+            Err(_) => String::new(),
+        };
+        format!("checkpoint {}{what}", out.display())
     } else {
         let before = if checkpoint::is_checkpoint_dir(out) {
             " (it still holds the checkpoint that was there before)"
@@ -662,5 +789,358 @@ pub fn checkpoint_note_because(out: &Path, holds: bool, why: &str) -> String {
             ""
         };
         format!("no checkpoint written to {}: {why}{before}", out.display())
+    };
+    if let Some((_, dir)) = trainer.last_saved() {
+        if !same_path(dir, out) {
+            note += &format!(" | latest state {}", dir.display());
+        }
     }
+    note
+}
+
+/// The value of `key` in the first evaluation row of `dir`'s `metrics.jsonl` (rows without a
+/// `"kind"` are evaluations), if any.
+pub fn first_eval_metric(dir: &Path, key: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(dir.join(checkpoint::files::METRICS)).ok()?;
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|row| row.get("kind").is_none_or(|k| k == "eval") && row.get(key).is_some())
+        .and_then(|row| row[key].as_f64())
+}
+
+/// Refuses an output directory another process is training into (the lock file
+/// `.NAME.lock` beside it that [`Trainer::fit`] holds), before anything is loaded: the run
+/// would otherwise fail only when training starts, or be refused as if the other run's
+/// checkpoint were an old one. Linux only (it reads `/proc/locks`, taking no lock itself, so
+/// it never makes another run's start fail); elsewhere `fit` still refuses.
+fn not_locked(out: &Path) -> Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::fs::canonicalize(out).unwrap_or_else(|_| out.to_path_buf());
+        let Some(name) = dir.file_name() else {
+            return Ok(());
+        };
+        let parent = dir.parent().unwrap_or(Path::new("."));
+        let lock = parent.join(format!(".{}.lock", name.to_string_lossy()));
+        let Ok(meta) = std::fs::metadata(&lock) else {
+            return Ok(());
+        };
+        let Ok(locks) = std::fs::read_to_string("/proc/locks") else {
+            return Ok(());
+        };
+        // "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"
+        let ino = meta.ino().to_string();
+        let holder = locks.lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let held = f.get(1) == Some(&"FLOCK")
+                && f.get(5).and_then(|d| d.rsplit(':').next()) == Some(ino.as_str());
+            held.then(|| f.get(4).copied().unwrap_or_default().to_string())
+        });
+        if let Some(pid) = holder {
+            bail!(
+                "--out {}: another run (pid {pid}) is writing checkpoints into it (lock file \
+                 {}): wait for it to finish or stop it (Ctrl-C saves its state), or choose \
+                 another --out",
+                out.display(),
+                lock.display()
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = out;
+    Ok(())
+}
+
+/// What the process is doing, for the signal watcher of [`Stop`].
+const BEFORE: u8 = 0;
+const TRAINING: u8 = 1;
+const AFTER: u8 = 2;
+
+/// Ctrl-C and SIGTERM in a training example ([`tinygpt::signals::StopSignal`]): during
+/// [`train`] the first signal asks the trainer to stop after the step it is in and save its
+/// state, and the example says how to continue; outside training (loading data, sampling at
+/// the end) it ends the process at once, as it would without a handler, with the shell's
+/// code (130 for SIGINT, 143 for SIGTERM). A second signal always ends it at once.
+pub struct Stop {
+    signal: StopSignal,
+    phase: Arc<AtomicU8>,
+}
+
+impl Stop {
+    /// Installs the handlers and the watcher thread; call it right after [`init`] (which
+    /// wants the process to have one thread).
+    pub fn install() -> Result<Self> {
+        let signal = StopSignal::install().context("installing the Ctrl-C/SIGTERM handlers")?;
+        let phase = Arc::new(AtomicU8::new(BEFORE));
+        let (s, p) = (signal.clone(), Arc::clone(&phase));
+        std::thread::Builder::new()
+            .name("signal-watch".into())
+            .spawn(move || loop {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                let now = p.load(Ordering::SeqCst);
+                if s.raised() && now != TRAINING {
+                    let _ = std::io::stdout().flush();
+                    if now == BEFORE {
+                        eprintln!(
+                            "stopped by {} before training started: nothing was saved",
+                            s.name()
+                        );
+                    } else {
+                        // On a line of its own after a sample cut short.
+                        eprintln!(
+                            "\nstopped by {} after training: every checkpoint written is complete",
+                            s.name()
+                        );
+                    }
+                    std::process::exit(s.exit_code());
+                }
+            })
+            .context("starting the signal watcher thread")?;
+        Ok(Self { signal, phase })
+    }
+
+    /// The flag to hand to [`Trainer::with_stop_flag`].
+    pub fn flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.signal.flag()
+    }
+
+    /// The shell's exit code for the signal that arrived (130 for SIGINT, 143 for SIGTERM).
+    pub fn exit_code(&self) -> i32 {
+        self.signal.exit_code()
+    }
+}
+
+/// Runs `trainer.fit` with `progress` (and `on_event`, for an example's own bookkeeping).
+///
+/// On Ctrl-C or SIGTERM ([`tinygpt::Error::Interrupted`], after the trainer saved its state)
+/// it says where the state is and how to continue (`how`, e.g. `continue with: cargo run …`)
+/// and ends the process with the signal's exit code; it returns only a finished run or
+/// another error. A run stopped by too many skipped steps ([`tinygpt::Error::Training`]) is
+/// an error naming the flags to change.
+pub fn train<O: Objective + ?Sized>(
+    trainer: &mut Trainer,
+    objective: &mut O,
+    stop: &Stop,
+    progress: &Progress,
+    mut on_event: impl FnMut(&TrainEvent),
+    how: &str,
+) -> Result<TrainSummary> {
+    let start = trainer.step();
+    stop.phase.store(TRAINING, Ordering::SeqCst);
+    let result = trainer.fit(objective, |e| {
+        on_event(e);
+        progress.event(e)
+    });
+    progress.finish();
+    match result {
+        Ok(summary) => {
+            stop.phase.store(AFTER, Ordering::SeqCst);
+            Ok(summary)
+        }
+        Err(tinygpt::Error::Interrupted { step, saved }) => {
+            let _ = std::io::stdout().flush();
+            let name = stop.signal.name();
+            match saved {
+                Some(dir) if step == start && start > 0 => eprintln!(
+                    "interrupted by {name} at step {step}, before any new step: the state is \
+                     still the one in {}; {how}",
+                    dir.display()
+                ),
+                Some(dir) => eprintln!(
+                    "interrupted by {name} after step {step}: the state is saved in {}; {how}",
+                    dir.display()
+                ),
+                None => eprintln!(
+                    "interrupted by {name} before the first step finished: nothing was saved; \
+                     run the same command again to start over"
+                ),
+            }
+            std::process::exit(stop.exit_code());
+        }
+        Err(tinygpt::Error::Training(msg)) => {
+            stop.phase.store(AFTER, Ordering::SeqCst);
+            // The library names the settings; the examples' flags are these.
+            let msg = msg
+                .replace("lower lr", "lower --lr")
+                .replace("raise max_bad_steps", "raise --max-bad-steps");
+            Err(anyhow!("training stopped: {msg}"))
+        }
+        Err(e) => {
+            stop.phase.store(AFTER, Ordering::SeqCst);
+            Err(e.into())
+        }
+    }
+}
+
+/// `continue with: cargo run --release --example NAME -- --resume OUT ARGS…`: the command that
+/// continues a stage example's run in `out`, with `args` (the flags that are not saved with
+/// the run but that it needs, e.g. `--device cuda`).
+pub fn continue_with(example: &str, out: &Path, args: &[String]) -> String {
+    let mut cmd = format!(
+        "continue with: cargo run --release --example {example} -- --resume {}",
+        shell_word(&out.display().to_string())
+    );
+    for a in args {
+        cmd.push(' ');
+        cmd.push_str(&shell_word(a));
+    }
+    cmd
+}
+
+/// `--device NAME` when it is not the default (the device is not saved with a run).
+pub fn device_flag(device: &str) -> Vec<String> {
+    if device == "cpu" {
+        Vec::new()
+    } else {
+        vec!["--device".into(), device.into()]
+    }
+}
+
+/// `s` as one word for a POSIX shell: as it is when it is made of safe characters, else in
+/// single quotes.
+pub fn shell_word(s: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "_-./=:,+@%".contains(c);
+    if !s.is_empty() && s.chars().all(safe) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// The run a `--resume DIR` continues.
+#[derive(Debug, Clone)]
+pub struct Resume {
+    /// The run's directory: DIR, or its parent when DIR is one of the run's latest states
+    /// (`RUN/checkpoint-STEP`). The default `--out`.
+    pub run: PathBuf,
+    /// The state it continues from: the newest of the run's best checkpoint and its latest
+    /// states ([`checkpoint::latest_state`]), or the state DIR names.
+    pub dir: PathBuf,
+    /// That state's `trainer_state.json`.
+    pub state: TrainerState,
+}
+
+/// The directory a run saved in `dir` continues from, for the `stage` example, said in one
+/// line ("resuming out/pretrain from its latest state, step 2100
+/// (out/pretrain/checkpoint-2100)").
+///
+/// # Errors
+/// If `dir` holds no checkpoint or state, if its newest state fails its manifest, or if it is
+/// another stage's run (the message names the example that continues it).
+pub fn resume(dir: &Path, stage: &str) -> Result<Resume> {
+    if !dir.is_dir() {
+        bail!(
+            "--resume {}: no such directory (pass the --out of the run to continue)",
+            dir.display()
+        );
+    }
+    let is_state = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix(checkpoint::files::STATE_PREFIX))
+        .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()));
+    let (run, state_dir) = if is_state {
+        let parent = dir
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        (parent.to_path_buf(), dir.to_path_buf())
+    } else {
+        let latest = checkpoint::latest_state(dir).map_err(|e| anyhow!("--resume: {e}"))?;
+        (dir.to_path_buf(), latest)
+    };
+    let state = TrainerState::load_for_stage(&state_dir, stage)?;
+    let kind = match state.kind {
+        StateKind::Interrupted => ", saved on an interrupt",
+        _ => "",
+    };
+    if is_state {
+        let newer_states = checkpoint::state_dirs(&run)
+            .unwrap_or_default()
+            .iter()
+            .filter(|(s, _)| *s > state.step)
+            .count();
+        let mut newer = Vec::new();
+        if let Ok(best) = TrainerState::load(&run) {
+            if best.step > state.step {
+                newer.push(format!("its best checkpoint (step {})", best.step));
+            }
+        }
+        if newer_states > 0 {
+            newer.push(format!("{} newer", plural(newer_states, "latest state")));
+        }
+        let note = if newer.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; {} in {} will be replaced as this run goes on",
+                newer.join(" and "),
+                run.display()
+            )
+        };
+        println!(
+            "resuming {} from {}, step {}{kind}{note}",
+            run.display(),
+            state_dir.display(),
+            state.step
+        );
+    } else if same_path(&state_dir, &run) {
+        // Stages without a validation loss (PPO) keep the latest evaluation, not a best.
+        let which = if state.best_val_loss.is_some() {
+            "its best checkpoint"
+        } else {
+            "its checkpoint"
+        };
+        println!(
+            "resuming {} from its latest state, step {} ({which}{kind})",
+            run.display(),
+            state.step
+        );
+    } else {
+        println!(
+            "resuming {} from its latest state, step {} ({}{kind})",
+            run.display(),
+            state.step,
+            state_dir.display()
+        );
+    }
+    Ok(Resume {
+        run,
+        dir: state_dir,
+        state,
+    })
+}
+
+/// `trainer` continued from `resume`'s state ([`Trainer::resume_from`], which restores the
+/// saved optimiser, schedule and batch settings), then given `cfg`, the saved settings with
+/// the flags of this command applied ([`TrainArgs::apply`]); each setting that changes is
+/// printed ("--lr: 0.001 (saved) -> 0.0005 from step 200") and recorded in the run's
+/// `trainer_state.json` ([`Trainer::override_config`]). Flags not given change nothing.
+/// `more`: the flag that trains a finished run further (`--max-iters`), for the note when
+/// there is nothing left to train.
+pub fn resume_trainer(
+    trainer: Trainer,
+    resume: &Resume,
+    cfg: &TrainConfig,
+    more: &str,
+) -> Result<Trainer> {
+    let mut trainer = trainer.resume_from(&resume.dir)?;
+    let changes = trainer
+        .override_config(cfg.clone())
+        .map_err(|e| anyhow!("the flags given with --resume: {e}"))?;
+    for c in changes {
+        let line = c.to_string();
+        let rest = line.strip_prefix(c.field.as_str()).unwrap_or(&line);
+        println!("--{}{rest}", c.field.replace('_', "-"));
+    }
+    if trainer.step() >= cfg.max_iters {
+        println!(
+            "note: the run already reached step {} of {}: nothing to train (pass a larger \
+             {more} to go on)",
+            trainer.step(),
+            cfg.max_iters
+        );
+    }
+    Ok(trainer)
 }

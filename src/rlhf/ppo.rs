@@ -199,6 +199,10 @@ pub struct PpoState {
     /// Running moments of every reward-model score seen (for [`PpoConfig::score_norm`]).
     #[serde(default)]
     pub scores: RunningMoments,
+    /// The statistics of the last complete iteration (what the next evaluation reports), so
+    /// a resumed run reports them as the uninterrupted one does.
+    #[serde(default)]
+    pub last_iteration: Option<IterationStats>,
 }
 
 /// Running mean and variance of a stream of numbers (Welford; batches merged as Chan et al.
@@ -278,7 +282,7 @@ pub struct MinibatchStats {
 }
 
 /// Statistics of one iteration: its rollout and its optimisation.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct IterationStats {
     /// 0-based iteration index.
     pub iteration: usize,
@@ -533,6 +537,7 @@ impl Ppo {
             iteration: 0,
             kl_coef: cfg.kl_coef,
             scores: RunningMoments::default(),
+            last_iteration: None,
         };
         Ok(Self {
             policy,
@@ -593,6 +598,7 @@ impl Ppo {
         )?;
         if let Some(dir) = resume {
             ppo.state = PpoState::load(dir)?;
+            ppo.last_iteration = ppo.state.last_iteration;
         }
         Ok(ppo)
     }
@@ -958,7 +964,11 @@ impl Objective for Ppo {
         save_model(dir, &self.policy, &self.tokenizer)?;
         self.value_head.save(dir.join(Self::VALUE_HEAD_FILE))?;
         let path = dir.join(Self::STATE_FILE);
-        let json = serde_json::to_string_pretty(&self.state)
+        let state = PpoState {
+            last_iteration: self.last_iteration,
+            ..self.state
+        };
+        let json = serde_json::to_string_pretty(&state)
             .map_err(|e| Error::bad_file(&path, None, e.to_string()))?;
         std::fs::write(&path, json + "\n").map_err(|e| Error::io(&path, e))
     }
