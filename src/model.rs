@@ -457,12 +457,16 @@ impl GptConfig {
     ///
     /// # Errors
     /// [`Error::Io`] if the file cannot be read, [`Error::BadFile`] if it is not a valid
-    /// config, [`Error::Config`] if it fails [`GptConfig::validate`].
+    /// config, [`Error::Config`] (prefixed with the file) if it fails
+    /// [`GptConfig::validate`].
     pub fn load(path: impl AsRef<std::path::Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::data::read_utf8(path)?;
         let cfg: Self = serde_json::from_str(&text).map_err(|e| Error::json(path, None, &e))?;
-        cfg.validate()?;
+        cfg.validate().map_err(|e| match e {
+            Error::Config(msg) => Error::Config(format!("{}: {msg}", path.display())),
+            e => e,
+        })?;
         Ok(cfg)
     }
 
