@@ -217,10 +217,11 @@ impl Tokenizer {
 
     /// Parses the contents of a `tokenizer.json` (see [`Tokenizer::from_file`]).
     ///
-    /// The JSON is parsed here first (nesting deeper than 128 levels is refused), and a
+    /// The JSON is parsed here first (nesting deeper than 128 levels is refused); a
     /// SentencePiece `Precompiled` normalizer is checked whole (its declared trie size against
     /// the bytes it holds, every trie node and replacement inside them), since the `tokenizers`
-    /// crate panics on a malformed one, or allocates what its first four bytes declare.
+    /// crate panics on a malformed one, or allocates what its first four bytes declare; and a
+    /// regex may nest brackets at most 100 deep (Oniguruma's parser would overflow the stack).
     ///
     /// # Errors
     /// [`Error::Tokenizer`] if `json` is not a valid tokenizer, saying where (the line, or the
@@ -660,7 +661,130 @@ fn parse_tokenizer_json(
     if let Some(normalizer) = value.get_mut("normalizer") {
         check_normalizer(normalizer, "normalizer").map_err(|msg| (None, msg))?;
     }
+    if let Some(model) = value.get("model") {
+        check_bpe_merges(model).map_err(|msg| (None, msg))?;
+    }
+    for part in ["normalizer", "pre_tokenizer", "decoder", "post_processor"] {
+        if let Some(v) = value.get(part) {
+            check_regexes(v, part).map_err(|msg| (None, msg))?;
+        }
+    }
     serde_json::from_value(value).map_err(|e| (None, e.to_string()))
+}
+
+/// Checks that every merge of a BPE `model` (any model with a `vocab` object and a `merges`
+/// list) joins two tokens of its vocabulary into a third,
+/// the right one starting with the `continuing_subword_prefix` (if any) that the merge drops:
+/// the `tokenizers` crate slices each merge into a buffer as long as the longest token before
+/// looking the result up, so a merge whose tokens are missing panics (or, with a prefix the
+/// token lacks, cuts a character in two). Merges in a shape the crate does not read are left
+/// to its error.
+fn check_bpe_merges(model: &serde_json::Value) -> std::result::Result<(), String> {
+    // Whatever its `type` says: without one, the crate tries every model in turn.
+    let field = |key: &str| model.get(key);
+    let (Some(serde_json::Value::Object(vocab)), Some(serde_json::Value::Array(merges))) =
+        (field("vocab"), field("merges"))
+    else {
+        return Ok(());
+    };
+    let prefix = field("continuing_subword_prefix")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("");
+    let legacy = merges.iter().all(serde_json::Value::is_string);
+    let mut rank = 0;
+    for (i, merge) in merges.iter().enumerate() {
+        let (left, right) = match merge {
+            serde_json::Value::String(line) if legacy => {
+                if line.starts_with("#version") {
+                    continue;
+                }
+                match line.split_once(' ') {
+                    Some((l, r)) if !r.contains(' ') => (l, r),
+                    _ => return Ok(()), // the crate reports the line
+                }
+            }
+            serde_json::Value::Array(pair) => match pair.as_slice() {
+                [serde_json::Value::String(l), serde_json::Value::String(r)] => {
+                    (l.as_str(), r.as_str())
+                }
+                _ => return Ok(()),
+            },
+            _ => return Ok(()),
+        };
+        rank += 1;
+        let at = format!("model.merges[{i}] (merge {rank}, {left:?} + {right:?})");
+        for token in [left, right] {
+            if !vocab.contains_key(token) {
+                return Err(format!("{at}: {token:?} is not in the vocabulary"));
+            }
+        }
+        let Some(rest) = right.strip_prefix(prefix) else {
+            return Err(format!(
+                "{at}: {right:?} does not start with the continuing_subword_prefix {prefix:?}"
+            ));
+        };
+        let merged = format!("{left}{rest}");
+        if !vocab.contains_key(&merged) {
+            return Err(format!(
+                "{at}: the merged token {merged:?} is not in the vocabulary"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The deepest nesting of brackets and parentheses a `tokenizer.json` regex may have; real
+/// ones (GPT-2's, Llama's) nest two or three deep.
+const MAX_REGEX_NESTING: usize = 100;
+
+/// Checks every regex (`{"Regex": "…"}`, as `Split` and `Replace` spell theirs) in `v`, at the
+/// field path `at`: Oniguruma parses nested brackets recursively, so a pattern of a few
+/// thousand `[` overflows a thread's stack (an abort, not an error) while being compiled.
+fn check_regexes(v: &serde_json::Value, at: &str) -> std::result::Result<(), String> {
+    match v {
+        serde_json::Value::Object(fields) => {
+            for (key, value) in fields {
+                let field = format!("{at}.{key}");
+                match value {
+                    serde_json::Value::String(pattern) if key == "Regex" => {
+                        let depth = regex_nesting(pattern);
+                        if depth > MAX_REGEX_NESTING {
+                            return Err(format!(
+                                "{field} nests brackets and parentheses {depth} deep; tinygpt \
+                                 accepts at most {MAX_REGEX_NESTING}"
+                            ));
+                        }
+                    }
+                    _ => check_regexes(value, &field)?,
+                }
+            }
+            Ok(())
+        }
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, item)| check_regexes(item, &format!("{at}[{i}]"))),
+        _ => Ok(()),
+    }
+}
+
+/// The deepest nesting of unescaped `[`/`(` in a regex (counting generously: a `(` inside a
+/// character class counts too).
+fn regex_nesting(pattern: &str) -> usize {
+    let (mut depth, mut deepest, mut escaped) = (0usize, 0, false);
+    for c in pattern.chars() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '[' | '(' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            ']' | ')' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 /// Checks every SentencePiece `Precompiled` normalizer in `normalizer` (the field path `at`),
