@@ -9,8 +9,10 @@
 //! overwritten bytes, and structure-aware edits (a JSON value replaced by a huge, negative,
 //! wrongly typed or deeply nested one, removed, or a key added; a safetensors header length set
 //! huge or past the end of the file; a tensor's dtype, shape or offsets made inconsistent or
-//! huge, or every tensor re-encoded, consistently, in another dtype). The case writes the files
-//! into a directory of its own and runs the loader there on a worker thread:
+//! huge, or every tensor re-encoded, consistently, in another dtype; a tokenizer's ids, merges,
+//! model, padding, truncation, regexes or SentencePiece normalizer replaced by hostile ones).
+//! The case writes the files into a directory of its own and runs the loader there on a worker
+//! thread (2 MiB of stack, as any spawned thread):
 //!
 //! * a panic fails the case, naming the mutations (the worker catches it);
 //! * so does a result that takes longer than [`TIME_LIMIT`];
@@ -22,6 +24,11 @@
 //!   tensor must be refused before anything is allocated for it);
 //! * an error must name the file or directory it is about (the properties of loaders whose
 //!   messages are not ours to fix yet check only the three points above).
+//!
+//! Two failures cannot be caught and end the whole test process instead: a stack overflow, and
+//! a refused request as above; `HOSTILE_FILES_LOG=1` names the case that was running. Work a
+//! loader hands to other threads is not counted (the readers here run on the worker; the
+//! forward pass run on a loaded model may use candle's thread pool).
 //!
 //! CI runs [`CASES`] cases per property with a fixed seed and writes no failure files. A longer
 //! run: `PROPTEST_CASES=5000 cargo test --release --test hostile_files` (and
