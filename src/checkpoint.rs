@@ -613,17 +613,78 @@ fn load(dir: &Path, device: &Device, trainable: bool) -> Result<(Gpt, Tokenizer)
         return Err(Error::checkpoint(
             dir,
             format!(
-                "the tokenizer has {} tokens but the model's vocab_size is {}",
+                "{} has {} tokens but the model's vocab_size in {} is {}",
+                files::TOKENIZER,
                 tokenizer.vocab_size(),
+                files::CONFIG,
                 cfg.vocab_size
             ),
         ));
     }
     let model_path = dir.join(files::MODEL);
     let tensors = load_safetensors(&model_path, device)?;
+    check_model_size(&cfg, &tensors, &model_path)?;
     check_tensors(&cfg, &tensors, Some(&model_path))?;
+    check_dtypes(&tensors, &model_path)?;
     let model = Gpt::from_tensors(&cfg, tensors, trainable)?;
     Ok((model, tokenizer))
+}
+
+/// Refuses a config that describes a model far larger than its weights file holds, before
+/// anything is built from it: listing the tensors of `n_layer: 1000000000` would take
+/// hundreds of gigabytes, and `3 * n_embd` of a huge `n_embd` overflows. Every layer has at
+/// least one tensor, and every layer norm `n_embd` numbers, so a config whose `n_layer`
+/// exceeds the file's tensors, or whose `n_embd` its numbers, cannot match it. `weights` is
+/// the file (or shard index) the tensors came from; the error names its directory.
+pub(crate) fn check_model_size(
+    cfg: &GptConfig,
+    tensors: &HashMap<String, Tensor>,
+    weights: &Path,
+) -> Result<()> {
+    let numbers: usize = tensors.values().map(Tensor::elem_count).sum();
+    for (field, value, limit, what) in [
+        ("n_layer", cfg.n_layer, tensors.len(), "tensors"),
+        ("n_embd", cfg.n_embd, numbers, "numbers"),
+    ] {
+        if value > limit {
+            return Err(Error::checkpoint(
+                weights.parent().unwrap_or(weights),
+                format!(
+                    "{} says {field} {value}, but {} holds only {limit} {what}: the config and \
+                     the weights do not belong together",
+                    files::CONFIG,
+                    weights.file_name().map_or_else(
+                        || weights.display().to_string(),
+                        |n| n.to_string_lossy().into_owned()
+                    )
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses weights in a dtype the model cannot run in: candle reads `F8_E4M3` tensors, but
+/// its matrix products, and so tinygpt's layers, take F32, F64, F16 or BF16.
+fn check_dtypes(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    use candle_core::DType;
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        let dtype = tensors.get(name).map(Tensor::dtype);
+        let runs = |d: &DType| matches!(d, DType::F32 | DType::F64 | DType::F16 | DType::BF16);
+        if let Some(dtype) = dtype.filter(|d| !runs(d)) {
+            return Err(Error::bad_file(
+                path,
+                None,
+                format!(
+                    "tensor `{name}` holds {dtype:?} values; tinygpt runs models in F32, F64, \
+                     F16 or BF16"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Writes `config.json`, `model.safetensors` and `tokenizer.json` of a model into `dir`
@@ -657,18 +718,182 @@ pub(crate) fn require_files(dir: &Path, names: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// The longest safetensors header read (the `safetensors` crate's own limit).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// The dtypes [`load_safetensors`] reads: those candle computes with. (candle also stores
+/// `F4`, `F6_E2M3`, `F6_E3M2` and `F8_E8M0` tensors, as raw bytes that no operation can use.)
+const READABLE_DTYPES: [(&str, u64); 11] = [
+    ("F32", 32),
+    ("F16", 16),
+    ("BF16", 16),
+    ("F64", 64),
+    ("F8_E4M3", 8),
+    ("U8", 8),
+    ("U16", 16),
+    ("U32", 32),
+    ("I16", 16),
+    ("I32", 32),
+    ("I64", 64),
+];
+
 /// Reads every tensor of a safetensors file onto `device`.
 ///
+/// The header is checked before anything is allocated for what it declares: its length
+/// against the file's, then every tensor's dtype, shape and byte range (its shape times its
+/// dtype's size, in checked arithmetic, must be exactly the bytes its `data_offsets` span,
+/// and those must lie inside the file, one tensor after another). So a hostile file (one
+/// claiming a 10^12-byte tensor, say) is refused with a message, never attempted.
+///
 /// # Errors
-/// [`Error::Io`] if the file cannot be read; [`Error::BadFile`] if it is truncated or corrupt.
+/// [`Error::Io`] if the file cannot be read; [`Error::BadFile`] if it is truncated or
+/// corrupt, naming the tensor and the figures that disagree.
 pub fn load_safetensors(
     path: impl AsRef<Path>,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = read_safetensors(path)?;
     candle_core::safetensors::load_buffer(&bytes, device)
         .map_err(|e| Error::bad_file(path, None, format!("not a valid safetensors file ({e})")))
+}
+
+/// The bytes of a safetensors file whose header [`check_safetensors_header`] accepts.
+fn read_safetensors(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let bad =
+        |msg: String| Error::bad_file(path, None, format!("not a valid safetensors file: {msg}"));
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut prefix = [0u8; 8];
+    if file_len < 8 {
+        return Err(bad(format!(
+            "{file_len} bytes, fewer than the 8 of the header length"
+        )));
+    }
+    file.read_exact(&mut prefix)
+        .map_err(|e| Error::io(path, e))?;
+    let header_len = u64::from_le_bytes(prefix);
+    if header_len > file_len - 8 {
+        return Err(bad(format!(
+            "the header length field says {header_len} bytes, but only {} bytes follow it \
+             (the file has {file_len})",
+            file_len - 8
+        )));
+    }
+    if header_len > MAX_HEADER_BYTES {
+        return Err(bad(format!(
+            "the header length field says {header_len} bytes, more than the \
+             {MAX_HEADER_BYTES} a safetensors header may hold"
+        )));
+    }
+    let data_len = file_len - 8 - header_len;
+    let mut bytes = Vec::new();
+    bytes
+        .try_reserve_exact(usize::try_from(file_len).unwrap_or(usize::MAX))
+        .map_err(|_| bad(format!("{file_len} bytes do not fit in memory")))?;
+    bytes.extend_from_slice(&prefix);
+    (&mut file)
+        .take(header_len)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    let header = bytes.get(8..).unwrap_or_default();
+    check_safetensors_header(header, data_len).map_err(bad)?;
+    file.take(data_len)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 != file_len {
+        return Err(bad(format!(
+            "{} bytes could be read of the {file_len} the file had",
+            bytes.len()
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Checks a safetensors header (the JSON after the length field) against the `data_len`
+/// bytes that follow it; the error says what is wrong, naming the tensor.
+fn check_safetensors_header(header: &[u8], data_len: u64) -> std::result::Result<(), String> {
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        dtype: String,
+        shape: Vec<u64>,
+        data_offsets: (u64, u64),
+    }
+    let entries: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(header)
+        .map_err(|e| {
+            format!(
+                "the header is not a JSON object ({})",
+                crate::error::json_message(&e)
+            )
+        })?;
+    let mut ranges = Vec::with_capacity(entries.len());
+    for (name, value) in entries {
+        if name == "__metadata__" {
+            continue;
+        }
+        let entry: Entry = serde_json::from_value(value).map_err(|e| {
+            format!("tensor `{name}`: {e} (expected dtype, shape and data_offsets)")
+        })?;
+        let Some(&(_, bits)) = READABLE_DTYPES.iter().find(|(d, _)| *d == entry.dtype) else {
+            return Err(format!(
+                "tensor `{name}` has dtype {}, which tinygpt does not read (it reads {})",
+                entry.dtype,
+                READABLE_DTYPES.map(|(d, _)| d).join(", ")
+            ));
+        };
+        let (start, end) = entry.data_offsets;
+        let bytes = entry
+            .shape
+            .iter()
+            .try_fold(bits, |n, &d| n.checked_mul(d))
+            .map(|b| b / 8)
+            .filter(|&b| b <= data_len);
+        let Some(bytes) = bytes else {
+            return Err(format!(
+                "tensor `{name}` of shape {:?} and dtype {} would take more than the {data_len} \
+                 bytes of data in the file",
+                entry.shape, entry.dtype
+            ));
+        };
+        if end < start || end - start != bytes {
+            return Err(format!(
+                "tensor `{name}` of shape {:?} and dtype {} takes {bytes} bytes, but its \
+                 data_offsets [{start}, {end}] span {}",
+                entry.shape,
+                entry.dtype,
+                if end < start {
+                    "a negative length".to_string()
+                } else {
+                    format!("{}", end - start)
+                }
+            ));
+        }
+        if end > data_len {
+            return Err(format!(
+                "tensor `{name}`: data_offsets [{start}, {end}] end past the {data_len} bytes of \
+                 data in the file"
+            ));
+        }
+        ranges.push((start, end, name));
+    }
+    ranges.sort();
+    let mut at = 0;
+    for (start, end, name) in &ranges {
+        if *start != at {
+            return Err(format!(
+                "tensor `{name}` starts at byte {start} of the data, but the tensor before it \
+                 ends at byte {at} (tensors follow one another without gaps or overlaps)"
+            ));
+        }
+        at = *end;
+    }
+    if at != data_len {
+        return Err(format!(
+            "the tensors take {at} bytes, but {data_len} bytes of data follow the header"
+        ));
+    }
+    Ok(())
 }
 
 /// Writes tensors to a safetensors file.

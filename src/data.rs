@@ -42,7 +42,8 @@ impl TokenDataset {
     ///
     /// # Errors
     /// [`Error::Io`] if the file cannot be read, [`Error::BadFile`] if it is empty or not
-    /// UTF-8, tokenizer errors (e.g. a character the char tokenizer does not know).
+    /// UTF-8, or (naming its line and column) for a character the char tokenizer does not
+    /// know; other tokenizer errors.
     pub fn from_file(
         path: impl AsRef<Path>,
         tokenizer: &Tokenizer,
@@ -50,7 +51,24 @@ impl TokenDataset {
     ) -> Result<Self> {
         let path = path.as_ref();
         let text = read_text(path)?;
-        Self::from_tokens(tokenizer.encode(&text)?, val_fraction)
+        let tokens = tokenizer.encode(&text).map_err(|e| match e {
+            Error::UnknownChar {
+                ch,
+                position,
+                line,
+                column,
+            } => Error::bad_file(
+                path,
+                Some(line),
+                format!(
+                    "character {ch:?} (U+{:04X}) at column {column} (character {position} of \
+                     the file, from 0) is not in the tokenizer's vocabulary",
+                    ch as u32
+                ),
+            ),
+            e => e,
+        })?;
+        Self::from_tokens(tokens, val_fraction)
     }
 
     /// Splits a token stream: the first `1 - val_fraction` for training, the rest for
@@ -135,10 +153,21 @@ impl TokenDataset {
 /// [`Error::Io`] naming the path, or [`Error::BadFile`] if the file is empty or not UTF-8.
 pub fn read_text(path: impl AsRef<Path>) -> Result<String> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    if bytes.is_empty() {
+    let text = read_utf8(path)?;
+    if text.is_empty() {
         return Err(Error::bad_file(path, None, "the file is empty"));
     }
+    Ok(text)
+}
+
+/// Reads a whole UTF-8 file (JSON, text); bytes that are not UTF-8 are an error naming the
+/// line and byte, where `std::fs::read_to_string` says only "stream did not contain valid
+/// UTF-8".
+///
+/// # Errors
+/// [`Error::Io`] naming the path, or [`Error::BadFile`] if the file is not UTF-8.
+pub(crate) fn read_utf8(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     String::from_utf8(bytes).map_err(|e| {
         let at = e.utf8_error().valid_up_to();
         let bytes = e.as_bytes();

@@ -600,13 +600,15 @@ fn is_attention_buffer(name: &str) -> bool {
 ///
 /// # Errors
 /// [`Error::MissingTensor`] / [`Error::ShapeMismatch`] naming the tensor, `path` and both
-/// shapes; [`Error::Checkpoint`] for a tensor stored both with and without the prefix, an
+/// shapes; [`Error::Checkpoint`] for a config whose `n_layer` or `n_embd` exceeds what the
+/// tensors hold, a tensor stored both with and without the prefix, an
 /// unexpected tensor, or an `lm_head.weight` that differs from `wte` (an untied head).
 pub fn hf_tensors_to_tinygpt(
     cfg: &GptConfig,
     tensors: HashMap<String, Tensor>,
     path: &Path,
 ) -> Result<HashMap<String, Tensor>> {
+    crate::checkpoint::check_model_size(cfg, &tensors, path)?;
     let mut out = HashMap::with_capacity(tensors.len());
     let mut lm_head = None;
     // Sorted, so the first problem reported does not depend on hash order.

@@ -489,7 +489,7 @@ impl GptConfig {
     /// describes a model larger than the memory there is ([`GptConfig::check_fits`]).
     pub fn load(path: impl AsRef<std::path::Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::data::read_utf8(path)?;
         let cfg: Self = serde_json::from_str(&text).map_err(|e| Error::json(path, None, &e))?;
         cfg.validate().map_err(|e| match e {
             Error::Config(msg) => Error::Config(format!("{}: {msg}", path.display())),

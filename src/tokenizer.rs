@@ -170,8 +170,7 @@ impl Tokenizer {
         merges_txt: impl AsRef<Path>,
     ) -> Result<Self> {
         let (vocab_path, merges_path) = (vocab_json.as_ref(), merges_txt.as_ref());
-        let vocab_text =
-            std::fs::read_to_string(vocab_path).map_err(|e| Error::io(vocab_path, e))?;
+        let vocab_text = crate::data::read_utf8(vocab_path)?;
         let vocab: HashMap<String, u32> = serde_json::from_str(&vocab_text).map_err(|e| {
             Error::bad_file(
                 vocab_path,
@@ -179,47 +178,89 @@ impl Tokenizer {
                 format!("expected a JSON object token → id: {e}"),
             )
         })?;
-        let merges_text =
-            std::fs::read_to_string(merges_path).map_err(|e| Error::io(merges_path, e))?;
+        let merges_text = crate::data::read_utf8(merges_path)?;
         let merges = parse_merges(&merges_text, &vocab, merges_path)?;
 
         let model = BPE::builder()
             .vocab_and_merges(vocab.into_iter().collect::<Vocab>(), merges)
             .build()
             .map_err(|e| Error::bad_file(merges_path, None, e.to_string()))?;
-        Self::from_inner(byte_level_tokenizer(model))
+        Self::from_inner(byte_level_tokenizer(model)).map_err(|e| match e {
+            Error::Tokenizer(msg) => Error::bad_file(vocab_path, None, msg),
+            e => e,
+        })
     }
 
     /// Loads a Hugging Face `tokenizer.json`. If it lacks `<|endoftext|>` as an added token,
     /// it is registered as a special token (reusing its id if the model already has it,
     /// otherwise appended at the end of the vocabulary).
     ///
+    /// The file is parsed and checked before the `tokenizers` crate sees it (see
+    /// [`Tokenizer::from_bytes`]), so a hostile file is an error, never a panic or a huge
+    /// allocation.
+    ///
     /// # Errors
     /// [`Error::Io`] (naming the path) if the file cannot be read, e.g. does not exist;
-    /// [`Error::BadFile`] if it is not a valid `tokenizer.json`.
+    /// [`Error::BadFile`] (naming the path, and the line for malformed JSON) if it is not a
+    /// valid `tokenizer.json` or fails the checks of [`Tokenizer::from_inner`].
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
-            .map_err(|e| Error::bad_file(path, None, format!("not a valid tokenizer.json: {e}")))?;
-        Self::from_inner(inner)
+        let inner = parse_tokenizer_json(&bytes).map_err(|(line, msg)| {
+            Error::bad_file(path, line, format!("not a valid tokenizer.json: {msg}"))
+        })?;
+        Self::from_inner(inner).map_err(|e| match e {
+            Error::Tokenizer(msg) => Error::bad_file(path, None, msg),
+            e => e,
+        })
     }
 
     /// Parses the contents of a `tokenizer.json` (see [`Tokenizer::from_file`]).
     ///
+    /// The JSON is parsed here first (nesting deeper than 128 levels is refused); a
+    /// SentencePiece `Precompiled` normalizer is checked whole (its declared trie size against
+    /// the bytes it holds, every trie node and replacement inside them), since the `tokenizers`
+    /// crate panics on a malformed one, or allocates what its first four bytes declare; and a
+    /// regex may nest brackets at most 100 deep (Oniguruma's parser would overflow the stack).
+    ///
     /// # Errors
-    /// [`Error::Tokenizer`] if `json` is not a valid tokenizer.
+    /// [`Error::Tokenizer`] if `json` is not a valid tokenizer, saying where (the line, or the
+    /// field) and what is wrong.
     pub fn from_bytes(json: impl AsRef<[u8]>) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(json)
-            .map_err(|e| Error::Tokenizer(format!("not a valid tokenizer.json: {e}")))?;
+        let inner = parse_tokenizer_json(json.as_ref()).map_err(|(line, msg)| {
+            let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
+            Error::Tokenizer(format!("not a valid tokenizer.json{at}: {msg}"))
+        })?;
         Self::from_inner(inner)
     }
 
     /// Wraps a `tokenizers::Tokenizer`, making sure [`EOT`] is a registered special token.
     ///
+    /// Padding and truncation settings are dropped: tinygpt pads batches itself, and its
+    /// encodings are exact (a fixed padding length would also have every encoding allocate
+    /// that many ids, whatever it says).
+    ///
     /// # Errors
-    /// [`Error::Tokenizer`] if `<|endoftext|>` cannot be added.
+    /// [`Error::Tokenizer`] if a token's id is not below the vocabulary size (tinygpt gives
+    /// every id a row of the model's embedding, so ids must run from 0 to the size − 1),
+    /// naming the token, its id and the size; or if `<|endoftext|>` cannot be added.
     pub fn from_inner(mut inner: tokenizers::Tokenizer) -> Result<Self> {
+        inner.with_padding(None);
+        inner.with_truncation(None)?;
+        let size = inner.get_vocab_size(true);
+        let vocab = inner.get_vocab(true);
+        if let Some((token, id)) = vocab
+            .iter()
+            .filter(|(_, &id)| id as usize >= size)
+            .max_by_key(|(_, &id)| id)
+        {
+            return Err(Error::Tokenizer(format!(
+                "token {token:?} has id {id}, but the vocabulary has {size} tokens: ids must \
+                 run from 0 to {} (each is a row of the model's embedding)",
+                size.saturating_sub(1)
+            )));
+        }
+        drop(vocab);
         if !inner.get_added_vocabulary().get_vocab().contains_key(EOT) {
             inner.add_special_tokens([AddedToken::from(EOT, true)])?;
         }
@@ -601,6 +642,313 @@ fn has_byte_level(pre_tokenizer: Option<&PreTokenizerWrapper>) -> bool {
             .any(|p| matches!(p, PreTokenizerWrapper::ByteLevel(_))),
         _ => false,
     }
+}
+
+/// Parses a `tokenizer.json` into a `tokenizers::Tokenizer`, or says why not: the 1-based
+/// line, when the JSON itself is malformed, and what is wrong.
+///
+/// The JSON is parsed here (serde_json refuses nesting deeper than 128 levels) and handed to
+/// the crate as a value: the crate's own parser panics on some malformed input (a syntax error
+/// or deep nesting inside `decoder`, an invalid `Precompiled` normalizer). Precompiled
+/// normalizers are checked by [`check_normalizer`] first.
+fn parse_tokenizer_json(
+    bytes: &[u8],
+) -> std::result::Result<tokenizers::Tokenizer, (Option<usize>, String)> {
+    let mut value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+        let line = (e.line() > 0).then_some(e.line());
+        (line, crate::error::json_message(&e))
+    })?;
+    if let Some(normalizer) = value.get_mut("normalizer") {
+        check_normalizer(normalizer, "normalizer").map_err(|msg| (None, msg))?;
+    }
+    if let Some(model) = value.get("model") {
+        check_bpe_merges(model).map_err(|msg| (None, msg))?;
+    }
+    for part in ["normalizer", "pre_tokenizer", "decoder", "post_processor"] {
+        if let Some(v) = value.get(part) {
+            check_regexes(v, part).map_err(|msg| (None, msg))?;
+        }
+    }
+    serde_json::from_value(value).map_err(|e| (None, e.to_string()))
+}
+
+/// Checks that every merge of a BPE `model` (any model with a `vocab` object and a `merges`
+/// list) joins two tokens of its vocabulary into a third,
+/// the right one starting with the `continuing_subword_prefix` (if any) that the merge drops:
+/// the `tokenizers` crate slices each merge into a buffer as long as the longest token before
+/// looking the result up, so a merge whose tokens are missing panics (or, with a prefix the
+/// token lacks, cuts a character in two). Merges in a shape the crate does not read are left
+/// to its error.
+fn check_bpe_merges(model: &serde_json::Value) -> std::result::Result<(), String> {
+    // Whatever its `type` says: without one, the crate tries every model in turn.
+    let field = |key: &str| model.get(key);
+    let (Some(serde_json::Value::Object(vocab)), Some(serde_json::Value::Array(merges))) =
+        (field("vocab"), field("merges"))
+    else {
+        return Ok(());
+    };
+    let prefix = field("continuing_subword_prefix")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("");
+    let legacy = merges.iter().all(serde_json::Value::is_string);
+    let mut rank = 0;
+    for (i, merge) in merges.iter().enumerate() {
+        let (left, right) = match merge {
+            serde_json::Value::String(line) if legacy => {
+                if line.starts_with("#version") {
+                    continue;
+                }
+                match line.split_once(' ') {
+                    Some((l, r)) if !r.contains(' ') => (l, r),
+                    _ => return Ok(()), // the crate reports the line
+                }
+            }
+            serde_json::Value::Array(pair) => match pair.as_slice() {
+                [serde_json::Value::String(l), serde_json::Value::String(r)] => {
+                    (l.as_str(), r.as_str())
+                }
+                _ => return Ok(()),
+            },
+            _ => return Ok(()),
+        };
+        rank += 1;
+        let at = format!("model.merges[{i}] (merge {rank}, {left:?} + {right:?})");
+        for token in [left, right] {
+            if !vocab.contains_key(token) {
+                return Err(format!("{at}: {token:?} is not in the vocabulary"));
+            }
+        }
+        let Some(rest) = right.strip_prefix(prefix) else {
+            return Err(format!(
+                "{at}: {right:?} does not start with the continuing_subword_prefix {prefix:?}"
+            ));
+        };
+        let merged = format!("{left}{rest}");
+        if !vocab.contains_key(&merged) {
+            return Err(format!(
+                "{at}: the merged token {merged:?} is not in the vocabulary"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The deepest nesting of brackets and parentheses a `tokenizer.json` regex may have; real
+/// ones (GPT-2's, Llama's) nest two or three deep.
+const MAX_REGEX_NESTING: usize = 100;
+
+/// Checks every regex (`{"Regex": "…"}`, as `Split` and `Replace` spell theirs) in `v`, at the
+/// field path `at`: Oniguruma parses nested brackets recursively, so a pattern of a few
+/// thousand `[` overflows a thread's stack (an abort, not an error) while being compiled.
+fn check_regexes(v: &serde_json::Value, at: &str) -> std::result::Result<(), String> {
+    match v {
+        serde_json::Value::Object(fields) => {
+            for (key, value) in fields {
+                let field = format!("{at}.{key}");
+                match value {
+                    serde_json::Value::String(pattern) if key == "Regex" => {
+                        let depth = regex_nesting(pattern);
+                        if depth > MAX_REGEX_NESTING {
+                            return Err(format!(
+                                "{field} nests brackets and parentheses {depth} deep; tinygpt \
+                                 accepts at most {MAX_REGEX_NESTING}"
+                            ));
+                        }
+                    }
+                    _ => check_regexes(value, &field)?,
+                }
+            }
+            Ok(())
+        }
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, item)| check_regexes(item, &format!("{at}[{i}]"))),
+        _ => Ok(()),
+    }
+}
+
+/// The deepest nesting of unescaped `[`/`(` in a regex (counting generously: a `(` inside a
+/// character class counts too).
+fn regex_nesting(pattern: &str) -> usize {
+    let (mut depth, mut deepest, mut escaped) = (0usize, 0, false);
+    for c in pattern.chars() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '[' | '(' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            ']' | ')' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// Checks every SentencePiece `Precompiled` normalizer in `normalizer` (the field path `at`),
+/// wherever it is nested (a `Sequence`'s list, with or without its `type`), with
+/// [`check_charsmap`], and rewrites its base64 in the canonical form the `tokenizers` crate
+/// decodes.
+fn check_normalizer(
+    normalizer: &mut serde_json::Value,
+    at: &str,
+) -> std::result::Result<(), String> {
+    match normalizer {
+        serde_json::Value::Object(fields) => {
+            if fields.get("type").and_then(serde_json::Value::as_str) == Some("Precompiled") {
+                let field = format!("{at}.precompiled_charsmap");
+                let Some(text) = fields
+                    .get("precompiled_charsmap")
+                    .and_then(serde_json::Value::as_str)
+                else {
+                    return Err(format!("{field} must be a base64 string"));
+                };
+                let bytes = base64_decode(text).ok_or_else(|| format!("{field} is not base64"))?;
+                check_charsmap(&bytes).map_err(|msg| format!("{field}: {msg}"))?;
+                fields.insert(
+                    "precompiled_charsmap".into(),
+                    serde_json::Value::String(base64_encode(&bytes)),
+                );
+                return Ok(());
+            }
+            for (key, value) in fields.iter_mut() {
+                check_normalizer(value, &format!("{at}.{key}"))?;
+            }
+            Ok(())
+        }
+        serde_json::Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                check_normalizer(item, &format!("{at}[{i}]"))?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Checks a SentencePiece `precompiled_charsmap`, as `spm_precompiled` reads it: a u32 LE trie
+/// size in bytes, the trie (a darts-clone double array of u32 units), then NUL-separated
+/// replacement strings (UTF-8). Its size must fit the bytes that follow; and every node a
+/// lookup can reach, for any input byte, must lie inside the trie, with every leaf's value the
+/// start of a replacement (a character boundary inside the strings): `spm_precompiled`
+/// indexes without checking, so anything else would panic while encoding.
+fn check_charsmap(bytes: &[u8]) -> std::result::Result<(), String> {
+    let Some((size, rest)) = bytes.split_first_chunk::<4>() else {
+        return Err(format!(
+            "{} bytes, too short for the 4-byte trie size",
+            bytes.len()
+        ));
+    };
+    let declared = u32::from_le_bytes(*size) as usize;
+    let units = declared / 4;
+    let Some((trie, strings)) = rest.split_at_checked(units * 4) else {
+        return Err(format!(
+            "the trie is declared {declared} bytes long but only {} bytes follow its size",
+            rest.len()
+        ));
+    };
+    let strings = std::str::from_utf8(strings)
+        .map_err(|e| format!("the replacement strings are not UTF-8 ({e})"))?;
+    let trie: Vec<usize> = trie
+        .chunks_exact(4)
+        .map(|c| <[u8; 4]>::try_from(c).map_or(0, u32::from_le_bytes) as usize)
+        .collect();
+    // darts-clone's unit layout, as spm_precompiled decodes it.
+    let has_leaf = |u: usize| (u >> 8) & 1 == 1;
+    let value = |u: usize| u & ((1 << 31) - 1);
+    let label = |u: usize| u & ((1 << 31) | 0xFF);
+    let offset = |u: usize| (u >> 10) << ((u & (1 << 9)) >> 6);
+    // A lookup at a node whose children start at `base` reads unit `base ^ byte` for whatever
+    // byte comes next, so every such unit must exist.
+    let check_base = |base: usize| {
+        if base | 0xFF < trie.len() {
+            Ok(())
+        } else {
+            Err(format!(
+                "a trie node's children start at unit {base}, so input bytes would read up to \
+                 unit {}, past the trie's {} units",
+                base | 0xFF,
+                trie.len()
+            ))
+        }
+    };
+    let Some(&root) = trie.first() else {
+        return Err("the trie is empty".into());
+    };
+    let mut queued = vec![false; trie.len()];
+    let mut bases = vec![offset(root)];
+    check_base(offset(root))?;
+    while let Some(base) = bases.pop() {
+        for byte in 1..=0xFFusize {
+            let Some(&unit) = trie.get(base ^ byte) else {
+                continue;
+            };
+            if label(unit) != byte {
+                continue;
+            }
+            let child = (base ^ byte) ^ offset(unit);
+            check_base(child)?;
+            if has_leaf(unit) {
+                let start = trie.get(child).map(|&u| value(u));
+                if !start.is_some_and(|s| strings.is_char_boundary(s)) {
+                    return Err(format!(
+                        "a trie leaf gives {}, which is not the start of a replacement in the {} \
+                         bytes of strings",
+                        start.unwrap_or_default(),
+                        strings.len()
+                    ));
+                }
+            }
+            if let Some(q) = queued.get_mut(child) {
+                if !std::mem::replace(q, true) {
+                    bases.push(child);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Standard base64 (padding optional), or `None` for anything else.
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let text = text.trim_end_matches('=');
+    if text.len() % 4 == 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(text.len() / 4 * 3 + 2);
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in text.bytes() {
+        let v = BASE64.iter().position(|&b| b == c)? as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+/// Standard base64 with padding.
+fn base64_encode(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let byte = |i: usize| u32::from(chunk.get(i).copied().unwrap_or(0));
+        let n = (byte(0) << 16) | (byte(1) << 8) | byte(2);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(BASE64[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// Parses GPT-2's `vocab.bpe`: an optional `#version` header, then one `left right` merge per
