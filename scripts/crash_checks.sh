@@ -34,8 +34,12 @@ done
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/tinygpt-crash.XXXXXX")
 PIDS=()
 cleanup() {
-    local p
+    local p m
     for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    # The checks run in subshells: find their mounts under $WORK.
+    for m in $(awk -v w="$WORK" 'index($2, w) == 1 {print $2}' /proc/mounts 2>/dev/null); do
+        umount "$m" 2>/dev/null || true
+    done
     if [ "${KEEP:-0}" = 1 ]; then echo "scratch files kept in $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -287,6 +291,44 @@ memory() {
     echo "OK: refused in $ms ms: $(grep '^Error:' "$m.log" | cut -c8-100)…"
 }
 
+# A full disk and a read-only --out, on small tmpfs mounts (skipped where this user cannot
+# mount): the run is refused before its first step, naming the path and the bytes needed, and
+# the checkpoint already there is unchanged.
+mount_tmpfs() { # DIR SIZE
+    mkdir -p "$1"
+    mount -t tmpfs -o "size=$2" tmpfs "$1" 2>/dev/null || return 1
+    MOUNTS+=("$1")
+}
+disk_full() {
+    local d=$WORK/full rc=0 free
+    mount_tmpfs "$d" 4m || { echo "OK: skipped (cannot mount a tmpfs here)"; return 0; }
+    "$BIN/pretrain" --data "$TEXT" --out "$d/out" --n-layer 2 --n-head 2 --n-embd 64 --max-iters 20 \
+        --eval-interval 10 --eval-iters 2 --sample-chars 0 >"$d.first.log" 2>&1 ||
+        { tail -3 "$d.first.log"; fail "the first run did not fit in 4 MB"; return 1; }
+    cp -r "$d/out" "$WORK/full-before"
+    # Fill the disk but for 200 kB.
+    free=$(df --output=avail -B1 "$d" | tail -1)
+    head -c $((free - 200000)) /dev/zero >"$d/filler" 2>/dev/null || true
+    "$BIN/pretrain" --resume "$d/out" --max-iters 40 --sample-chars 0 >"$d.log" 2>&1 || rc=$?
+    [ $rc -eq 1 ] || { tail -3 "$d.log"; fail "exit status $rc, expected 1"; return 1; }
+    grep -q 'a checkpoint needs .* bytes) and the file system holding it has .* free' "$d.log" ||
+        { tail -3 "$d.log"; fail "no 'a checkpoint needs … free' error"; return 1; }
+    diff -r "$WORK/full-before" "$d/out" >"$d.diff" 2>&1 || { cat "$d.diff"; fail "the checkpoint changed"; }
+    [ -z "$(ls -A "$d" | grep -v '^out$\|^filler$')" ] || fail "left behind: $(ls -A "$d")"
+    echo "OK: exit 1, checkpoint unchanged: $(grep '^Error:' "$d.log" | sed 's/^Error: //' | cut -c1-150)…"
+}
+read_only() {
+    local d=$WORK/ro rc=0
+    mount_tmpfs "$d" 4m || { echo "OK: skipped (cannot mount a tmpfs here)"; return 0; }
+    cp -r "$WORK/pretrain-A" "$d/out"
+    mount -o remount,ro "$d" || { echo "OK: skipped (cannot remount read-only)"; return 0; }
+    "$BIN/pretrain" --resume "$d/out" --max-iters 340 --sample-chars 0 >"$d.log" 2>&1 || rc=$?
+    [ $rc -eq 1 ] || { tail -3 "$d.log"; fail "exit status $rc, expected 1"; return 1; }
+    grep -q 'Read-only file system' "$d.log" || { tail -3 "$d.log"; fail "no 'Read-only file system' error"; return 1; }
+    diff -r "$WORK/pretrain-A" "$d/out" >"$d.diff" 2>&1 || { cat "$d.diff"; fail "the checkpoint changed"; }
+    echo "OK: exit 1: $(grep '^Error:' "$d.log" | sed 's/^Error: //' | cut -c1-150)"
+}
+
 check setup setup
 if [ "${RESULTS[0]}" = PASS ]; then
     check "pretrain SIGINT" pretrain_int
@@ -297,6 +339,8 @@ if [ "${RESULTS[0]}" = PASS ]; then
     check "lock" lock
     if [ -d "$WORK/pretrain-A" ]; then check "NaN steps" nan; fi
     check "memory" memory
+    check "disk full" disk_full
+    if [ -d "$WORK/pretrain-A" ]; then check "read-only --out" read_only; fi
 fi
 
 echo

@@ -324,18 +324,30 @@ impl RngState {
     /// # Errors
     /// [`Error::InvalidArgument`] if the fields are malformed.
     pub fn restore(&self) -> Result<ChaCha8Rng> {
-        let bad = || Error::InvalidArgument(format!("malformed RNG state {self:?}"));
+        let bad_seed = || {
+            Error::InvalidArgument(format!(
+                "malformed RNG state: seed must be 64 hex digits, got {} characters{}",
+                self.seed.chars().count(),
+                if self.seed.len() == 64 { " that are not all hex digits" } else { "" }
+            ))
+        };
         if self.seed.len() != 64 {
-            return Err(bad());
+            return Err(bad_seed());
         }
         let mut seed = [0u8; 32];
         for (i, b) in seed.iter_mut().enumerate() {
-            *b = u8::from_str_radix(self.seed.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16)
-                .map_err(|_| bad())?;
+            *b = u8::from_str_radix(self.seed.get(2 * i..2 * i + 2).ok_or_else(bad_seed)?, 16)
+                .map_err(|_| bad_seed())?;
         }
         let mut rng = ChaCha8Rng::from_seed(seed);
         rng.set_stream(self.stream);
-        rng.set_word_pos(self.word_pos.parse().map_err(|_| bad())?);
+        let word_pos = self.word_pos.parse().map_err(|_| {
+            let shown: String = self.word_pos.chars().take(40).collect();
+            Error::InvalidArgument(format!(
+                "malformed RNG state: word_pos must be a decimal number below 2^128, got {shown:?}"
+            ))
+        })?;
+        rng.set_word_pos(word_pos);
         Ok(rng)
     }
 }
@@ -434,8 +446,40 @@ impl TrainerState {
         let dir = dir.as_ref();
         require_files(dir, &[files::TRAINER_STATE])?;
         let path = dir.join(files::TRAINER_STATE);
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        serde_json::from_str(&text).map_err(|e| Error::json(&path, None, &e))
+        let text = crate::data::read_utf8(&path)?;
+        let state: Self = serde_json::from_str(&text).map_err(|e| Error::json(&path, None, &e))?;
+        state.check(&path)?;
+        Ok(state)
+    }
+
+    /// Refuses values no run writes: a step count past what AdamW's bias correction takes
+    /// (`i32::MAX`), a negative or non-finite time, a non-finite best loss, an RNG state that
+    /// does not parse.
+    fn check(&self, path: &Path) -> Result<()> {
+        let bad = |msg: String| Error::bad_file(path, None, msg);
+        let limit = i32::MAX as usize;
+        if self.step > limit || self.optimizer_steps.is_some_and(|s| s > limit) {
+            return Err(bad(format!(
+                "step {} (optimizer_steps {:?}) is past the {limit} steps a run can take",
+                self.step, self.optimizer_steps
+            )));
+        }
+        if !self.elapsed_s.is_finite() || self.elapsed_s < 0.0 {
+            return Err(bad(format!(
+                "elapsed_s must be a time in seconds (>= 0), got {}",
+                self.elapsed_s
+            )));
+        }
+        if self.best_val_loss.is_some_and(|v| !v.is_finite()) {
+            return Err(bad(format!(
+                "best_val_loss must be finite, got {:?}",
+                self.best_val_loss
+            )));
+        }
+        for (field, rng) in [("rng", &self.rng), ("eval_rng", &self.eval_rng)] {
+            rng.restore().map_err(|e| bad(format!("{field}: {e}")))?;
+        }
+        Ok(())
     }
 
     /// Reads `DIR/trainer_state.json` of a run to be continued by the `stage` objective
@@ -735,8 +779,9 @@ impl Trainer {
         self.eval_rng = state.eval_rng.restore()?;
         let metrics_path = dir.join(files::METRICS);
         if metrics_path.is_file() {
-            let text =
-                std::fs::read_to_string(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
+            // A log: bytes that are not UTF-8 (a damaged line) are replaced, not fatal.
+            let bytes = std::fs::read(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
+            let text = String::from_utf8_lossy(&bytes);
             let mut lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
             // A last line without its newline was cut off by a crash while it was appended.
             if !text.ends_with('\n') {
