@@ -1678,6 +1678,7 @@ mod tests {
         calls: usize,
         bad_grad: Vec<usize>,
         nan: Vec<usize>,
+        spike: Vec<usize>,
     }
 
     impl Objective for Inject {
@@ -1698,6 +1699,9 @@ mod tests {
             }
             if self.nan.contains(&call) {
                 return Ok(((loss * f64::NAN)?, n));
+            }
+            if self.spike.contains(&call) {
+                return Ok(((loss * 50.0)?, n));
             }
             Ok((loss, n))
         }
@@ -1720,6 +1724,7 @@ mod tests {
             calls: 0,
             bad_grad,
             nan,
+            spike: vec![],
         }
     }
 
@@ -1872,6 +1877,7 @@ mod tests {
             calls: 0,
             bad_grad: vec![],
             nan: vec![],
+            spike: vec![],
         };
         let mut t = Trainer::new(cfg, r.parameters().unwrap())
             .unwrap()
@@ -1981,5 +1987,31 @@ mod tests {
         );
         let other = Error::io("x", std::io::Error::from_raw_os_error(13));
         assert!(matches!(disk_full(other, Path::new("o"), 1), Error::Io { .. }));
+    }
+
+    #[test]
+    fn a_loss_spike_is_skipped_once_the_window_is_full() {
+        let cfg = TrainConfig {
+            spike_zscore: 6.0,
+            spike_window: 8,
+            ..small_cfg(16)
+        };
+        // A spike at call 4 comes before the window is full: trained on. At 13, once it has
+        // left the window: skipped.
+        let mut o = tiny_objective(vec![], vec![]);
+        o.spike = vec![4, 13];
+        let mut t = Trainer::new(cfg, o.parameters().unwrap()).unwrap();
+        let mut skipped = Vec::new();
+        t.fit(&mut o, |e| {
+            if let TrainEvent::Skipped { step, reason, .. } = e {
+                skipped.push((*step, reason.clone()));
+            }
+        })
+        .unwrap();
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        assert_eq!(skipped[0].0, 14);
+        assert!(skipped[0].1.starts_with("loss spiked: "), "{skipped:?}");
+        assert_eq!(t.opt.step_count(), 15);
+        assert_eq!(t.spike_history.len(), 8);
     }
 }
