@@ -148,17 +148,12 @@ fn main() -> Result<()> {
     }
     let template = ChatTemplate::new(&tokenizer)?;
     let block_size = model.backbone().config().block_size;
-    // Not training settings, so not in train_config: the resumed run's, unless given.
-    let recorded = resume.as_ref().map(|r| &r.state.extra);
-    let max_response = args
-        .max_response_tokens
-        .or(recorded.and_then(|e| e["max_response_tokens"].as_u64().map(|n| n as usize)))
-        .unwrap_or(block_size / 2);
-    let recorded_skip = recorded.is_some_and(|e| e["skip_bad_lines"].as_bool() == Some(true));
-    if recorded_skip && !args.skip_bad_lines {
-        println!("skipping bad records, as the run did (--skip-bad-lines)");
-    }
-    let skip_bad = args.skip_bad_lines || recorded_skip;
+    let (max_response, skip_bad) = common::rlhf::data_settings(
+        args.max_response_tokens,
+        args.skip_bad_lines,
+        resume.as_ref().map(|r| &r.state.extra),
+        block_size,
+    );
     let (train, val) = common::rlhf::datasets(
         &data,
         &val_data,

@@ -1058,8 +1058,9 @@ impl CheckpointWriter {
             if durable::exchange(&self.tmp, &self.target).map_err(|e| Error::io(&self.target, e))? {
                 durable::sync_dir(&parent)?;
                 self.committed = true;
-                // `tmp` now holds the old checkpoint.
-                std::fs::remove_dir_all(&self.tmp).map_err(|e| Error::io(&self.tmp, e))?;
+                // `tmp` now holds the old checkpoint. The new one is in place whatever happens
+                // here: what cannot be removed now, the next run removes (`clean_stale`).
+                let _ = std::fs::remove_dir_all(&self.tmp);
                 return Ok(());
             }
             let old = parent.join(format!(
@@ -1074,7 +1075,8 @@ impl CheckpointWriter {
             std::fs::rename(&self.tmp, &self.target).map_err(|e| Error::io(&self.target, e))?;
             durable::sync_dir(&parent)?;
             self.committed = true;
-            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+            let _ = std::fs::remove_dir_all(&old); // as above
+
         } else {
             std::fs::rename(&self.tmp, &self.target).map_err(|e| Error::io(&self.target, e))?;
             durable::sync_dir(&parent)?;

@@ -6,6 +6,26 @@ use anyhow::{bail, Result};
 use tinygpt::rlhf::{load_preference_file, PreferenceDataset, PreferencePair};
 use tinygpt::{ChatTemplate, Tokenizer};
 
+/// The data settings a preference run records in `trainer_state.json`'s `extra` (they are not
+/// training settings, so not in its `train_config`): `max_response_tokens` and
+/// `skip_bad_lines`, each the flag's value when given, else the resumed run's (`recorded`),
+/// else the default (`block_size / 2`, off).
+pub fn data_settings(
+    max_response_tokens: Option<usize>,
+    skip_bad_lines: bool,
+    recorded: Option<&serde_json::Value>,
+    block_size: usize,
+) -> (usize, bool) {
+    let max_response = max_response_tokens
+        .or(recorded.and_then(|e| e["max_response_tokens"].as_u64().map(|n| n as usize)))
+        .unwrap_or(block_size / 2);
+    let recorded_skip = recorded.is_some_and(|e| e["skip_bad_lines"].as_bool() == Some(true));
+    if recorded_skip && !skip_bad_lines {
+        println!("skipping bad records, as the run did (--skip-bad-lines)");
+    }
+    (max_response, skip_bad_lines || recorded_skip)
+}
+
 /// Reads preference files, printing what was skipped.
 pub fn read_pairs(paths: &[PathBuf], skip_bad: bool) -> Result<Vec<PreferencePair>> {
     let mut all = Vec::new();
