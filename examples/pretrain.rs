@@ -115,10 +115,11 @@ fn main() -> Result<()> {
     let started = Instant::now();
 
     // 1. Data, tokenizer and model: fresh, or from the checkpoint to resume.
-    let resume = match &args.resume {
-        Some(dir) => Some(common::resume(dir, Pretraining::STAGE)?),
-        None => None,
-    };
+    let resume = args
+        .resume
+        .as_deref()
+        .map(|dir| common::resume(dir, Pretraining::STAGE))
+        .transpose()?;
     let (model, tokenizer, train_cfg, data_path, out) = match &resume {
         Some(resume) => {
             let dir = &resume.run;

@@ -82,10 +82,11 @@ fn main() -> Result<()> {
     common::init();
     let stop = common::Stop::install()?;
     let args = Args::parse();
-    let resume = match &args.resume {
-        Some(dir) => Some(common::resume(dir, RewardTraining::STAGE)?),
-        None => None,
-    };
+    let resume = args
+        .resume
+        .as_deref()
+        .map(|dir| common::resume(dir, RewardTraining::STAGE))
+        .transpose()?;
     let resumed = resume.as_ref().map(|r| r.run.as_path());
     let out = common::stage_out_dir(
         args.out.as_deref(),

@@ -135,10 +135,11 @@ fn main() -> Result<()> {
         .checked_params(args.train.seed.unwrap_or(1337))?;
     let device = common::device(&args.device)?;
     let started = Instant::now();
-    let resume = match &args.resume {
-        Some(dir) => Some(common::resume(dir, Sft::STAGE)?),
-        None => None,
-    };
+    let resume = args
+        .resume
+        .as_deref()
+        .map(|dir| common::resume(dir, Sft::STAGE))
+        .transpose()?;
     let resumed = resume.as_ref().map(|r| r.run.as_path());
     let out = common::stage_out_dir(
         args.out.as_deref(),

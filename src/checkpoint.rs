@@ -130,12 +130,17 @@ fn inspect_target(target: &Path) -> Result<Target> {
     let mut names = Vec::new();
     for entry in std::fs::read_dir(target).map_err(|e| Error::io(target, e))? {
         let entry = entry.map_err(|e| Error::io(target, e))?;
-        names.push((entry.file_name().to_string_lossy().into_owned(), entry.path()));
+        names.push((
+            entry.file_name().to_string_lossy().into_owned(),
+            entry.path(),
+        ));
     }
     if names.is_empty() {
         return Ok(Target::Empty);
     }
-    let has_states = names.iter().any(|(n, p)| state_step(n).is_some() && p.is_dir());
+    let has_states = names
+        .iter()
+        .any(|(n, p)| state_step(n).is_some() && p.is_dir());
     if is_checkpoint_dir(target) || has_states {
         for (name, path) in &names {
             let known = files::KNOWN.contains(&name.as_str())
@@ -266,7 +271,9 @@ pub(crate) fn verify_only(dir: &Path, only: Option<&[&str]>) -> Result<bool> {
     if !path.is_file() {
         return Ok(false);
     }
-    let size = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len();
+    let size = std::fs::metadata(&path)
+        .map_err(|e| Error::io(&path, e))?
+        .len();
     if size > MAX_MANIFEST_BYTES {
         return Err(Error::bad_file(
             &path,
@@ -369,7 +376,9 @@ pub fn latest_state(dir: impl AsRef<Path>) -> Result<PathBuf> {
         if !is_checkpoint_dir(&path) {
             continue;
         }
-        let step = crate::train::TrainerState::load(&path).map(|s| s.step).unwrap_or(step);
+        let step = crate::train::TrainerState::load(&path)
+            .map(|s| s.step)
+            .unwrap_or(step);
         if best.as_ref().is_none_or(|(s, _)| step > *s) {
             best = Some((step, path));
         }
@@ -1076,7 +1085,6 @@ impl CheckpointWriter {
             durable::sync_dir(&parent)?;
             self.committed = true;
             let _ = std::fs::remove_dir_all(&old); // as above
-
         } else {
             std::fs::rename(&self.tmp, &self.target).map_err(|e| Error::io(&self.target, e))?;
             durable::sync_dir(&parent)?;
@@ -1428,10 +1436,16 @@ mod tests {
         );
         std::fs::write(target.join(files::MODEL), "weight").unwrap();
         let e = verify(&target).unwrap_err().to_string();
-        assert!(e.contains("model.safetensors is 6 bytes, its manifest says 7"), "{e}");
+        assert!(
+            e.contains("model.safetensors is 6 bytes, its manifest says 7"),
+            "{e}"
+        );
         std::fs::remove_file(target.join(files::MODEL)).unwrap();
         let e = verify(&target).unwrap_err().to_string();
-        assert!(e.contains("missing model.safetensors, which its manifest lists"), "{e}");
+        assert!(
+            e.contains("missing model.safetensors, which its manifest lists"),
+            "{e}"
+        );
         // No manifest (older checkpoints): nothing to check.
         std::fs::remove_file(target.join(files::MANIFEST)).unwrap();
         assert!(!verify(&target).unwrap());
@@ -1449,12 +1463,18 @@ mod tests {
         let w = CheckpointWriter::begin(&state).unwrap();
         write_checkpoint_files(w.path(), "latest");
         w.commit().unwrap();
-        assert_eq!(CheckpointWriter::preflight(&target).unwrap(), Target::Checkpoint);
+        assert_eq!(
+            CheckpointWriter::preflight(&target).unwrap(),
+            Target::Checkpoint
+        );
         // A new best checkpoint keeps the state.
         let w = CheckpointWriter::begin(&target).unwrap();
         write_checkpoint_files(w.path(), "best2");
         w.commit().unwrap();
-        assert_eq!(std::fs::read_to_string(state.join(files::MODEL)).unwrap(), "latest");
+        assert_eq!(
+            std::fs::read_to_string(state.join(files::MODEL)).unwrap(),
+            "latest"
+        );
         assert_eq!(state_dirs(&target).unwrap(), vec![(7, state.clone())]);
         // What a kill leaves: a temporary directory holding the states (moved there just
         // before a swap), an old latest state being deleted, a half-written file.
@@ -1464,12 +1484,18 @@ mod tests {
         std::fs::create_dir_all(target.join(".checkpoint-3.old-999")).unwrap();
         std::fs::write(target.join(".metrics.jsonl.tmp-999"), "x").unwrap();
         assert_eq!(clean_stale(&target).unwrap().len(), 3);
-        assert_eq!(std::fs::read_to_string(state.join(files::MODEL)).unwrap(), "latest");
+        assert_eq!(
+            std::fs::read_to_string(state.join(files::MODEL)).unwrap(),
+            "latest"
+        );
         assert_eq!(names(&root), ["ckpt"]);
         // A checkpoint moved aside whose replacement never arrived (two renames, no swap).
         std::fs::rename(&target, root.join(".ckpt.old-999")).unwrap();
         clean_stale(&target).unwrap();
-        assert_eq!(std::fs::read_to_string(target.join(files::MODEL)).unwrap(), "best2");
+        assert_eq!(
+            std::fs::read_to_string(target.join(files::MODEL)).unwrap(),
+            "best2"
+        );
         assert_eq!(names(&root), ["ckpt"]);
         // Pruning keeps the newest and drops states newer than the run's own.
         for step in [8, 9, 30] {
@@ -1478,7 +1504,11 @@ mod tests {
             w.commit().unwrap();
         }
         prune_states(&target, 2, 9).unwrap();
-        let steps: Vec<usize> = state_dirs(&target).unwrap().into_iter().map(|s| s.0).collect();
+        let steps: Vec<usize> = state_dirs(&target)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.0)
+            .collect();
         assert_eq!(steps, [8, 9]);
         std::fs::remove_dir_all(&root).unwrap();
     }

@@ -163,7 +163,10 @@ impl DirLock {
         std::fs::create_dir_all(&parent).map_err(|e| {
             Error::checkpoint(
                 dir,
-                format!("cannot create its parent directory {}: {e}", parent.display()),
+                format!(
+                    "cannot create its parent directory {}: {e}",
+                    parent.display()
+                ),
             )
         })?;
         // A lock file removed by its owner between our open and our flock is a different

@@ -328,7 +328,11 @@ impl RngState {
             Error::InvalidArgument(format!(
                 "malformed RNG state: seed must be 64 hex digits, got {} characters{}",
                 self.seed.chars().count(),
-                if self.seed.len() == 64 { " that are not all hex digits" } else { "" }
+                if self.seed.len() == 64 {
+                    " that are not all hex digits"
+                } else {
+                    ""
+                }
             ))
         };
         if self.seed.len() != 64 {
@@ -904,7 +908,13 @@ impl Trainer {
                 let saved = if it == start_step {
                     self.last_saved.as_ref().map(|(_, d)| d.clone())
                 } else {
-                    self.save_latest(objective, it, StateKind::Interrupted, eval_now, &mut on_event)?
+                    self.save_latest(
+                        objective,
+                        it,
+                        StateKind::Interrupted,
+                        eval_now,
+                        &mut on_event,
+                    )?
                 };
                 return Err(Error::Interrupted { step: it, saved });
             }
@@ -1328,8 +1338,7 @@ impl Trainer {
         let state_path = tmp.join(files::TRAINER_STATE);
         let json = serde_json::to_string_pretty(&self.state)
             .map_err(|e| Error::bad_file(&state_path, None, e.to_string()))?;
-        std::fs::write(&state_path, json + "\n")
-            .map_err(|e| full(Error::io(&state_path, e)))?;
+        std::fs::write(&state_path, json + "\n").map_err(|e| full(Error::io(&state_path, e)))?;
         let metrics_path = tmp.join(files::METRICS);
         let mut text = self.metrics.join("\n");
         text.push('\n');
@@ -1374,7 +1383,11 @@ fn disk_full(e: Error, target: &Path, needed: u64) -> Error {
 /// The caller's config `now` on a resume of a checkpoint saved with `saved`: the saved values
 /// of [`TrainConfig::RESTORED_ON_RESUME`], the caller's for the rest; and the caller's values
 /// that were set aside.
-fn resumed_config(saved: &TrainConfig, now: &TrainConfig, step: usize) -> (TrainConfig, Vec<ConfigChange>) {
+fn resumed_config(
+    saved: &TrainConfig,
+    now: &TrainConfig,
+    step: usize,
+) -> (TrainConfig, Vec<ConfigChange>) {
     let ignored = config_changes(saved, now, step);
     let (Ok(serde_json::Value::Object(saved_v)), Ok(serde_json::Value::Object(mut now_v))) =
         (serde_json::to_value(saved), serde_json::to_value(now))
@@ -1732,7 +1745,13 @@ mod tests {
         o.parameters()
             .unwrap()
             .iter()
-            .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .map(|(_, v)| {
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
             .collect()
     }
 
@@ -1783,7 +1802,11 @@ mod tests {
                     tb.optimizer_step(&mut b, it, lr).unwrap();
                 }
             }
-            assert_eq!(weights(&a), weights(&b), "weights equal the run without step k");
+            assert_eq!(
+                weights(&a),
+                weights(&b),
+                "weights equal the run without step k"
+            );
         }
     }
 
@@ -1859,17 +1882,24 @@ mod tests {
             .unwrap_err();
         let saved = out.join("checkpoint-5");
         match &e {
-            Error::Interrupted { step: 5, saved: Some(p) } => assert_eq!(p, &saved),
+            Error::Interrupted {
+                step: 5,
+                saved: Some(p),
+            } => assert_eq!(p, &saved),
             e => panic!("{e}"),
         }
         let state = TrainerState::load(&saved).unwrap();
         assert_eq!((state.step, state.kind), (5, StateKind::Interrupted));
         assert!(checkpoint::verify(&saved).unwrap());
         assert_eq!(checkpoint::latest_state(&out).unwrap(), saved);
-        assert!(!dir.path().join(".run.lock").exists(), "the lock goes with the run");
+        assert!(
+            !dir.path().join(".run.lock").exists(),
+            "the lock goes with the run"
+        );
         // Resumed from the newest state: the same weights and the same rows as the full run.
         let from = checkpoint::latest_state(&out).unwrap();
-        let (model, tok) = crate::checkpoint::load_trainable(&from, &candle_core::Device::Cpu).unwrap();
+        let (model, tok) =
+            crate::checkpoint::load_trainable(&from, &candle_core::Device::Cpu).unwrap();
         let data_text = "to be or not to be, that is the question. ".repeat(20);
         let data = crate::TokenDataset::from_tokens(tok.encode(&data_text).unwrap(), 0.2).unwrap();
         let mut r = Inject {
@@ -1941,7 +1971,11 @@ mod tests {
         assert_eq!(t.cfg.weight_decay, 0.1);
         assert_eq!(t.cfg.max_iters, 6, "max_iters is the caller's");
         assert_eq!(t.opt.config().beta2, 0.99);
-        let ignored: Vec<String> = t.ignored_on_resume().iter().map(|c| c.to_string()).collect();
+        let ignored: Vec<String> = t
+            .ignored_on_resume()
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
         assert_eq!(
             ignored,
             [
@@ -1986,7 +2020,10 @@ mod tests {
              space or choose another output directory; the previous checkpoint is untouched"
         );
         let other = Error::io("x", std::io::Error::from_raw_os_error(13));
-        assert!(matches!(disk_full(other, Path::new("o"), 1), Error::Io { .. }));
+        assert!(matches!(
+            disk_full(other, Path::new("o"), 1),
+            Error::Io { .. }
+        ));
     }
 
     #[test]

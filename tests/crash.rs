@@ -15,15 +15,16 @@ use rand::{Rng, SeedableRng};
 use tinygpt::candle::Device;
 use tinygpt::checkpoint::{self, files};
 use tinygpt::train::TrainerState;
-use tinygpt::{Gpt, GptConfig, Objective, Pretraining, TokenDataset, Tokenizer, TrainConfig, Trainer};
+use tinygpt::{
+    Gpt, GptConfig, Objective, Pretraining, TokenDataset, Tokenizer, TrainConfig, Trainer,
+};
 
 const CHILD_ENV: &str = "TINYGPT_CRASH_CHILD";
 const KILLS: usize = 50;
 const MAX_ITERS: usize = 24;
 
 fn text() -> String {
-    "First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. "
-        .repeat(30)
+    "First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. ".repeat(30)
 }
 
 fn cfg() -> TrainConfig {
@@ -102,7 +103,12 @@ fn leftovers(root: &Path, out: &Path) -> usize {
         std::fs::read_dir(d)
             .map(|r| {
                 r.filter(|e| {
-                    let n = e.as_ref().unwrap().file_name().to_string_lossy().into_owned();
+                    let n = e
+                        .as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .into_owned();
                     n.contains(".tmp-") || n.contains(".old-")
                 })
                 .count()
@@ -158,7 +164,10 @@ fn kill_9_at_random_instants_loses_nothing() {
     let (mut kill, mut attempts) = (0, 0);
     while kill < KILLS {
         attempts += 1;
-        assert!(attempts < 4 * KILLS, "the runs keep finishing before their kill");
+        assert!(
+            attempts < 4 * KILLS,
+            "the runs keep finishing before their kill"
+        );
         // Every other kill lands in a fresh run, so the kills cover the whole run however fast
         // it is; the others in a run resumed from what the last kill left.
         if kill % 2 == 0 && work.join("out").exists() {
@@ -184,7 +193,11 @@ fn kill_9_at_random_instants_loses_nothing() {
         // Whatever the instant: the directory loads and verifies.
         match checkpoint::latest_state(&out) {
             Ok(last) => {
-                assert!(checkpoint::verify(&last).unwrap(), "kill {kill}: {}", last.display());
+                assert!(
+                    checkpoint::verify(&last).unwrap(),
+                    "kill {kill}: {}",
+                    last.display()
+                );
                 checkpoint::load_trainable(&last, &Device::Cpu)
                     .unwrap_or_else(|e| panic!("kill {kill}: {e}"));
                 steps_seen.insert(TrainerState::load(&last).unwrap().step);
@@ -207,8 +220,16 @@ fn kill_9_at_random_instants_loses_nothing() {
         let copy = root.path().join(format!("copy-{kill}"));
         copy_tree(&work, &copy);
         train(&copy.join("out"));
-        assert_eq!(final_files(&copy.join("out")), want, "kill {kill}: resumed weights");
-        assert_eq!(leftovers(&copy, &copy.join("out")), 0, "kill {kill}: cleaned up");
+        assert_eq!(
+            final_files(&copy.join("out")),
+            want,
+            "kill {kill}: resumed weights"
+        );
+        assert_eq!(
+            leftovers(&copy, &copy.join("out")),
+            0,
+            "kill {kill}: cleaned up"
+        );
         std::fs::remove_dir_all(&copy).unwrap();
         if status.success() {
             // Start again, so that the kills keep landing mid-run.
@@ -224,5 +245,8 @@ fn kill_9_at_random_instants_loses_nothing() {
          their kill); states resumed from: {steps_seen:?}",
         run_time.as_secs_f64()
     );
-    assert!(with_leftovers > 0, "no kill landed during a checkpoint write");
+    assert!(
+        with_leftovers > 0,
+        "no kill landed during a checkpoint write"
+    );
 }

@@ -533,7 +533,10 @@ fn interrupt_and_resume(stage: Stage) {
     let out = root.join("stopped");
     let at = if stage == Stage::Ppo { 8 } else { 6 };
     match run_stoppable(stage, &root, &out, None, Some(6)) {
-        Some(tinygpt::Error::Interrupted { step, saved: Some(saved) }) => {
+        Some(tinygpt::Error::Interrupted {
+            step,
+            saved: Some(saved),
+        }) => {
             assert_eq!(step, at, "{stage:?}");
             let state = tinygpt::train::TrainerState::load(&saved).unwrap();
             assert_eq!(state.step, at);
@@ -551,7 +554,10 @@ fn interrupt_and_resume(stage: Stage) {
         want.iter().map(|f| &f.0).collect::<Vec<_>>()
     );
     for ((name, a), (_, b)) in got.iter().zip(&want) {
-        assert!(a == b, "{stage:?}: {name} differs from the uninterrupted run's");
+        assert!(
+            a == b,
+            "{stage:?}: {name} differs from the uninterrupted run's"
+        );
     }
     std::fs::remove_dir_all(&root).unwrap();
 }
