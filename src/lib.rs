@@ -53,16 +53,14 @@
 //! `V` vocabulary. Tensors are f32 unless said otherwise; token ids are u32.
 #![warn(missing_docs)]
 
-pub mod attention;
 pub mod chat;
 pub mod checkpoint;
 pub mod data;
 pub mod decode;
 mod durable;
 pub mod error;
-mod gemv;
 pub mod hf;
-pub mod layers;
+pub mod kernels;
 pub mod memory;
 pub mod model;
 pub mod optim;
@@ -83,6 +81,9 @@ pub mod train;
 pub use candle_core as candle;
 /// candle-nn, re-exported for `VarBuilder` and friends.
 pub use candle_nn;
+
+pub use kernels::{attention, layers};
+pub(crate) use kernels::gemv;
 
 pub use chat::{ChatSession, ChatTemplate, Message, Role};
 pub use data::{Split, TokenDataset};

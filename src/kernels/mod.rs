@@ -1,0 +1,14 @@
+//! The engine: fused CPU kernels with hand-written backward passes, SIMD dispatch and f16
+//! matrix-vector products. The story files (`model.rs`, the stages, the sampler) call these;
+//! nothing here knows about tokens, checkpoints or training.
+//!
+//! - [`layers`]: LayerNorm, bias add, bias + GELU, cross-entropy (each forward and backward).
+//! - [`attention`]: causal self-attention after FlashAttention-2, training and KV-cache decoding.
+//! - `gemv`: matrix-vector products for decoding, f32 and f16 weights.
+//!
+//! Each fused op has a `*_reference` twin written with plain candle ops that runs on every
+//! device and dtype; the tests hold the two to 1e-4 in values and gradients.
+
+pub mod attention;
+pub(crate) mod gemv;
+pub mod layers;
