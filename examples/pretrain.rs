@@ -197,7 +197,7 @@ fn main() -> Result<()> {
                 n_head: args.n_head.unwrap_or(4),
                 n_embd: args.n_embd.unwrap_or(128),
                 dropout: args.dropout.unwrap_or(0.0),
-                bias: args.bias.unwrap_or(false),
+                bias: args.bias.unwrap_or(false), ..Default::default()
             };
             let train_cfg = args.train.apply(TrainConfig::default());
             let model = Gpt::init(&cfg, train_cfg.seed, &device)?;

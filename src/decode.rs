@@ -27,7 +27,7 @@
 //! use tinygpt::{Gpt, GptConfig};
 //!
 //! let cfg = GptConfig { vocab_size: 11, block_size: 16, n_layer: 2, n_head: 2, n_embd: 8,
-//!                       dropout: 0.0, bias: true };
+//!                       dropout: 0.0, bias: true, ..Default::default() };
 //! let model = Gpt::init(&cfg, 1, &Device::Cpu)?;
 //! let mut slots = DecodeSlots::new(&model, 2)?;
 //! let a = model.prefill_slot(&mut slots, 0, &[1, 2, 3])?; // (V,) after the prompt
@@ -58,9 +58,18 @@ pub struct DecodeSlots {
     /// Where a prompt is prefilled before its keys and values move to a CPU slot.
     prefill: KvCache,
     n_layer: usize,
-    /// Floats per layer of a slot: `block_size · n_embd`.
+    /// Floats per layer of a slot: `block_size · n_kv_head · head_size` (`block_size ·
+    /// n_embd` for multi-head attention).
     layer_len: usize,
     cpu: bool,
+}
+
+/// Floats of one layer's keys (or values) for a whole context: `block_size · n_kv_head ·
+/// head_size`, saturating.
+fn kv_floats(cfg: &crate::GptConfig) -> usize {
+    cfg.block_size
+        .saturating_mul(cfg.n_kv_heads())
+        .saturating_mul(cfg.head_size())
 }
 
 #[derive(Debug, Default)]
@@ -116,7 +125,7 @@ impl DecodeSlots {
             slots: (0..n_slots).map(|_| Slot::default()).collect(),
             prefill: KvCache::new(cfg.n_layer),
             n_layer: cfg.n_layer,
-            layer_len: cfg.block_size * cfg.n_embd,
+            layer_len: kv_floats(cfg),
             cpu: model.device().is_cpu(),
         })
     }
@@ -139,7 +148,7 @@ impl DecodeSlots {
     }
 
     /// Bytes `n_slots` slots' keys and values take for `model` once allocated on the CPU
-    /// (`n_slots · 2 · n_layer · block_size · n_embd` f32s, saturating); 0 on other devices.
+    /// (`n_slots · 2 · n_layer · block_size · n_kv_head · head_size` f32s, saturating); 0 on other devices.
     pub fn bytes_needed(model: &Gpt, n_slots: usize) -> usize {
         if !model.device().is_cpu() {
             return 0;
@@ -147,8 +156,7 @@ impl DecodeSlots {
         let cfg = model.config();
         n_slots
             .saturating_mul(2 * cfg.n_layer)
-            .saturating_mul(cfg.block_size)
-            .saturating_mul(cfg.n_embd)
+            .saturating_mul(kv_floats(cfg))
             .saturating_mul(std::mem::size_of::<f32>())
     }
 
@@ -207,11 +215,11 @@ impl Gpt {
         slots.slot_mut(slot)?.len = 0;
         let logits = if cpu {
             // Prefill through the whole-sequence path, then move the keys and values into the
-            // slot's buffers: (1, nh, block_size, hs) → (nh, block_size, hs), first T positions.
+            // slot's buffers: (1, nkv, block_size, hs) → (nkv, block_size, hs), first T positions.
             let cache = &mut slots.prefill;
             cache.reset();
             let logits = self.forward_with_cache(&input, cache)?; // (1, V)
-            let (nh, hs, cap) = self.head_dims();
+            let (nkv, hs, cap) = self.head_dims();
             let mut kv = std::mem::take(&mut slots.slot_mut(slot)?.kv);
             if kv.k.len() != n_layer {
                 kv = SlotKv::allocated(n_layer, layer_len);
@@ -224,8 +232,8 @@ impl Gpt {
                 };
                 for (src, dst) in [(&layer.k, &mut kv.k[l]), (&layer.v, &mut kv.v[l])] {
                     let src = src.narrow(2, 0, t)?.to_dtype(DType::F32)?.flatten_all()?;
-                    let src = src.to_vec1::<f32>()?; // (nh, T, hs)
-                    for h in 0..nh {
+                    let src = src.to_vec1::<f32>()?; // (nkv, T, hs)
+                    for h in 0..nkv {
                         dst[h * cap * hs..(h * cap + t) * hs]
                             .copy_from_slice(&src[h * t * hs..(h + 1) * t * hs]);
                     }
@@ -319,22 +327,22 @@ impl Gpt {
         Ok(logits)
     }
 
-    /// `(nh, hs, block_size)`.
+    /// `(nkv, hs, block_size)`: the key/value heads a slot holds.
     fn head_dims(&self) -> (usize, usize, usize) {
         let cfg = self.config();
-        (cfg.n_head, cfg.n_embd / cfg.n_head, cfg.block_size)
+        (cfg.n_kv_heads(), cfg.head_size(), cfg.block_size)
     }
 
     fn check_slots(&self, slots: &DecodeSlots) -> Result<()> {
         let cfg = self.config();
-        if slots.n_layer != cfg.n_layer || slots.layer_len != cfg.block_size * cfg.n_embd {
+        if slots.n_layer != cfg.n_layer || slots.layer_len != kv_floats(cfg) {
             return Err(Error::InvalidArgument(format!(
                 "these decode slots were made for another model shape ({} layers of {} floats), \
                  this one has {} layers of {}",
                 slots.n_layer,
                 slots.layer_len,
                 cfg.n_layer,
-                cfg.block_size * cfg.n_embd
+                kv_floats(cfg)
             )));
         }
         Ok(())
@@ -382,7 +390,7 @@ mod tests {
             n_head: 3,
             n_embd: 24,
             dropout: 0.0,
-            bias: true,
+            bias: true, ..Default::default()
         };
         let m = Gpt::init(&cfg, 7, &Device::Cpu).unwrap();
         if dtype == DType::F32 {
@@ -447,7 +455,7 @@ mod tests {
             n_head: 4,
             n_embd: 96,
             dropout: 0.0,
-            bias: true,
+            bias: true, ..Default::default()
         };
         let wide = Gpt::init(&wide, 5, &Device::Cpu)
             .unwrap()

@@ -37,7 +37,7 @@
 //! let text = "to be or not to be, that is the question";
 //! let tokenizer = Tokenizer::train_char(text)?;
 //! let cfg = GptConfig { vocab_size: tokenizer.vocab_size(), block_size: 16, n_layer: 2,
-//!                       n_head: 2, n_embd: 16, dropout: 0.0, bias: true };
+//!                       n_head: 2, n_embd: 16, dropout: 0.0, bias: true, ..Default::default() };
 //! let model = Gpt::init(&cfg, 1337, &Device::Cpu)?;
 //!
 //! // Play the game: 20 new characters after a prompt, deterministic for a seed.
@@ -89,7 +89,7 @@ pub use chat::{ChatSession, ChatTemplate, Message, Role};
 pub use data::{Split, TokenDataset};
 pub use error::{Error, Result};
 pub use hf::Gpt2Config;
-pub use model::{Gpt, GptConfig, KvCache};
+pub use model::{Arch, Gpt, GptConfig, KvCache};
 pub use optim::{AdamW, AdamWConfig, LrSchedule};
 pub use pretrain::Pretraining;
 pub use rlhf::{Dpo, Ppo, PpoConfig, RewardModel, RewardTraining};

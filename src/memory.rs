@@ -100,6 +100,9 @@ fn u(x: usize) -> Option<u64> {
 
 /// The parameter count of `cfg` (the tied head once), `None` if it overflows 64 bits.
 pub(crate) fn parameter_count(cfg: &GptConfig) -> Option<u64> {
+    if cfg.arch == crate::model::Arch::Llama {
+        return llama_parameter_count(cfg);
+    }
     let (v, t, l, c) = (
         u(cfg.vocab_size)?,
         u(cfg.block_size)?,
@@ -116,6 +119,29 @@ pub(crate) fn parameter_count(cfg: &GptConfig) -> Option<u64> {
     let embeddings = add(mul(v, c)?, mul(t, c)?)?; // wte (also the head) and wpe
     let ln_f = mul(1 + bias, c)?;
     add(add(embeddings, mul(l, per_layer)?)?, ln_f)
+}
+
+/// [`parameter_count`] of a Llama: per block q, k, v, o, gate, up, down, two RMSNorms, and
+/// the optional biases and q/k norms; the embedding, the final norm and an untied head.
+fn llama_parameter_count(cfg: &GptConfig) -> Option<u64> {
+    let (v, l, c) = (u(cfg.vocab_size)?, u(cfg.n_layer)?, u(cfg.n_embd)?);
+    let (hs, i) = (u(cfg.head_size())?, u(cfg.mlp_hidden())?);
+    let q = mul(u(cfg.n_head)?, hs)?;
+    let kv = mul(u(cfg.n_kv_heads())?, hs)?;
+    let attn = add(mul(2, mul(c, q)?)?, mul(2, mul(c, kv)?)?)?; // q, o; k, v
+    let mlp = mul(3, mul(c, i)?)?;
+    let mut per_layer = add(add(attn, mlp)?, mul(2, c)?)?;
+    if cfg.bias || cfg.qkv_bias {
+        per_layer = add(per_layer, add(q, mul(2, kv)?)?)?;
+    }
+    if cfg.bias {
+        per_layer = add(per_layer, add(mul(2, c)?, mul(2, i)?)?)?; // o, down; gate, up
+    }
+    if cfg.qk_norm {
+        per_layer = add(per_layer, mul(2, hs)?)?;
+    }
+    let head = if cfg.tie_word_embeddings { 0 } else { mul(v, c)? };
+    add(add(add(mul(v, c)?, head)?, mul(l, per_layer)?)?, c)
 }
 
 /// A parameter count for a message: `0.8M`, `1.6B`, `4.8e17`.
@@ -196,7 +222,8 @@ impl MemoryEstimate {
             // One whole-sequence forward pass (a layer's activations at a time, and the
             // logits) and the KV cache: k and v of every layer, f32 on the CPU.
             let per_token = add(mul(10, c)?, v)?;
-            let kv = mul(mul(mul(2, l)?, mul(tokens, c)?)?, f32_bytes)?;
+            let kv_width = mul(u(cfg.n_kv_heads())?, u(cfg.head_size())?)?;
+            let kv = mul(mul(mul(2, l)?, mul(tokens, kv_width)?)?, f32_bytes)?;
             (0, 0, mul(mul(tokens, per_token)?, f32_bytes)?, kv)
         };
         let total = add(

@@ -13,6 +13,7 @@
 //! parameter (candle's fused `layer_norm`/`softmax_last_dim` have no backward pass).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarBuilder;
@@ -21,7 +22,9 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
-use crate::attention::{self, attention_probs, causal_attention, causal_attention_qkv, RowCache};
+use crate::attention::{attention_probs, causal_attention_qkv, RowCache};
+use crate::kernels::stubs as kernels;
+use crate::kernels::stubs::RopeTable;
 use crate::layers;
 use crate::{Error, Result};
 
@@ -39,10 +42,11 @@ pub const LAYER_NORM_EPS: f64 = 1e-5;
 struct LayerNorm {
     weight: Tensor,       // (C,)
     bias: Option<Tensor>, // (C,)
+    eps: f64,
 }
 
 impl LayerNorm {
-    fn new(c: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+    fn new(c: usize, bias: bool, eps: f64, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             weight: get(&vb, &[c], "weight")?,
             bias: if bias {
@@ -50,24 +54,75 @@ impl LayerNorm {
             } else {
                 None
             },
+            eps,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let weight = like(Some(&self.weight), x)?.unwrap_or_else(|| self.weight.clone());
         let bias = like(self.bias.as_ref(), x)?;
-        layers::layer_norm(x, &weight, bias.as_ref(), LAYER_NORM_EPS) // (.., C)
+        layers::layer_norm(x, &weight, bias.as_ref(), self.eps) // (.., C)
     }
 }
 
-/// A projection in HF GPT-2's `Conv1D` layout: `y = x @ W + b` with `W: (in, out)`.
+/// RMSNorm over the last dimension (Zhang & Sennrich 2019), Llama's norm:
+/// `x / sqrt(mean(x²) + eps) · weight`, no mean subtracted, no shift. One fused op with a
+/// hand-written backward ([`kernels::rms_norm`]), statistics in f32.
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor, // (C,) or (hs,) for Qwen3's q/k norm
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(c: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: get(&vb, &[c], "weight")?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let weight = like(Some(&self.weight), x)?.unwrap_or_else(|| self.weight.clone());
+        kernels::rms_norm(x, &weight, self.eps) // (.., C)
+    }
+}
+
+/// The norm before each sub-layer and at the end: GPT-2's LayerNorm or Llama's RMSNorm.
+#[derive(Debug, Clone)]
+enum Norm {
+    Layer(LayerNorm),
+    Rms(RmsNorm),
+}
+
+impl Norm {
+    fn new(cfg: &GptConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(match cfg.arch {
+            Arch::Gpt2 => Norm::Layer(LayerNorm::new(cfg.n_embd, cfg.bias, cfg.norm_eps, vb)?),
+            Arch::Llama => Norm::Rms(RmsNorm::new(cfg.n_embd, cfg.norm_eps, vb)?),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Norm::Layer(n) => n.forward(x),
+            Norm::Rms(n) => n.forward(x),
+        }
+    }
+}
+
+/// A projection `y = x @ W + b`. GPT-2 stores `W` as HF's `Conv1D` does, `(in, out)`; Llama
+/// as PyTorch's `nn.Linear`, `(out, in)`, applied as `x @ Wᵀ` (a transposed view: gemm reads
+/// either layout, and so do the f16 decoding kernels).
 #[derive(Debug, Clone)]
 struct Linear {
-    weight: Tensor,       // (in, out)
+    weight: Tensor,       // (in, out), or (out, in) when `out_in`
     bias: Option<Tensor>, // (out,)
+    out_in: bool,
 }
 
 impl Linear {
+    /// GPT-2's `Conv1D`: `weight` (in, out).
     fn new(d_in: usize, d_out: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             weight: get(&vb, &[d_in, d_out], "weight")?,
@@ -76,19 +131,95 @@ impl Linear {
             } else {
                 None
             },
+            out_in: false,
+        })
+    }
+
+    /// PyTorch's `nn.Linear`: `weight` (out, in).
+    fn new_out_in(d_in: usize, d_out: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: get(&vb, &[d_out, d_in], "weight")?,
+            bias: if bias {
+                Some(get(&vb, &[d_out], "bias")?)
+            } else {
+                None
+            },
+            out_in: true,
+        })
+    }
+
+    /// The weight as `(in, out)`.
+    fn w(&self) -> Result<Tensor> {
+        Ok(if self.out_in {
+            self.weight.t()?
+        } else {
+            self.weight.clone()
         })
     }
 
     /// (B, T, in) → (B, T, out): a gemm, then the bias as one fused op.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let bias = like(self.bias.as_ref(), x)?;
-        layers::linear(x, &self.weight, bias.as_ref())
+        layers::linear(x, &self.w()?, bias.as_ref())
     }
 
     /// (B, T, in) → gelu(x @ W + b), (B, T, out): the bias add fused into the GELU.
     fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
-        let h = layers::linear(x, &self.weight, None)?; // (B, T, out)
+        let h = layers::linear(x, &self.w()?, None)?; // (B, T, out)
         layers::bias_gelu(&h, like(self.bias.as_ref(), x)?.as_ref())
+    }
+}
+
+/// Several `nn.Linear` projections of the same input (Llama's q/k/v, or gate/up) computed as
+/// one product, their `(out_i, in)` weights stacked along `out`: one gemm instead of two or
+/// three, and one pass over `x`. A model with constant weights stacks them once, when it is
+/// built, and its parameters become views of the stack; a trainable one stacks its `Var`s at
+/// every forward pass, so gradients reach each of them.
+#[derive(Debug, Clone)]
+struct Stacked {
+    parts: Vec<Linear>,
+    stacked: Option<Linear>,
+}
+
+impl Stacked {
+    fn new(parts: Vec<Linear>) -> Result<Self> {
+        let mut s = Self {
+            parts,
+            stacked: None,
+        };
+        if s.parts.iter().all(|p| !p.weight.is_variable()) {
+            let stacked = s.stack()?;
+            // Each part becomes a view of the stack, so the weights are held once.
+            let mut at = 0;
+            for part in &mut s.parts {
+                let n = part.weight.dim(0)?;
+                part.weight = stacked.weight.narrow(0, at, n)?;
+                if let (Some(b), Some(sb)) = (part.bias.as_mut(), stacked.bias.as_ref()) {
+                    *b = sb.narrow(0, at, n)?;
+                }
+                at += n;
+            }
+            s.stacked = Some(stacked);
+        }
+        Ok(s)
+    }
+
+    fn stack(&self) -> Result<Linear> {
+        let weights: Vec<&Tensor> = self.parts.iter().map(|p| &p.weight).collect();
+        let biases: Option<Vec<&Tensor>> = self.parts.iter().map(|p| p.bias.as_ref()).collect();
+        Ok(Linear {
+            weight: Tensor::cat(&weights, 0)?, // (Σ out_i, in)
+            bias: biases.map(|b| Tensor::cat(&b, 0)).transpose()?,
+            out_in: true,
+        })
+    }
+
+    /// (B, T, in) → (B, T, Σ out_i), the outputs side by side in the order of `parts`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.stacked {
+            Some(l) => l.forward(x),
+            None => self.stack()?.forward(x),
+        }
     }
 }
 
@@ -140,23 +271,104 @@ fn maybe_dropout(x: Tensor, train: &mut Train) -> candle_core::Result<Tensor> {
 // Attention, MLP, Block
 // ---------------------------------------------------------------------------------------------
 
-/// Multi-head causal self-attention (Vaswani et al. 2017), with the query, key and value
-/// projections fused into one `c_attn` as GPT-2 stores them.
+/// The query, key and value projections: GPT-2's fused `c_attn` `(C, 3C)`, or Llama's
+/// `q_proj`, `k_proj`, `v_proj` (`n_head · hs`, `n_kv_head · hs` and `n_kv_head · hs` outputs)
+/// computed as one product. Either way the output is `(B, T, (nh + 2·nkv)·hs)`, laid out
+/// `[q heads | k heads | v heads]`.
+#[derive(Debug, Clone)]
+enum Qkv {
+    CAttn(Linear),
+    Split(Stacked),
+}
+
+impl Qkv {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Qkv::CAttn(l) => l.forward(x),
+            Qkv::Split(s) => s.forward(x),
+        }
+    }
+}
+
+/// Causal self-attention (Vaswani et al. 2017). GPT-2: multi-head, the projections fused into
+/// one `c_attn`, positions already in the input. Llama: grouped-query (`n_kv_head` key/value
+/// heads shared by the `n_head` query heads), rotary position embeddings applied to queries
+/// and keys (Su et al. 2021, Hugging Face's rotate-half layout), and for Qwen3 an RMSNorm over
+/// each query and key head before the rotation.
 #[derive(Debug, Clone)]
 struct CausalSelfAttention {
-    c_attn: Linear, // C -> 3C
-    c_proj: Linear, // C -> C
+    qkv: Qkv,
+    c_proj: Linear, // nh·hs -> C (Llama's o_proj)
     n_head: usize,
+    n_kv_head: usize,
+    head_size: usize,
+    qk_norm: Option<(RmsNorm, RmsNorm)>, // over hs
+    rope: Option<Arc<RopeTable>>,
 }
 
 impl CausalSelfAttention {
-    fn new(cfg: &GptConfig, vb: VarBuilder) -> Result<Self> {
-        let c = cfg.n_embd;
-        Ok(Self {
-            c_attn: Linear::new(c, 3 * c, cfg.bias, vb.pp("c_attn"))?,
-            c_proj: Linear::new(c, c, cfg.bias, vb.pp("c_proj"))?,
-            n_head: cfg.n_head,
+    fn new(cfg: &GptConfig, rope: Option<Arc<RopeTable>>, vb: VarBuilder) -> Result<Self> {
+        let (c, hs) = (cfg.n_embd, cfg.head_size());
+        let (nh, nkv) = (cfg.n_head, cfg.n_kv_heads());
+        Ok(match cfg.arch {
+            Arch::Gpt2 => Self {
+                qkv: Qkv::CAttn(Linear::new(c, 3 * c, cfg.bias, vb.pp("c_attn"))?),
+                c_proj: Linear::new(c, c, cfg.bias, vb.pp("c_proj"))?,
+                n_head: nh,
+                n_kv_head: nh,
+                head_size: hs,
+                qk_norm: None,
+                rope: None,
+            },
+            Arch::Llama => {
+                let bias = cfg.bias || cfg.qkv_bias;
+                let proj = |name: &str, out: usize| Linear::new_out_in(c, out, bias, vb.pp(name));
+                let qkv = vec![proj("q_proj", nh * hs)?, proj("k_proj", nkv * hs)?, proj("v_proj", nkv * hs)?];
+                let qk_norm = if cfg.qk_norm {
+                    Some((
+                        RmsNorm::new(hs, cfg.norm_eps, vb.pp("q_norm"))?,
+                        RmsNorm::new(hs, cfg.norm_eps, vb.pp("k_norm"))?,
+                    ))
+                } else {
+                    None
+                };
+                Self {
+                    qkv: Qkv::Split(Stacked::new(qkv)?),
+                    c_proj: Linear::new_out_in(nh * hs, c, cfg.bias, vb.pp("o_proj"))?,
+                    n_head: nh,
+                    n_kv_head: nkv,
+                    head_size: hs,
+                    qk_norm,
+                    rope,
+                }
+            }
         })
+    }
+
+    /// The projections and (Qwen3) q/k norms of `x` (B, T, C), before any rotation:
+    /// (B, T, (nh + 2·nkv)·hs), laid out `[q | k | v]`.
+    fn project(&self, x: &Tensor) -> Result<Tensor> {
+        let qkv = self.qkv.forward(x)?; // (B, T, (nh + 2nkv)·hs)
+        let Some((q_norm, k_norm)) = &self.qk_norm else {
+            return Ok(qkv);
+        };
+        let (b, t, _) = qkv.dims3()?;
+        let (nh, nkv, hs) = (self.n_head, self.n_kv_head, self.head_size);
+        let q = qkv.narrow(2, 0, nh * hs)?.reshape((b, t, nh, hs))?;
+        let k = qkv.narrow(2, nh * hs, nkv * hs)?.reshape((b, t, nkv, hs))?;
+        let v = qkv.narrow(2, (nh + nkv) * hs, nkv * hs)?;
+        let q = q_norm.forward(&q)?.reshape((b, t, nh * hs))?; // each head over hs
+        let k = k_norm.forward(&k)?.reshape((b, t, nkv * hs))?;
+        Ok(Tensor::cat(&[&q, &k, &v], 2)?)
+    }
+
+    /// [`Self::project`], then the rotary embeddings of positions `past..past + T`.
+    fn qkv(&self, x: &Tensor, past: usize) -> Result<Tensor> {
+        let qkv = self.project(x)?;
+        match &self.rope {
+            Some(rope) => kernels::rope_qkv(&qkv, rope, self.n_head, self.n_kv_head, past),
+            None => Ok(qkv),
+        }
     }
 
     /// `x`: (B, T, C). With a cache `(slot, past, capacity)`, the new keys/values are written
@@ -168,26 +380,31 @@ impl CausalSelfAttention {
         layer_cache: Option<(&mut Option<LayerKv>, usize, usize)>,
         train: &mut Train,
     ) -> Result<Tensor> {
-        let (b, t, c) = x.dims3()?;
-        let (nh, hs) = (self.n_head, c / self.n_head);
-        let qkv = self.c_attn.forward(x)?; // (B, T, 3C)
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hs) = (self.n_head, self.n_kv_head, self.head_size);
+        let past = layer_cache.as_ref().map(|(_, past, _)| *past).unwrap_or(0);
+        let qkv = self.qkv(x, past)?; // (B, T, (nh + 2nkv)·hs)
         let scale = 1.0 / (hs as f64).sqrt();
         let attn_dropout = matches!(train, Some((_, p)) if *p > 0.0);
         if layer_cache.is_none() && !attn_dropout {
             // Training and whole-sequence inference: heads split and merged inside one op.
-            let y = causal_attention_qkv(&qkv, nh, scale)?; // (B, T, C)
+            let y = if nkv == nh {
+                causal_attention_qkv(&qkv, nh, scale)?
+            } else {
+                kernels::causal_attention_gqa_qkv(&qkv, nh, nkv, scale)?
+            }; // (B, T, nh·hs)
             let y = self.c_proj.forward(&y)?;
             return Ok(maybe_dropout(y, train)?); // resid_dropout
         }
-        let heads = |i: usize| -> candle_core::Result<Tensor> {
-            qkv.narrow(2, i * c, c)? // (B, T, C)
-                .reshape((b, t, nh, hs))? // (B, T, nh, hs)
-                .transpose(1, 2)? // (B, nh, T, hs)
+        let heads = |at: usize, n: usize| -> candle_core::Result<Tensor> {
+            qkv.narrow(2, at * hs, n * hs)? // (B, T, n·hs)
+                .reshape((b, t, n, hs))? // (B, T, n, hs)
+                .transpose(1, 2)? // (B, n, T, hs)
                 .contiguous()
         };
-        let (q, mut k, mut v) = (heads(0)?, heads(1)?, heads(2)?);
+        let (q, mut k, mut v) = (heads(0, nh)?, heads(nh, nkv)?, heads(nh + nkv, nkv)?);
         if let Some((slot, past, capacity)) = layer_cache {
-            let shape = [b, nh, capacity, hs];
+            let shape = [b, nkv, capacity, hs];
             let fits = |kv: &LayerKv| kv.k.dims() == shape && kv.k.dtype() == k.dtype();
             match slot {
                 Some(kv) if fits(kv) => {}
@@ -200,71 +417,106 @@ impl CausalSelfAttention {
                     )))
                 }
                 _ => {
-                    let zeros = || Tensor::zeros((b, nh, capacity, hs), k.dtype(), k.device());
+                    let zeros = || Tensor::zeros((b, nkv, capacity, hs), k.dtype(), k.device());
                     *slot = Some(LayerKv { k: zeros()?, v: zeros()? });
                 }
             }
             if let Some(kv) = slot.as_ref() {
                 kv.k.slice_set(&k, 2, past)?; // written in place at past..past + T
                 kv.v.slice_set(&v, 2, past)?;
-                k = kv.k.narrow(2, 0, past + t)?; // (B, nh, past + T, hs), a view
+                k = kv.k.narrow(2, 0, past + t)?; // (B, nkv, past + T, hs), a view
                 v = kv.v.narrow(2, 0, past + t)?;
             }
         }
         let y = match train {
             // Attention dropout needs the weights themselves: the plain-op path.
             Some((_, p)) if *p > 0.0 => {
+                let (k, v) = (kernels::repeat_kv(&k, nh / nkv)?, kernels::repeat_kv(&v, nh / nkv)?);
                 let att = attention_probs(&q, &k, scale)?; // (B, nh, T, T_k)
                 maybe_dropout(att, train)?.matmul(&v)? // (B, nh, T, hs)
             }
             // Otherwise the fused kernel (FlashAttention-2 style on the CPU).
-            _ => causal_attention(&q, &k, &v, scale)?, // (B, nh, T, hs)
+            _ => kernels::causal_attention(&q, &k, &v, scale)?, // (B, nh, T, hs)
         };
-        let y = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C): re-assemble heads
+        let y = y.transpose(1, 2)?.reshape((b, t, nh * hs))?; // (B, T, nh·hs): heads merged
         let y = self.c_proj.forward(&y)?;
         Ok(maybe_dropout(y, train)?) // resid_dropout
     }
 }
 
-/// The position-wise feed-forward network: C → 4C → GELU (tanh form, GPT-2's `gelu_new`) → C.
+/// The position-wise feed-forward network. GPT-2: C → 4C → GELU (tanh form, `gelu_new`) →
+/// C. Llama: SwiGLU (Shazeer 2020), `down_proj(silu(gate_proj(x)) · up_proj(x))`, C → I → C,
+/// with gate and up computed as one product.
 #[derive(Debug, Clone)]
-struct Mlp {
-    c_fc: Linear,   // C -> 4C
-    c_proj: Linear, // 4C -> C
+enum Mlp {
+    Gelu {
+        c_fc: Linear,   // C -> 4C
+        c_proj: Linear, // 4C -> C
+    },
+    SwiGlu {
+        gate_up: Stacked, // C -> [gate (I) | up (I)]
+        down: Linear,     // I -> C
+    },
 }
 
 impl Mlp {
     fn new(cfg: &GptConfig, vb: VarBuilder) -> Result<Self> {
-        let c = cfg.n_embd;
-        Ok(Self {
-            c_fc: Linear::new(c, 4 * c, cfg.bias, vb.pp("c_fc"))?,
-            c_proj: Linear::new(4 * c, c, cfg.bias, vb.pp("c_proj"))?,
+        let (c, i) = (cfg.n_embd, cfg.mlp_hidden());
+        Ok(match cfg.arch {
+            Arch::Gpt2 => Mlp::Gelu {
+                c_fc: Linear::new(c, i, cfg.bias, vb.pp("c_fc"))?,
+                c_proj: Linear::new(i, c, cfg.bias, vb.pp("c_proj"))?,
+            },
+            Arch::Llama => Mlp::SwiGlu {
+                gate_up: Stacked::new(vec![
+                    Linear::new_out_in(c, i, cfg.bias, vb.pp("gate_proj"))?,
+                    Linear::new_out_in(c, i, cfg.bias, vb.pp("up_proj"))?,
+                ])?,
+                down: Linear::new_out_in(i, c, cfg.bias, vb.pp("down_proj"))?,
+            },
         })
     }
 
     fn forward(&self, x: &Tensor, train: &mut Train) -> Result<Tensor> {
-        let h = self.c_fc.forward_gelu(x)?; // (B, T, 4C)
-        let y = self.c_proj.forward(&h)?; // (B, T, C)
+        let y = match self {
+            Mlp::Gelu { c_fc, c_proj } => {
+                let h = c_fc.forward_gelu(x)?; // (B, T, 4C)
+                c_proj.forward(&h)? // (B, T, C)
+            }
+            Mlp::SwiGlu { gate_up, down } => {
+                let h = kernels::swiglu(&gate_up.forward(x)?)?; // (B, T, 2I) -> (B, T, I)
+                down.forward(&h)? // (B, T, C)
+            }
+        };
         Ok(maybe_dropout(y, train)?)
     }
 }
 
-/// A pre-LayerNorm transformer block: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`.
+/// A pre-norm transformer block: `x + attn(norm_1(x))`, then `x + mlp(norm_2(x))` (GPT-2's
+/// `ln_1`/`ln_2`, Llama's `input_layernorm`/`post_attention_layernorm`).
 #[derive(Debug, Clone)]
 struct Block {
-    ln_1: LayerNorm,
+    ln_1: Norm,
     attn: CausalSelfAttention,
-    ln_2: LayerNorm,
+    ln_2: Norm,
     mlp: Mlp,
 }
 
 impl Block {
-    fn new(cfg: &GptConfig, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            ln_1: LayerNorm::new(cfg.n_embd, cfg.bias, vb.pp("ln_1"))?,
-            attn: CausalSelfAttention::new(cfg, vb.pp("attn"))?,
-            ln_2: LayerNorm::new(cfg.n_embd, cfg.bias, vb.pp("ln_2"))?,
-            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+    fn new(cfg: &GptConfig, rope: Option<Arc<RopeTable>>, vb: VarBuilder) -> Result<Self> {
+        Ok(match cfg.arch {
+            Arch::Gpt2 => Self {
+                ln_1: Norm::new(cfg, vb.pp("ln_1"))?,
+                attn: CausalSelfAttention::new(cfg, None, vb.pp("attn"))?,
+                ln_2: Norm::new(cfg, vb.pp("ln_2"))?,
+                mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+            },
+            Arch::Llama => Self {
+                ln_1: Norm::new(cfg, vb.pp("input_layernorm"))?,
+                attn: CausalSelfAttention::new(cfg, rope, vb.pp("self_attn"))?,
+                ln_2: Norm::new(cfg, vb.pp("post_attention_layernorm"))?,
+                mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+            },
         })
     }
 
@@ -285,23 +537,118 @@ impl Block {
 // Config
 // ---------------------------------------------------------------------------------------------
 
-/// The shape of a GPT, with nanoGPT's field names. Serialised as the checkpoint's `config.json`.
+/// Which family of decoder a [`GptConfig`] describes: its layers and its Hugging Face layout.
+///
+/// Each family bundles the choices its checkpoints make together, so a tinygpt model of
+/// either family is a Hugging Face model of that family, tensor for tensor:
+///
+/// | | position | norm | MLP | attention | weights |
+/// |---|---|---|---|---|---|
+/// | [`Arch::Gpt2`] | learned (`wpe`) | LayerNorm | GELU (tanh), 4C | fused `c_attn`, MHA | `Conv1D` `(in, out)` |
+/// | [`Arch::Llama`] | RoPE (`rope_theta`) | RMSNorm | SwiGLU, `intermediate_size` | q/k/v/o, GQA | `nn.Linear` `(out, in)` |
+///
+/// Llama's switches ([`GptConfig::n_kv_head`], [`GptConfig::head_dim`],
+/// [`GptConfig::qkv_bias`], [`GptConfig::qk_norm`], [`GptConfig::tie_word_embeddings`]) cover
+/// Llama 2/3, TinyLlama, SmolLM2, minimind (`LlamaForCausalLM`), Qwen2/2.5
+/// (`Qwen2ForCausalLM`: q/k/v biases) and Qwen3 (`Qwen3ForCausalLM`: RMSNorm on queries and
+/// keys, an explicit head size).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// GPT-2 (Radford et al. 2019), as nanoGPT writes it. The default, so every checkpoint
+    /// written before the field existed loads unchanged.
+    #[default]
+    Gpt2,
+    /// Llama (Touvron et al. 2023) and its descendants: rotary position embeddings (Su et al.
+    /// 2021), RMSNorm (Zhang & Sennrich 2019), a SwiGLU MLP (Shazeer 2020) and grouped-query
+    /// attention (Ainslie et al. 2023), under Hugging Face `LlamaForCausalLM` names.
+    Llama,
+}
+
+impl std::fmt::Display for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Arch::Gpt2 => "gpt2",
+            Arch::Llama => "llama",
+        })
+    }
+}
+
+/// The shape of a GPT, with nanoGPT's field names (and Hugging Face's for the Llama-only
+/// ones). Serialised as the checkpoint's `config.json`; every field after `bias` has a serde
+/// default, so configs written before they existed still load (as GPT-2).
+///
+/// Build one from a preset and change what you need:
+///
+/// ```
+/// use tinygpt::{Arch, GptConfig};
+/// let cfg = GptConfig { n_layer: 2, ..GptConfig::llama_tiny(66) };
+/// assert_eq!((cfg.arch, cfg.n_kv_heads(), cfg.head_size()), (Arch::Llama, 2, 32));
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GptConfig {
     /// Number of token ids, including special tokens.
     pub vocab_size: usize,
-    /// Context length: the most positions the model can see (learned position embeddings).
+    /// Context length: the most positions the model can see (GPT-2's learned position
+    /// embeddings; the RoPE table's length for Llama).
     pub block_size: usize,
     /// Number of transformer blocks.
     pub n_layer: usize,
-    /// Number of attention heads; must divide `n_embd`.
+    /// Number of attention (query) heads; must divide `n_embd` unless `head_dim` is set.
     pub n_head: usize,
     /// Width of the residual stream (`C`).
     pub n_embd: usize,
     /// Dropout probability in training (embeddings, attention weights, residual branches).
     pub dropout: f32,
-    /// Whether projections and LayerNorms carry biases (GPT-2: true).
+    /// Whether projections carry biases (GPT-2: true; its LayerNorms then have a shift
+    /// too). For Llama this is HF's `attention_bias` and `mlp_bias` together.
     pub bias: bool,
+    /// The family: layers and weight layout ([`Arch`]). Default GPT-2.
+    #[serde(default)]
+    pub arch: Arch,
+    /// Key/value heads for grouped-query attention: `n_head` query heads share `n_kv_head`
+    /// key/value heads (query head `h` reads kv head `h / (n_head / n_kv_head)`, Hugging
+    /// Face's `repeat_kv`). `None` means `n_head` (multi-head attention). Llama only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_kv_head: Option<usize>,
+    /// Size of one attention head; `None` means `n_embd / n_head`. Qwen3 sets it (e.g. 128
+    /// with `n_embd` 1024 and 16 heads). Llama only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    /// Width of the MLP's hidden layer; `None` means 4C for GPT-2 and
+    /// [`GptConfig::swiglu_hidden`] for Llama.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intermediate_size: Option<usize>,
+    /// RoPE base: the angle of pair `i` at position `p` is `p · rope_theta^(-2i / head_size)`
+    /// (Llama 10000, Qwen2.5 1000000). Llama only.
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    /// Epsilon of every norm (GPT-2's `layer_norm_epsilon`, Llama's `rms_norm_eps`).
+    #[serde(default = "default_norm_eps")]
+    pub norm_eps: f64,
+    /// Whether the language-model head shares the token embedding's weights (GPT-2 always;
+    /// Llama 2 and TinyLlama do not, SmolLM2 and small Qwens do).
+    #[serde(default = "default_true")]
+    pub tie_word_embeddings: bool,
+    /// Biases on the query, key and value projections only (Qwen2). Llama only.
+    #[serde(default)]
+    pub qkv_bias: bool,
+    /// RMSNorm over each query and key head before RoPE (Qwen3's `q_norm`/`k_norm`). Llama
+    /// only.
+    #[serde(default)]
+    pub qk_norm: bool,
+}
+
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+
+fn default_norm_eps() -> f64 {
+    LAYER_NORM_EPS
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for GptConfig {
@@ -325,6 +672,7 @@ impl GptConfig {
             n_embd: 128,
             dropout: 0.0,
             bias: false,
+            ..Self::gpt2_extras()
         }
     }
 
@@ -339,6 +687,7 @@ impl GptConfig {
             n_embd: 384,
             dropout: 0.2,
             bias: false,
+            ..Self::gpt2_extras()
         }
     }
 
@@ -371,14 +720,155 @@ impl GptConfig {
             n_embd,
             dropout: 0.0,
             bias: true,
+            ..Self::gpt2_extras()
         }
+    }
+
+    /// The fields after `bias` as a GPT-2 has them (what serde fills in for an old config).
+    fn gpt2_extras() -> Self {
+        Self {
+            vocab_size: 0,
+            block_size: 0,
+            n_layer: 0,
+            n_head: 0,
+            n_embd: 0,
+            dropout: 0.0,
+            bias: false,
+            arch: Arch::Gpt2,
+            n_kv_head: None,
+            head_dim: None,
+            intermediate_size: None,
+            rope_theta: default_rope_theta(),
+            norm_eps: default_norm_eps(),
+            tie_word_embeddings: true,
+            qkv_bias: false,
+            qk_norm: false,
+        }
+    }
+
+    /// GPT-2 small, 124M parameters: [`GptConfig::gpt2`].
+    pub fn gpt2_124m() -> Self {
+        Self::gpt2()
+    }
+
+    /// A Llama of the given sizes, with Llama's defaults: multi-head attention, RoPE base
+    /// 10000, RMSNorm eps 1e-5, SwiGLU of [`GptConfig::swiglu_hidden`], tied head, no biases,
+    /// no dropout.
+    pub fn llama(vocab_size: usize, block_size: usize, n_layer: usize, n_head: usize, n_embd: usize) -> Self {
+        Self {
+            vocab_size,
+            block_size,
+            n_layer,
+            n_head,
+            n_embd,
+            arch: Arch::Llama,
+            ..Self::gpt2_extras()
+        }
+    }
+
+    /// The Llama-style twin of [`GptConfig::shakespeare_char_cpu`], the default of
+    /// `pretrain --arch llama`: 4 layers, 128 wide, context 64, and grouped-query attention
+    /// with 4 query and 2 key/value heads (32 each), whose saving is spent on a wider SwiGLU
+    /// (384), so that every block holds 12C² weights like GPT-2's. Tied head, no biases; the
+    /// two models differ in size only by GPT-2's position embeddings (`block_size · C`).
+    pub fn llama_tiny(vocab_size: usize) -> Self {
+        Self {
+            n_kv_head: Some(2),
+            intermediate_size: Some(384),
+            ..Self::llama(vocab_size, 64, 4, 4, 128)
+        }
+    }
+
+    /// HuggingFaceTB/SmolLM2-135M: 30 layers, 576 wide, 9 query and 3 key/value heads of 64,
+    /// SwiGLU 1536, RoPE base 100000, context 8192, vocabulary 49152, tied head (134.5M
+    /// parameters).
+    pub fn smollm2_135m() -> Self {
+        Self {
+            n_kv_head: Some(3),
+            intermediate_size: Some(1536),
+            rope_theta: 100_000.0,
+            ..Self::llama(49_152, 8192, 30, 9, 576)
+        }
+    }
+
+    /// TinyLlama/TinyLlama-1.1B: 22 layers, 2048 wide, 32 query and 4 key/value heads, SwiGLU
+    /// 5632, context 2048, vocabulary 32000, untied head.
+    pub fn tinyllama_1_1b() -> Self {
+        Self {
+            n_kv_head: Some(4),
+            intermediate_size: Some(5632),
+            tie_word_embeddings: false,
+            ..Self::llama(32_000, 2048, 22, 32, 2048)
+        }
+    }
+
+    /// Qwen/Qwen2.5-0.5B: 24 layers, 896 wide, 14 query and 2 key/value heads of 64 with
+    /// q/k/v biases, SwiGLU 4864, RoPE base 1e6, RMSNorm eps 1e-6, context 32768, vocabulary
+    /// 151936, tied head.
+    pub fn qwen2_5_0_5b() -> Self {
+        Self {
+            n_kv_head: Some(2),
+            intermediate_size: Some(4864),
+            rope_theta: 1_000_000.0,
+            norm_eps: 1e-6,
+            qkv_bias: true,
+            ..Self::llama(151_936, 32_768, 24, 14, 896)
+        }
+    }
+
+    /// Qwen/Qwen3-0.6B: 28 layers, 1024 wide, 16 query and 8 key/value heads of 128 (an
+    /// explicit `head_dim`), RMSNorm on queries and keys, SwiGLU 3072, RoPE base 1e6, RMSNorm
+    /// eps 1e-6, context 40960, vocabulary 151936, tied head.
+    pub fn qwen3_0_6b() -> Self {
+        Self {
+            n_kv_head: Some(8),
+            head_dim: Some(128),
+            intermediate_size: Some(3072),
+            rope_theta: 1_000_000.0,
+            norm_eps: 1e-6,
+            qk_norm: true,
+            ..Self::llama(151_936, 40_960, 28, 16, 1024)
+        }
+    }
+
+    /// Key/value heads: `n_kv_head`, or `n_head` when unset.
+    pub fn n_kv_heads(&self) -> usize {
+        self.n_kv_head.unwrap_or(self.n_head)
+    }
+
+    /// Size of one attention head (`hs`): `head_dim`, or `n_embd / n_head` when unset.
+    pub fn head_size(&self) -> usize {
+        match self.head_dim {
+            Some(d) => d,
+            None if self.n_head > 0 => self.n_embd / self.n_head,
+            None => 0,
+        }
+    }
+
+    /// Width of the MLP's hidden layer: `intermediate_size`, or 4C for GPT-2 and
+    /// [`GptConfig::swiglu_hidden`] of C for Llama.
+    pub fn mlp_hidden(&self) -> usize {
+        match (self.intermediate_size, self.arch) {
+            (Some(i), _) => i,
+            (None, Arch::Gpt2) => self.n_embd.saturating_mul(4),
+            (None, Arch::Llama) => Self::swiglu_hidden(self.n_embd),
+        }
+    }
+
+    /// The SwiGLU width with as many weights as GPT-2's 4C MLP: three matrices of C × 8C/3
+    /// instead of two of C × 4C, rounded up to a multiple of 32 (the rule of Llama's
+    /// reference code, with `multiple_of` 32).
+    pub fn swiglu_hidden(n_embd: usize) -> usize {
+        (n_embd.saturating_mul(8) / 3).div_ceil(32).saturating_mul(32)
     }
 
     /// Checks the config describes a model we can build.
     ///
     /// # Errors
-    /// [`Error::Config`] naming the field: a zero size, `n_embd` not divisible by `n_head`, or
-    /// `dropout` outside `[0, 1)`.
+    /// [`Error::Config`] naming the field: a zero size, `n_embd` not divisible by `n_head`
+    /// (without `head_dim`), `n_kv_head` not dividing `n_head`, an odd head size for RoPE, a
+    /// `rope_theta` or `norm_eps` that is not a positive number, `dropout` outside `[0, 1)`,
+    /// or a Llama-only setting on a GPT-2.
     pub fn validate(&self) -> Result<()> {
         for (name, v) in [
             ("vocab_size", self.vocab_size),
@@ -391,10 +881,27 @@ impl GptConfig {
                 return Err(Error::Config(format!("{name} must be at least 1, got 0")));
             }
         }
-        if !self.n_embd.is_multiple_of(self.n_head) {
+        for (name, v) in [
+            ("n_kv_head", self.n_kv_head),
+            ("head_dim", self.head_dim),
+            ("intermediate_size", self.intermediate_size),
+        ] {
+            if v == Some(0) {
+                return Err(Error::Config(format!("{name} must be at least 1, got 0")));
+            }
+        }
+        if self.head_dim.is_none() && !self.n_embd.is_multiple_of(self.n_head) {
             return Err(Error::Config(format!(
                 "n_embd ({}) must be divisible by n_head ({})",
                 self.n_embd, self.n_head
+            )));
+        }
+        if !self.n_head.is_multiple_of(self.n_kv_heads()) {
+            return Err(Error::Config(format!(
+                "n_head ({}) must be a multiple of n_kv_head ({}): each key/value head serves \
+                 the same number of query heads",
+                self.n_head,
+                self.n_kv_heads()
             )));
         }
         if !(0.0..1.0).contains(&self.dropout) {
@@ -403,12 +910,70 @@ impl GptConfig {
                 self.dropout
             )));
         }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            return Err(Error::Config(format!(
+                "norm_eps must be a positive number, got {}",
+                self.norm_eps
+            )));
+        }
+        match self.arch {
+            Arch::Gpt2 => {
+                let llama_only = [
+                    ("n_kv_head", self.n_kv_head.is_some_and(|k| k != self.n_head)),
+                    ("head_dim", self.head_dim.is_some_and(|d| d * self.n_head != self.n_embd)),
+                    ("intermediate_size", self.intermediate_size.is_some_and(|i| i != 4 * self.n_embd)),
+                    ("tie_word_embeddings", !self.tie_word_embeddings),
+                    ("qkv_bias", self.qkv_bias),
+                    ("qk_norm", self.qk_norm),
+                ];
+                if let Some((name, _)) = llama_only.iter().find(|(_, set)| *set) {
+                    return Err(Error::Config(format!(
+                        "{name} is a Llama setting: a GPT-2 (arch \"gpt2\") has multi-head \
+                         attention of n_embd / n_head, a 4C MLP and a tied head; set arch \
+                         \"llama\" to use it"
+                    )));
+                }
+            }
+            Arch::Llama => {
+                if !self.head_size().is_multiple_of(2) {
+                    return Err(Error::Config(format!(
+                        "the head size ({}) must be even: RoPE rotates pairs of channels",
+                        self.head_size()
+                    )));
+                }
+                if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
+                    return Err(Error::Config(format!(
+                        "rope_theta must be a number above 1, got {}",
+                        self.rope_theta
+                    )));
+                }
+            }
+        }
         Ok(())
     }
 
-    /// Every parameter's HF GPT-2 name and shape, in the order of HF's state dict. The tied
-    /// `lm_head.weight` is not listed: it is `transformer.wte.weight`.
+    /// The name of the token embedding (`transformer.wte.weight` or
+    /// `model.embed_tokens.weight`), which a tied head shares.
+    pub fn embedding_name(&self) -> &'static str {
+        match self.arch {
+            Arch::Gpt2 => "transformer.wte.weight",
+            Arch::Llama => "model.embed_tokens.weight",
+        }
+    }
+
+    /// Every parameter's Hugging Face name and shape, in the order of HF's state dict. A tied
+    /// head is not listed (`lm_head.weight` is the token embedding); an untied one is
+    /// `lm_head.weight` `(V, C)`, last.
+    ///
+    /// GPT-2 projections are `Conv1D` `(in, out)`; Llama's are `nn.Linear` `(out, in)`.
     pub fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        match self.arch {
+            Arch::Gpt2 => self.gpt2_parameter_shapes(),
+            Arch::Llama => self.llama_parameter_shapes(),
+        }
+    }
+
+    fn gpt2_parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
         let c = self.n_embd;
         let mut out = vec![
             (
@@ -442,6 +1007,43 @@ impl GptConfig {
             lin(&mut out, &format!("{h}.mlp.c_proj"), 4 * c, c);
         }
         ln(&mut out, "transformer.ln_f");
+        out
+    }
+
+    fn llama_parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (c, hs, i) = (self.n_embd, self.head_size(), self.mlp_hidden());
+        let (q, kv) = (self.n_head * hs, self.n_kv_heads() * hs);
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![self.vocab_size, c],
+        )];
+        let lin = |out: &mut Vec<(String, Vec<usize>)>, p: &str, d_in: usize, d_out: usize, bias: bool| {
+            out.push((format!("{p}.weight"), vec![d_out, d_in]));
+            if bias {
+                out.push((format!("{p}.bias"), vec![d_out]));
+            }
+        };
+        let qkv_bias = self.bias || self.qkv_bias;
+        for l in 0..self.n_layer {
+            let p = format!("model.layers.{l}");
+            lin(&mut out, &format!("{p}.self_attn.q_proj"), c, q, qkv_bias);
+            lin(&mut out, &format!("{p}.self_attn.k_proj"), c, kv, qkv_bias);
+            lin(&mut out, &format!("{p}.self_attn.v_proj"), c, kv, qkv_bias);
+            lin(&mut out, &format!("{p}.self_attn.o_proj"), q, c, self.bias);
+            if self.qk_norm {
+                out.push((format!("{p}.self_attn.q_norm.weight"), vec![hs]));
+                out.push((format!("{p}.self_attn.k_norm.weight"), vec![hs]));
+            }
+            lin(&mut out, &format!("{p}.mlp.gate_proj"), c, i, self.bias);
+            lin(&mut out, &format!("{p}.mlp.up_proj"), c, i, self.bias);
+            lin(&mut out, &format!("{p}.mlp.down_proj"), i, c, self.bias);
+            out.push((format!("{p}.input_layernorm.weight"), vec![c]));
+            out.push((format!("{p}.post_attention_layernorm.weight"), vec![c]));
+        }
+        out.push(("model.norm.weight".to_string(), vec![c]));
+        if !self.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), vec![self.vocab_size, c]));
+        }
         out
     }
 
@@ -557,23 +1159,28 @@ impl KvCache {
     }
 }
 
-/// GPT-2: token + position embeddings → `n_layer` blocks → `ln_f` → `lm_head` (tied to `wte`).
+/// The decoder: token embeddings (+ GPT-2's learned position embeddings) → `n_layer` blocks →
+/// final norm → `lm_head` (tied to the token embedding, or Llama's own `lm_head.weight`).
+/// [`GptConfig::arch`] chooses GPT-2's or Llama's layers; everything else — the stages, the
+/// sampler, the server — sees one model.
 #[derive(Debug, Clone)]
 pub struct Gpt {
     cfg: GptConfig,
-    wte: Tensor, // (V, C), also the lm_head
-    wpe: Tensor, // (block_size, C)
+    wte: Tensor,         // (V, C), also the head when tied
+    wpe: Option<Tensor>, // (block_size, C), GPT-2 only
     h: Vec<Block>,
-    ln_f: LayerNorm,
+    ln_f: Norm,
+    lm_head: Option<Tensor>, // (V, C), an untied head
     /// Every parameter by HF name, in [`GptConfig::parameter_shapes`] order.
     params: Vec<(String, Tensor)>,
 }
 
 impl Gpt {
     /// Builds the model from the tensors `vb` provides (a `VarMap` for training, safetensors
-    /// for inference), under HF GPT-2 names. First the weights, in `vb`'s dtype, with a KV
-    /// cache and a forward pass of one sequence, are checked to fit in memory
-    /// ([`crate::memory`]): a `VarBuilder` allocates what it is asked for.
+    /// for inference), under Hugging Face names ([`GptConfig::parameter_shapes`]). First the
+    /// weights, in `vb`'s dtype, with a KV cache and a forward pass of one sequence, are
+    /// checked to fit in memory ([`crate::memory`]): a `VarBuilder` allocates what it is
+    /// asked for.
     ///
     /// # Errors
     /// [`Error::Config`] for an invalid config or one too large for the memory there is,
@@ -593,22 +1200,97 @@ impl Gpt {
             .into_iter()
             .map(|(name, shape)| Ok((name.clone(), get(&vb, &shape, &name)?)))
             .collect::<Result<Vec<_>>>()?;
-        let t = vb.pp("transformer");
-        Ok(Self {
-            cfg: cfg.clone(),
-            wte: get(&t, &[cfg.vocab_size, cfg.n_embd], "wte.weight")?,
-            wpe: get(&t, &[cfg.block_size, cfg.n_embd], "wpe.weight")?,
-            h: (0..cfg.n_layer)
-                .map(|i| Block::new(cfg, t.pp(format!("h.{i}"))))
-                .collect::<Result<_>>()?,
-            ln_f: LayerNorm::new(cfg.n_embd, cfg.bias, t.pp("ln_f"))?,
-            params,
-        })
+        let (v, c) = (cfg.vocab_size, cfg.n_embd);
+        let mut model = match cfg.arch {
+            Arch::Gpt2 => {
+                let t = vb.pp("transformer");
+                Self {
+                    cfg: cfg.clone(),
+                    wte: get(&t, &[v, c], "wte.weight")?,
+                    wpe: Some(get(&t, &[cfg.block_size, c], "wpe.weight")?),
+                    h: (0..cfg.n_layer)
+                        .map(|i| Block::new(cfg, None, t.pp(format!("h.{i}"))))
+                        .collect::<Result<_>>()?,
+                    ln_f: Norm::new(cfg, t.pp("ln_f"))?,
+                    lm_head: None,
+                    params,
+                }
+            }
+            Arch::Llama => {
+                let m = vb.pp("model");
+                let rope = Arc::new(RopeTable::new(cfg.head_size(), cfg.block_size, cfg.rope_theta)?);
+                Self {
+                    cfg: cfg.clone(),
+                    wte: get(&m, &[v, c], "embed_tokens.weight")?,
+                    wpe: None,
+                    h: (0..cfg.n_layer)
+                        .map(|i| Block::new(cfg, Some(rope.clone()), m.pp(format!("layers.{i}"))))
+                        .collect::<Result<_>>()?,
+                    ln_f: Norm::new(cfg, m.pp("norm"))?,
+                    lm_head: if cfg.tie_word_embeddings {
+                        None
+                    } else {
+                        Some(get(&vb, &[v, c], "lm_head.weight")?)
+                    },
+                    params,
+                }
+            }
+        };
+        if cfg.arch == Arch::Llama {
+            // The stacked projections of a constant model hold the weights: name their views.
+            model.params = model.llama_parameters();
+        }
+        Ok(model)
+    }
+
+    /// A Llama's parameters in [`GptConfig::parameter_shapes`] order, read off its layers.
+    fn llama_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.wte.clone())];
+        let lin = |out: &mut Vec<(String, Tensor)>, name: String, l: &Linear| {
+            if let Some(b) = &l.bias {
+                out.push((format!("{name}.weight"), l.weight.clone()));
+                out.push((format!("{name}.bias"), b.clone()));
+            } else {
+                out.push((format!("{name}.weight"), l.weight.clone()));
+            }
+        };
+        let norm_weight = |n: &Norm| match n {
+            Norm::Layer(n) => n.weight.clone(),
+            Norm::Rms(n) => n.weight.clone(),
+        };
+        for (i, block) in self.h.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &block.attn;
+            if let Qkv::Split(s) = &a.qkv {
+                for (part, name) in s.parts.iter().zip(["q_proj", "k_proj", "v_proj"]) {
+                    lin(&mut out, format!("{p}.self_attn.{name}"), part);
+                }
+            }
+            lin(&mut out, format!("{p}.self_attn.o_proj"), &a.c_proj);
+            if let Some((q, k)) = &a.qk_norm {
+                out.push((format!("{p}.self_attn.q_norm.weight"), q.weight.clone()));
+                out.push((format!("{p}.self_attn.k_norm.weight"), k.weight.clone()));
+            }
+            if let Mlp::SwiGlu { gate_up, down } = &block.mlp {
+                for (part, name) in gate_up.parts.iter().zip(["gate_proj", "up_proj"]) {
+                    lin(&mut out, format!("{p}.mlp.{name}"), part);
+                }
+                lin(&mut out, format!("{p}.mlp.down_proj"), down);
+            }
+            out.push((format!("{p}.input_layernorm.weight"), norm_weight(&block.ln_1)));
+            out.push((format!("{p}.post_attention_layernorm.weight"), norm_weight(&block.ln_2)));
+        }
+        out.push(("model.norm.weight".to_string(), norm_weight(&self.ln_f)));
+        if let Some(head) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), head.clone()));
+        }
+        out
     }
 
     /// A freshly initialised, trainable model (every parameter a candle `Var`), as nanoGPT
-    /// initialises it: weights N(0, 0.02), the residual projections (`c_proj`) N(0, 0.02 /
-    /// sqrt(2 · n_layer)) (GPT-2 paper, §2.3), biases 0, LayerNorm weights 1. Random numbers
+    /// initialises it: weights N(0, 0.02), the residual projections (`c_proj`; a Llama's
+    /// `o_proj` and `down_proj` alike) N(0, 0.02 / sqrt(2 · n_layer)) (GPT-2 paper, §2.3),
+    /// biases 0, norm weights 1. Random numbers
     /// come from ChaCha8 seeded with `seed`, so the same seed gives the same model everywhere.
     ///
     /// The memory for training it (weights, gradients, AdamW moments and the activations of
@@ -630,7 +1312,8 @@ impl Gpt {
             } else if shape.len() == 1 {
                 vec![1.0; n] // LayerNorm weight
             } else {
-                let std = if name.ends_with("c_proj.weight") {
+                let residual = ["c_proj.weight", "o_proj.weight", "down_proj.weight"];
+                let std = if residual.iter().any(|r| name.ends_with(r)) {
                     proj_std
                 } else {
                     0.02
@@ -666,14 +1349,14 @@ impl Gpt {
             Some(t) => t.device().clone(),
             None => {
                 return Err(Error::MissingTensor {
-                    name: "transformer.wte.weight".into(),
+                    name: cfg.embedding_name().into(),
                     path: None,
                 })
             }
         };
         check_tensors(cfg, &tensors, None)?;
         let dtype = tensors
-            .get("transformer.wte.weight")
+            .get(cfg.embedding_name())
             .map(|t| t.dtype())
             .unwrap_or(DType::F32);
         if trainable {
@@ -773,8 +1456,8 @@ impl Gpt {
 
     /// One decoding step of R sequences whose caches are plain buffers (the CPU path of
     /// [`crate::decode`]): token `tokens[r]` at position `pos[r]`, its keys and values written
-    /// into `kv[r]` (per layer `(nh, block_size, hs)`) at that position, its query attending to
-    /// that row's positions `0..=pos[r]` only. Returns the logits (R, V). The caller checks
+    /// into `kv[r]` (per layer `(nkv, block_size, hs)`) at that position, its query attending
+    /// to that row's positions `0..=pos[r]` only. Returns the logits (R, V). The caller checks
     /// ids and positions; activations must be f32 (the CPU computes in f32 for every dtype).
     pub(crate) fn decode_rows(
         &self,
@@ -782,29 +1465,38 @@ impl Gpt {
         pos: &[usize],
         kv: &mut [&mut crate::decode::SlotKv],
     ) -> Result<Tensor> {
-        let (r, c, nh) = (tokens.len(), self.cfg.n_embd, self.cfg.n_head);
-        let (hs, cap) = (c / nh, self.cfg.block_size);
+        let cfg = &self.cfg;
+        let (r, c) = (tokens.len(), cfg.n_embd);
+        let (nh, nkv, hs, cap) = (cfg.n_head, cfg.n_kv_heads(), cfg.head_size(), cfg.block_size);
+        let (qw, kvw) = (nh * hs, nkv * hs); // floats of the queries, of the keys
         let device = self.wte.device();
         let ids = Tensor::from_slice(tokens, r, device)?; // (R,)
-        let positions: Vec<u32> = pos.iter().map(|&p| p as u32).collect();
-        let positions = Tensor::from_vec(positions, r, device)?; // (R,)
-        let tok_emb = self.wte.embedding(&ids)?.to_dtype(DType::F32)?; // (R, C)
-        let pos_emb = self.wpe.embedding(&positions)?.to_dtype(DType::F32)?; // (R, C)
-        let mut x = (tok_emb + pos_emb)?.reshape((r, 1, c))?; // (R, 1, C)
+        let mut x = self.wte.embedding(&ids)?.to_dtype(DType::F32)?; // (R, C)
+        if let Some(wpe) = &self.wpe {
+            let positions: Vec<u32> = pos.iter().map(|&p| p as u32).collect();
+            let positions = Tensor::from_vec(positions, r, device)?; // (R,)
+            x = (x + wpe.embedding(&positions)?.to_dtype(DType::F32)?)?; // (R, C)
+        }
+        let mut x = x.reshape((r, 1, c))?; // (R, 1, C)
         let scale = 1.0 / (hs as f32).sqrt();
         for (l, block) in self.h.iter().enumerate() {
             let attn = &block.attn;
-            let qkv = attn.c_attn.forward(&block.ln_1.forward(&x)?)?; // (R, 1, 3C)
-            let qkv = qkv.flatten_all()?.to_vec1::<f32>()?; // R rows of [q | k | v]
-            let mut q = vec![0f32; r * c]; // (R, C)
-            for (i, row) in qkv.chunks_exact(3 * c).enumerate() {
-                q[i * c..(i + 1) * c].copy_from_slice(&row[..c]);
+            let qkv = attn.project(&block.ln_1.forward(&x)?)?; // (R, 1, qw + 2kvw)
+            let mut qkv = qkv.flatten_all()?.to_vec1::<f32>()?; // R rows of [q | k | v]
+            let mut q = vec![0f32; r * qw]; // (R, nh·hs)
+            for (i, row) in qkv.chunks_exact_mut(qw + 2 * kvw).enumerate() {
+                if let Some(rope) = &attn.rope {
+                    kernels::rope_rows(&mut row[..qw], nh, hs, pos[i], rope); // queries
+                    kernels::rope_rows(&mut row[qw..qw + kvw], nkv, hs, pos[i], rope); // keys
+                }
+                q[i * qw..(i + 1) * qw].copy_from_slice(&row[..qw]);
                 let (k, v) = (&mut kv[i].k[l], &mut kv[i].v[l]);
-                for h in 0..nh {
-                    // head h of the new key/value goes to (h, pos, :) of the row's buffers
+                for h in 0..nkv {
+                    // kv head h of the new key/value goes to (h, pos, :) of the row's buffers
                     let at = (h * cap + pos[i]) * hs;
-                    k[at..at + hs].copy_from_slice(&row[c + h * hs..c + (h + 1) * hs]);
-                    v[at..at + hs].copy_from_slice(&row[2 * c + h * hs..2 * c + (h + 1) * hs]);
+                    let (k_at, v_at) = (qw + h * hs, qw + kvw + h * hs);
+                    k[at..at + hs].copy_from_slice(&row[k_at..k_at + hs]);
+                    v[at..at + hs].copy_from_slice(&row[v_at..v_at + hs]);
                 }
             }
             let caches: Vec<RowCache> = kv
@@ -816,8 +1508,8 @@ impl Gpt {
                     len: p + 1,
                 })
                 .collect();
-            let y = attention::decode_rows(&q, &caches, (nh, hs, cap), scale)?; // (R, C)
-            let y = Tensor::from_vec(y, (r, 1, c), device)?;
+            let y = kernels::decode_rows(&q, &caches, (nh, nkv, hs, cap), scale)?; // (R, nh·hs)
+            let y = Tensor::from_vec(y, (r, 1, qw), device)?;
             x = (x + attn.c_proj.forward(&y)?)?; // (R, 1, C)
             x = (&x + block.mlp.forward(&block.ln_2.forward(&x)?, &mut None)?)?;
         }
@@ -825,8 +1517,8 @@ impl Gpt {
         Ok(self.lm_head(&x)?.squeeze(1)?) // (R, V)
     }
 
-    /// The final hidden states after `ln_f`: (B, T) u32 → (B, T, C). The reward model and the
-    /// PPO value head read these.
+    /// The final hidden states after the final norm: (B, T) u32 → (B, T, C). The reward model
+    /// and the PPO value head read these.
     pub(crate) fn hidden_states(
         &self,
         input_ids: &Tensor,
@@ -848,23 +1540,26 @@ impl Gpt {
         }
         let c = self.cfg.n_embd;
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?; // (B*T,)
-        let tok_emb = self.wte.embedding(&ids)?; // (B*T, C)
-
-        // Positions gathered per token rather than broadcast over the batch: the backward of a
-        // gather is one scatter-add, where a broadcast's would reduce over B element by element.
-        let positions: Vec<u32> = (0..b)
-            .flat_map(|_| (past..past + t).map(|p| p as u32))
-            .collect();
-        let positions = Tensor::from_vec(positions, b * t, self.wpe.device())?;
-        let pos_emb = self.wpe.embedding(&positions)?; // (B*T, C)
-        let (tok_emb, pos_emb) =
-            if tok_emb.device().is_cpu() && matches!(tok_emb.dtype(), DType::F16 | DType::BF16) {
-                // Half-precision weights on the CPU: the activations are f32 (see `to_dtype`).
-                (tok_emb.to_dtype(DType::F32)?, pos_emb.to_dtype(DType::F32)?)
+        // Half-precision weights on the CPU: the activations are f32 (see `to_dtype`).
+        let widen = |x: Tensor| -> Result<Tensor> {
+            Ok(if x.device().is_cpu() && matches!(x.dtype(), DType::F16 | DType::BF16) {
+                x.to_dtype(DType::F32)?
             } else {
-                (tok_emb, pos_emb)
-            };
-        let x = (tok_emb + pos_emb)?.reshape((b, t, c))?; // (B, T, C)
+                x
+            })
+        };
+        let mut x = widen(self.wte.embedding(&ids)?)?; // (B*T, C)
+        if let Some(wpe) = &self.wpe {
+            // Positions gathered per token rather than broadcast over the batch: the backward
+            // of a gather is one scatter-add, where a broadcast's would reduce over B element
+            // by element.
+            let positions: Vec<u32> = (0..b)
+                .flat_map(|_| (past..past + t).map(|p| p as u32))
+                .collect();
+            let positions = Tensor::from_vec(positions, b * t, wpe.device())?;
+            x = (x + widen(wpe.embedding(&positions)?)?)?; // (B*T, C)
+        }
+        let x = x.reshape((b, t, c))?; // (B, T, C)
         let mut x = maybe_dropout(x, &mut train)?;
         match cache {
             Some(cache) => {
@@ -883,10 +1578,11 @@ impl Gpt {
         self.ln_f.forward(&x) // (B, T, C)
     }
 
-    /// The language-model head, tied to the token embedding: (B, T, C) → (B, T, V).
+    /// The language-model head, tied to the token embedding or untied: (B, T, C) → (B, T, V).
     pub(crate) fn lm_head(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
-        let logits = crate::gemv::matmul(&x.reshape((b * t, c))?, &self.wte.t()?)?; // (B*T, V)
+        let head = self.lm_head.as_ref().unwrap_or(&self.wte); // (V, C)
+        let logits = crate::gemv::matmul(&x.reshape((b * t, c))?, &head.t()?)?; // (B*T, V)
         Ok(logits.reshape((b, t, self.cfg.vocab_size))?)
     }
 
@@ -934,18 +1630,18 @@ impl Gpt {
         cfg.vocab_size = vocab_size;
         let mut tensors = self.tensors();
         if vocab_size > old {
-            let wte = self.wte.detach(); // (V_old, C)
-            let mean = wte
-                .to_dtype(DType::F32)?
-                .mean_keepdim(0)?
-                .to_dtype(wte.dtype())?; // (1, C)
-            let new_rows = mean
-                .broadcast_as((vocab_size - old, self.cfg.n_embd))?
-                .contiguous()?;
-            tensors.insert(
-                "transformer.wte.weight".to_string(),
-                Tensor::cat(&[&wte, &new_rows], 0)?, // (V_new, C)
-            );
+            let grow = |w: &Tensor| -> Result<Tensor> {
+                let w = w.detach(); // (V_old, C)
+                let mean = w.to_dtype(DType::F32)?.mean_keepdim(0)?.to_dtype(w.dtype())?; // (1, C)
+                let new_rows = mean
+                    .broadcast_as((vocab_size - old, self.cfg.n_embd))?
+                    .contiguous()?;
+                Ok(Tensor::cat(&[&w, &new_rows], 0)?) // (V_new, C)
+            };
+            tensors.insert(self.cfg.embedding_name().to_string(), grow(&self.wte)?);
+            if let Some(head) = &self.lm_head {
+                tensors.insert("lm_head.weight".to_string(), grow(head)?);
+            }
         }
         Self::from_tensors(&cfg, tensors, trainable)
     }
@@ -1068,14 +1764,62 @@ mod tests {
             n_head: 2,
             n_embd: 8,
             dropout: 0.0,
-            bias: true,
+            bias: true, ..Default::default()
         }
+    }
+
+    /// Llama-style tiny models covering every switch: GQA, untied head, q/k/v bias (Qwen2),
+    /// q/k norm with an explicit head size (Qwen3), all biases.
+    fn tiny_llamas() -> Vec<GptConfig> {
+        let base = GptConfig {
+            vocab_size: 11,
+            block_size: 8,
+            n_layer: 2,
+            n_head: 4,
+            n_embd: 8,
+            n_kv_head: Some(2),
+            intermediate_size: Some(12),
+            rope_theta: 500.0,
+            norm_eps: 1e-6,
+            ..GptConfig::llama(11, 8, 2, 4, 8)
+        };
+        vec![
+            GptConfig { tie_word_embeddings: false, ..base.clone() },
+            GptConfig { qkv_bias: true, n_kv_head: Some(1), ..base.clone() },
+            GptConfig { qk_norm: true, head_dim: Some(6), n_head: 2, n_kv_head: Some(1), ..base.clone() },
+            GptConfig { bias: true, n_kv_head: None, ..base },
+        ]
     }
 
     fn ids(rows: &[&[u32]]) -> Tensor {
         let t = rows[0].len();
         let flat: Vec<u32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
         Tensor::from_vec(flat, (rows.len(), t), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn llama_parameter_counts_match_their_tensors_and_the_published_models() {
+        let listed = |cfg: &GptConfig| -> usize {
+            cfg.parameter_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+        };
+        for cfg in tiny_llamas()
+            .into_iter()
+            .chain([GptConfig::llama_tiny(66), GptConfig::tinyllama_1_1b(), GptConfig::qwen3_0_6b()])
+        {
+            assert_eq!(cfg.num_parameters(), listed(&cfg), "{cfg:?}");
+            if cfg.n_embd < 200 {
+                let m = Gpt::init(&cfg, 0, &Device::Cpu).unwrap();
+                assert_eq!(m.named_parameters().len(), cfg.parameter_shapes().len());
+                let logits = m.forward(&ids(&[&[1, 2, 3]])).unwrap();
+                assert_eq!(logits.dims(), &[1, 3, cfg.vocab_size]);
+            }
+        }
+        // Hugging Face's counts of the real models.
+        assert_eq!(GptConfig::smollm2_135m().num_parameters(), 134_515_008);
+        assert_eq!(GptConfig::qwen2_5_0_5b().num_parameters(), 494_032_768);
+        // The Llama twin of the default recipe: GPT-2's size less its position embeddings.
+        let (gpt, llama) = (GptConfig::shakespeare_char_cpu(66), GptConfig::llama_tiny(66));
+        assert_eq!(gpt.num_parameters() - llama.num_parameters(), 64 * 128);
     }
 
     #[test]
@@ -1106,6 +1850,7 @@ mod tests {
         let ln = LayerNorm {
             weight: Tensor::new(&[1f32, 2.0, 1.0, 1.0], &Device::Cpu).unwrap(),
             bias: Some(Tensor::new(&[0f32, 0.0, 0.0, 1.0], &Device::Cpu).unwrap()),
+            eps: LAYER_NORM_EPS,
         };
         // x = [1, 2, 3, 4]: mean 2.5, biased var 1.25
         let x = Tensor::new(&[[1f32, 2.0, 3.0, 4.0]], &Device::Cpu).unwrap();
@@ -1152,7 +1897,13 @@ mod tests {
 
     #[test]
     fn cache_matches_full_forward() {
-        let m = Gpt::init(&tiny(), 2, &Device::Cpu).unwrap();
+        for cfg in std::iter::once(tiny()).chain(tiny_llamas()) {
+            cache_matches_full_forward_with(&cfg);
+        }
+    }
+
+    fn cache_matches_full_forward_with(cfg: &GptConfig) {
+        let m = Gpt::init(cfg, 2, &Device::Cpu).unwrap();
         let seq = [3u32, 1, 4, 1, 5, 9, 2, 6];
         let full = m.forward(&ids(&[&seq])).unwrap(); // (1, 8, V)
         let mut cache = KvCache::new(2);
@@ -1178,7 +1929,7 @@ mod tests {
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
-            assert!(diff < 1e-5, "position {pos}: {diff}");
+            assert!(diff < 1e-5, "{cfg:?} position {pos}: {diff}");
         }
         // the cache is full: one more token does not fit
         assert!(m
@@ -1191,13 +1942,16 @@ mod tests {
     #[test]
     fn every_parameter_gets_a_gradient() {
         // dropout 0: the fused attention kernel; dropout 0.1: the plain-op path.
-        for dropout in [0.0, 0.1] {
-            every_parameter_gets_a_gradient_with(dropout);
+        // Every architecture: GPT-2, and Llama with each of its switches.
+        for cfg in std::iter::once(tiny()).chain(tiny_llamas()) {
+            for dropout in [0.0, 0.1] {
+                every_parameter_gets_a_gradient_with(&cfg, dropout);
+            }
         }
     }
 
-    fn every_parameter_gets_a_gradient_with(dropout: f32) {
-        let mut cfg = tiny();
+    fn every_parameter_gets_a_gradient_with(cfg: &GptConfig, dropout: f32) {
+        let mut cfg = cfg.clone();
         cfg.dropout = dropout;
         let m = Gpt::init(&cfg, 3, &Device::Cpu).unwrap();
         let mut rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
@@ -1216,7 +1970,7 @@ mod tests {
         for (name, var) in vars {
             let g = grads
                 .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("no gradient for {name}"));
+                .unwrap_or_else(|| panic!("no gradient for {name} in {cfg:?}"));
             let norm = g
                 .sqr()
                 .unwrap()
@@ -1224,7 +1978,7 @@ mod tests {
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
-            assert!(norm > 0.0, "zero gradient for {name}");
+            assert!(norm > 0.0, "zero gradient for {name} in {cfg:?}");
         }
     }
 

@@ -1023,7 +1023,7 @@ fn fixtures() -> &'static Fixtures {
             n_head: 2,
             n_embd: 8,
             dropout: 0.0,
-            bias: true,
+            bias: true, ..Default::default()
         };
         let model = Gpt::init(&cfg, 0, &Device::Cpu).unwrap();
         let data = TokenDataset::from_tokens(tok.encode(&text).unwrap(), 0.1).unwrap();

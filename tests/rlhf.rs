@@ -36,7 +36,7 @@ fn tiny(vocab_size: usize) -> GptConfig {
         n_head: 2,
         n_embd: 16,
         dropout: 0.0,
-        bias: true,
+        bias: true, ..Default::default()
     }
 }
 

@@ -30,7 +30,7 @@ fn model(tok: &Tokenizer, block_size: usize, n_layer: usize, n_embd: usize) -> G
         n_head: 2,
         n_embd,
         dropout: 0.0,
-        bias: true,
+        bias: true, ..Default::default()
     };
     Gpt::init(&cfg, 1337, &Device::Cpu).unwrap()
 }

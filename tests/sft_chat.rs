@@ -20,7 +20,7 @@ fn cfg(vocab_size: usize, block_size: usize) -> GptConfig {
         n_head: 2,
         n_embd: 32,
         dropout: 0.0,
-        bias: true,
+        bias: true, ..Default::default()
     }
 }
 

@@ -12,3 +12,4 @@
 pub mod attention;
 pub(crate) mod gemv;
 pub mod layers;
+pub(crate) mod stubs;

@@ -60,7 +60,7 @@
 //! let mut tokenizer = Tokenizer::train_char("Hello! How are you? I am fine.")?;
 //! ChatTemplate::add_tokens(&mut tokenizer)?;
 //! let cfg = GptConfig { vocab_size: tokenizer.vocab_size(), block_size: 64, n_layer: 2,
-//!                       n_head: 2, n_embd: 32, dropout: 0.0, bias: true };
+//!                       n_head: 2, n_embd: 32, dropout: 0.0, bias: true, ..Default::default() };
 //! let model = Gpt::init(&cfg, 1337, &Device::Cpu)?;
 //!
 //! // The engine thread, and the OpenAI routes merged into your own app.

@@ -39,7 +39,7 @@
 //! use tinygpt::{Gpt, GptConfig};
 //!
 //! let cfg = GptConfig { vocab_size: 50, block_size: 16, n_layer: 1, n_head: 2, n_embd: 8,
-//!                       dropout: 0.0, bias: false };
+//!                       dropout: 0.0, bias: false, ..Default::default() };
 //! let model = Gpt::init(&cfg, 0, &Device::Cpu)?;
 //! let dir = std::env::temp_dir().join(format!("tinygpt-hf-doctest-{}", std::process::id()));
 //! model.save_hf_dir(&dir)?; // config.json + model.safetensors, as transformers writes them
@@ -58,8 +58,10 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+pub mod llama;
+
 use crate::checkpoint::load_safetensors;
-use crate::model::{check_tensors, Gpt, GptConfig, LAYER_NORM_EPS};
+use crate::model::{check_tensors, Arch, Gpt, GptConfig, LAYER_NORM_EPS};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -341,7 +343,7 @@ impl TryFrom<&Gpt2Config> for GptConfig {
             n_head: hf.n_head,
             n_embd: hf.n_embd,
             dropout: hf.resid_pdrop,
-            bias: true,
+            bias: true, ..Default::default()
         };
         cfg.validate()?;
         Ok(cfg)
@@ -442,7 +444,10 @@ impl Gpt {
         let config = dir.join(files::CONFIG);
         crate::memory::check_fits_from(&cfg, false, 1, dtype, device, Some(&config))?;
         let (tensors, path) = load_weights(dir, device)?;
-        let tensors = hf_tensors_to_tinygpt(&cfg, tensors, &path)?;
+        let tensors = match cfg.arch {
+            Arch::Gpt2 => hf_tensors_to_tinygpt(&cfg, tensors, &path)?,
+            Arch::Llama => llama::hf_tensors(&cfg, tensors, &path)?,
+        };
         let tensors = tensors
             .into_iter()
             .map(|(name, t)| Ok((name, t.to_dtype(dtype)?)))
@@ -505,6 +510,12 @@ pub fn load_config(dir: impl AsRef<Path>) -> Result<GptConfig> {
             dir,
             format!("missing {} (a Hugging Face model directory holds config.json and model.safetensors)", files::CONFIG),
         ));
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    if let Ok(serde_json::Value::Object(config)) = serde_json::from_str(&text) {
+        if llama::is_llama_config(&config) {
+            return llama::config_from_hf(&config, &path);
+        }
     }
     let hf = Gpt2Config::load(&path)?;
     GptConfig::try_from(&hf).map_err(|e| match e {
@@ -737,16 +748,52 @@ impl Gpt {
     fn save_hf(&self, dir: &Path, tokenizer: Option<&Tokenizer>) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let cfg = self.config();
-        let mut hf = Gpt2Config::from(cfg);
-        hf.torch_dtype = Some(torch_dtype_name(self.dtype()).into());
         let chat = tokenizer.and_then(|tok| crate::ChatTemplate::new(tok).ok());
         let eos = tokenizer.map(|tok| match chat {
             Some(t) => TokenIds::Many(vec![t.end_id(), tok.eot_id()]),
             None => TokenIds::One(tok.eot_id()),
         });
+        if cfg.arch == Arch::Llama {
+            let ids = eos.as_ref().map(|e| match e {
+                TokenIds::One(id) => vec![*id],
+                TokenIds::Many(ids) => ids.clone(),
+            });
+            let bos = tokenizer.map(|t| t.eot_id());
+            self.save_llama_hf(dir, bos, ids.as_deref())?;
+        } else {
+            let mut hf = Gpt2Config::from(cfg);
+            hf.torch_dtype = Some(torch_dtype_name(self.dtype()).into());
+            self.save_gpt2_weights(dir, hf, tokenizer, eos.clone())?;
+        }
+        if let (Some(tok), Some(eos)) = (tokenizer, eos) {
+            let path = dir.join(files::TOKENIZER);
+            write_json(&path, &tokenizer_json(tok, &path)?)?;
+            write_json(
+                &dir.join(files::TOKENIZER_CONFIG),
+                &tokenizer_config_json(tok, chat.is_some(), cfg.block_size),
+            )?;
+            let generation_config = serde_json::json!({
+                "bos_token_id": tok.eot_id(),
+                "eos_token_id": eos,
+                "pad_token_id": tok.eot_id(),
+            });
+            write_json(&dir.join(files::GENERATION_CONFIG), &generation_config)?;
+        }
+        Ok(())
+    }
+
+    /// GPT-2's `config.json` and `model.safetensors` (zero biases for a model without).
+    fn save_gpt2_weights(
+        &self,
+        dir: &Path,
+        mut hf: Gpt2Config,
+        tokenizer: Option<&Tokenizer>,
+        eos: Option<TokenIds>,
+    ) -> Result<()> {
+        let cfg = self.config();
         if let Some(tok) = tokenizer {
             hf.bos_token_id = Some(tok.eot_id());
-            hf.eos_token_id = eos.clone();
+            hf.eos_token_id = eos;
         }
         hf.save(dir.join(files::CONFIG))?;
 
@@ -773,20 +820,6 @@ impl Gpt {
             .map_err(|e| Error::io(&path, std::io::Error::other(e.to_string())))?;
         std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
 
-        if let (Some(tok), Some(eos)) = (tokenizer, eos) {
-            let path = dir.join(files::TOKENIZER);
-            write_json(&path, &tokenizer_json(tok, &path)?)?;
-            write_json(
-                &dir.join(files::TOKENIZER_CONFIG),
-                &tokenizer_config_json(tok, chat.is_some(), cfg.block_size),
-            )?;
-            let generation_config = serde_json::json!({
-                "bos_token_id": tok.eot_id(),
-                "eos_token_id": eos,
-                "pad_token_id": tok.eot_id(),
-            });
-            write_json(&dir.join(files::GENERATION_CONFIG), &generation_config)?;
-        }
         Ok(())
     }
 }
@@ -926,7 +959,7 @@ mod tests {
             n_head: 4,
             n_embd: 128,
             dropout: 0.0,
-            bias: true,
+            bias: true, ..Default::default()
         };
         let hf = Gpt2Config::from(&cfg);
         let json = serde_json::to_string(&hf).unwrap();
