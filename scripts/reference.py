@@ -44,6 +44,28 @@ transformers (tokenizer and config classes) only.
         must give tinygpt's ids, and `<|end|>` must end generation (generation_config.json).
         Exits 1 on a mismatch.
 
+    python scripts/reference.py llama-fixtures [--data DATA]
+        Writes tests/fixtures/hf_llama/: three random f32 models in Hugging Face layout
+        (save_pretrained: config.json, model.safetensors, generation_config.json with the eos
+        ids), RMSNorm weights 1 + 0.2 randn, biases 0.1 randn, other weights 0.15 randn:
+          llama/   LlamaForCausalLM: vocab 97, hidden 48, 2 layers, 4 heads, 2 kv heads (GQA),
+                   intermediate 88, rope_theta 5000, untied lm_head, eos [2, 3], bos 1
+          qwen2/   Qwen2ForCausalLM: vocab 101, hidden 32, 4 heads, 2 kv heads, intermediate 56,
+                   rope_theta 1e6, q/k/v biases, tied embeddings; saved in 3 shards
+                   (model.safetensors.index.json + model-0000i-of-00003.safetensors)
+          qwen3/   Qwen3ForCausalLM: vocab 83, hidden 48, 4 heads x head_dim 16 (64 != 48),
+                   2 kv heads, intermediate 72, rope_theta 20000, q_norm/k_norm, tied
+        and in each: expected.safetensors (input_ids (2, 11) with the eager forward's logits
+        (2, 11, V); input_long (1, 64), the whole context, with logits_long) and greedy.json (a
+        5-id prompt, its 20-token greedy continuation recomputing the whole sequence each
+        step, equal to model.generate's, without eos ids, and the smallest top-1/top-2 gap).
+
+    python scripts/reference.py check-llama DIR --expected FILE
+        Loads DIR (written by tinygpt's `save_hf_dir`) with AutoModelForCausalLM
+        (attn_implementation="eager"), runs FILE's `input_ids` (and `input_long` if present)
+        and prints the max abs difference to FILE's `logits` (`logits_long`); exits 1 above
+        1e-4. FILE is a safetensors file with tinygpt's logits.
+
 Setup (outside the repository): python3 -m venv /work/venv &&
 /work/venv/bin/pip install torch transformers safetensors (numpy transformers safetensors
 without torch for the subcommands that need no model). Uses 2 threads and fixed seeds, so it
@@ -498,6 +520,161 @@ def write_chat_fixture(export_dir, ids_file):
     print(f"wrote {CHAT_FIXTURE.relative_to(ROOT)}")
 
 
+
+LLAMA_FIXTURES = ROOT / "tests" / "fixtures" / "hf_llama"
+
+# The three families of `llama-fixtures`: odd sizes (vocab not a multiple of 64, GQA, an
+# untied lm_head for llama, q/k/v biases for qwen2, head_dim * n_head != hidden for qwen3).
+LLAMA_FAMILIES = {
+    "llama": dict(
+        cls="Llama", seed=2024, shard=None,
+        config=dict(vocab_size=97, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, intermediate_size=88, rope_theta=5000.0, rms_norm_eps=1e-6,
+                    tie_word_embeddings=False, max_position_embeddings=64, attention_bias=False,
+                    mlp_bias=False, bos_token_id=1, eos_token_id=[2, 3])),
+    "qwen2": dict(
+        cls="Qwen2", seed=2025, shard="40KB",
+        config=dict(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, intermediate_size=56, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                    tie_word_embeddings=True, use_sliding_window=False, max_position_embeddings=64,
+                    bos_token_id=99, eos_token_id=[100, 99])),
+    "qwen3": dict(
+        cls="Qwen3", seed=2026, shard=None,
+        config=dict(vocab_size=83, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, intermediate_size=72, rope_theta=20000.0,
+                    rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=False,
+                    max_position_embeddings=64, bos_token_id=None, eos_token_id=82)),
+}
+LLAMA_TOLERANCE = 1e-4
+
+
+def random_llama(family, seed):
+    """A random model of `family` (a LLAMA_FAMILIES key) with informative weights: RMSNorm
+    weights 1 + 0.2 randn, biases 0.1 randn, every other weight 0.15 randn (logits O(1-5))."""
+    import torch
+    import transformers
+
+    spec = LLAMA_FAMILIES[family]
+    seed_everything(seed)
+    cfg = getattr(transformers, spec["cls"] + "Config")(**spec["config"])
+    model = getattr(transformers, spec["cls"] + "ForCausalLM")(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.15 * torch.randn_like(p))
+    model.eval()
+    return model
+
+
+def eos_list(model):
+    eos = model.generation_config.eos_token_id
+    return [] if eos is None else (eos if isinstance(eos, list) else [eos])
+
+
+def greedy_case(model, seed, n=20, prompt_len=5, min_gap=1e-3, min_distinct=6, tries=200):
+    """A prompt of `prompt_len` random ids (no bos/eos ids) whose `n`-token greedy continuation
+    (whole sequence recomputed each step) has no eos id, at least `min_distinct` different ids
+    (not one id repeated) and a top-1/top-2 gap >= min_gap at every step, checked against
+    `model.generate`. Tries seeds seed, seed + 1, ..."""
+    import torch
+
+    vocab = model.config.vocab_size
+    avoid = set(eos_list(model)) | {model.config.bos_token_id}
+    for k in range(tries):
+        g = torch.Generator().manual_seed(seed + k)
+        prompt = [int(i) for i in torch.randperm(vocab, generator=g).tolist() if i not in avoid][:prompt_len]
+        continuation, gaps = greedy(model, prompt, n)
+        if min(gaps) < min_gap or avoid & set(continuation) or len(set(continuation)) < min_distinct:
+            continue
+        with torch.no_grad():
+            generated = model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                pad_token_id=0,
+            )[0, len(prompt):].tolist()
+        assert generated == continuation, (generated, continuation)
+        return {"prompt_seed": seed + k, "prompt_ids": prompt, "continuation_ids": continuation,
+                "min_top2_gap": min(gaps)}
+    sys.exit(f"no greedy prompt with a top-2 gap >= {min_gap}, no eos and {min_distinct} distinct ids "
+             f"in {tries} tries")
+
+
+def write_llama_models():
+    import torch
+    from safetensors.torch import save_file
+
+    for family, spec in LLAMA_FAMILIES.items():
+        out = LLAMA_FIXTURES / family
+        if out.exists():
+            shutil.rmtree(out)
+        model = random_llama(family, spec["seed"])
+        cfg = model.config
+        kwargs = {"max_shard_size": spec["shard"]} if spec["shard"] else {}
+        model.save_pretrained(out, safe_serialization=True, **kwargs)
+        for f in out.iterdir():
+            os.chmod(f, 0o644)  # safetensors writes its files for their owner only
+        # The eager forward (the attention tinygpt computes), reloaded from the files written.
+        model = getattr(__import__("transformers"), spec["cls"] + "ForCausalLM").from_pretrained(
+            out, attn_implementation="eager")
+        model.eval()
+        g = torch.Generator().manual_seed(spec["seed"] + 1)
+        input_ids = torch.randint(0, cfg.vocab_size, (2, 11), generator=g)
+        input_long = torch.randint(0, cfg.vocab_size, (1, cfg.max_position_embeddings), generator=g)
+        with torch.no_grad():
+            logits = model(input_ids).logits.contiguous()
+            logits_long = model(input_long).logits.contiguous()
+        save_file(
+            {"input_ids": input_ids, "logits": logits, "input_long": input_long, "logits_long": logits_long},
+            out / "expected.safetensors",
+            metadata={"format": "pt", "source": f"scripts/reference.py llama-fixtures ({family})"},
+        )
+        os.chmod(out / "expected.safetensors", 0o644)
+        case = greedy_case(model, spec["seed"] + 2)
+        (out / "greedy.json").write_text(json.dumps(case, indent=1) + "\n")
+        n = sum(p.numel() for p in model.parameters())
+        size = sum(f.stat().st_size for f in out.iterdir())
+        print(f"{family}: {type(model).__name__}, {n:,} parameters, {size / 1e3:.0f} kB in "
+              f"{len(list(out.iterdir()))} files; max |logit| {logits.abs().max():.2f} "
+              f"(long {logits_long.abs().max():.2f}); greedy {case['continuation_ids']}, "
+              f"smallest top-2 gap {case['min_top2_gap']:.4f}")
+
+
+def check_llama(model_dir, expected_file):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    torch.set_grad_enabled(False)
+    torch.set_num_threads(2)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager")
+    model.eval()
+    ref = load_file(expected_file)
+    print(f"{model_dir}: {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters")
+    ok = True
+    for ids_key, logits_key in [("input_ids", "logits"), ("input_long", "logits_long")]:
+        if ids_key not in ref:
+            continue
+        theirs = model(ref[ids_key].long()).logits
+        if theirs.shape != ref[logits_key].shape:
+            print(f"  {ids_key} {tuple(ref[ids_key].shape)}: transformers' logits {tuple(theirs.shape)}, "
+                  f"FILE's {tuple(ref[logits_key].shape)}")
+            ok = False
+            continue
+        diff = (theirs - ref[logits_key].float()).abs().max().item()
+        print(f"  {ids_key} {tuple(ref[ids_key].shape)}: max |transformers - FILE| logits = {diff:.3e}")
+        ok = ok and diff <= LLAMA_TOLERANCE
+    print("check-llama: " + ("OK" if ok else f"MISMATCH (tolerance {LLAMA_TOLERANCE})"))
+    if not ok:
+        sys.exit(1)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -516,6 +693,11 @@ def main():
     cc = sub.add_parser("check-chat")
     cc.add_argument("dir")
     cc.add_argument("--ids", required=True)
+    lf = sub.add_parser("llama-fixtures")
+    lf.add_argument("--data", type=Path, help="data/ of the repository, else ../shared/data")
+    cl = sub.add_parser("check-llama")
+    cl.add_argument("dir")
+    cl.add_argument("--expected", required=True)
     args = parser.parse_args()
     if args.cmd == "fixtures":
         write_fixtures(find_data(args.data, TOKENIZER_FILES + ("tinyshakespeare.txt",)))
@@ -527,6 +709,10 @@ def main():
         if (args.export is None) != (args.ids is None):
             parser.error("chat-template: give both --export and --ids, or neither")
         write_chat_fixture(args.export, args.ids)
+    elif args.cmd == "llama-fixtures":
+        write_llama_models()
+    elif args.cmd == "check-llama":
+        check_llama(args.dir, args.expected)
     else:
         ok, _ = compare_chat(args.dir, args.ids)
         if not ok:
