@@ -59,6 +59,20 @@ transformers (tokenizer and config classes) only.
         (2, 11, V); input_long (1, 64), the whole context, with logits_long) and greedy.json (a
         5-id prompt, its 20-token greedy continuation recomputing the whole sequence each
         step, equal to model.generate's, without eos ids, and the smallest top-1/top-2 gap).
+        Then two small tokenizers under tokenizers/, trained (tokenizers library) on Tiny
+        Shakespeare's first 200 kB and a few lines of tang_poems.txt (from --data, else data/,
+        else ../shared/data):
+          llama_bytefallback/  Llama-2 / TinyLlama layout: <unk> <s> </s>, <0x00>..<0xFF>, BPE
+                   with byte_fallback (600 tokens), normalizer Prepend("▁") + Replace(" ", "▁"),
+                   decoder Replace + ByteFallback + Fuse + Strip; tokenizer_config.json
+                   (LlamaTokenizer, add_bos_token, TinyLlama-chat's template), special_tokens_map.json
+          qwen_bytelevel/      Qwen2 layout: NFC, Qwen2's split regex + ByteLevel, byte-level BPE
+                   (600) + <|endoftext|> <|im_start|> <|im_end|>; tokenizer_config.json
+                   (Qwen2Tokenizer, Qwen2.5-Instruct's ChatML template, eos <|im_end|>)
+        each with expected.json (AutoTokenizer's ids of a few texts with and without special
+        tokens, tokens, decodes; tokenizers_ids: what the bare tokenizers library makes of
+        tokenizer.json, which transformers 5's LlamaTokenizer does not follow: it rebuilds
+        its own Metaspace pre-tokenizer) and chat.json (apply_chat_template's text and ids).
 
     python scripts/reference.py check-llama DIR --expected FILE
         Loads DIR (written by tinygpt's `save_hf_dir`) with AutoModelForCausalLM
@@ -633,7 +647,7 @@ def write_llama_models():
         save_file(
             {"input_ids": input_ids, "logits": logits, "input_long": input_long, "logits_long": logits_long},
             out / "expected.safetensors",
-            metadata={"format": "pt", "source": f"scripts/reference.py llama-fixtures ({family})"},
+            metadata={"format": "pt"},  # one key: safetensors writes a map's keys in random order
         )
         os.chmod(out / "expected.safetensors", 0o644)
         case = greedy_case(model, spec["seed"] + 2)
@@ -675,6 +689,369 @@ def check_llama(model_dir, expected_file):
         sys.exit(1)
 
 
+TOKENIZER_FIXTURES = LLAMA_FIXTURES / "tokenizers"
+TOKENIZER_TRAIN_BYTES = 200_000
+
+# TinyLlama-1.1B-Chat-v1.0's chat template (Zephyr style); transformers renders it with
+# trim_blocks and lstrip_blocks, so the newlines after its tags are not in the output.
+TINYLLAMA_CHAT_TEMPLATE = (
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n"
+    "{{ '<|user|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n"
+    "{% endfor %}"
+)
+
+# Llama-2-chat's template ([INST] / <<SYS>>, bos_token in the text, raise_exception, .strip()).
+LLAMA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+# Qwen2.5-Instruct's chat template (ChatML, the default system prompt, tools and tool calls).
+QWEN25_CHAT_TEMPLATE = """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\\n<tool_call>\\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {{- message.content }}
+        {{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+
+# Qwen2's pre-tokenizer split (its tokenizer.json), then byte-level without a regex.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+TOKENIZER_TEXTS = [
+    "Hello world! It's a test: don't panic, we'll see.",
+    "First Citizen:\nBefore we proceed any further, hear me speak.",
+    "床前明月光，疑是地上霜。",
+    "Emoji 🦀👍🏽 and 👨‍👩‍👧 family",
+    "naïve café Ελληνικά ß — “quotes” ~ {braces} | \\ ` @ # $ % ^",
+    "   leading and trailing spaces   ",
+    " one leading space",
+    "line one\n\nline two\r\n\ttabbed\n",
+    "numbers 12345 67.89 and CAPS",
+    "",
+    " ",
+]
+CHAT_MESSAGES = [
+    {"role": "system", "content": "You are a terse assistant."},
+    {"role": "user", "content": "What is the capital of France? 床前明月光"},
+    {"role": "assistant", "content": "Paris. 🗼"},
+]
+QWEN_TOOLS = [{
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city, e.g. \"Paris\" <now> & later",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "城市"}},
+                       "required": ["city"]},
+    },
+}]
+QWEN_TOOL_CALL = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "content": "{\"temp\": 21}"},
+]
+
+
+def tokenizer_corpus(data_dir):
+    """The training text: Tiny Shakespeare's first TOKENIZER_TRAIN_BYTES bytes as lines, then
+    the first 10 lines of tang_poems.txt and its lines with 明月光 (so 明月光 are in the
+    vocabulary, 床前 are not)."""
+    text = (data_dir / "tinyshakespeare.txt").read_bytes()[:TOKENIZER_TRAIN_BYTES].decode("utf-8", errors="ignore")
+    tang = (data_dir / "tang_poems.txt").read_text(encoding="utf-8").splitlines()
+    return text.splitlines() + tang[:10] + [l for l in tang if "明月光" in l]
+
+
+def added_token(content, id_, normalized=False):
+    return {"id": id_, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+            "normalized": normalized, "special": True}
+
+
+def write_json(path, obj):
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def build_llama_tokenizer(lines, out):
+    """Llama-2 / TinyLlama layout: <unk> <s> </s>, the 256 <0xNN> byte tokens, then BPE pieces
+    (trained with ▁ word starts, as SentencePiece); normalizer Prepend("▁") + Replace(" ",
+    "▁"), no pre-tokenizer, byte_fallback, decoder Replace + ByteFallback + Fuse + Strip."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    # The 100 most frequent characters (ties by code point; the trainer's own limit_alphabet
+    # breaks ties in hash order), the others left out of the training text: byte fallback.
+    counts = {}
+    for line in lines:
+        for c in line:
+            counts[c] = counts.get(c, 0) + 1
+    keep = set(sorted(counts, key=lambda c: (-counts[c], c))[:100]) | {" "}
+    lines = ["".join(c if c in keep else " " for c in line) for line in lines]
+    trainer_tok = Tokenizer(models.BPE())
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer_tok.train_from_iterator(lines, trainers.BpeTrainer(
+        vocab_size=341, special_tokens=[], show_progress=False))
+    trained = json.loads(trainer_tok.to_str())["model"]
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)])}
+    for t, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(t, len(vocab))
+    tok_json = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [added_token(t, i) for i, t in enumerate(specials)],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+        "pre_tokenizer": None,
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": "<s>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}},
+        },
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                  "vocab": vocab, "merges": trained["merges"]},
+    }
+    Tokenizer.from_str(json.dumps(tok_json))  # must load
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "tokenizer.json", tok_json)
+    tok_entry = lambda t: {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    write_json(out / "tokenizer_config.json", {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "added_tokens_decoder": {str(i): {k: v for k, v in added_token(t, i).items() if k != "id"}
+                                 for i, t in enumerate(specials)},
+        "bos_token": "<s>",
+        "chat_template": TINYLLAMA_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "</s>",
+        "legacy": False,
+        "model_max_length": 2048,
+        "pad_token": "</s>",
+        "padding_side": "right",
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+        "unk_token": "<unk>",
+        "use_default_system_prompt": False,
+    })
+    write_json(out / "special_tokens_map.json", {
+        "bos_token": tok_entry("<s>"), "eos_token": tok_entry("</s>"), "pad_token": tok_entry("</s>"),
+        "unk_token": tok_entry("<unk>")})
+    return len(vocab)
+
+
+def build_qwen_tokenizer(lines, out):
+    """Qwen2 layout: NFC, Split(Qwen2's regex, Isolated) + ByteLevel(use_regex=False), byte-level
+    BPE (256 byte symbols + merges, 600 in all), ByteLevel post-processor (no bos) and decoder;
+    <|endoftext|> <|im_start|> <|im_end|> added after the vocabulary."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
+    tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    tok.train_from_iterator(lines, trainers.BpeTrainer(
+        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[],
+        show_progress=False))
+    n = tok.get_vocab_size()
+    tok_json = json.loads(tok.to_str())
+    tok_json["model"].update({"dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                              "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False,
+                              "ignore_merges": False})
+    tok_json["added_tokens"] = [added_token(t, n + i) for i, t in enumerate(QWEN_SPECIAL)]
+    Tokenizer.from_str(json.dumps(tok_json))
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "tokenizer.json", tok_json)
+    write_json(out / "tokenizer_config.json", {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": {str(n + i): {k: v for k, v in added_token(t, n + i).items() if k != "id"}
+                                 for i, t in enumerate(QWEN_SPECIAL)},
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "bos_token": None,
+        "chat_template": QWEN25_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": 131072,
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    })
+    return n + len(QWEN_SPECIAL)
+
+
+def ids_of(out):
+    if hasattr(out, "keys"):
+        out = out["input_ids"]
+    return [int(i) for i in out]
+
+
+def tokenizer_expectations(out, texts, chat_cases):
+    """expected.json (transformers' AutoTokenizer ids of `texts` with and without special
+    tokens, the tokens, the decode round trip, and what the bare `tokenizers` library makes of
+    tokenizer.json) and chat.json (apply_chat_template's text and ids of `chat_cases`)."""
+    import tokenizers
+    import transformers
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    raw = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
+    cases, differ = [], 0
+    for text in texts:
+        ids = ids_of(tok(text)["input_ids"])
+        plain = ids_of(tok(text, add_special_tokens=False)["input_ids"])
+        raw_ids = raw.encode(text).ids
+        differ += raw_ids != ids
+        cases.append({
+            "text": text,
+            "input_ids": ids,
+            "input_ids_no_special": plain,
+            "tokens": tok.convert_ids_to_tokens(ids),
+            "decoded": tok.decode(ids),
+            "decoded_skip_special": tok.decode(ids, skip_special_tokens=True),
+            "decoded_no_special": tok.decode(plain),
+            "tokenizers_ids": raw_ids,
+            "tokenizers_decoded": raw.decode(plain, skip_special_tokens=False),
+        })
+    info = {
+        "source": "scripts/reference.py llama-fixtures: transformers' AutoTokenizer.from_pretrained(dir); "
+                  "tokenizers_* are tokenizers.Tokenizer.from_file(tokenizer.json)",
+        "transformers_version": transformers.__version__,
+        "tokenizers_version": tokenizers.__version__,
+        "tokenizer_class": type(tok).__name__,
+        "vocab_size": len(tok),
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+        "unk_token_id": tok.unk_token_id,
+    }
+    text = json.dumps({**info, "cases": cases}, indent=1, ensure_ascii=False)
+    text = re.sub(r"\[[\d,\s]*\]", lambda m: json.dumps(json.loads(m.group(0))), text)
+    (out / "expected.json").write_text(text + "\n", encoding="utf-8")
+    chats = []
+    for case in chat_cases:
+        kw = {k: case[k] for k in ("tools", "chat_template") if k in case}
+        rendered = tok.apply_chat_template(case["messages"], tokenize=False,
+                                           add_generation_prompt=case["add_generation_prompt"], **kw)
+        ids = ids_of(tok.apply_chat_template(case["messages"], tokenize=True,
+                                             add_generation_prompt=case["add_generation_prompt"], **kw))
+        # apply_chat_template tokenizes the rendered text without adding special tokens.
+        assert ids == ids_of(tok(rendered, add_special_tokens=False)["input_ids"]), case["name"]
+        chats.append({**case, "text": rendered, "ids": ids})
+    text = json.dumps({**info, "conversations": chats}, indent=1, ensure_ascii=False)
+    text = re.sub(r"\[[\d,\s]*\]", lambda m: json.dumps(json.loads(m.group(0))), text)
+    (out / "chat.json").write_text(text + "\n", encoding="utf-8")
+    return tok, differ
+
+
+def write_tokenizer_fixtures(data_dir):
+    lines = tokenizer_corpus(data_dir)
+    if TOKENIZER_FIXTURES.exists():
+        shutil.rmtree(TOKENIZER_FIXTURES)
+    base = [
+        {"name": "conversation", "messages": CHAT_MESSAGES, "add_generation_prompt": False},
+        {"name": "prompt", "messages": CHAT_MESSAGES[:2], "add_generation_prompt": True},
+    ]
+    out = TOKENIZER_FIXTURES / "llama_bytefallback"
+    n = build_llama_tokenizer(lines, out)
+    tok, differ = tokenizer_expectations(
+        out, TOKENIZER_TEXTS + ["Hi</s><s>there <unk> end", "<s> after bos"],
+        base + [
+            {"name": "no_system_prompt", "messages": CHAT_MESSAGES[1:2], "add_generation_prompt": True},
+            {"name": "llama2_conversation", "messages": CHAT_MESSAGES, "add_generation_prompt": False,
+             "chat_template": LLAMA2_CHAT_TEMPLATE},
+            {"name": "llama2_prompt", "messages": CHAT_MESSAGES[:2], "add_generation_prompt": True,
+             "chat_template": LLAMA2_CHAT_TEMPLATE},
+        ])
+    print(f"{out.relative_to(ROOT)}: {type(tok).__name__}, {n} tokens; the bare tokenizers library "
+          f"differs from transformers on {differ} texts")
+    out = TOKENIZER_FIXTURES / "qwen_bytelevel"
+    n = build_qwen_tokenizer(lines, out)
+    tok, differ = tokenizer_expectations(
+        out, TOKENIZER_TEXTS + ["<|im_start|>user\nhi<|im_end|>\n<|endoftext|>", "I'LL see you're 10000 km"],
+        base + [
+            {"name": "default_system_prompt", "messages": CHAT_MESSAGES[1:2], "add_generation_prompt": True},
+            {"name": "tools", "messages": CHAT_MESSAGES[1:2], "add_generation_prompt": True, "tools": QWEN_TOOLS},
+            {"name": "tool_call", "messages": QWEN_TOOL_CALL, "add_generation_prompt": True, "tools": QWEN_TOOLS},
+        ])
+    print(f"{out.relative_to(ROOT)}: {type(tok).__name__}, {n} tokens; the bare tokenizers library "
+          f"differs from transformers on {differ} texts")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -710,7 +1087,9 @@ def main():
             parser.error("chat-template: give both --export and --ids, or neither")
         write_chat_fixture(args.export, args.ids)
     elif args.cmd == "llama-fixtures":
+        data_dir = find_data(args.data, ("tinyshakespeare.txt", "tang_poems.txt"))
         write_llama_models()
+        write_tokenizer_fixtures(data_dir)
     elif args.cmd == "check-llama":
         check_llama(args.dir, args.expected)
     else:
