@@ -80,6 +80,20 @@ transformers (tokenizer and config classes) only.
         and prints the max abs difference to FILE's `logits` (`logits_long`); exits 1 above
         1e-4. FILE is a safetensors file with tinygpt's logits.
 
+    python scripts/reference.py lora-fixture
+        Writes tests/fixtures/hf_llama/lora/ (after llama-fixtures: it adapts llama/): a PEFT
+        LoRA adapter, LoraConfig(r=4, lora_alpha=8, lora_dropout=0, every q/k/v/o/gate/up/down
+        projection), lora_A and lora_B set to 0.2 randn (PEFT starts lora_B at 0), written by
+        save_pretrained (adapter_config.json, adapter_model.safetensors), and
+        expected.safetensors: llama/'s input_ids with logits (through the adapter),
+        logits_merged (after merge_and_unload) and logits_base (without it). Then check-lora.
+
+    python scripts/reference.py check-lora BASE ADAPTER --expected FILE
+        Loads BASE with AutoModelForCausalLM, applies the PEFT adapter directory ADAPTER
+        (written by tinygpt: adapter_config.json + adapter_model.safetensors) with
+        PeftModel.from_pretrained, runs FILE's `input_ids` and compares with FILE's `logits`,
+        then merge_and_unload() and compares again; exits 1 above 1e-4.
+
 Setup (outside the repository): python3 -m venv /work/venv &&
 /work/venv/bin/pip install torch transformers safetensors (numpy transformers safetensors
 without torch for the subcommands that need no model). Uses 2 threads and fixed seeds, so it
@@ -1052,6 +1066,88 @@ def write_tokenizer_fixtures(data_dir):
           f"differs from transformers on {differ} texts")
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def write_lora_fixture():
+    """A PEFT LoRA adapter (r 4, alpha 8, every projection) on the llama/ fixture, lora_A and
+    lora_B both 0.2 randn (PEFT starts B at 0, which would hide a bug), saved with
+    save_pretrained; expected.safetensors: llama/'s input_ids, the base logits, the logits
+    through the adapter and after merge_and_unload."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    base_dir, out = LLAMA_FIXTURES / "llama", LLAMA_FIXTURES / "lora"
+    if out.exists():
+        shutil.rmtree(out)
+    seed_everything(77)
+    torch.set_grad_enabled(False)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager")
+    base.eval()
+    input_ids = load_file(base_dir / "expected.safetensors")["input_ids"]
+    logits_base = base(input_ids).logits.contiguous()
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    model = get_peft_model(base, cfg)
+    model.peft_config["default"].base_model_name_or_path = "../llama"  # not this machine's path
+    for name, p in model.named_parameters():
+        if "lora_A" in name or "lora_B" in name:
+            p.copy_(0.2 * torch.randn_like(p))
+    model.eval()
+    logits = model(input_ids).logits.contiguous()
+    model.save_pretrained(out, safe_serialization=True)
+    merged = model.merge_and_unload()
+    logits_merged = merged(input_ids).logits.contiguous()
+    save_file({"input_ids": input_ids, "logits": logits, "logits_merged": logits_merged,
+               "logits_base": logits_base}, out / "expected.safetensors", metadata={"format": "pt"})
+    # PEFT writes target_modules from a set, in hash order: sorted, so the bytes are the same.
+    conf = json.loads((out / "adapter_config.json").read_text())
+    conf["target_modules"] = sorted(conf["target_modules"])
+    (out / "adapter_config.json").write_text(json.dumps(conf, indent=2, sort_keys=True))
+    for f in out.iterdir():
+        os.chmod(f, 0o644)
+    if (out / "README.md").exists():
+        (out / "README.md").unlink()  # PEFT's model card template
+    names = load_file(out / "adapter_model.safetensors")
+    print(f"{out.relative_to(ROOT)}: {len(names)} tensors, e.g. "
+          + ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(names.items())[:2]))
+    print(f"  max |adapter - base| logits {(logits - logits_base).abs().max():.3f}, "
+          f"max |merged - adapter| {(logits_merged - logits).abs().max():.2e}")
+    check_lora(base_dir, out, out / "expected.safetensors")
+
+
+def check_lora(base_dir, adapter_dir, expected_file):
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    torch.set_grad_enabled(False)
+    torch.set_num_threads(2)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager")
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    model.eval()
+    ref = load_file(expected_file)
+    input_ids, want = ref["input_ids"].long(), ref["logits"].float()
+    n_lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    print(f"{base_dir} + {adapter_dir}: {type(base).__name__}, {n_lora:,} LoRA parameters, "
+          f"input {tuple(input_ids.shape)}")
+    with_adapter = model(input_ids).logits
+    merged = model.merge_and_unload()(input_ids).logits
+    ok = with_adapter.shape == want.shape
+    for what, got in [("PeftModel", with_adapter), ("merge_and_unload", merged)]:
+        if got.shape != want.shape:
+            print(f"  {what}: logits {tuple(got.shape)}, FILE's {tuple(want.shape)}")
+            continue
+        diff = (got - want).abs().max().item()
+        print(f"  {what}: max |transformers+peft - FILE| logits = {diff:.3e}")
+        ok = ok and diff <= LLAMA_TOLERANCE
+    print("check-lora: " + ("OK" if ok else f"MISMATCH (tolerance {LLAMA_TOLERANCE})"))
+    if not ok:
+        sys.exit(1)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -1075,6 +1171,11 @@ def main():
     cl = sub.add_parser("check-llama")
     cl.add_argument("dir")
     cl.add_argument("--expected", required=True)
+    sub.add_parser("lora-fixture")
+    cr = sub.add_parser("check-lora")
+    cr.add_argument("base")
+    cr.add_argument("adapter")
+    cr.add_argument("--expected", required=True)
     args = parser.parse_args()
     if args.cmd == "fixtures":
         write_fixtures(find_data(args.data, TOKENIZER_FILES + ("tinyshakespeare.txt",)))
@@ -1090,6 +1191,10 @@ def main():
         data_dir = find_data(args.data, ("tinyshakespeare.txt", "tang_poems.txt"))
         write_llama_models()
         write_tokenizer_fixtures(data_dir)
+    elif args.cmd == "lora-fixture":
+        write_lora_fixture()
+    elif args.cmd == "check-lora":
+        check_lora(args.base, args.adapter, args.expected)
     elif args.cmd == "check-llama":
         check_llama(args.dir, args.expected)
     else:
