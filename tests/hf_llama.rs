@@ -90,7 +90,7 @@ fn greedy_continuations_match_transformers() {
         for dtype in [DType::F32, DType::F16] {
             let m = model.to_dtype(dtype).unwrap();
             let mut slots = tinygpt::decode::DecodeSlots::new(&m, 1).unwrap();
-            let mut logits = m.prefill(&mut slots, 0, &prompt).unwrap();
+            let mut logits = m.prefill_slot(&mut slots, 0, &prompt).unwrap();
             let mut got = Vec::new();
             for _ in 0..20 {
                 let next = argmax(&logits);
@@ -155,6 +155,23 @@ fn save_hf_dir_writes_what_transformers_saved() {
             assert_eq!(a["head_dim"], b["head_dim"]);
         }
         assert!(diff_to_reference(&reloaded, family) <= 1e-4);
+        // `TINYGPT_HF_EXPORT=DIR` keeps the exports with tinygpt's logits, for
+        // `scripts/reference.py check-llama DIR/FAMILY --expected DIR/FAMILY/tinygpt_logits.safetensors`.
+        if let Some(keep) = std::env::var_os("TINYGPT_HF_EXPORT") {
+            let out = PathBuf::from(keep).join(family);
+            std::fs::create_dir_all(&out).unwrap();
+            model.save_hf_dir(&out).unwrap();
+            let t = load_safetensors(fixture(family).join("expected.safetensors"), &Device::Cpu)
+                .unwrap();
+            let mut mine = std::collections::HashMap::new();
+            for (input, logits) in [("input_ids", "logits"), ("input_long", "logits_long")] {
+                let ids = t[input].to_dtype(DType::U32).unwrap();
+                mine.insert(input.to_string(), t[input].clone());
+                mine.insert(logits.to_string(), reloaded.forward(&ids).unwrap());
+            }
+            tinygpt::checkpoint::save_safetensors(&mine, out.join("tinygpt_logits.safetensors"))
+                .unwrap();
+        }
     }
 }
 
