@@ -62,9 +62,24 @@ struct Args {
     /// Vocabulary size of the BPE tokenizer, <|endoftext|> included [default: 2048].
     #[arg(long)]
     vocab_size: Option<usize>,
+    /// The architecture: gpt2 (learned positions, LayerNorm, GELU) or llama (RoPE, RMSNorm,
+    /// SwiGLU, grouped-query attention; defaults GptConfig::llama_tiny: 4 query and 2
+    /// key/value heads, SwiGLU 384, the same parameters as gpt2's but its position table).
+    #[arg(long, value_enum, default_value = "gpt2")]
+    arch: ArchChoice,
     /// Transformer blocks [default: 4].
     #[arg(long)]
     n_layer: Option<usize>,
+    /// Key/value heads for grouped-query attention (llama); must divide --n-head [default: 2
+    /// for llama].
+    #[arg(long)]
+    n_kv_head: Option<usize>,
+    /// Width of the SwiGLU hidden layer (llama) [default: 384 at --n-embd 128, else 8C/3].
+    #[arg(long)]
+    intermediate_size: Option<usize>,
+    /// RoPE base (llama) [default: 10000].
+    #[arg(long)]
+    rope_theta: Option<f64>,
     /// Attention heads per block; must divide --n-embd [default: 4].
     #[arg(long)]
     n_head: Option<usize>,
@@ -88,6 +103,12 @@ struct Args {
     /// Characters of sample text printed at the end (0 = none).
     #[arg(long, default_value_t = 500)]
     sample_chars: usize,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ArchChoice {
+    Gpt2,
+    Llama,
 }
 
 impl TokenizerChoice {
@@ -127,6 +148,9 @@ fn main() -> Result<()> {
                 ("--tokenizer", args.tokenizer.is_some()),
                 ("--vocab-size", args.vocab_size.is_some()),
                 ("--n-layer", args.n_layer.is_some()),
+                ("--n-kv-head", args.n_kv_head.is_some()),
+                ("--intermediate-size", args.intermediate_size.is_some()),
+                ("--rope-theta", args.rope_theta.is_some()),
                 ("--n-head", args.n_head.is_some()),
                 ("--n-embd", args.n_embd.is_some()),
                 ("--block-size", args.block_size.is_some()),
@@ -190,15 +214,40 @@ fn main() -> Result<()> {
             // adds them without growing the model: rows that are never a target learn to be
             // improbable, and the model's loss on plain text stays exactly what it was.
             let reserved = tinygpt::ChatTemplate::SPECIAL_TOKENS.len();
-            let cfg = GptConfig {
-                vocab_size: tokenizer.vocab_size() + reserved,
-                block_size: args.block_size.unwrap_or(64),
-                n_layer: args.n_layer.unwrap_or(4),
-                n_head: args.n_head.unwrap_or(4),
-                n_embd: args.n_embd.unwrap_or(128),
-                dropout: args.dropout.unwrap_or(0.0),
-                bias: args.bias.unwrap_or(false), ..Default::default()
+            let vocab_size = tokenizer.vocab_size() + reserved;
+            let base = match args.arch {
+                ArchChoice::Gpt2 => GptConfig::shakespeare_char_cpu(vocab_size),
+                ArchChoice::Llama => GptConfig::llama_tiny(vocab_size),
             };
+            if matches!(args.arch, ArchChoice::Gpt2) {
+                for (flag, given) in [
+                    ("--n-kv-head", args.n_kv_head.is_some()),
+                    ("--intermediate-size", args.intermediate_size.is_some()),
+                    ("--rope-theta", args.rope_theta.is_some()),
+                ] {
+                    if given {
+                        bail!("{flag} is a Llama setting: add --arch llama");
+                    }
+                }
+            }
+            let n_embd = args.n_embd.unwrap_or(base.n_embd);
+            let cfg = GptConfig {
+                vocab_size,
+                block_size: args.block_size.unwrap_or(base.block_size),
+                n_layer: args.n_layer.unwrap_or(base.n_layer),
+                n_head: args.n_head.unwrap_or(base.n_head),
+                n_embd,
+                dropout: args.dropout.unwrap_or(0.0),
+                bias: args.bias.unwrap_or(false),
+                n_kv_head: args.n_kv_head.or(base.n_kv_head),
+                // The preset's SwiGLU width belongs to its width; another --n-embd gets 8C/3.
+                intermediate_size: args
+                    .intermediate_size
+                    .or(base.intermediate_size.filter(|_| n_embd == base.n_embd)),
+                rope_theta: args.rope_theta.unwrap_or(base.rope_theta),
+                ..base
+            };
+            cfg.validate()?;
             let train_cfg = args.train.apply(TrainConfig::default());
             let model = Gpt::init(&cfg, train_cfg.seed, &device)?;
             (model, tokenizer, train_cfg, data_path, out)
@@ -214,9 +263,14 @@ fn main() -> Result<()> {
         dataset.tokens(tinygpt::Split::Val).len()
     );
     println!(
-        "model: {} layers, {} heads, {} wide, context {}, {:.2}M parameters",
+        "model: {} {} layers, {} heads{}, {} wide, context {}, {:.2}M parameters",
+        cfg.arch,
         cfg.n_layer,
         cfg.n_head,
+        match cfg.n_kv_head {
+            Some(k) => format!(" ({k} key/value)"),
+            None => String::new(),
+        },
         cfg.n_embd,
         cfg.block_size,
         cfg.num_parameters() as f64 / 1e6
