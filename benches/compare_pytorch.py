@@ -114,6 +114,17 @@ if "train" not in args.skip and os.path.exists(args.train_bench):
     row("train step, default config (ours without biases)", ("train_step/cpu", "default_config"),
         theirs["ms_per_step"] / 1e3, 768, "tokens")
 
+# The Llama-style default (`pretrain --arch llama`): ours from `TINYGPT_ARCH=llama cargo bench
+# --bench train_step`, theirs from the eager twin beside this file.
+llama_twin = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_llama_train.py")
+if "train" not in args.skip and os.path.exists(llama_twin):
+    env = dict(os.environ, THREADS=str(args.threads), STEPS=str(args.train_steps))
+    res = subprocess.run([sys.executable, llama_twin, args.data], capture_output=True, text=True,
+                         env=env, check=True)
+    theirs = json.loads(res.stdout.strip().splitlines()[-1])
+    row("train step, Llama-style default (RoPE, RMSNorm, SwiGLU, GQA 4/2)",
+        ("train_step/cpu", "llama_default_config"), theirs["ms_per_step"] / 1e3, 768, "tokens")
+
 if "generate" not in args.skip:
     try:
         from transformers import GPT2Config, GPT2LMHeadModel

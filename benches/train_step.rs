@@ -4,7 +4,8 @@
 //!
 //! `cargo bench --features bench --bench train_step` (threads: `RAYON_NUM_THREADS`, default 2). Set
 //! `TINYGPT_BIAS=1` for the GPT-2-style model with biases (what the PyTorch twin in
-//! `../shared/bench/torch_train_bench.py` trains).
+//! `../shared/bench/torch_train_bench.py` trains), `TINYGPT_ARCH=llama` for the Llama-style
+//! default (`GptConfig::llama_tiny`, what `benches/torch_llama_train.py` trains).
 
 #[path = "common.rs"]
 mod common;
@@ -29,7 +30,12 @@ fn bench(c: &mut Criterion) {
         .collect();
     for (dev_name, device) in common::devices() {
         let tokenizer = Tokenizer::train_char(&text).expect("tokenizer");
-        let mut cfg = GptConfig::shakespeare_char_cpu(tokenizer.vocab_size());
+        let llama = std::env::var("TINYGPT_ARCH").is_ok_and(|v| v == "llama");
+        let mut cfg = if llama {
+            GptConfig::llama_tiny(tokenizer.vocab_size())
+        } else {
+            GptConfig::shakespeare_char_cpu(tokenizer.vocab_size())
+        };
         cfg.bias = std::env::var("TINYGPT_BIAS").is_ok_and(|v| v == "1");
         let model = Gpt::init(&cfg, 0, &device).expect("model");
         let data =
@@ -44,10 +50,10 @@ fn bench(c: &mut Criterion) {
         group.throughput(Throughput::Elements(
             (train_cfg.batch_size * cfg.block_size) as u64,
         ));
-        let name = if cfg.bias {
-            "default_config_bias"
-        } else {
-            "default_config"
+        let name = match (llama, cfg.bias) {
+            (true, _) => "llama_default_config",
+            (false, true) => "default_config_bias",
+            (false, false) => "default_config",
         };
         let mut it = 0;
         group.bench_function(name, |b| {
