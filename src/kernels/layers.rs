@@ -1344,7 +1344,13 @@ pub(crate) mod tests {
     /// `tol · max(1, largest |truth|)`: an absolute `tol` for values of order 1, a relative
     /// one for gradients summed over many rows (dbias over 768 rows is ~30, where one f32 ulp
     /// is 2e-6 and the reference's own rounding exceeds 1e-5).
-    pub(crate) fn check<F>(rng: &mut ChaCha8Rng, inputs: &[&Var], f: F, tol: f64, what: &str) -> R<Diffs>
+    pub(crate) fn check<F>(
+        rng: &mut ChaCha8Rng,
+        inputs: &[&Var],
+        f: F,
+        tol: f64,
+        what: &str,
+    ) -> R<Diffs>
     where
         F: Fn(&[&Tensor], bool) -> Result<Tensor>,
     {

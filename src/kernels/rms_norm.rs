@@ -264,7 +264,9 @@ mod tests {
         let qkv = var(&mut rng, &[b, t, 3 * heads * hs], 1.0)?;
         let w = Var::from_tensor(&(randn(&mut rng, &[hs], 0.5)? + 1.0)?)?;
         let f = |ts: &[&Tensor], fuse: bool| {
-            let q = ts[0].narrow(2, heads * hs, heads * hs)?.reshape((b, t, heads, hs))?;
+            let q = ts[0]
+                .narrow(2, heads * hs, heads * hs)?
+                .reshape((b, t, heads, hs))?;
             let q = q.transpose(1, 2)?; // (B, heads, T, hs), strided
             if fuse {
                 rms_norm(&q, ts[1], 1e-6)

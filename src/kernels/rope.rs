@@ -208,14 +208,18 @@ pub fn rope_qkv_reference(
 ) -> Result<Tensor> {
     let (b, t, hs) = check_rope(qkv, table, n_head, n_kv_head, past)?;
     let h = hs / 2;
-    let (cos, sin) = table.rows(past, t).ok_or_else(|| out_of_range(table, past, t))?;
+    let (cos, sin) = table
+        .rows(past, t)
+        .ok_or_else(|| out_of_range(table, past, t))?;
     let full = |half: &[f32]| -> Result<Tensor> {
         let half = Tensor::from_slice(half, (t, h), qkv.device())?.to_dtype(qkv.dtype())?;
         Ok(Tensor::cat(&[&half, &half], 1)?.reshape((1, t, 1, hs))?)
     };
     let (cos, sin) = (full(cos)?, full(sin)?);
     let rotate = |start: usize, heads: usize| -> Result<Tensor> {
-        let x = qkv.narrow(2, start, heads * hs)?.reshape((b, t, heads, hs))?;
+        let x = qkv
+            .narrow(2, start, heads * hs)?
+            .reshape((b, t, heads, hs))?;
         let x1 = x.narrow(3, 0, h)?;
         let x2 = x.narrow(3, h, h)?;
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
@@ -301,7 +305,10 @@ fn check_rope(
              {n_kv_head})·head_dim {hs}"
         )));
     }
-    if past.checked_add(t).is_none_or(|end| end > table.max_positions) {
+    if past
+        .checked_add(t)
+        .is_none_or(|end| end > table.max_positions)
+    {
         return Err(out_of_range(table, past, t));
     }
     Ok((b, t, hs))
@@ -390,7 +397,10 @@ impl CustomOp1 for RopeOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = cpu_slice(s, l, "rope_qkv input")?;
-        Ok((CpuStorage::F32(self.apply(x, cost::FWD, 1.0)), l.shape().clone()))
+        Ok((
+            CpuStorage::F32(self.apply(x, cost::FWD, 1.0)),
+            l.shape().clone(),
+        ))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -452,11 +462,16 @@ mod tests {
         let (x0, x1) = (0.3f32, -1.7f32);
         let qkv = Tensor::new(&[[[x0, x1, x0, x1, 5.0, 6.0]]], &Device::Cpu)?;
         for p in [1usize, 3, 15] {
-            let y = rope_qkv(&qkv, &table, 1, 1, p)?.flatten_all()?.to_vec1::<f32>()?;
+            let y = rope_qkv(&qkv, &table, 1, 1, p)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
             let (c, s) = ((p as f64).cos() as f32, (p as f64).sin() as f32);
             let want = [x0 * c - x1 * s, x1 * c + x0 * s];
             for (j, w) in want.iter().enumerate() {
-                assert!((y[j] - w).abs() < 1e-6 && (y[j + 2] - w).abs() < 1e-6, "{y:?}");
+                assert!(
+                    (y[j] - w).abs() < 1e-6 && (y[j + 2] - w).abs() < 1e-6,
+                    "{y:?}"
+                );
             }
             assert_eq!(y[4..], [5.0, 6.0]);
         }
@@ -488,7 +503,13 @@ mod tests {
                 .to_vec1::<f32>()?;
             let mut got = qkv.flatten_all()?.to_vec1::<f32>()?;
             for (r, row) in got.chunks_exact_mut(w).enumerate() {
-                rope_rows(&mut row[..(nh + nkv) * hs], nh + nkv, hs, past + r % t, &table)?;
+                rope_rows(
+                    &mut row[..(nh + nkv) * hs],
+                    nh + nkv,
+                    hs,
+                    past + r % t,
+                    &table,
+                )?;
             }
             assert_eq!(got, want, "heads {nh}/{nkv} hs {hs}");
         }
@@ -508,7 +529,10 @@ mod tests {
         let good = Tensor::zeros((2, 5, 8 * 6), DType::F32, dev)?;
         for f in [rope_qkv, rope_qkv_reference] {
             assert!(f(&good, &table, 4, 2, 11).is_ok());
-            assert!(f(&good, &table, 4, 2, 12).is_err(), "past + T > max_positions");
+            assert!(
+                f(&good, &table, 4, 2, 12).is_err(),
+                "past + T > max_positions"
+            );
             assert!(f(&good, &table, 4, 2, usize::MAX).is_err());
             assert!(f(&good, &table, 3, 2, 0).is_err(), "width is not (3 + 4)·6");
             assert!(f(&good, &table, 8, 0, 0).is_err());
@@ -530,7 +554,10 @@ mod tests {
         let qkv = randn(&mut rng, &[2, 5, 8 * 6], 1.0)?.to_dtype(DType::F64)?;
         let y = rope_qkv(&qkv, &table, 4, 2, 3)?;
         assert_eq!(y.dtype(), DType::F64);
-        assert_eq!(max_diff(&y, &rope_qkv_reference(&qkv, &table, 4, 2, 3)?)?, 0.0);
+        assert_eq!(
+            max_diff(&y, &rope_qkv_reference(&qkv, &table, 4, 2, 3)?)?,
+            0.0
+        );
         Ok(())
     }
 }
