@@ -2,6 +2,9 @@
 //! default pre-training config's shapes: B·T = 12·64 = 768 rows, C = 128, 4C = 512, a
 //! char-level vocabulary of 70 and a BPE one of 2048.
 //!
+//! The Llama-style layers (RMSNorm, SwiGLU, RoPE on a packed qkv) run at GPT-2-small-ish
+//! shapes instead: 1024 rows, C = 768, I = 2048, 12 heads (4 kv heads) of 64.
+//!
 //! `cargo bench --features bench --bench layers` (add `-- layer_norm` to run one group). Each
 //! forward + backward bench seeds the backward pass with a fixed random `dy` through a
 //! no-op [`SeedGrad`], so it times the op's backward and candle's own bookkeeping (a zeroed
@@ -14,6 +17,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use tinygpt::candle::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor, Var};
+use tinygpt::kernels::{rms_norm, rope, swiglu};
 use tinygpt::layers;
 
 // The training examples run under mimalloc; so do the benches.
@@ -175,6 +179,58 @@ fn benches(c: &mut Criterion) {
             }),
         );
     }
+
+    // Llama-style layers at GPT-2-small-ish shapes: 1024 rows, C = 768, I = 2048
+    const LROWS: usize = 1024;
+    const LC: usize = 768;
+    const LI: usize = 2048;
+    let xl = var(&mut rng, &[LROWS, LC], 1.0);
+    let wl = var(&mut rng, &[LC], 1.0);
+    bench_pair(
+        c,
+        "rms_norm_1024x768",
+        Box::new(|fused| {
+            let f = if fused {
+                rms_norm::rms_norm
+            } else {
+                rms_norm::rms_norm_reference
+            };
+            f(&xl, &wl, 1e-6).expect("rms_norm")
+        }),
+    );
+    let hl = var(&mut rng, &[LROWS, 2 * LI], 1.0);
+    bench_pair(
+        c,
+        "swiglu_1024x2x2048",
+        Box::new(|fused| {
+            let f = if fused {
+                swiglu::swiglu
+            } else {
+                swiglu::swiglu_reference
+            };
+            f(&hl).expect("swiglu")
+        }),
+    );
+    // RoPE on a packed qkv (B = 4, T = 256): 12 q heads and 4 kv heads of 64
+    let (n_head, n_kv_head, hs) = (12, 4, 64);
+    let table = rope::RopeTable::new(hs, 256, 10_000.0).expect("rope table");
+    let qkv = var(
+        &mut rng,
+        &[4, LROWS / 4, (n_head + 2 * n_kv_head) * hs],
+        1.0,
+    );
+    bench_pair(
+        c,
+        "rope_qkv_1024x12+4+4x64",
+        Box::new(|fused| {
+            let f = if fused {
+                rope::rope_qkv
+            } else {
+                rope::rope_qkv_reference
+            };
+            f(&qkv, &table, n_head, n_kv_head, 0).expect("rope_qkv")
+        }),
+    );
 
     // the seeded backward alone through a (768, 512) copy
     let r = randn(&mut rng, &[rows, 4 * C], 1.0);

@@ -23,8 +23,10 @@ use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
 use crate::attention::{attention_probs, causal_attention_qkv, RowCache};
+use crate::kernels::rms_norm::rms_norm;
+use crate::kernels::rope::{rope_qkv, rope_rows, RopeTable};
 use crate::kernels::stubs as kernels;
-use crate::kernels::stubs::RopeTable;
+use crate::kernels::swiglu::swiglu;
 use crate::layers;
 use crate::{Error, Result};
 
@@ -67,7 +69,7 @@ impl LayerNorm {
 
 /// RMSNorm over the last dimension (Zhang & Sennrich 2019), Llama's norm:
 /// `x / sqrt(mean(x²) + eps) · weight`, no mean subtracted, no shift. One fused op with a
-/// hand-written backward ([`kernels::rms_norm`]), statistics in f32.
+/// hand-written backward ([`crate::kernels::rms_norm`]), statistics in f32.
 #[derive(Debug, Clone)]
 struct RmsNorm {
     weight: Tensor, // (C,) or (hs,) for Qwen3's q/k norm
@@ -84,7 +86,7 @@ impl RmsNorm {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let weight = like(Some(&self.weight), x)?.unwrap_or_else(|| self.weight.clone());
-        kernels::rms_norm(x, &weight, self.eps) // (.., C)
+        rms_norm(x, &weight, self.eps) // (.., C)
     }
 }
 
@@ -366,7 +368,7 @@ impl CausalSelfAttention {
     fn qkv(&self, x: &Tensor, past: usize) -> Result<Tensor> {
         let qkv = self.project(x)?;
         match &self.rope {
-            Some(rope) => kernels::rope_qkv(&qkv, rope, self.n_head, self.n_kv_head, past),
+            Some(rope) => rope_qkv(&qkv, rope, self.n_head, self.n_kv_head, past),
             None => Ok(qkv),
         }
     }
@@ -484,7 +486,7 @@ impl Mlp {
                 c_proj.forward(&h)? // (B, T, C)
             }
             Mlp::SwiGlu { gate_up, down } => {
-                let h = kernels::swiglu(&gate_up.forward(x)?)?; // (B, T, 2I) -> (B, T, I)
+                let h = swiglu(&gate_up.forward(x)?)?; // (B, T, 2I) -> (B, T, I)
                 down.forward(&h)? // (B, T, C)
             }
         };
@@ -1486,8 +1488,8 @@ impl Gpt {
             let mut q = vec![0f32; r * qw]; // (R, nh·hs)
             for (i, row) in qkv.chunks_exact_mut(qw + 2 * kvw).enumerate() {
                 if let Some(rope) = &attn.rope {
-                    kernels::rope_rows(&mut row[..qw], nh, hs, pos[i], rope); // queries
-                    kernels::rope_rows(&mut row[qw..qw + kvw], nkv, hs, pos[i], rope); // keys
+                    rope_rows(&mut row[..qw], nh, hs, pos[i], rope)?; // queries
+                    rope_rows(&mut row[qw..qw + kvw], nkv, hs, pos[i], rope)?; // keys
                 }
                 q[i * qw..(i + 1) * qw].copy_from_slice(&row[..qw]);
                 let (k, v) = (&mut kv[i].k[l], &mut kv[i].v[l]);

@@ -91,13 +91,13 @@ macro_rules! multiversion {
 pub(crate) use multiversion;
 
 /// Whether every tensor is f32 on the CPU, i.e. whether the fused kernels apply.
-fn fused(ts: &[&Tensor]) -> bool {
+pub(crate) fn fused(ts: &[&Tensor]) -> bool {
     ts.iter()
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
 /// The f32 elements a contiguous layout covers.
-fn cpu_slice<'a>(
+pub(crate) fn cpu_slice<'a>(
     storage: &'a CpuStorage,
     layout: &Layout,
     what: &str,
@@ -112,7 +112,7 @@ fn cpu_slice<'a>(
 }
 
 /// Runs `f` on the f32 elements of contiguous CPU tensors.
-fn with_slices<R>(
+pub(crate) fn with_slices<R>(
     ts: &[&Tensor],
     f: impl FnOnce(&[&[f32]]) -> candle_core::Result<R>,
 ) -> candle_core::Result<R> {
@@ -128,14 +128,14 @@ fn with_slices<R>(
 }
 
 /// A CPU tensor of `shape` owning `data`.
-fn tensor(data: Vec<f32>, shape: &Shape) -> candle_core::Result<Tensor> {
+pub(crate) fn tensor(data: Vec<f32>, shape: &Shape) -> candle_core::Result<Tensor> {
     Tensor::from_vec(data, shape.clone(), &candle_core::Device::Cpu)
 }
 
 /// How many row chunks a pass over `rows` rows of `elems` elements at `ps_per_elem` (see
 /// [`cost`]) is split into: 1 below [`PAR_MIN_NS`], else one per rayon thread. `forced`
 /// (tests) overrides.
-fn plan(rows: usize, elems: usize, ps_per_elem: usize, forced: Option<usize>) -> usize {
+pub(crate) fn plan(rows: usize, elems: usize, ps_per_elem: usize, forced: Option<usize>) -> usize {
     if let Some(n) = forced {
         return n;
     }
@@ -153,7 +153,7 @@ fn rows_per_chunk(rows: usize, chunks: usize) -> usize {
 
 /// Calls `f(first_row, out_rows)` on chunks of `out` (rows of `row_len`), in parallel when
 /// `chunks > 1`.
-fn for_row_chunks<F>(out: &mut [f32], row_len: usize, chunks: usize, f: F)
+pub(crate) fn for_row_chunks<F>(out: &mut [f32], row_len: usize, chunks: usize, f: F)
 where
     F: Fn(usize, &mut [f32]) + Sync,
 {
@@ -194,7 +194,7 @@ const BLOCK_ROWS: usize = 32;
 /// Like [`for_row_chunks`], and `f` also adds into a zeroed accumulator of `acc_len`. `f`
 /// sees at most [`BLOCK_ROWS`] rows at a time; the block sums are added per chunk and the
 /// chunk sums in chunk order, and the total is returned.
-fn for_row_chunks_sum<F>(
+pub(crate) fn for_row_chunks_sum<F>(
     out: &mut [f32],
     row_len: usize,
     chunks: usize,
@@ -240,7 +240,7 @@ fn sum_partials(partials: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
 
 /// `acc += x`, element-wise.
 #[inline]
-fn add_assign(acc: &mut [f32], x: &[f32]) {
+pub(crate) fn add_assign(acc: &mut [f32], x: &[f32]) {
     for (a, &v) in acc.iter_mut().zip(x) {
         *a += v;
     }
@@ -248,7 +248,7 @@ fn add_assign(acc: &mut [f32], x: &[f32]) {
 
 /// Σ x, with eight running sums so the loop vectorises.
 #[inline]
-fn sum(x: &[f32]) -> f32 {
+pub(crate) fn sum(x: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = x.chunks_exact(8);
     let rest = chunks.remainder();
@@ -282,7 +282,7 @@ fn sum_sq_dev(x: &[f32], mean: f32) -> f32 {
 /// instead of infinity above (both only ever divided into or added to numbers of order 1
 /// here). NaN stays NaN.
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(crate) fn exp(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer
     const LN2_HI: f32 = 0.693_359_4; // 355/512, so n·LN2_HI is exact
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -301,7 +301,7 @@ fn exp(x: f32) -> f32 {
 }
 
 /// The dtype the references compute statistics in: f64 stays f64, everything else is f32.
-fn stats_dtype(dtype: DType) -> DType {
+pub(crate) fn stats_dtype(dtype: DType) -> DType {
     if dtype == DType::F64 {
         DType::F64
     } else {
@@ -310,7 +310,7 @@ fn stats_dtype(dtype: DType) -> DType {
 }
 
 /// Checks `t` is a vector of `n` elements.
-fn check_vector(t: &Tensor, n: usize, what: &str) -> Result<()> {
+pub(crate) fn check_vector(t: &Tensor, n: usize, what: &str) -> Result<()> {
     if t.dims() != [n] {
         return Err(Error::InvalidArgument(format!(
             "{what} must have shape [{n}], got {:?}",
@@ -321,7 +321,7 @@ fn check_vector(t: &Tensor, n: usize, what: &str) -> Result<()> {
 }
 
 /// The size of the last dimension of `x`, which must be at least 1-D.
-fn last_dim(x: &Tensor, what: &str) -> Result<usize> {
+pub(crate) fn last_dim(x: &Tensor, what: &str) -> Result<usize> {
     x.dims().last().copied().ok_or_else(|| {
         Error::InvalidArgument(format!(
             "{what} must have at least one dimension, got a scalar"
@@ -1281,27 +1281,27 @@ impl CustomOp1 for CrossEntropyOp {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{Device, Var};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
     use rand_distr::{Distribution, Normal};
 
-    type R<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+    pub(crate) type R<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
-    fn randn(rng: &mut ChaCha8Rng, dims: &[usize], std: f32) -> R<Tensor> {
+    pub(crate) fn randn(rng: &mut ChaCha8Rng, dims: &[usize], std: f32) -> R<Tensor> {
         let normal = Normal::new(0f32, std)?;
         let n = dims.iter().product();
         let data: Vec<f32> = (0..n).map(|_| normal.sample(rng)).collect();
         Ok(Tensor::from_vec(data, dims, &Device::Cpu)?)
     }
 
-    fn var(rng: &mut ChaCha8Rng, dims: &[usize], std: f32) -> R<Var> {
+    pub(crate) fn var(rng: &mut ChaCha8Rng, dims: &[usize], std: f32) -> R<Var> {
         Ok(Var::from_tensor(&randn(rng, dims, std)?)?)
     }
 
-    fn max_abs(a: &Tensor) -> R<f64> {
+    pub(crate) fn max_abs(a: &Tensor) -> R<f64> {
         Ok(a.to_dtype(DType::F64)?
             .abs()?
             .flatten_all()?
@@ -1309,14 +1309,14 @@ mod tests {
             .to_scalar::<f64>()?)
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> R<f64> {
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> R<f64> {
         assert_eq!(a.dims(), b.dims());
         max_abs(&(a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?)
     }
 
     /// The largest differences [`check`] saw.
     #[derive(Debug, Default, Clone, Copy)]
-    struct Diffs {
+    pub(crate) struct Diffs {
         /// fused vs f32 reference, values and gradients, absolute
         abs: f64,
         /// the same over max(1, largest |f64 truth|) of the tensor
@@ -1328,7 +1328,7 @@ mod tests {
     }
 
     impl Diffs {
-        fn max(self, o: Diffs) -> Diffs {
+        pub(crate) fn max(self, o: Diffs) -> Diffs {
             Diffs {
                 abs: self.abs.max(o.abs),
                 scaled: self.scaled.max(o.scaled),
@@ -1344,7 +1344,13 @@ mod tests {
     /// `tol · max(1, largest |truth|)`: an absolute `tol` for values of order 1, a relative
     /// one for gradients summed over many rows (dbias over 768 rows is ~30, where one f32 ulp
     /// is 2e-6 and the reference's own rounding exceeds 1e-5).
-    fn check<F>(rng: &mut ChaCha8Rng, inputs: &[&Var], f: F, tol: f64, what: &str) -> R<Diffs>
+    pub(crate) fn check<F>(
+        rng: &mut ChaCha8Rng,
+        inputs: &[&Var],
+        f: F,
+        tol: f64,
+        what: &str,
+    ) -> R<Diffs>
     where
         F: Fn(&[&Tensor], bool) -> Result<Tensor>,
     {

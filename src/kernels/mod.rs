@@ -4,6 +4,9 @@
 //!
 //! - [`layers`]: LayerNorm, bias add, bias + GELU, cross-entropy (each forward and backward).
 //! - [`attention`]: causal self-attention after FlashAttention-2, training and KV-cache decoding.
+//! - [`rms_norm`]: RMSNorm (Llama, Qwen; also Qwen3's per-head q/k norm).
+//! - [`rope`]: rotary position embeddings, Hugging Face's rotate-half layout, on packed qkv.
+//! - [`swiglu`]: `silu(gate) · up` on a packed `[gate | up]` projection.
 //! - `gemv`: matrix-vector products for decoding, f32 and f16 weights.
 //!
 //! Each fused op has a `*_reference` twin written with plain candle ops that runs on every
@@ -12,4 +15,7 @@
 pub mod attention;
 pub(crate) mod gemv;
 pub mod layers;
+pub mod rms_norm;
+pub mod rope;
 pub(crate) mod stubs;
+pub mod swiglu;
