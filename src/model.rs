@@ -816,7 +816,8 @@ impl Gpt {
                     len: p + 1,
                 })
                 .collect();
-            let y = attention::decode_rows(&q, &caches, (nh, hs, cap), scale)?; // (R, C)
+            // GQA: pass the model's n_kv_head here (and size the buffers (nkv, cap, hs)).
+            let y = attention::decode_rows(&q, &caches, (nh, nh, hs, cap), scale)?; // (R, C)
             let y = Tensor::from_vec(y, (r, 1, c), device)?;
             x = (x + attn.c_proj.forward(&y)?)?; // (R, 1, C)
             x = (&x + block.mlp.forward(&block.ln_2.forward(&x)?, &mut None)?)?;
