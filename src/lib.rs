@@ -82,8 +82,8 @@ pub use candle_core as candle;
 /// candle-nn, re-exported for `VarBuilder` and friends.
 pub use candle_nn;
 
-pub use kernels::{attention, layers};
 pub(crate) use kernels::gemv;
+pub use kernels::{attention, layers};
 
 pub use chat::{ChatSession, ChatTemplate, Message, Role};
 pub use data::{Split, TokenDataset};
