@@ -1,6 +1,9 @@
 //! Causal self-attention, forward and forward + backward: plain candle ops
 //! ([`causal_attention_reference`]) against the fused CPU op ([`causal_attention`]), in f32 at
-//! GPT-2 small's head shape (B 4, nh 12, hs 64) for T = 64, 256 and 1024.
+//! GPT-2 small's head shape (B 4, nh 12, hs 64) for T = 64, 256 and 1024; then forward +
+//! backward at SmolLM2-135M's head shape (B 4, nh 9, hs 64, T 256) with multi-head keys and
+//! values (`mha`, nkv 9) and grouped-query ones (`gqa`, nkv 3: each key/value head shared by
+//! three query heads, Ainslie et al. 2023).
 //!
 //! ```text
 //! RAYON_NUM_THREADS=2 cargo bench --features bench --bench attention
@@ -29,6 +32,10 @@ const B: usize = 4;
 const NH: usize = 12;
 const HS: usize = 64;
 const TS: [usize; 3] = [64, 256, 1024];
+/// SmolLM2-135M's attention: 9 query heads, 3 key/value heads, head size 64.
+const SMOL_NH: usize = 9;
+const SMOL_NKV: usize = 3;
+const SMOL_T: usize = 256;
 
 type Attention = fn(&Tensor, &Tensor, &Tensor, f64) -> tinygpt::Result<Tensor>;
 
@@ -73,6 +80,22 @@ fn bench_device(c: &mut Criterion, device: &Device, label: &str) {
         }
         group.finish();
     }
+    // Grouped-query attention next to multi-head at the same query heads.
+    let mut group = c.benchmark_group(format!("attention_forward_backward_smollm2_{label}"));
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sampling_mode(SamplingMode::Flat);
+    for (kind, nkv) in [("mha", SMOL_NH), ("gqa", SMOL_NKV)] {
+        let var = |nh: usize| Var::randn(0f32, 1.0, (B, nh, SMOL_T, HS), device).expect("randn");
+        let (q, k, v) = (var(SMOL_NH), var(nkv), var(nkv));
+        for (name, f) in IMPLS {
+            let id = BenchmarkId::new(format!("{name}_{kind}"), SMOL_T);
+            group.bench_function(id, |bench| bench.iter(|| step(f, &q, &k, &v, true, device)));
+        }
+    }
+    group.finish();
 }
 
 fn main() {

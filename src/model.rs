@@ -22,10 +22,12 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
-use crate::attention::{attention_probs, causal_attention_qkv, RowCache};
+use crate::attention::{
+    self, attention_probs, causal_attention, causal_attention_gqa_qkv, causal_attention_qkv,
+    repeat_kv, RowCache,
+};
 use crate::kernels::rms_norm::rms_norm;
 use crate::kernels::rope::{rope_qkv, rope_rows, RopeTable};
-use crate::kernels::stubs as kernels;
 use crate::kernels::swiglu::swiglu;
 use crate::layers;
 use crate::{Error, Result};
@@ -393,7 +395,7 @@ impl CausalSelfAttention {
             let y = if nkv == nh {
                 causal_attention_qkv(&qkv, nh, scale)?
             } else {
-                kernels::causal_attention_gqa_qkv(&qkv, nh, nkv, scale)?
+                causal_attention_gqa_qkv(&qkv, nh, nkv, scale)?
             }; // (B, T, nh·hs)
             let y = self.c_proj.forward(&y)?;
             return Ok(maybe_dropout(y, train)?); // resid_dropout
@@ -433,12 +435,12 @@ impl CausalSelfAttention {
         let y = match train {
             // Attention dropout needs the weights themselves: the plain-op path.
             Some((_, p)) if *p > 0.0 => {
-                let (k, v) = (kernels::repeat_kv(&k, nh / nkv)?, kernels::repeat_kv(&v, nh / nkv)?);
+                let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
                 let att = attention_probs(&q, &k, scale)?; // (B, nh, T, T_k)
                 maybe_dropout(att, train)?.matmul(&v)? // (B, nh, T, hs)
             }
             // Otherwise the fused kernel (FlashAttention-2 style on the CPU).
-            _ => kernels::causal_attention(&q, &k, &v, scale)?, // (B, nh, T, hs)
+            _ => causal_attention(&q, &k, &v, scale)?, // (B, nh, T, hs)
         };
         let y = y.transpose(1, 2)?.reshape((b, t, nh * hs))?; // (B, T, nh·hs): heads merged
         let y = self.c_proj.forward(&y)?;
@@ -1510,7 +1512,7 @@ impl Gpt {
                     len: p + 1,
                 })
                 .collect();
-            let y = kernels::decode_rows(&q, &caches, (nh, nkv, hs, cap), scale)?; // (R, nh·hs)
+            let y = attention::decode_rows(&q, &caches, (nh, nkv, hs, cap), scale)?; // (R, nh·hs)
             let y = Tensor::from_vec(y, (r, 1, qw), device)?;
             x = (x + attn.c_proj.forward(&y)?)?; // (R, 1, C)
             x = (&x + block.mlp.forward(&block.ln_2.forward(&x)?, &mut None)?)?;

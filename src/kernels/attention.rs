@@ -76,37 +76,52 @@ const ROWWISE_MAX_TQ: usize = 4;
 /// on one and 13 µs on two; fwd+bwd at B 1, nh 2, T 32 (131k) 19 µs and 22 µs, at nh 4
 /// (262k) 35 µs either way, at T 64 (524k) 43 µs and 39 µs.
 const PARALLEL_MIN_WORK: usize = 1 << 17;
+/// With grouped-query attention, the parallel backward gives each thread a whole group of
+/// query heads (one kv head's `dK`, `dV` are then accumulated by one thread) unless that
+/// makes fewer than this many pieces of work; then the groups are split (see
+/// [`Dims::kv_parts`]).
+const BWD_MIN_ITEMS: usize = 8;
 
-/// Causal self-attention, `softmax(q kᵀ · scale + causal mask) v`.
+/// Causal self-attention, `softmax(q kᵀ · scale + causal mask) v`, with multi-head (MHA),
+/// grouped-query (GQA) or multi-query (MQA) heads.
 ///
-/// Shapes: `q` is `(B, nh, Tq, hs)`, `k` and `v` are `(B, nh, Tk, hs)` with `Tq <= Tk`.
-/// Query `i` sits at absolute position `Tk - Tq + i` and sees keys `0..=Tk - Tq + i`, so
-/// training passes `Tq = Tk` and KV-cache decoding passes the new queries against every
-/// cached key (often `Tq = 1`). Returns `(B, nh, Tq, hs)` in the dtype of the inputs.
-/// `scale` is usually `1 / sqrt(hs)`.
+/// Shapes: `q` is `(B, nh, Tq, hs)`, `k` and `v` are `(B, nkv, Tk, hs)` with `nkv` dividing
+/// `nh` and `Tq <= Tk`. With `nkv < nh` this is grouped-query attention (Ainslie et al. 2023,
+/// "GQA: Training Generalized Multi-Query Transformer Models from Multi-Head Checkpoints",
+/// arXiv:2305.13245): the query heads come in `nkv` groups of `g = nh / nkv`, and query head
+/// `h` attends with key/value head `h / g`, i.e. kv head `j` serves query heads
+/// `j·g..(j + 1)·g` — Hugging Face's `repeat_kv` ([`repeat_kv`]). `nkv = nh` is ordinary
+/// multi-head attention, `nkv = 1` multi-query attention. Query `i` sits at absolute position
+/// `Tk - Tq + i` and sees keys `0..=Tk - Tq + i`, so training passes `Tq = Tk` and KV-cache
+/// decoding passes the new queries against every cached key (often `Tq = 1`). Returns
+/// `(B, nh, Tq, hs)` in the dtype of the inputs. `scale` is usually `1 / sqrt(hs)`.
 ///
-/// Differentiable with respect to `q`, `k` and `v`. On the CPU with f32 inputs this is the
-/// fused FlashAttention-2 style op of this module (see the [module docs](self)); inputs that
-/// are not contiguous are copied first, except `k` and `v` that are a prefix along T of a
-/// contiguous `(B, nh, capacity, hs)` buffer (a preallocated KV cache), which are read in place. On other devices (CUDA) or dtypes (f16, bf16) it is
-/// [`causal_attention_reference`].
+/// Differentiable with respect to `q`, `k` and `v`; the gradient of a shared kv head is the sum
+/// over the query heads of its group. On the CPU with f32 inputs this is the fused
+/// FlashAttention-2 style op of this module (see the [module docs](self)), which reads each
+/// group's kv head where it lies (K and V are never repeated); inputs that are not contiguous
+/// are copied first, except `k` and `v` that are a prefix along T of a contiguous
+/// `(B, nkv, capacity, hs)` buffer (a preallocated KV cache), which are read in place. On other
+/// devices (CUDA) or dtypes (f16, bf16) it is [`causal_attention_reference`].
 ///
 /// ```
 /// use tinygpt::attention::causal_attention;
 /// use tinygpt::candle::{DType, Device, Tensor};
 ///
 /// // q = 0: every key a query sees scores the same, so output row i is the mean of v[0..=i].
-/// let v = Tensor::arange(0f32, 6.0, &Device::Cpu)?.reshape((1, 1, 3, 2))?; // (B, nh, T, hs)
-/// let q = Tensor::zeros((1, 1, 3, 2), DType::F32, &Device::Cpu)?;
-/// let y = causal_attention(&q, &v, &v, 1.0 / 2f64.sqrt())?; // (1, 1, 3, 2)
-/// let y = y.squeeze(0)?.squeeze(0)?.to_vec2::<f32>()?;
-/// assert_eq!(y, [[0.0, 1.0], [1.0, 2.0], [2.0, 3.0]]);
+/// let v = Tensor::arange(0f32, 6.0, &Device::Cpu)?.reshape((1, 1, 3, 2))?; // (B, nkv, T, hs)
+/// let q = Tensor::zeros((1, 2, 3, 2), DType::F32, &Device::Cpu)?; // (B, nh, T, hs), nh = 2
+/// let y = causal_attention(&q, &v, &v, 1.0 / 2f64.sqrt())?; // (1, 2, 3, 2)
+/// let y = y.squeeze(0)?.to_vec3::<f32>()?;
+/// assert_eq!(y[0], [[0.0, 1.0], [1.0, 2.0], [2.0, 3.0]]);
+/// assert_eq!(y[1], y[0]); // both query heads read the one kv head
 /// # Ok::<(), tinygpt::Error>(())
 /// ```
 ///
 /// # Errors
-/// [`Error::InvalidArgument`] if a tensor is not 4-D, the shapes disagree, `Tq > Tk` or the
-/// dtypes differ; [`Error::Candle`] if a tensor operation fails (e.g. mixed devices).
+/// [`Error::InvalidArgument`] if a tensor is not 4-D, the shapes disagree (batch, head size,
+/// `nkv` not dividing `nh`, `k` and `v` not alike), `Tq > Tk` or the dtypes differ;
+/// [`Error::Candle`] if a tensor operation fails (e.g. mixed devices).
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     check_shapes(q, k, v)?;
     let fused = matches!(q.device(), Device::Cpu)
@@ -117,7 +132,7 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
         return causal_attention_reference(q, k, v, scale);
     }
     // K and V may be a prefix of a preallocated KV cache (`narrow` along T of a contiguous
-    // `(B, nh, capacity, hs)` buffer): the kernel reads those in place.
+    // `(B, nkv, capacity, hs)` buffer): the kernel reads those in place.
     let q = q.contiguous()?;
     let keep = |t: &Tensor| -> Result<Tensor> {
         Ok(if head_strided(t.layout()).is_some() {
@@ -134,10 +149,29 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
     Ok(q.apply_op3(&k, &v, op)?)
 }
 
-/// Causal self-attention straight from the fused projection `c_attn`'s output, as a training
-/// step uses it: `qkv` (B, T, 3C) holds q, k and v side by side along the last axis, each
-/// split into `n_head` heads of `hs = C / n_head` columns; returns the heads' outputs
-/// re-assembled, (B, T, C), ready for `c_proj`. Query `t` sees keys `0..=t`.
+/// Causal multi-head self-attention straight from the fused projection `c_attn`'s output:
+/// [`causal_attention_gqa_qkv`] with `n_kv_head = n_head`. `qkv` (B, T, 3C) holds q, k and v
+/// side by side along the last axis, each split into `n_head` heads of `hs = C / n_head`
+/// columns; returns the heads' outputs re-assembled, (B, T, C), ready for `c_proj`.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] if `qkv` is not (B, T, 3C) with `C` a multiple of `n_head`;
+/// [`Error::Candle`] if a tensor operation fails.
+pub fn causal_attention_qkv(qkv: &Tensor, n_head: usize, scale: f64) -> Result<Tensor> {
+    causal_attention_gqa_qkv(qkv, n_head, n_head, scale)
+}
+
+/// Causal self-attention with grouped-query heads straight from a fused q/k/v projection's
+/// output, as a training step uses it.
+///
+/// `qkv` is `(B, T, (n_head + 2·n_kv_head)·hs)`, laid out `[q heads | k heads | v heads]`
+/// along the last axis with each head's `hs` values contiguous: `n_head` query heads, then
+/// `n_kv_head` key heads, then `n_kv_head` value heads. `hs` is inferred from the last
+/// dimension, so it need not be `n_embd / n_head` (Qwen3 sets an explicit head size). Query
+/// head `h` attends with kv head `h / (n_head / n_kv_head)`, as in [`causal_attention`] (GQA,
+/// Ainslie et al. 2023); `n_kv_head = n_head` is multi-head attention
+/// ([`causal_attention_qkv`]). Query `t` sees keys `0..=t`. Returns the heads' outputs
+/// re-assembled, `(B, T, n_head·hs)`, ready for the output projection.
 ///
 /// This is [`causal_attention`] with the head split and merge inside the op. On the CPU in
 /// f32 it is one node of the autograd graph whose backward gives d`qkv` directly: the split
@@ -147,35 +181,51 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
 /// f16) it is exactly that split, [`causal_attention_reference`] and the merge.
 ///
 /// # Errors
-/// [`Error::InvalidArgument`] if `qkv` is not (B, T, 3C) with `C` a multiple of `n_head`;
+/// [`Error::InvalidArgument`] if `qkv` is not 3-D, `n_kv_head` is 0 or does not divide
+/// `n_head`, or the last dimension is not a multiple of `n_head + 2·n_kv_head`;
 /// [`Error::Candle`] if a tensor operation fails.
-pub fn causal_attention_qkv(qkv: &Tensor, n_head: usize, scale: f64) -> Result<Tensor> {
-    let (b, t, c3) = qkv.dims3().map_err(|_| {
+pub fn causal_attention_gqa_qkv(
+    qkv: &Tensor,
+    n_head: usize,
+    n_kv_head: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, t, width) = qkv.dims3().map_err(|_| {
         Error::InvalidArgument(format!(
-            "attention: qkv must be (B, T, 3C), got shape {:?}",
+            "attention: qkv must be (B, T, (n_head + 2·n_kv_head)·hs), got shape {:?}",
             qkv.dims()
         ))
     })?;
-    if n_head == 0 || c3 % (3 * n_head) != 0 {
+    if n_kv_head == 0 || !n_head.is_multiple_of(n_kv_head) {
         return Err(Error::InvalidArgument(format!(
-            "attention: qkv's last dimension {c3} is not 3 · n_head ({n_head}) · head size"
+            "attention: n_kv_head ({n_kv_head}) must be at least 1 and divide n_head ({n_head})"
         )));
     }
-    let c = c3 / 3;
-    let hs = c / n_head;
+    let heads = n_head + 2 * n_kv_head;
+    if !width.is_multiple_of(heads) {
+        return Err(Error::InvalidArgument(format!(
+            "attention: qkv's last dimension {width} is not (n_head ({n_head}) + 2 · n_kv_head \
+             ({n_kv_head})) · head size"
+        )));
+    }
+    let hs = width / heads;
     if !(qkv.device().is_cpu() && qkv.dtype() == DType::F32) || qkv.elem_count() == 0 {
-        let heads = |i: usize| -> Result<Tensor> {
+        let split = |col: usize, n: usize| -> Result<Tensor> {
             Ok(qkv
-                .narrow(2, i * c, c)? // (B, T, C)
-                .reshape((b, t, n_head, hs))? // (B, T, nh, hs)
-                .transpose(1, 2)? // (B, nh, T, hs)
+                .narrow(2, col * hs, n * hs)? // (B, T, n·hs)
+                .reshape((b, t, n, hs))? // (B, T, n, hs)
+                .transpose(1, 2)? // (B, n, T, hs)
                 .contiguous()?)
         };
-        let y = causal_attention_reference(&heads(0)?, &heads(1)?, &heads(2)?, scale)?;
-        return Ok(y.transpose(1, 2)?.reshape((b, t, c))?); // (B, T, C)
+        let q = split(0, n_head)?;
+        let k = split(n_head, n_kv_head)?;
+        let v = split(n_head + n_kv_head, n_kv_head)?;
+        let y = causal_attention_reference(&q, &k, &v, scale)?;
+        return Ok(y.transpose(1, 2)?.reshape((b, t, n_head * hs))?); // (B, T, nh·hs)
     }
     let op = FusedQkvAttention {
         n_head,
+        n_kv_head,
         scale: scale as f32,
         saved: OnceLock::new(),
     };
@@ -185,9 +235,11 @@ pub fn causal_attention_qkv(qkv: &Tensor, n_head: usize, scale: f64) -> Result<T
 /// Causal self-attention with plain candle ops: the reference for [`causal_attention`], and
 /// its path on devices and dtypes the fused op does not cover.
 ///
-/// Same contract as [`causal_attention`]: `q` `(B, nh, Tq, hs)`, `k`, `v` `(B, nh, Tk, hs)`,
-/// `Tq <= Tk`, query `i` at absolute position `Tk - Tq + i`; returns `(B, nh, Tq, hs)` in the
-/// inputs' dtype. The scores are masked and softmaxed in f32 whatever the dtype. It builds the
+/// Same contract as [`causal_attention`]: `q` `(B, nh, Tq, hs)`, `k`, `v` `(B, nkv, Tk, hs)`
+/// with `nkv` dividing `nh`, `Tq <= Tk`, query `i` at absolute position `Tk - Tq + i`; returns
+/// `(B, nh, Tq, hs)` in the inputs' dtype. Grouped-query heads (`nkv < nh`) are expanded with
+/// [`repeat_kv`] first, so the gradient of a shared kv head is the sum over its group by
+/// autograd. The scores are masked and softmaxed in f32 whatever the dtype. It builds the
 /// whole `(B, nh, Tq, Tk)` score matrix, so it needs `O(Tq · Tk)` memory per head.
 ///
 /// # Errors
@@ -198,14 +250,44 @@ pub fn causal_attention_reference(
     v: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
-    check_shapes(q, k, v)?;
-    let att = attention_probs(q, k, scale)?; // (B, nh, Tq, Tk)
+    let (_, nh, nkv, ..) = check_shapes(q, k, v)?;
+    let (k, v) = (repeat_kv(k, nh / nkv)?, repeat_kv(v, nh / nkv)?);
+    let att = attention_probs(q, &k, scale)?; // (B, nh, Tq, Tk)
     Ok(att.matmul(&v.contiguous()?)?) // (B, nh, Tq, hs)
 }
 
+/// Grouped-query attention's key/value expansion, as Hugging Face's `repeat_kv`:
+/// `(B, nkv, T, hs)` → `(B, nkv·n_rep, T, hs)`, kv head `j` repeated as heads
+/// `j·n_rep..(j + 1)·n_rep`. Plain ops (differentiable: the gradient of head `j` is the sum
+/// over its copies); `n_rep = 1` returns `x` itself.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] if `x` is not 4-D or `n_rep` is 0; [`Error::Candle`] if a
+/// tensor operation fails.
+pub(crate) fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+    let (b, nkv, t, hs) = x.dims4().map_err(|_| {
+        Error::InvalidArgument(format!(
+            "attention: repeat_kv needs (B, nkv, T, hs), got shape {:?}",
+            x.dims()
+        ))
+    })?;
+    match n_rep {
+        0 => Err(Error::InvalidArgument(
+            "attention: repeat_kv needs n_rep >= 1".into(),
+        )),
+        1 => Ok(x.clone()),
+        _ => Ok(x
+            .unsqueeze(2)? // (B, nkv, 1, T, hs)
+            .broadcast_as((b, nkv, n_rep, t, hs))?
+            .reshape((b, nkv * n_rep, t, hs))?),
+    }
+}
+
 /// The attention weights `softmax(q kᵀ · scale + causal mask)`, (B, nh, Tq, Tk), in the dtype
-/// of `q` (masked and softmaxed in f32). The model applies attention dropout to these when
-/// training with dropout, which the fused op does not do.
+/// of `q` (masked and softmaxed in f32). `k` must have `nh` heads: with grouped-query
+/// attention pass [`repeat_kv`]`(k, nh / nkv)` (and multiply by `repeat_kv(v, ..)`). The model
+/// applies attention dropout to these when training with dropout, which the fused op does not
+/// do.
 pub(crate) fn attention_probs(q: &Tensor, k: &Tensor, scale: f64) -> Result<Tensor> {
     let (tq, tk) = (q.dim(2)?, k.dim(2)?);
     let (q, k) = (q.contiguous()?, k.contiguous()?);
@@ -214,8 +296,12 @@ pub(crate) fn attention_probs(q: &Tensor, k: &Tensor, scale: f64) -> Result<Tens
     Ok(softmax_last_dim(&att)?.to_dtype(q.dtype())?)
 }
 
-/// Checks the shapes and dtypes of `q`, `k`, `v`; returns `(B, nh, Tq, Tk, hs)`.
-fn check_shapes(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(usize, usize, usize, usize, usize)> {
+/// Checks the shapes and dtypes of `q`, `k`, `v`; returns `(B, nh, nkv, Tq, Tk, hs)`.
+fn check_shapes(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> Result<(usize, usize, usize, usize, usize, usize)> {
     let dims4 = |t: &Tensor, name: &str| {
         t.dims4().map_err(|_| {
             Error::InvalidArgument(format!(
@@ -225,14 +311,20 @@ fn check_shapes(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(usize, usize, usi
         })
     };
     let (b, nh, tq, hs) = dims4(q, "q")?;
-    let (kb, knh, tk, khs) = dims4(k, "k")?;
-    if (kb, knh, khs) != (b, nh, hs) || v.dims() != k.dims() {
+    let (kb, nkv, tk, khs) = dims4(k, "k")?;
+    if (kb, khs) != (b, hs) || v.dims() != k.dims() {
         return Err(Error::InvalidArgument(format!(
-            "attention: q {:?}, k {:?} and v {:?} must be (B, nh, Tq, hs), (B, nh, Tk, hs) and \
-             (B, nh, Tk, hs)",
+            "attention: q {:?}, k {:?} and v {:?} must be (B, nh, Tq, hs), (B, nkv, Tk, hs) and \
+             (B, nkv, Tk, hs)",
             q.dims(),
             k.dims(),
             v.dims()
+        )));
+    }
+    if nkv == 0 || !nh.is_multiple_of(nkv) {
+        return Err(Error::InvalidArgument(format!(
+            "attention: k and v have {nkv} heads, which must divide q's {nh} heads (grouped-query \
+             attention)"
         )));
     }
     if tq > tk {
@@ -248,7 +340,7 @@ fn check_shapes(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(usize, usize, usi
             v.dtype()
         )));
     }
-    Ok((b, nh, tq, tk, hs))
+    Ok((b, nh, nkv, tq, tk, hs))
 }
 
 /// Additive mask (Tq, Tk) in f32: 0 where query `i` (absolute position `Tk - Tq + i`) may see
@@ -272,10 +364,12 @@ struct FusedCausalAttention {
     lse: OnceLock<Vec<f32>>,
 }
 
-/// Sizes of one call: `heads = B · nh`.
+/// Sizes of one call: `heads = B · nh` query heads, in groups of `group = nh / nkv` that share
+/// one key/value head: query head `h` (counted over the batch too) reads kv head `h / group`.
 #[derive(Debug, Clone, Copy)]
 struct Dims {
     heads: usize,
+    group: usize,
     tq: usize,
     tk: usize,
     hs: usize,
@@ -292,11 +386,35 @@ impl Dims {
         self.heads > 1 && self.heads * self.tq * self.tk * self.hs >= PARALLEL_MIN_WORK
     }
 
+    /// Key/value heads, `B · nkv`.
+    fn kv_heads(&self) -> usize {
+        self.heads / self.group
+    }
+
+    /// Into how many parts the backward splits each group of query heads (a divisor of
+    /// `group`): 1, a whole group to one thread, unless that leaves fewer than
+    /// [`BWD_MIN_ITEMS`] pieces of work for a parallel call. Each part accumulates its own
+    /// `dK`, `dV`, summed afterwards in a fixed order, so the result depends on the shape only,
+    /// never on the threads.
+    fn kv_parts(&self) -> usize {
+        if self.group == 1 || !self.parallel() {
+            return 1;
+        }
+        let kv_heads = self.kv_heads();
+        (1..=self.group)
+            .find(|&s| self.group.is_multiple_of(s) && kv_heads * s >= BWD_MIN_ITEMS)
+            .unwrap_or(self.group)
+    }
+
     fn from_layouts(q: &Layout, k: &Layout, scale: f32) -> candle_core::Result<Self> {
         let (b, nh, tq, hs) = q.shape().dims4()?;
-        let (_, _, tk, _) = k.shape().dims4()?;
+        let (_, nkv, tk, _) = k.shape().dims4()?;
+        if nkv == 0 || !nh.is_multiple_of(nkv) {
+            candle_core::bail!("fused attention: {nkv} kv heads do not divide {nh} query heads");
+        }
         Ok(Self {
             heads: b * nh,
+            group: nh / nkv,
             tq,
             tk,
             hs,
@@ -415,12 +533,14 @@ impl CustomOp3 for FusedCausalAttention {
     }
 }
 
-/// The fused op over `qkv` (B, T, 3C) → (B, T, C). One instance per call: it keeps what its
-/// forward computed for the backward.
+/// The fused op over `qkv` (B, T, (nh + 2·nkv)·hs) → (B, T, nh·hs). One instance per call: it
+/// keeps what its forward computed for the backward.
 struct FusedQkvAttention {
     n_head: usize,
+    n_kv_head: usize,
     scale: f32,
-    /// Head-major `q`, `k`, `v`, output `(B · nh, T, hs)` and the LSE, set by `cpu_fwd`.
+    /// Head-major `q`, `o` `(B · nh, T, hs)`, `k`, `v` `(B · nkv, T, hs)` and the LSE, set by
+    /// `cpu_fwd`.
     saved: OnceLock<QkvSaved>,
 }
 
@@ -433,38 +553,47 @@ struct QkvSaved {
     lse: Vec<f32>,
 }
 
-/// Sizes of a `qkv` (B, T, 3C) split into `n_head` heads.
+/// Sizes of a `qkv` (B, T, (nh + 2·nkv)·hs) split into `nh` query heads and `nkv` key and
+/// value heads.
 #[derive(Debug, Clone, Copy)]
 struct QkvDims {
     b: usize,
     t: usize,
-    c: usize,
     nh: usize,
+    nkv: usize,
     hs: usize,
 }
 
 impl QkvDims {
-    fn new(shape: &Shape, nh: usize) -> candle_core::Result<Self> {
-        let (b, t, c3) = shape.dims3()?;
-        let c = c3 / 3;
+    fn new(shape: &Shape, nh: usize, nkv: usize) -> candle_core::Result<Self> {
+        let (b, t, width) = shape.dims3()?;
+        let heads = nh + 2 * nkv;
+        if nkv == 0 || !nh.is_multiple_of(nkv) || !width.is_multiple_of(heads) {
+            candle_core::bail!("fused attention: qkv width {width} for {nh} + 2·{nkv} heads");
+        }
         Ok(Self {
             b,
             t,
-            c,
             nh,
-            hs: c / nh,
+            nkv,
+            hs: width / heads,
         })
     }
 
-    /// Calls `f(head-major offset, row-major offset)` for each `hs`-long row of each head:
-    /// head `h` of sequence `i`, position `j` lies at `((i·nh + h)·T + j)·hs` head-major and
-    /// at `(i·T + j)·width + h·hs` in a row-major (B, T, width) tensor.
-    fn rows(&self, width: usize, mut f: impl FnMut(usize, usize)) {
+    /// Width of the packed input, `(nh + 2·nkv)·hs`.
+    fn width(&self) -> usize {
+        (self.nh + 2 * self.nkv) * self.hs
+    }
+
+    /// Calls `f(head-major offset, row-major offset)` for each `hs`-long row of each of `n`
+    /// heads: head `h` of sequence `i`, position `j` lies at `((i·n + h)·T + j)·hs` head-major
+    /// and at `(i·T + j)·width + h·hs` in a row-major (B, T, width) tensor.
+    fn rows(&self, width: usize, n: usize, mut f: impl FnMut(usize, usize)) {
         for i in 0..self.b {
-            for h in 0..self.nh {
+            for h in 0..n {
                 for j in 0..self.t {
                     f(
-                        ((i * self.nh + h) * self.t + j) * self.hs,
+                        ((i * n + h) * self.t + j) * self.hs,
                         (i * self.t + j) * width + h * self.hs,
                     );
                 }
@@ -472,20 +601,20 @@ impl QkvDims {
         }
     }
 
-    /// Head-major copy of the `(B, T, C)` block at column `col` of a (B, T, width) tensor.
-    fn gather(&self, x: &[f32], width: usize, col: usize) -> Vec<f32> {
+    /// Head-major copy of the `n` heads at column `col` of a (B, T, width) tensor.
+    fn gather(&self, x: &[f32], width: usize, col: usize, n: usize) -> Vec<f32> {
         let hs = self.hs;
-        let mut out = vec![0f32; self.b * self.t * self.c];
-        self.rows(width, |hm, rm| {
+        let mut out = vec![0f32; self.b * self.t * n * hs];
+        self.rows(width, n, |hm, rm| {
             out[hm..hm + hs].copy_from_slice(&x[rm + col..rm + col + hs])
         });
         out
     }
 
-    /// Writes head-major `x` into the `(B, T, C)` block at column `col` of `out` (B, T, width).
-    fn scatter(&self, x: &[f32], out: &mut [f32], width: usize, col: usize) {
+    /// Writes `n` head-major heads `x` at column `col` of `out` (B, T, width).
+    fn scatter(&self, x: &[f32], out: &mut [f32], width: usize, col: usize, n: usize) {
         let hs = self.hs;
-        self.rows(width, |hm, rm| {
+        self.rows(width, n, |hm, rm| {
             out[rm + col..rm + col + hs].copy_from_slice(&x[hm..hm + hs])
         });
     }
@@ -493,6 +622,7 @@ impl QkvDims {
     fn kernel_dims(&self, scale: f32) -> Dims {
         Dims {
             heads: self.b * self.nh,
+            group: self.nh / self.nkv,
             tq: self.t,
             tk: self.t,
             hs: self.hs,
@@ -507,20 +637,21 @@ impl candle_core::CustomOp1 for FusedQkvAttention {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let qd = QkvDims::new(l.shape(), self.n_head)?;
+        let qd = QkvDims::new(l.shape(), self.n_head, self.n_kv_head)?;
         let x = cpu_f32(s, l, "qkv")?;
+        let (w, c, ckv) = (qd.width(), qd.nh * qd.hs, qd.nkv * qd.hs);
         let (q, k, v) = (
-            qd.gather(x, 3 * qd.c, 0),
-            qd.gather(x, 3 * qd.c, qd.c),
-            qd.gather(x, 3 * qd.c, 2 * qd.c),
+            qd.gather(x, w, 0, qd.nh),
+            qd.gather(x, w, c, qd.nkv),
+            qd.gather(x, w, c + ckv, qd.nkv),
         );
         let d = qd.kernel_dims(self.scale);
         let (o, lse) = forward(Isa::detect(), &q, (&k, d.tk * d.hs), (&v, d.tk * d.hs), d);
-        let mut y = vec![0f32; qd.b * qd.t * qd.c];
-        qd.scatter(&o, &mut y, qd.c, 0);
+        let mut y = vec![0f32; qd.b * qd.t * c];
+        qd.scatter(&o, &mut y, c, 0, qd.nh);
         // A fresh op per call, so the cell is empty; were it not, the first forward stands.
         let _ = self.saved.set(QkvSaved { q, k, v, o, lse });
-        Ok((CpuStorage::F32(y), Shape::from((qd.b, qd.t, qd.c))))
+        Ok((CpuStorage::F32(y), Shape::from((qd.b, qd.t, c))))
     }
 
     fn bwd(
@@ -532,13 +663,14 @@ impl candle_core::CustomOp1 for FusedQkvAttention {
         let Some(saved) = self.saved.get() else {
             candle_core::bail!("fused attention: backward before forward")
         };
-        let qd = QkvDims::new(qkv.shape(), self.n_head)?;
+        let qd = QkvDims::new(qkv.shape(), self.n_head, self.n_kv_head)?;
+        let (w, c, ckv) = (qd.width(), qd.nh * qd.hs, qd.nkv * qd.hs);
         let grad_res = grad_res.contiguous()?;
         let (gs, gl) = grad_res.storage_and_layout();
         let Storage::Cpu(gs) = &*gs else {
             candle_core::bail!("fused attention: backward needs CPU tensors")
         };
-        let d_o = qd.gather(cpu_f32(gs, gl, "output gradient")?, qd.c, 0);
+        let d_o = qd.gather(cpu_f32(gs, gl, "output gradient")?, c, 0, qd.nh);
         let inputs = BwdInputs {
             q: &saved.q,
             k: &saved.k,
@@ -548,10 +680,10 @@ impl candle_core::CustomOp1 for FusedQkvAttention {
             lse: &saved.lse,
         };
         let (dq, dk, dv) = backward(Isa::detect(), inputs, qd.kernel_dims(self.scale));
-        let mut dqkv = vec![0f32; qd.b * qd.t * 3 * qd.c];
-        for (i, g) in [dq, dk, dv].iter().enumerate() {
-            qd.scatter(g, &mut dqkv, 3 * qd.c, i * qd.c);
-        }
+        let mut dqkv = vec![0f32; qd.b * qd.t * w];
+        qd.scatter(&dq, &mut dqkv, w, 0, qd.nh);
+        qd.scatter(&dk, &mut dqkv, w, c, qd.nkv);
+        qd.scatter(&dv, &mut dqkv, w, c + ckv, qd.nkv);
         Ok(Some(Tensor::from_vec(dqkv, qkv.shape(), qkv.device())?))
     }
 }
@@ -577,10 +709,11 @@ fn forward(
     }
     let heads = out.chunks_mut(tq * hs).zip(lse.chunks_mut(tq)).collect();
     let run = |scratch: &mut FwdScratch, h: usize, (o, lse): (&mut [f32], &mut [f32])| {
+        let kv = h / d.group; // the kv head this query head's group shares
         let job = FwdJob {
             q: &q[h * tq * hs..(h + 1) * tq * hs],
-            k: &k[h * k_head..h * k_head + tk * hs],
-            v: &v[h * v_head..h * v_head + tk * hs],
+            k: &k[kv * k_head..kv * k_head + tk * hs],
+            v: &v[kv * v_head..kv * v_head + tk * hs],
             o,
             lse,
             d,
@@ -591,7 +724,7 @@ fn forward(
     (out, lse)
 }
 
-/// One row's cache for [`decode_rows`]: keys and values `(nh, capacity, hs)`, the first `len`
+/// One row's cache for [`decode_rows`]: keys and values `(nkv, capacity, hs)`, the first `len`
 /// positions valid (the new token's included).
 pub(crate) struct RowCache<'a> {
     pub(crate) k: &'a [f32],
@@ -601,32 +734,43 @@ pub(crate) struct RowCache<'a> {
 
 /// Attention for one decoding step of several sequences, each against its own cache: row
 /// `r`'s query `q[r]` (`nh · hs` floats, heads side by side, as `c_attn` writes them) sits at
-/// position `caches[r].len - 1` and sees that row's keys `0..len`. Returns `(R, nh · hs)`,
-/// heads side by side, ready for `c_proj`. Each (row, head) is the row-by-row forward of the
-/// fused kernel ([`forward_rows`]), so a row's output does not depend on the other rows.
+/// position `caches[r].len - 1` and sees that row's keys `0..len`. `dims` is
+/// `(nh, nkv, hs, capacity)`: each row's cache holds `nkv` key/value heads (`nkv` dividing
+/// `nh`; `nkv = nh` for multi-head attention), and query head `h` reads kv head
+/// `h / (nh / nkv)` (grouped-query attention, as [`causal_attention`]). Returns
+/// `(R, nh · hs)`, heads side by side, ready for `c_proj`. Each (row, query head) is the
+/// row-by-row forward of the fused kernel ([`forward_rows`]), so a row's output does not
+/// depend on the other rows.
 ///
 /// # Errors
-/// [`Error::InvalidArgument`] if the slices are shorter than the sizes say.
+/// [`Error::InvalidArgument`] if `nkv` does not divide `nh` or the slices are shorter than the
+/// sizes say.
 pub(crate) fn decode_rows(
     q: &[f32],
     caches: &[RowCache],
-    (nh, hs, capacity): (usize, usize, usize),
+    (nh, nkv, hs, capacity): (usize, usize, usize, usize),
     scale: f32,
 ) -> Result<Vec<f32>> {
+    if nkv == 0 || !nh.is_multiple_of(nkv) {
+        return Err(Error::InvalidArgument(format!(
+            "decode attention: {nkv} kv heads must divide {nh} query heads"
+        )));
+    }
+    let group = nh / nkv;
     let c = nh * hs;
     let rows = caches.len();
     let bad = q.len() < rows * c
         || caches.iter().any(|rc| {
             rc.len == 0
                 || rc.len > capacity
-                || rc.k.len() < nh * capacity * hs
-                || rc.v.len() < nh * capacity * hs
+                || rc.k.len() < nkv * capacity * hs
+                || rc.v.len() < nkv * capacity * hs
         });
     if bad {
         return Err(Error::InvalidArgument(format!(
-            "decode attention: {rows} rows of {nh} heads × {hs} need q of {} floats and caches of {} with 1..={capacity} positions",
+            "decode attention: {rows} rows of {nh} heads × {hs} need q of {} floats and caches of {} ({nkv} kv heads) with 1..={capacity} positions",
             rows * c,
-            nh * capacity * hs
+            nkv * capacity * hs
         )));
     }
     let mut out = vec![0f32; rows * c];
@@ -635,40 +779,35 @@ pub(crate) fn decode_rows(
     let work: usize = caches.iter().map(|rc| nh * rc.len * hs).sum();
     let items: Vec<(&mut [f32], &mut [f32])> = out.chunks_mut(hs).zip(lse.chunks_mut(1)).collect();
     let isa = Isa::detect();
-    let scratch_dims = Dims {
+    let one = |tk: usize| Dims {
         heads: 1,
+        group: 1,
         tq: 1,
-        tk: max_len,
+        tk,
         hs,
         scale,
     };
     let run = |scratch: &mut FwdScratch, i: usize, (o, lse): (&mut [f32], &mut [f32])| {
         let (r, h) = (i / nh, i % nh);
         let rc = &caches[r];
-        let head = h * capacity * hs;
+        let head = (h / group) * capacity * hs; // the kv head of query head h's group
         let job = FwdJob {
             q: &q[r * c + h * hs..r * c + (h + 1) * hs],
             k: &rc.k[head..head + rc.len * hs],
             v: &rc.v[head..head + rc.len * hs],
             o,
             lse,
-            d: Dims {
-                heads: 1,
-                tq: 1,
-                tk: rc.len,
-                hs,
-                scale,
-            },
+            d: one(rc.len),
         };
         isa.forward_head(job, scratch);
     };
     let parallel = rows * nh > 1 && work >= PARALLEL_MIN_WORK;
-    for_each_head(items, parallel, || FwdScratch::new(scratch_dims), run);
+    for_each_head(items, parallel, || FwdScratch::new(one(max_len)), run);
     Ok(out)
 }
 
 /// What the backward pass reads, all contiguous: `q`, `o`, `d_o` `(heads, Tq, hs)`, `k`, `v`
-/// `(heads, Tk, hs)`, `lse` `(heads, Tq)`.
+/// `(kv heads, Tk, hs)`, `lse` `(heads, Tq)`.
 struct BwdInputs<'a> {
     q: &'a [f32],
     k: &'a [f32],
@@ -679,24 +818,38 @@ struct BwdInputs<'a> {
 }
 
 /// Backward over all heads: returns `dq`, `dk`, `dv`, shaped as `q`, `k`, `v`.
+///
+/// One piece of work is one kv head and the query heads of its group that it serves (the
+/// whole group, or a part of it: [`Dims::kv_parts`]); the query heads of a piece run one
+/// after the other on one thread, adding into the same `dK`, `dV`. With parts, each part has
+/// its own `dK`, `dV`, summed here afterwards. MHA (`group` 1) is one head a piece, as before.
 fn backward(isa: Isa, x: BwdInputs, d: Dims) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (tq, tk, hs) = (d.tq, d.tk, d.hs);
+    let (kv_heads, parts) = (d.kv_heads(), d.kv_parts());
+    let per = d.group / parts; // query heads per piece
     let mut dq = vec![0f32; d.heads * tq * hs];
-    let mut dk = vec![0f32; d.heads * tk * hs];
-    let mut dv = vec![0f32; d.heads * tk * hs];
     if dq.is_empty() {
-        return (dq, dk, dv);
+        return (
+            dq,
+            vec![0f32; kv_heads * tk * hs],
+            vec![0f32; kv_heads * tk * hs],
+        );
     }
+    // Piece i: kv head i / parts, query heads i·per..(i + 1)·per (consecutive, so its dq is
+    // one chunk), its own dk, dv.
+    let mut dk = vec![0f32; kv_heads * parts * tk * hs];
+    let mut dv = vec![0f32; kv_heads * parts * tk * hs];
     type Grads<'g> = ((&'g mut [f32], &'g mut [f32]), &'g mut [f32]);
-    let heads = dq
-        .chunks_mut(tq * hs)
+    let pieces = dq
+        .chunks_mut(per * tq * hs)
         .zip(dk.chunks_mut(tk * hs))
         .zip(dv.chunks_mut(tk * hs))
         .collect();
-    let run = |scratch: &mut BwdScratch, h: usize, ((dq, dk), dv): Grads| {
+    let run = |scratch: &mut BwdScratch, i: usize, ((dq, dk), dv): Grads| {
+        let kv = i / parts;
         let (q_rows, k_rows) = (
-            h * tq * hs..(h + 1) * tq * hs,
-            h * tk * hs..(h + 1) * tk * hs,
+            i * per * tq * hs..(i + 1) * per * tq * hs,
+            kv * tk * hs..(kv + 1) * tk * hs,
         );
         let job = BwdJob {
             q: &x.q[q_rows.clone()],
@@ -704,7 +857,7 @@ fn backward(isa: Isa, x: BwdInputs, d: Dims) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
             v: &x.v[k_rows],
             o: &x.o[q_rows.clone()],
             d_o: &x.d_o[q_rows],
-            lse: &x.lse[h * tq..(h + 1) * tq],
+            lse: &x.lse[i * per * tq..(i + 1) * per * tq],
             dq,
             dk,
             dv,
@@ -712,7 +865,23 @@ fn backward(isa: Isa, x: BwdInputs, d: Dims) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         };
         isa.backward_head(job, scratch);
     };
-    for_each_head(heads, d.parallel(), || BwdScratch::new(d), run);
+    for_each_head(pieces, d.parallel(), || BwdScratch::new(d), run);
+    if parts > 1 {
+        // The parts of each kv head, summed in order.
+        let reduce = |partial: Vec<f32>| -> Vec<f32> {
+            let mut out = vec![0f32; kv_heads * tk * hs];
+            for (out, parts) in out
+                .chunks_exact_mut(tk * hs)
+                .zip(partial.chunks_exact(parts * tk * hs))
+            {
+                for part in parts.chunks_exact(tk * hs) {
+                    out.iter_mut().zip(part).for_each(|(o, p)| *o += p);
+                }
+            }
+            out
+        };
+        return (dq, reduce(dk), reduce(dv));
+    }
     (dq, dk, dv)
 }
 
@@ -1140,8 +1309,9 @@ fn forward_head<F: Arith>(job: FwdJob, sc: &mut FwdScratch) {
     }
 }
 
-/// One head's backward: `q`, `o`, `d_o` `(Tq, hs)`, `k`, `v` `(Tk, hs)`, `lse` `(Tq,)` in;
-/// `dq` `(Tq, hs)`, `dk`, `dv` `(Tk, hs)` out (zeroed by the caller).
+/// One kv head's backward for `n` of the query heads that share it: `q`, `o`, `d_o`
+/// `(n, Tq, hs)`, `k`, `v` `(Tk, hs)`, `lse` `(n, Tq)` in; `dq` `(n, Tq, hs)`, `dk`, `dv`
+/// `(Tk, hs)` out (zeroed by the caller; `dk`, `dv` summed over the `n` query heads).
 struct BwdJob<'a> {
     q: &'a [f32],
     k: &'a [f32],
@@ -1180,8 +1350,9 @@ impl BwdScratch {
     }
 }
 
-/// FlashAttention-2's backward (Algorithm 2) for one head: key blocks outer, query blocks
-/// inner, `dK_j`, `dV_j` accumulated in place and `dQ_i` added to in memory.
+/// FlashAttention-2's backward (Algorithm 2) for one kv head and the query heads of a
+/// [`BwdJob`]: `Kᵀ`, `Vᵀ` transposed once, then for each query head in turn key blocks outer,
+/// query blocks inner, `dK_j`, `dV_j` accumulated in place and `dQ_i` added to in memory.
 #[inline(always)]
 fn backward_head<F: Arith>(job: BwdJob, sc: &mut BwdScratch) {
     let BwdJob {
@@ -1196,9 +1367,36 @@ fn backward_head<F: Arith>(job: BwdJob, sc: &mut BwdScratch) {
         dv,
         d,
     } = job;
-    let (tq, tk, hs, scale, past) = (d.tq, d.tk, d.hs, d.scale, d.past());
+    let (tq, tk, hs) = (d.tq, d.tk, d.hs);
     to_panels(k, tk, hs, BC, &mut sc.kt);
     to_panels(v, tk, hs, BC, &mut sc.vt);
+    let n = tq * hs; // one query head's rows (not 0: the caller returns early then)
+    let heads = q
+        .chunks_exact(n)
+        .zip(o.chunks_exact(n))
+        .zip(d_o.chunks_exact(n));
+    let heads = heads.zip(lse.chunks_exact(tq)).zip(dq.chunks_exact_mut(n));
+    for ((((q, o), d_o), lse), dq) in heads {
+        backward_query_head::<F>(q, k, o, d_o, lse, dq, &mut *dk, &mut *dv, d, sc);
+    }
+}
+
+/// [`backward_head`] for one query head, after `Kᵀ` and `Vᵀ` are in `sc`'s panels.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn backward_query_head<F: Arith>(
+    q: &[f32],
+    k: &[f32],
+    o: &[f32],
+    d_o: &[f32],
+    lse: &[f32],
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    d: Dims,
+    sc: &mut BwdScratch,
+) {
+    let (tq, tk, hs, scale, past) = (d.tq, d.tk, d.hs, d.scale, d.past());
     let rows = o.chunks_exact(hs).zip(d_o.chunks_exact(hs));
     for (delta, (o, d_o)) in sc.delta.iter_mut().zip(rows) {
         *delta = dot::<F>(o, d_o);
@@ -1552,10 +1750,25 @@ mod tests {
 
     /// Fused against the reference on random inputs: values and the gradients of q, k, v.
     fn check(b: usize, nh: usize, tq: usize, tk: usize, hs: usize, std: f32, seed: u64) -> f32 {
+        check_gqa(b, nh, nh, tq, tk, hs, std, seed)
+    }
+
+    /// [`check`] with `nkv` key/value heads (grouped-query attention when `nkv < nh`).
+    #[allow(clippy::too_many_arguments)]
+    fn check_gqa(
+        b: usize,
+        nh: usize,
+        nkv: usize,
+        tq: usize,
+        tk: usize,
+        hs: usize,
+        std: f32,
+        seed: u64,
+    ) -> f32 {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let q = randn(&mut rng, &[b, nh, tq, hs], std);
-        let k = randn(&mut rng, &[b, nh, tk, hs], std);
-        let v = randn(&mut rng, &[b, nh, tk, hs], 1.0);
+        let k = randn(&mut rng, &[b, nkv, tk, hs], std);
+        let v = randn(&mut rng, &[b, nkv, tk, hs], 1.0);
         let w = randn(&mut rng, &[b, nh, tq, hs], 1.0);
         let scale = 1.0 / (hs as f64).sqrt();
         let fused = value_and_grads(causal_attention, &q, &k, &v, &w, scale);
@@ -1569,11 +1782,12 @@ mod tests {
             assert!(values.iter().all(|x| x.is_finite()), "{name} is not finite");
             let diff = max_abs_diff(f, r);
             eprintln!(
-                "B{b} nh{nh} Tq{tq} Tk{tk} hs{hs}: {name} max |fused - reference| = {diff:.2e}"
+                "B{b} nh{nh} nkv{nkv} Tq{tq} Tk{tk} hs{hs}: {name} max |fused - reference| = \
+                 {diff:.2e}"
             );
             assert!(
                 diff <= 1e-4,
-                "{name}: {diff} for B{b} nh{nh} Tq{tq} Tk{tk} hs{hs}"
+                "{name}: {diff} for B{b} nh{nh} nkv{nkv} Tq{tq} Tk{tk} hs{hs}"
             );
             worst = worst.max(diff);
         }
@@ -1648,6 +1862,292 @@ mod tests {
         assert!(causal_attention_qkv(&x.unsqueeze(0).unwrap(), 0, 1.0).is_err());
     }
 
+    /// Grouped-query heads `(nh, nkv)`: MHA, groups of 2 and 3, and MQA.
+    const GQA_HEADS: [(usize, usize); 4] = [(4, 4), (4, 2), (6, 3), (4, 1)];
+
+    #[test]
+    fn gqa_matches_reference() {
+        let mut seed = 100;
+        for (nh, nkv) in GQA_HEADS {
+            for hs in [6, 16] {
+                // Training lengths (odd, across tiles and the diagonal split), then KV-cache
+                // steps: one query and three against cached keys.
+                for (tq, tk) in [(5, 5), (67, 67), (130, 130), (1, 67), (3, 130)] {
+                    seed += 1;
+                    check_gqa(2, nh, nkv, tq, tk, hs, 1.0, seed);
+                }
+            }
+        }
+        // Groups whole to one thread (8 kv heads: no split) and split in parts, from a rayon
+        // worker as the trainer calls it.
+        check_gqa(2, 8, 4, 130, 130, 16, 1.0, 150);
+        rayon::scope(|_| {
+            check_gqa(2, 8, 4, 67, 67, 16, 1.0, 151);
+            check_gqa(1, 6, 2, 130, 130, 16, 1.0, 152);
+        });
+    }
+
+    #[test]
+    fn kv_parts_divide_the_group() {
+        // The backward splits a group into parts that divide it, and only when short of work.
+        for (b, nh, nkv) in [(1, 8, 4), (2, 4, 2), (1, 4, 1), (8, 8, 4)] {
+            let d = Dims {
+                heads: b * nh,
+                group: nh / nkv,
+                tq: 70,
+                tk: 70,
+                hs: 16,
+                scale: 0.25,
+            };
+            assert!(d.parallel());
+            let parts = d.kv_parts();
+            assert!(d.group.is_multiple_of(parts));
+            assert!(parts == d.group || d.kv_heads() * parts >= BWD_MIN_ITEMS);
+        }
+    }
+
+    #[test]
+    fn gqa_reads_a_kv_cache_prefix_in_place() {
+        // k, v a prefix along T of a (B, nkv, capacity, hs) buffer, as the model's KV cache.
+        let mut rng = ChaCha8Rng::seed_from_u64(160);
+        let (b, nh, nkv, hs, cap) = (2, 6, 2, 16, 90);
+        let kbuf = randn(&mut rng, &[b, nkv, cap, hs], 1.0);
+        let vbuf = randn(&mut rng, &[b, nkv, cap, hs], 1.0);
+        for (tq, tk) in [(1, 40), (3, 41), (70, 70)] {
+            let q = randn(&mut rng, &[b, nh, tq, hs], 1.0);
+            let (k, v) = (
+                kbuf.narrow(2, 0, tk).unwrap(),
+                vbuf.narrow(2, 0, tk).unwrap(),
+            );
+            assert!(!k.is_contiguous() && head_strided(k.layout()).is_some());
+            let fused = causal_attention(&q, &k, &v, 0.25).unwrap();
+            let reference = causal_attention_reference(&q, &k, &v, 0.25).unwrap();
+            assert_eq!(fused.dims(), &[b, nh, tq, hs]);
+            let diff = max_abs_diff(&fused, &reference);
+            assert!(diff <= 1e-5, "Tq{tq} Tk{tk}: {diff}");
+        }
+    }
+
+    #[test]
+    fn gqa_forward_reads_the_groups_kv_head() {
+        // Forward and dq of GQA are bit for bit those of MHA on explicitly repeated K and V:
+        // each query head runs the same kernel on the same keys.
+        let mut rng = ChaCha8Rng::seed_from_u64(170);
+        let (b, nh, nkv, t, hs) = (2, 6, 2, 67, 16);
+        let q = randn(&mut rng, &[b, nh, t, hs], 1.0);
+        let k = randn(&mut rng, &[b, nkv, t, hs], 1.0);
+        let v = randn(&mut rng, &[b, nkv, t, hs], 1.0);
+        let w = randn(&mut rng, &[b, nh, t, hs], 1.0);
+        let (kr, vr) = (repeat_kv(&k, 3).unwrap(), repeat_kv(&v, 3).unwrap());
+        assert_eq!(kr.dims(), &[b, nh, t, hs]);
+        // HF semantics: kv head j is query heads 3j, 3j+1, 3j+2.
+        let head = |x: &Tensor, h: usize| x.narrow(1, h, 1).unwrap();
+        assert_eq!(max_abs_diff(&head(&kr, 4), &head(&k, 1)), 0.0);
+        let gqa = value_and_grads(causal_attention, &q, &k, &v, &w, 0.25);
+        let mha = value_and_grads(causal_attention, &q, &kr, &vr, &w, 0.25);
+        assert_eq!(max_abs_diff(&gqa[0], &mha[0]), 0.0);
+        assert_eq!(max_abs_diff(&gqa[1], &mha[1]), 0.0);
+        // dK of a kv head: the sum over its group of MHA's per-head dK.
+        let summed = mha[2].reshape((b, nkv, 3, t, hs)).unwrap().sum(2).unwrap();
+        assert!(max_abs_diff(&gqa[2], &summed) <= 1e-5);
+    }
+
+    #[test]
+    fn mha_is_unchanged() {
+        // Fixed-seed MHA values and gradients of the baseline kernels (deterministic on every
+        // x86-64 CPU: no FMA, fixed summation order), against sums of their bit patterns as
+        // the kernels computed them before grouped-query attention (commit a9e40b8): any
+        // change of a bit shows.
+        let mut rng = ChaCha8Rng::seed_from_u64(180);
+        let (b, nh, t, hs) = (2, 3, 70, 16);
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut x = || flat(&randn(&mut rng, &[b, nh, t, hs], 1.0));
+        let (q, k, v, w) = (x(), x(), x(), x());
+        let d = Dims {
+            heads: b * nh,
+            group: 1,
+            tq: t,
+            tk: t,
+            hs,
+            scale: 0.25,
+        };
+        let (o, lse) = forward(Isa::Baseline, &q, (&k, t * hs), (&v, t * hs), d);
+        let inputs = BwdInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            o: &o,
+            d_o: &w,
+            lse: &lse,
+        };
+        let (dq, dk, dv) = backward(Isa::Baseline, inputs, d);
+        let bits = |x: &Vec<f32>| -> u64 {
+            x.iter().enumerate().fold(0u64, |h, (i, f)| {
+                h.wrapping_add((f.to_bits() as u64).wrapping_mul(i as u64 * 2 + 1))
+            })
+        };
+        let got: Vec<u64> = [&o, &dq, &dk, &dv].into_iter().map(bits).collect();
+        eprintln!("MHA bit sums: {got:?}");
+        if cfg!(target_arch = "x86_64") {
+            assert_eq!(got, MHA_BITS);
+        }
+    }
+
+    /// [`mha_is_unchanged`]'s sums, computed by the baseline kernels before GQA (commit
+    /// a9e40b8) on x86-64.
+    const MHA_BITS: [u64; 4] = [
+        94330551061952011,
+        94376480769305055,
+        94792822685011154,
+        93232041069054053,
+    ];
+
+    /// The split, reference attention and merge that [`causal_attention_gqa_qkv`] fuses.
+    fn gqa_qkv_reference(qkv: &Tensor, nh: usize, nkv: usize, scale: f64) -> Tensor {
+        let (b, t, width) = qkv.dims3().unwrap();
+        let hs = width / (nh + 2 * nkv);
+        let split = |col: usize, n: usize| {
+            qkv.narrow(2, col * hs, n * hs)
+                .unwrap()
+                .reshape((b, t, n, hs))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let (q, k, v) = (split(0, nh), split(nh, nkv), split(nh + nkv, nkv));
+        let y = causal_attention_reference(&q, &k, &v, scale).unwrap();
+        y.transpose(1, 2).unwrap().reshape((b, t, nh * hs)).unwrap()
+    }
+
+    fn check_gqa_qkv(b: usize, t: usize, nh: usize, nkv: usize, hs: usize, seed: u64) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let qkv = randn(&mut rng, &[b, t, (nh + 2 * nkv) * hs], 1.0);
+        let w = randn(&mut rng, &[b, t, nh * hs], 1.0);
+        let scale = 1.0 / (hs as f64).sqrt();
+        let run = |fused: bool| {
+            let x = Var::from_tensor(&qkv).unwrap();
+            let y = if fused {
+                causal_attention_gqa_qkv(x.as_tensor(), nh, nkv, scale).unwrap()
+            } else {
+                gqa_qkv_reference(x.as_tensor(), nh, nkv, scale)
+            };
+            let grads = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, grads.get(x.as_tensor()).unwrap().clone())
+        };
+        let ((y, g), (y_ref, g_ref)) = (run(true), run(false));
+        assert_eq!(y.dims(), &[b, t, nh * hs]);
+        let (dy, dg) = (max_abs_diff(&y, &y_ref), max_abs_diff(&g, &g_ref));
+        eprintln!("gqa qkv B{b} T{t} nh{nh} nkv{nkv} hs{hs}: y {dy:.2e}, dqkv {dg:.2e}");
+        assert!(dy <= 1e-4 && dg <= 1e-4, "y {dy}, dqkv {dg}");
+    }
+
+    #[test]
+    fn gqa_qkv_attention_matches_split_heads() {
+        let mut seed = 200;
+        for (nh, nkv) in GQA_HEADS {
+            for (t, hs) in [(5, 6), (67, 16), (130, 6)] {
+                seed += 1;
+                check_gqa_qkv(2, t, nh, nkv, hs, seed);
+            }
+        }
+        rayon::scope(|_| check_gqa_qkv(2, 70, 6, 2, 16, 220));
+        // n_kv_head = n_head is causal_attention_qkv, bit for bit.
+        let mut rng = ChaCha8Rng::seed_from_u64(221);
+        let qkv = randn(&mut rng, &[2, 33, 3 * 4 * 8], 1.0);
+        let a = causal_attention_gqa_qkv(&qkv, 4, 4, 0.3).unwrap();
+        let b = causal_attention_qkv(&qkv, 4, 0.3).unwrap();
+        assert_eq!(max_abs_diff(&a, &b), 0.0);
+        // f16 takes the split + reference path.
+        let h = qkv.narrow(2, 0, 64).unwrap().to_dtype(DType::F16).unwrap(); // nh 4, nkv 2, hs 8
+        let y = causal_attention_gqa_qkv(&h, 4, 2, 0.3).unwrap();
+        let y32 = causal_attention_gqa_qkv(&h.to_dtype(DType::F32).unwrap(), 4, 2, 0.3).unwrap();
+        assert_eq!(y.dims(), &[2, 33, 32]);
+        assert!(max_abs_diff(&y.to_dtype(DType::F32).unwrap(), &y32) < 1e-2);
+    }
+
+    #[test]
+    fn decode_rows_gqa_matches_reference() {
+        // Three rows at different lengths, each against its own (nkv, cap, hs) buffers.
+        let mut rng = ChaCha8Rng::seed_from_u64(230);
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (nh, nkv) in GQA_HEADS {
+            for hs in [6, 16] {
+                let cap = 40;
+                let lens = [1, 17, 40];
+                let q = randn(&mut rng, &[lens.len(), nh * hs], 1.0);
+                let bufs: Vec<(Tensor, Tensor)> = lens
+                    .iter()
+                    .map(|_| {
+                        (
+                            randn(&mut rng, &[1, nkv, cap, hs], 1.0),
+                            randn(&mut rng, &[1, nkv, cap, hs], 1.0),
+                        )
+                    })
+                    .collect();
+                let data: Vec<(Vec<f32>, Vec<f32>)> =
+                    bufs.iter().map(|(k, v)| (flat(k), flat(v))).collect();
+                let caches: Vec<RowCache> = data
+                    .iter()
+                    .zip(lens)
+                    .map(|((k, v), len)| RowCache { k, v, len })
+                    .collect();
+                let scale = 1.0 / (hs as f32).sqrt();
+                let q_flat = flat(&q);
+                let got = decode_rows(&q_flat, &caches, (nh, nkv, hs, cap), scale).unwrap();
+                assert_eq!(got.len(), lens.len() * nh * hs);
+                for (r, ((k, v), len)) in bufs.iter().zip(lens).enumerate() {
+                    // (1, nh · hs) → (1, nh, 1, hs)
+                    let q_r = q.narrow(0, r, 1).unwrap().reshape((1, nh, 1, hs)).unwrap();
+                    let (k, v) = (k.narrow(2, 0, len).unwrap(), v.narrow(2, 0, len).unwrap());
+                    let want = causal_attention_reference(&q_r, &k, &v, scale as f64).unwrap();
+                    let row = &got[r * nh * hs..(r + 1) * nh * hs];
+                    let diff = row
+                        .iter()
+                        .zip(flat(&want))
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(diff <= 1e-5, "nh{nh} nkv{nkv} hs{hs} row {r}: {diff}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gqa_bad_shapes_are_errors() {
+        let t = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap();
+        let (q, k3) = (t(&[1, 4, 5, 8]), t(&[1, 3, 5, 8]));
+        for f in [causal_attention, causal_attention_reference] {
+            // 3 kv heads do not divide 4 query heads.
+            let e = f(&q, &k3, &k3, 1.0).unwrap_err().to_string();
+            assert!(e.contains("must divide"), "{e}");
+            // Head sizes differ.
+            let k = t(&[1, 2, 5, 4]);
+            assert!(f(&q, &k, &k, 1.0).is_err());
+            // k and v disagree.
+            assert!(f(&q, &t(&[1, 2, 5, 8]), &t(&[1, 1, 5, 8]), 1.0).is_err());
+        }
+        let qkv = t(&[2, 5, (4 + 2 * 2) * 8]);
+        assert!(causal_attention_gqa_qkv(&qkv, 4, 2, 1.0).is_ok());
+        assert!(causal_attention_gqa_qkv(&qkv, 4, 3, 1.0).is_err()); // 3 ∤ 4
+        assert!(causal_attention_gqa_qkv(&qkv, 4, 0, 1.0).is_err());
+        assert!(causal_attention_gqa_qkv(&qkv, 6, 3, 1.0).is_err()); // 64 ∤ 12 heads
+        assert!(causal_attention_gqa_qkv(&t(&[5, 64]), 4, 2, 1.0).is_err());
+        assert!(repeat_kv(&t(&[1, 2, 5, 8]), 0).is_err());
+        assert!(repeat_kv(&t(&[2, 5, 8]), 2).is_err());
+        let (kv, q) = (vec![0f32; 2 * 4 * 8], vec![0f32; 4 * 8]);
+        let caches = [RowCache {
+            k: &kv,
+            v: &kv,
+            len: 3,
+        }];
+        assert!(decode_rows(&q, &caches, (4, 2, 8, 4), 1.0).is_ok());
+        assert!(decode_rows(&q, &caches, (4, 3, 8, 4), 1.0).is_err()); // 3 ∤ 4
+        assert!(decode_rows(&q, &caches, (4, 0, 8, 4), 1.0).is_err());
+        assert!(decode_rows(&q, &caches, (4, 4, 8, 4), 1.0).is_err()); // buffers too short
+    }
+
     #[test]
     fn odd_length() {
         check(2, 3, 17, 17, 8, 1.0, 2);
@@ -1699,6 +2199,7 @@ mod tests {
             let want: Vec<Vec<f32>> = want.iter().map(flat).collect();
             let d = Dims {
                 heads: b * nh,
+                group: 1,
                 tq,
                 tk,
                 hs,

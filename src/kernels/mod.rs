@@ -17,5 +17,4 @@ pub(crate) mod gemv;
 pub mod layers;
 pub mod rms_norm;
 pub mod rope;
-pub(crate) mod stubs;
 pub mod swiglu;
