@@ -175,6 +175,57 @@ fn save_hf_dir_writes_what_transformers_saved() {
     }
 }
 
+/// tinygpt's own Llamas (initialised here, not read from transformers) save as their families:
+/// all biases (Llama `attention_bias` + `mlp_bias`), q/k norms (Qwen3), q/k/v
+/// biases only (Qwen2). With `TINYGPT_HF_EXPORT=DIR` the exports and tinygpt's logits are kept
+/// for `scripts/reference.py check-llama`.
+#[test]
+fn tinygpt_llamas_save_as_their_families() {
+    let base = GptConfig {
+        n_kv_head: Some(1),
+        intermediate_size: Some(20),
+        rope_theta: 300.0,
+        ..GptConfig::llama(37, 16, 2, 2, 12)
+    };
+    let cases = [
+        ("own_llama", GptConfig { bias: true, tie_word_embeddings: false, ..base.clone() }, "LlamaForCausalLM"),
+        ("own_qwen3", GptConfig { qk_norm: true, head_dim: Some(8), ..base.clone() }, "Qwen3ForCausalLM"),
+        ("own_qwen2", GptConfig { qkv_bias: true, ..base }, "Qwen2ForCausalLM"),
+    ];
+    for (name, cfg, class) in cases {
+        let model = Gpt::init(&cfg, 5, &Device::Cpu).unwrap();
+        // Non-zero biases and norms, so that every tensor shows in the logits.
+        let tensors = model
+            .tensors()
+            .into_iter()
+            .map(|(n, t)| {
+                let t = if t.rank() == 1 { (t + 0.3).unwrap() } else { (t * 5.0).unwrap() };
+                (n, t)
+            })
+            .collect();
+        let model = Gpt::from_tensors(&cfg, tensors, false).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        model.save_hf_dir(dir.path()).unwrap();
+        assert_eq!(json(&dir.path().join("config.json"))["architectures"][0], class);
+        let reloaded = Gpt::from_hf_dir(dir.path(), &Device::Cpu).unwrap();
+        assert_eq!(reloaded.config(), model.config(), "{name}");
+        let ids = Tensor::new(&[[1u32, 5, 9, 2, 36, 0, 7, 7, 3, 11, 20, 30, 4, 1, 2, 3]], &Device::Cpu).unwrap();
+        let logits = model.forward(&ids).unwrap();
+        assert_eq!(max_abs_diff(&reloaded.forward(&ids).unwrap(), &logits), 0.0, "{name}");
+        if let Some(keep) = std::env::var_os("TINYGPT_HF_EXPORT") {
+            let out = PathBuf::from(keep).join(name);
+            std::fs::create_dir_all(&out).unwrap();
+            model.save_hf_dir(&out).unwrap();
+            let mine = std::collections::HashMap::from([
+                ("input_ids".to_string(), ids.to_dtype(DType::I64).unwrap()),
+                ("logits".to_string(), logits),
+            ]);
+            tinygpt::checkpoint::save_safetensors(&mine, out.join("tinygpt_logits.safetensors"))
+                .unwrap();
+        }
+    }
+}
+
 #[test]
 fn unsupported_settings_are_refused_by_name() {
     let cases = [
@@ -184,6 +235,7 @@ fn unsupported_settings_are_refused_by_name() {
         ("hidden_act", serde_json::json!("gelu"), "SiLU"),
         ("num_local_experts", serde_json::json!(8), "experts"),
         ("num_key_value_heads", serde_json::json!(3), "multiple of n_kv_head"),
+        ("attention_bias", serde_json::json!(true), "mlp_bias"),
         ("hidden_size", serde_json::json!("wide"), "non-negative integer"),
     ];
     for (key, value, needle) in cases {

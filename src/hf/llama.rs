@@ -228,7 +228,17 @@ pub(crate) fn config_from_hf(config: &Map<String, Value>, path: &Path) -> Result
             (attention_bias, false, false)
         }
         LlamaFamily::Qwen2 => (false, true, false),
-        LlamaFamily::Qwen3 => (attention_bias, false, true),
+        LlamaFamily::Qwen3 => {
+            if attention_bias {
+                // q, k, v and o biases without MLP biases: not one of tinygpt's bias settings
+                // (`bias` covers every projection, `qkv_bias` q/k/v only).
+                return Err(bad(
+                    "attention_bias",
+                    "is true: a Qwen3 with biases on q, k, v and o but none in its MLP is not supported",
+                ));
+            }
+            (false, false, true)
+        }
     };
     let cfg = GptConfig {
         vocab_size: required("vocab_size", 32_000)?,
@@ -263,7 +273,7 @@ pub(crate) fn config_from_hf(config: &Map<String, Value>, path: &Path) -> Result
 ///
 /// # Errors
 /// [`Error::Config`] if the config cannot be written as its family (Qwen2 with an explicit
-/// head size or all biases, a GPT-2 config).
+/// head size, Qwen3 with biases, a GPT-2 config).
 pub fn config_to_hf(cfg: &GptConfig, bos: Option<u32>, eos: Option<&[u32]>, dtype: DType) -> Result<Value> {
     if cfg.arch != Arch::Llama {
         return Err(Error::Config("a GPT-2 config is saved as GPT2Config, not as a Llama".into()));
@@ -312,12 +322,14 @@ pub fn config_to_hf(cfg: &GptConfig, bos: Option<u32>, eos: Option<&[u32]>, dtyp
             obj.insert("max_window_layers".into(), json!(cfg.n_layer));
         }
         LlamaFamily::Qwen3 => {
-            if cfg.qkv_bias && !cfg.bias {
+            if cfg.qkv_bias || cfg.bias {
                 return Err(Error::Config(
-                    "a Qwen3 (q/k norms) has biases on every attention projection or none; this config has q/k/v biases only".into(),
+                    "a model with q/k norms saves as a Qwen3, which tinygpt writes without biases; \
+                     this config has bias or qkv_bias set"
+                        .into(),
                 ));
             }
-            obj.insert("attention_bias".into(), json!(cfg.bias));
+            obj.insert("attention_bias".into(), json!(false));
             obj.insert("use_sliding_window".into(), json!(false));
             obj.insert("sliding_window".into(), Value::Null);
             obj.insert("max_window_layers".into(), json!(cfg.n_layer));

@@ -1,4 +1,8 @@
-//! Hugging Face GPT-2 format in and out.
+//! Hugging Face format in and out: GPT-2 here, Llama, Qwen2 and Qwen3 in [`llama`].
+//!
+//! [`load_config`], [`Gpt::from_hf_dir`] and [`Gpt::save_hf_dir`] serve every family: the
+//! `model_type` of `config.json` (or its `architectures`) chooses the conversion, and a
+//! model's [`crate::Arch`] chooses what is written.
 //!
 //! People arrive with GPT-2 weights in Hugging Face's layout (OpenAI's `gpt2` … `gpt2-xl`,
 //! or anything `transformers.GPT2LMHeadModel.save_pretrained` wrote) and leave wanting their
