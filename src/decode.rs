@@ -391,7 +391,8 @@ mod tests {
             n_head: 3,
             n_embd: 24,
             dropout: 0.0,
-            bias: true, ..Default::default()
+            bias: true,
+            ..Default::default()
         };
         let m = Gpt::init(&cfg, 7, &Device::Cpu).unwrap();
         if dtype == DType::F32 {
@@ -456,7 +457,8 @@ mod tests {
             n_head: 4,
             n_embd: 96,
             dropout: 0.0,
-            bias: true, ..Default::default()
+            bias: true,
+            ..Default::default()
         };
         let wide = Gpt::init(&wide, 5, &Device::Cpu)
             .unwrap()

@@ -11,8 +11,8 @@ use tinygpt::rlhf::{
     Dpo, Ppo, PpoConfig, PreferenceDataset, PreferencePair, RewardModel, RewardTraining, ScalarHead,
 };
 use tinygpt::{
-    checkpoint, Arch, ChatTemplate, Gpt, GptConfig, Objective, Tokenizer, TrainConfig,
-    TrainEvent, Trainer,
+    checkpoint, Arch, ChatTemplate, Gpt, GptConfig, Objective, Tokenizer, TrainConfig, TrainEvent,
+    Trainer,
 };
 
 fn tmp(tag: &str) -> PathBuf {
@@ -160,8 +160,9 @@ fn llama_reward_model_learns_a_rule_to_high_held_out_accuracy() {
 fn reward_model_learns_a_rule(arch: Arch) {
     let (tok, t) = chat_tokenizer();
     let (train, val) = datasets(&tok, &t);
-    let model = RewardModel::new(Gpt::init(&tiny_arch(arch, tok.vocab_size()), 3, &Device::Cpu).unwrap())
-        .unwrap();
+    let model =
+        RewardModel::new(Gpt::init(&tiny_arch(arch, tok.vocab_size()), 3, &Device::Cpu).unwrap())
+            .unwrap();
     let mut obj = RewardTraining::new(model, tok, train, val.clone(), 16).unwrap();
     let before = obj.metrics(&val, usize::MAX).unwrap().unwrap();
     assert_eq!(before.accuracy, 0.5); // the zero head ties every pair

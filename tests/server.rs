@@ -28,7 +28,13 @@ fn model(tok: &Tokenizer, block_size: usize, n_layer: usize, n_embd: usize) -> G
 
 /// The tiny model of `arch`. The Llama one has grouped-query attention (4 query heads sharing
 /// 2 key/value heads) and an untied head.
-fn model_arch(arch: Arch, tok: &Tokenizer, block_size: usize, n_layer: usize, n_embd: usize) -> Gpt {
+fn model_arch(
+    arch: Arch,
+    tok: &Tokenizer,
+    block_size: usize,
+    n_layer: usize,
+    n_embd: usize,
+) -> Gpt {
     let cfg = match arch {
         Arch::Gpt2 => GptConfig {
             vocab_size: tok.vocab_size(),

@@ -6,8 +6,8 @@ use tinygpt::candle::{Device, Tensor};
 use tinygpt::chat::{ChatTemplate, Message};
 use tinygpt::sft::{prepare_for_chat, reply_stats, Sft, SftDataset};
 use tinygpt::{
-    model::cross_entropy, Arch, ChatSession, Gpt, GptConfig, Objective, SamplingParams,
-    Tokenizer, TrainConfig, TrainEvent, Trainer,
+    model::cross_entropy, Arch, ChatSession, Gpt, GptConfig, Objective, SamplingParams, Tokenizer,
+    TrainConfig, TrainEvent, Trainer,
 };
 
 const ALPHABET: &str = "abcdefghij +=0123456789\n";

@@ -728,7 +728,8 @@ mod tests {
             n_head: 2,
             n_embd: 16,
             dropout: 0.0,
-            bias: true, ..Default::default()
+            bias: true,
+            ..Default::default()
         };
         (Gpt::init(&cfg, 3, &Device::Cpu).unwrap(), tok)
     }
