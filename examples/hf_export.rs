@@ -1,4 +1,5 @@
-//! Export a model to Hugging Face GPT-2 format, for transformers and other tools.
+//! Export a model to Hugging Face format, for transformers and other tools: GPT-2's layout
+//! (`GPT2LMHeadModel`) for a GPT-2, `LlamaForCausalLM`'s for a Llama-style model.
 //!
 //! ```text
 //! cargo run --release --example hf_export -- --ckpt out/pretrain --out out/pretrain-hf
@@ -30,8 +31,8 @@ use tinygpt::candle::{DType, Device, Tensor};
 use tinygpt::chat::Message;
 use tinygpt::{checkpoint, ChatTemplate, Gpt, Tokenizer};
 
-/// Write a tinygpt checkpoint (or a Hugging Face directory, re-saved) in Hugging Face GPT-2
-/// layout.
+/// Write a tinygpt checkpoint (or a Hugging Face directory, re-saved) in Hugging Face layout
+/// (GPT-2's, or LlamaForCausalLM's for a Llama-style model).
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -127,7 +128,7 @@ fn main() -> Result<()> {
         ""
     };
     println!(
-        "hf_export: {} ({:.2}M parameters, vocab {}, bias {}) -> {} in Hugging Face GPT-2 layout{chat}{}{}",
+        "hf_export: {} ({:.2}M parameters, vocab {}, bias {}) -> {} in Hugging Face {} layout{chat}{}{}",
         args.ckpt
             .as_ref()
             .or(args.hf.as_ref())
@@ -137,6 +138,10 @@ fn main() -> Result<()> {
         cfg.vocab_size,
         cfg.bias,
         args.out.display(),
+        match cfg.arch {
+            tinygpt::Arch::Gpt2 => "GPT-2",
+            tinygpt::Arch::Llama => "LlamaForCausalLM",
+        },
         args.logits
             .as_ref()
             .map(|p| format!(", logits in {}", p.display()))

@@ -75,13 +75,13 @@ fn kv_floats(cfg: &crate::GptConfig) -> usize {
 #[derive(Debug, Default)]
 struct Slot {
     len: usize,
-    /// CPU: per layer `(nh, block_size, hs)` keys and values (empty until first used).
+    /// CPU: per layer `(n_kv_head, block_size, hs)` keys and values (empty until first used).
     kv: SlotKv,
     /// Other devices: the slot's cache.
     cache: Option<KvCache>,
 }
 
-/// One slot's keys and values on the CPU: per layer, `(nh, block_size, hs)` f32.
+/// One slot's keys and values on the CPU: per layer, `(n_kv_head, block_size, hs)` f32.
 #[derive(Debug, Default)]
 pub(crate) struct SlotKv {
     pub(crate) k: Vec<Vec<f32>>,
@@ -110,7 +110,8 @@ impl SlotKv {
 
 impl DecodeSlots {
     /// `n_slots` empty slots for `model`. Nothing is allocated until a slot is used; each
-    /// used slot then holds `2 · n_layer · block_size · n_embd` floats (75 MB for GPT-2 124M).
+    /// used slot then holds `2 · n_layer · block_size · n_kv_head · head_size` floats
+    /// (`n_embd` per position for multi-head attention: 75 MB for GPT-2 124M).
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] if `n_slots` is 0.
@@ -390,7 +391,8 @@ mod tests {
             n_head: 3,
             n_embd: 24,
             dropout: 0.0,
-            bias: true, ..Default::default()
+            bias: true,
+            ..Default::default()
         };
         let m = Gpt::init(&cfg, 7, &Device::Cpu).unwrap();
         if dtype == DType::F32 {
@@ -455,7 +457,8 @@ mod tests {
             n_head: 4,
             n_embd: 96,
             dropout: 0.0,
-            bias: true, ..Default::default()
+            bias: true,
+            ..Default::default()
         };
         let wide = Gpt::init(&wide, 5, &Device::Cpu)
             .unwrap()

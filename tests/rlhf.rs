@@ -11,7 +11,7 @@ use tinygpt::rlhf::{
     Dpo, Ppo, PpoConfig, PreferenceDataset, PreferencePair, RewardModel, RewardTraining, ScalarHead,
 };
 use tinygpt::{
-    checkpoint, ChatTemplate, Gpt, GptConfig, Objective, Tokenizer, TrainConfig, TrainEvent,
+    checkpoint, Arch, ChatTemplate, Gpt, GptConfig, Objective, Tokenizer, TrainConfig, TrainEvent,
     Trainer,
 };
 
@@ -29,14 +29,29 @@ fn chat_tokenizer() -> (Tokenizer, ChatTemplate) {
 }
 
 fn tiny(vocab_size: usize) -> GptConfig {
-    GptConfig {
-        vocab_size,
-        block_size: 24,
-        n_layer: 1,
-        n_head: 2,
-        n_embd: 16,
-        dropout: 0.0,
-        bias: true, ..Default::default()
+    tiny_arch(Arch::Gpt2, vocab_size)
+}
+
+/// The tiny model of `arch`, 16 wide. The Llama one has grouped-query attention (4 query
+/// heads sharing 2 key/value heads of 4) and RMSNorm on queries and keys (Qwen3's q/k norms).
+fn tiny_arch(arch: Arch, vocab_size: usize) -> GptConfig {
+    match arch {
+        Arch::Gpt2 => GptConfig {
+            vocab_size,
+            block_size: 24,
+            n_layer: 1,
+            n_head: 2,
+            n_embd: 16,
+            dropout: 0.0,
+            bias: true,
+            ..Default::default()
+        },
+        Arch::Llama => GptConfig {
+            n_kv_head: Some(2),
+            intermediate_size: Some(32),
+            qk_norm: true,
+            ..GptConfig::llama(vocab_size, 24, 1, 4, 16)
+        },
     }
 }
 
@@ -74,8 +89,12 @@ fn datasets(tok: &Tokenizer, t: &ChatTemplate) -> (PreferenceDataset, Preference
 /// An "SFT" checkpoint (a seeded tiny model with the chat tokens) and a reward model with a
 /// seeded head, saved as checkpoint directories.
 fn checkpoints(root: &Path) -> (PathBuf, PathBuf) {
+    checkpoints_arch(root, Arch::Gpt2)
+}
+
+fn checkpoints_arch(root: &Path, arch: Arch) -> (PathBuf, PathBuf) {
     let (tok, _) = chat_tokenizer();
-    let cfg = tiny(tok.vocab_size());
+    let cfg = tiny_arch(arch, tok.vocab_size());
     let sft = root.join("sft");
     std::fs::create_dir_all(&sft).unwrap();
     checkpoint::save_model(&sft, &Gpt::init(&cfg, 21, &Device::Cpu).unwrap(), &tok).unwrap();
@@ -130,10 +149,20 @@ fn prompts() -> Vec<Vec<Message>> {
 
 #[test]
 fn reward_model_learns_a_rule_to_high_held_out_accuracy() {
+    reward_model_learns_a_rule(Arch::Gpt2);
+}
+
+#[test]
+fn llama_reward_model_learns_a_rule_to_high_held_out_accuracy() {
+    reward_model_learns_a_rule(Arch::Llama);
+}
+
+fn reward_model_learns_a_rule(arch: Arch) {
     let (tok, t) = chat_tokenizer();
     let (train, val) = datasets(&tok, &t);
     let model =
-        RewardModel::new(Gpt::init(&tiny(tok.vocab_size()), 3, &Device::Cpu).unwrap()).unwrap();
+        RewardModel::new(Gpt::init(&tiny_arch(arch, tok.vocab_size()), 3, &Device::Cpu).unwrap())
+            .unwrap();
     let mut obj = RewardTraining::new(model, tok, train, val.clone(), 16).unwrap();
     let before = obj.metrics(&val, usize::MAX).unwrap().unwrap();
     assert_eq!(before.accuracy, 0.5); // the zero head ties every pair
@@ -158,8 +187,17 @@ fn reward_model_learns_a_rule_to_high_held_out_accuracy() {
 
 #[test]
 fn the_reference_is_bit_identical_after_dpo_and_ppo() {
-    let root = tmp("frozen");
-    let (sft, rm) = checkpoints(&root);
+    the_reference_is_bit_identical(Arch::Gpt2);
+}
+
+#[test]
+fn llama_the_reference_is_bit_identical_after_dpo_and_ppo() {
+    the_reference_is_bit_identical(Arch::Llama);
+}
+
+fn the_reference_is_bit_identical(arch: Arch) {
+    let root = tmp(&format!("frozen-{arch}"));
+    let (sft, rm) = checkpoints_arch(&root, arch);
     let (tok, t) = chat_tokenizer();
     let (train, val) = datasets(&tok, &t);
     let cfg = TrainConfig {
@@ -216,10 +254,19 @@ fn the_reference_is_bit_identical_after_dpo_and_ppo() {
 /// first ratio is 1 and its KL 0, as they are without dropout.
 #[test]
 fn policy_and_reference_compare_without_dropout() {
+    compare_without_dropout(Arch::Gpt2);
+}
+
+#[test]
+fn llama_policy_and_reference_compare_without_dropout() {
+    compare_without_dropout(Arch::Llama);
+}
+
+fn compare_without_dropout(arch: Arch) {
     let (tok, t) = chat_tokenizer();
     let cfg = GptConfig {
         dropout: 0.5,
-        ..tiny(tok.vocab_size())
+        ..tiny_arch(arch, tok.vocab_size())
     };
     let policy = Gpt::init(&cfg, 31, &Device::Cpu).unwrap();
     let reference = Gpt::from_tensors(&cfg, policy.tensors(), false).unwrap();
@@ -522,8 +569,12 @@ fn final_state(out: &Path) -> Vec<(String, Vec<u8>)> {
 }
 
 fn interrupt_and_resume(stage: Stage) {
-    let root = tmp(&format!("interrupt-{stage:?}"));
-    checkpoints(&root);
+    interrupt_and_resume_arch(stage, Arch::Gpt2);
+}
+
+fn interrupt_and_resume_arch(stage: Stage, arch: Arch) {
+    let root = tmp(&format!("interrupt-{stage:?}-{arch}"));
+    checkpoints_arch(&root, arch);
     let full = root.join("full");
     assert!(run_stoppable(stage, &root, &full, None, None).is_none());
     let want = final_state(&full);
@@ -575,4 +626,19 @@ fn dpo_interrupted_resumes_bit_for_bit() {
 #[test]
 fn ppo_interrupted_resumes_bit_for_bit() {
     interrupt_and_resume(Stage::Ppo);
+}
+
+#[test]
+fn llama_reward_interrupted_resumes_bit_for_bit() {
+    interrupt_and_resume_arch(Stage::Reward, Arch::Llama);
+}
+
+#[test]
+fn llama_dpo_interrupted_resumes_bit_for_bit() {
+    interrupt_and_resume_arch(Stage::Dpo, Arch::Llama);
+}
+
+#[test]
+fn llama_ppo_interrupted_resumes_bit_for_bit() {
+    interrupt_and_resume_arch(Stage::Ppo, Arch::Llama);
 }

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use tinygpt::candle::Device;
 use tinygpt::sampler::{FinishReason, TokenGenerator};
 use tinygpt::server::{self, Engine, EngineConfig, ServerConfig};
-use tinygpt::{ChatTemplate, Gpt, GptConfig, Message, Role, SamplingParams, Tokenizer};
+use tinygpt::{Arch, ChatTemplate, Gpt, GptConfig, Message, Role, SamplingParams, Tokenizer};
 
 const ALPHABET: &str = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,!?0123456789\n";
 
@@ -23,14 +23,34 @@ fn tokenizer(chat: bool) -> Tokenizer {
 }
 
 fn model(tok: &Tokenizer, block_size: usize, n_layer: usize, n_embd: usize) -> Gpt {
-    let cfg = GptConfig {
-        vocab_size: tok.vocab_size(),
-        block_size,
-        n_layer,
-        n_head: 2,
-        n_embd,
-        dropout: 0.0,
-        bias: true, ..Default::default()
+    model_arch(Arch::Gpt2, tok, block_size, n_layer, n_embd)
+}
+
+/// The tiny model of `arch`. The Llama one has grouped-query attention (4 query heads sharing
+/// 2 key/value heads) and an untied head.
+fn model_arch(
+    arch: Arch,
+    tok: &Tokenizer,
+    block_size: usize,
+    n_layer: usize,
+    n_embd: usize,
+) -> Gpt {
+    let cfg = match arch {
+        Arch::Gpt2 => GptConfig {
+            vocab_size: tok.vocab_size(),
+            block_size,
+            n_layer,
+            n_head: 2,
+            n_embd,
+            dropout: 0.0,
+            bias: true,
+            ..Default::default()
+        },
+        Arch::Llama => GptConfig {
+            n_kv_head: Some(2),
+            tie_word_embeddings: false,
+            ..GptConfig::llama(tok.vocab_size(), block_size, n_layer, 4, n_embd)
+        },
     };
     Gpt::init(&cfg, 1337, &Device::Cpu).unwrap()
 }
@@ -80,8 +100,12 @@ impl TestServer {
     }
 
     fn chat_with(config: ServerConfig) -> Self {
+        Self::chat_arch(Arch::Gpt2, config)
+    }
+
+    fn chat_arch(arch: Arch, config: ServerConfig) -> Self {
         let tok = tokenizer(true);
-        let m = model(&tok, 64, 2, 32);
+        let m = model_arch(arch, &tok, 64, 2, 32);
         Self::start(
             m,
             tok,
@@ -237,26 +261,38 @@ fn user(text: &str) -> Value {
     json!([{"role": "user", "content": text}])
 }
 
-/// What the model says to `messages` generated alone, without the server: text and reason.
-fn reference(messages: &[Message], params: SamplingParams) -> (String, FinishReason, usize) {
+/// What the model of `arch` says to `messages` generated alone, without the server: text,
+/// reason and prompt length. With `ignore_eos`, no token stops the reply and
+/// the control tokens it holds are no text (what the server does under `ignore_eos`).
+fn reference_arch(
+    arch: Arch,
+    messages: &[Message],
+    params: SamplingParams,
+    ignore_eos: bool,
+) -> (String, FinishReason, usize) {
     let tok = tokenizer(true);
-    let m = model(&tok, 64, 2, 32);
+    let m = model_arch(arch, &tok, 64, 2, 32);
     let t = ChatTemplate::new(&tok).unwrap();
     let prompt = t.render_prompt(&tok, messages).unwrap();
-    let stops = vec![
-        t.end_id(),
-        tok.eot_id(),
-        t.role_id(Role::System),
-        t.role_id(Role::User),
-        t.role_id(Role::Assistant),
-    ];
+    let stops = if ignore_eos {
+        vec![]
+    } else {
+        vec![
+            t.end_id(),
+            tok.eot_id(),
+            t.role_id(Role::System),
+            t.role_id(Role::User),
+            t.role_id(Role::Assistant),
+        ]
+    };
     let params = params.with_stop_tokens(stops);
     let mut g = TokenGenerator::new(&m, &prompt, &params)
         .unwrap()
         .with_vocab_limit(tok.vocab_size());
     let ids: Vec<u32> = g.by_ref().map(|id| id.unwrap()).collect();
+    let text: Vec<u32> = ids.into_iter().filter(|&id| !tok.is_special(id)).collect();
     (
-        tok.decode(&ids).unwrap(),
+        tok.decode(&text).unwrap(),
         g.finish_reason().unwrap(),
         prompt.len(),
     )
@@ -288,7 +324,22 @@ fn models_are_listed_under_the_configured_name() {
 
 #[test]
 fn chat_reply_is_what_the_model_generates_alone() {
-    let s = TestServer::chat();
+    chat_reply_matches(Arch::Gpt2);
+}
+
+#[test]
+fn llama_chat_reply_is_what_the_model_generates_alone() {
+    chat_reply_matches(Arch::Llama);
+}
+
+fn chat_reply_matches(arch: Arch) {
+    let s = TestServer::chat_arch(
+        arch,
+        ServerConfig {
+            model_name: "tiny".into(),
+            ..ServerConfig::default()
+        },
+    );
     for (seed, temperature) in [(7u64, 1.0f32), (8, 0.0)] {
         let r = s.post(
             "/v1/chat/completions",
@@ -297,12 +348,14 @@ fn chat_reply_is_what_the_model_generates_alone() {
         );
         assert_eq!(r.status, 200, "{}", r.body);
         let v = r.json();
-        let (want, why, prompt_len) = reference(
+        let (want, why, prompt_len) = reference_arch(
+            arch,
             &[Message::user("Hi there")],
             SamplingParams::default()
                 .with_max_new_tokens(20)
                 .with_seed(seed)
                 .with_temperature(temperature),
+            false,
         );
         assert_eq!(v["object"], "chat.completion");
         assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
@@ -325,7 +378,22 @@ fn chat_reply_is_what_the_model_generates_alone() {
 
 #[test]
 fn stream_joins_to_the_whole_reply_and_ends_with_usage_and_done() {
-    let s = TestServer::chat();
+    stream_joins(Arch::Gpt2);
+}
+
+#[test]
+fn llama_stream_joins_to_the_whole_reply_and_ends_with_usage_and_done() {
+    stream_joins(Arch::Llama);
+}
+
+fn stream_joins(arch: Arch) {
+    let s = TestServer::chat_arch(
+        arch,
+        ServerConfig {
+            model_name: "tiny".into(),
+            ..ServerConfig::default()
+        },
+    );
     let body = json!({"messages": user("Hello"), "max_tokens": 30, "seed": 3});
     let whole = s.post("/v1/chat/completions", &body).json();
     let mut streamed = body.clone();
@@ -1340,4 +1408,48 @@ fn chat_tokens_typed_in_messages_stay_text() {
     assert_eq!(v["usage"]["prompt_tokens"], want.len());
     assert_eq!(v["choices"][0]["message"]["content"], reply.as_str());
     s.stop();
+}
+
+/// Four requests at once, for each architecture: the engine decodes them together (the
+/// batched decoder, each row at its own position in its own slot), and each reply, its
+/// finish reason and its usage are what the model generates for it alone (KV cache).
+#[test]
+fn replies_decoded_together_are_what_the_model_generates_alone() {
+    let prompts = ["Hi", "Hello there, who?", "abc", "What is this thing"];
+    for arch in [Arch::Gpt2, Arch::Llama] {
+        let s = TestServer::chat_arch(
+            arch,
+            ServerConfig {
+                model_name: "tiny".into(),
+                ..ServerConfig::default()
+            },
+        );
+        let replies: Vec<Value> = std::thread::scope(|scope| {
+            let handles: Vec<_> = prompts
+                .iter()
+                .map(|p| {
+                    let s = &s;
+                    scope.spawn(move || {
+                        let body = json!({"messages": user(p), "max_tokens": 40,
+                                          "temperature": 0.0, "ignore_eos": true});
+                        s.post("/v1/chat/completions", &body).json()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (p, v) in prompts.iter().zip(&replies) {
+            let (want, why, prompt_len) = reference_arch(
+                arch,
+                &[Message::user(*p)],
+                SamplingParams::greedy().with_max_new_tokens(40),
+                true,
+            );
+            let c = &v["choices"][0];
+            assert_eq!(c["message"]["content"], want.as_str(), "{arch} {p:?}: {v}");
+            assert_eq!(c["finish_reason"], reason(why), "{arch} {p:?}");
+            assert_eq!(v["usage"]["prompt_tokens"], prompt_len, "{arch} {p:?}");
+        }
+        s.stop();
+    }
 }

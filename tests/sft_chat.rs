@@ -6,21 +6,33 @@ use tinygpt::candle::{Device, Tensor};
 use tinygpt::chat::{ChatTemplate, Message};
 use tinygpt::sft::{prepare_for_chat, reply_stats, Sft, SftDataset};
 use tinygpt::{
-    model::cross_entropy, ChatSession, Gpt, GptConfig, Objective, SamplingParams, Tokenizer,
+    model::cross_entropy, Arch, ChatSession, Gpt, GptConfig, Objective, SamplingParams, Tokenizer,
     TrainConfig, TrainEvent, Trainer,
 };
 
 const ALPHABET: &str = "abcdefghij +=0123456789\n";
 
-fn cfg(vocab_size: usize, block_size: usize) -> GptConfig {
-    GptConfig {
-        vocab_size,
-        block_size,
-        n_layer: 2,
-        n_head: 2,
-        n_embd: 32,
-        dropout: 0.0,
-        bias: true, ..Default::default()
+/// A tiny model of `arch`. The Llama one has grouped-query attention (4 query heads sharing 2
+/// key/value heads of 8) and an untied head, so growing the vocabulary for the chat tokens
+/// grows `lm_head.weight` as well as the embedding.
+fn cfg(arch: Arch, vocab_size: usize, block_size: usize) -> GptConfig {
+    match arch {
+        Arch::Gpt2 => GptConfig {
+            vocab_size,
+            block_size,
+            n_layer: 2,
+            n_head: 2,
+            n_embd: 32,
+            dropout: 0.0,
+            bias: true,
+            ..Default::default()
+        },
+        Arch::Llama => GptConfig {
+            n_kv_head: Some(2),
+            intermediate_size: Some(64),
+            tie_word_embeddings: false,
+            ..GptConfig::llama(vocab_size, block_size, 2, 4, 32)
+        },
     }
 }
 
@@ -53,11 +65,20 @@ fn plain_loss(model: &Gpt, ids: &[u32]) -> f32 {
 
 #[test]
 fn adding_chat_tokens_leaves_plain_text_loss_unchanged() {
+    check_adding_chat_tokens_leaves_plain_text_loss_unchanged(Arch::Gpt2);
+}
+
+#[test]
+fn llama_adding_chat_tokens_leaves_plain_text_loss_unchanged() {
+    check_adding_chat_tokens_leaves_plain_text_loss_unchanged(Arch::Llama);
+}
+
+fn check_adding_chat_tokens_leaves_plain_text_loss_unchanged(arch: Arch) {
     let tok = Tokenizer::train_char(ALPHABET).unwrap();
     let text: String = "abc def 12+3=15\n".repeat(4);
     let ids = tok.encode(&text).unwrap();
     // A model with rows reserved for the chat tokens (what the pretrain example builds).
-    let reserved = Gpt::init(&cfg(tok.vocab_size() + 4, 32), 1, &Device::Cpu).unwrap();
+    let reserved = Gpt::init(&cfg(arch, tok.vocab_size() + 4, 32), 1, &Device::Cpu).unwrap();
     let (chat, chat_tok, _) = prepare_for_chat(&reserved, tok.clone()).unwrap();
     assert_eq!(chat.config().vocab_size, reserved.config().vocab_size); // no growth needed
     assert_eq!(chat_tok.encode(&text).unwrap(), ids);
@@ -65,7 +86,7 @@ fn adding_chat_tokens_leaves_plain_text_loss_unchanged() {
     assert!((before - after).abs() <= 1e-6, "{before} vs {after}");
 
     // A model without room grows: logits of old ids are bit-identical.
-    let tight = Gpt::init(&cfg(tok.vocab_size(), 32), 1, &Device::Cpu).unwrap();
+    let tight = Gpt::init(&cfg(arch, tok.vocab_size(), 32), 1, &Device::Cpu).unwrap();
     let (grown, grown_tok, _) = prepare_for_chat(&tight, tok.clone()).unwrap();
     assert_eq!(grown.config().vocab_size, tok.vocab_size() + 4);
     assert_eq!(grown_tok.vocab_size(), tok.vocab_size() + 4);
@@ -85,12 +106,36 @@ fn adding_chat_tokens_leaves_plain_text_loss_unchanged() {
         .to_scalar::<f32>()
         .unwrap();
     assert_eq!(diff, 0.0);
+    // An untied head grows with the embedding.
+    let names = grown.tensors();
+    if !grown.config().tie_word_embeddings {
+        assert_eq!(names["lm_head.weight"].dims(), &[tok.vocab_size() + 4, 32]);
+    }
+    assert_eq!(
+        names[grown.config().embedding_name()].dims(),
+        &[tok.vocab_size() + 4, 32]
+    );
 }
 
 #[test]
 fn sft_lowers_held_out_assistant_loss_and_learns_to_stop() {
+    check_sft_lowers_held_out_assistant_loss_and_learns_to_stop(Arch::Gpt2);
+}
+
+#[test]
+fn llama_sft_lowers_held_out_assistant_loss_and_learns_to_stop() {
+    check_sft_lowers_held_out_assistant_loss_and_learns_to_stop(Arch::Llama);
+}
+
+fn check_sft_lowers_held_out_assistant_loss_and_learns_to_stop(arch: Arch) {
     let tok = Tokenizer::train_char(ALPHABET).unwrap();
-    let base = Gpt::init(&cfg(tok.vocab_size() + 4, 32), 3, &Device::Cpu).unwrap();
+    // A tied head: a random untied one (the other tests' Llama) makes some token the greedy
+    // choice whatever the input, often a chat token, so replies would end before any training.
+    let cfg = GptConfig {
+        tie_word_embeddings: true,
+        ..cfg(arch, tok.vocab_size() + 4, 32)
+    };
+    let base = Gpt::init(&cfg, 3, &Device::Cpu).unwrap();
     let (model, tok, template) = prepare_for_chat(&base, tok).unwrap();
     let train_convs = conversations(400, 1);
     let val_convs = conversations(40, 2);
@@ -136,9 +181,18 @@ fn sft_lowers_held_out_assistant_loss_and_learns_to_stop() {
 
 #[test]
 fn chat_session_keeps_working_past_the_context() {
+    check_chat_session_keeps_working_past_the_context(Arch::Gpt2);
+}
+
+#[test]
+fn llama_chat_session_keeps_working_past_the_context() {
+    check_chat_session_keeps_working_past_the_context(Arch::Llama);
+}
+
+fn check_chat_session_keeps_working_past_the_context(arch: Arch) {
     let mut tok = Tokenizer::train_char(ALPHABET).unwrap();
     ChatTemplate::add_tokens(&mut tok).unwrap();
-    let model = Gpt::init(&cfg(tok.vocab_size(), 24), 5, &Device::Cpu).unwrap();
+    let model = Gpt::init(&cfg(arch, tok.vocab_size(), 24), 5, &Device::Cpu).unwrap();
     let params = SamplingParams::default()
         .with_max_new_tokens(8)
         .with_seed(3);
@@ -167,6 +221,15 @@ fn chat_session_keeps_working_past_the_context() {
 /// the RNG's state is part of what must come back.
 #[test]
 fn sft_interrupted_resumes_bit_for_bit() {
+    check_sft_interrupted_resumes_bit_for_bit(Arch::Gpt2);
+}
+
+#[test]
+fn llama_sft_interrupted_resumes_bit_for_bit() {
+    check_sft_interrupted_resumes_bit_for_bit(Arch::Llama);
+}
+
+fn check_sft_interrupted_resumes_bit_for_bit(arch: Arch) {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use tinygpt::checkpoint;
@@ -174,7 +237,7 @@ fn sft_interrupted_resumes_bit_for_bit() {
     let tok = Tokenizer::train_char(ALPHABET).unwrap();
     let base_cfg = GptConfig {
         dropout: 0.1,
-        ..cfg(tok.vocab_size() + 4, 32)
+        ..cfg(arch, tok.vocab_size() + 4, 32)
     };
     let base = Gpt::init(&base_cfg, 3, &Device::Cpu).unwrap();
     let (model, tok, template) = prepare_for_chat(&base, tok).unwrap();
@@ -236,4 +299,68 @@ fn sft_interrupted_resumes_bit_for_bit() {
             "{f} differs from the uninterrupted run's"
         );
     }
+}
+
+/// The logits of `model` on a fixed sequence, as a flat vector.
+fn logits(model: &Gpt) -> Vec<f32> {
+    let x = Tensor::from_slice(&[1u32, 5, 2, 7, 3, 9, 4, 4], (1, 8), &Device::Cpu).unwrap();
+    let l = model.forward(&x).unwrap();
+    l.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// A Llama checkpoint (GQA, untied head, q/k norms) saves and loads, for inference and for
+/// training, to the same logits bit for bit, its `config.json` naming the new fields; a
+/// `config.json` of before `arch` existed (no new fields) still loads as the GPT-2 it was.
+#[test]
+fn llama_checkpoint_round_trip_and_old_configs_load_as_gpt2() {
+    use tinygpt::checkpoint;
+    let root = tempfile::tempdir().unwrap();
+    let tok = Tokenizer::train_char(ALPHABET).unwrap();
+    let cfg_llama = GptConfig {
+        qk_norm: true,
+        ..cfg(Arch::Llama, tok.vocab_size(), 16)
+    };
+    let model = Gpt::init(&cfg_llama, 7, &Device::Cpu).unwrap();
+    let dir = root.path().join("llama");
+    std::fs::create_dir_all(&dir).unwrap();
+    checkpoint::save_model(&dir, &model, &tok).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["arch"], "llama");
+    assert_eq!(config["n_kv_head"], 2);
+    assert_eq!(config["tie_word_embeddings"], false);
+    assert_eq!(config["qk_norm"], true);
+    let want = logits(&model);
+    for trainable in [false, true] {
+        let (loaded, loaded_tok) = if trainable {
+            checkpoint::load_trainable(&dir, &Device::Cpu).unwrap()
+        } else {
+            checkpoint::load_model(&dir, &Device::Cpu).unwrap()
+        };
+        assert_eq!(loaded.config(), &cfg_llama);
+        assert_eq!(loaded_tok.vocab_size(), tok.vocab_size());
+        assert_eq!(loaded.vars().is_ok(), trainable);
+        assert!(logits(&loaded) == want, "trainable {trainable}");
+        let mut names: Vec<String> = loaded.tensors().into_keys().collect();
+        names.sort();
+        assert!(names.contains(&"lm_head.weight".to_string()));
+        assert!(names.contains(&"model.layers.1.self_attn.k_norm.weight".to_string()));
+    }
+
+    // An old GPT-2 config.json: only the fields there were before `arch`.
+    let gpt2 = Gpt::init(&cfg(Arch::Gpt2, tok.vocab_size(), 16), 7, &Device::Cpu).unwrap();
+    let old = root.path().join("gpt2");
+    std::fs::create_dir_all(&old).unwrap();
+    checkpoint::save_model(&old, &gpt2, &tok).unwrap();
+    let c = gpt2.config();
+    let text = format!(
+        "{{\"vocab_size\": {}, \"block_size\": {}, \"n_layer\": {}, \"n_head\": {}, \
+         \"n_embd\": {}, \"dropout\": 0.0, \"bias\": true}}",
+        c.vocab_size, c.block_size, c.n_layer, c.n_head, c.n_embd
+    );
+    std::fs::write(old.join("config.json"), text).unwrap();
+    let (loaded, _) = checkpoint::load_model(&old, &Device::Cpu).unwrap();
+    assert_eq!(loaded.config(), c);
+    assert_eq!(loaded.config().arch, Arch::Gpt2);
+    assert!(logits(&loaded) == logits(&gpt2));
 }

@@ -150,8 +150,9 @@ impl std::fmt::Debug for Engine {
 impl Engine {
     /// Starts the engine thread for `model` and its `tokenizer`.
     ///
-    /// Every slot's KV cache is allocated here, `max_batch · 2 · n_layer · block_size · n_embd`
-    /// f32s on the CPU ([`DecodeSlots::bytes_needed`]), so memory does not grow with traffic.
+    /// Every slot's KV cache is allocated here, `max_batch · 2 · n_layer · block_size ·
+    /// n_kv_head · head_size` f32s on the CPU (`n_embd` per position for multi-head
+    /// attention; [`DecodeSlots::bytes_needed`]), so memory does not grow with traffic.
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for `max_batch == 0`, a KV cache larger than the memory
@@ -171,14 +172,15 @@ impl Engine {
             if kv_bytes > available {
                 return Err(Error::InvalidArgument(format!(
                     "{} decode slots need {:.1} GB of KV cache ({:.1} MB each: 2 · n_layer {} · \
-                     block_size {} · n_embd {} floats), but only {:.1} GB of memory is available: \
-                     use a smaller max_batch",
+                     block_size {} · n_kv_head {} · head_size {} floats), but only {:.1} GB of \
+                     memory is available: use a smaller max_batch",
                     cfg.max_batch,
                     kv_bytes as f64 / 1e9,
                     kv_bytes as f64 / cfg.max_batch.max(1) as f64 / 1e6,
                     model.config().n_layer,
                     model.config().block_size,
-                    model.config().n_embd,
+                    model.config().n_kv_heads(),
+                    model.config().head_size(),
                     available as f64 / 1e9
                 )));
             }
@@ -726,7 +728,8 @@ mod tests {
             n_head: 2,
             n_embd: 16,
             dropout: 0.0,
-            bias: true, ..Default::default()
+            bias: true,
+            ..Default::default()
         };
         (Gpt::init(&cfg, 3, &Device::Cpu).unwrap(), tok)
     }
