@@ -220,12 +220,24 @@ impl Stacked {
 
     /// (B, T, in) → (B, T, Σ out_i), the outputs side by side in the order of `parts`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.stacked {
-            Some(l) => l.forward(x),
-            None => self.stack()?.forward(x),
+        if let Some(l) = &self.stacked {
+            return l.forward(x);
         }
+        // Trainable weights. For many rows (training) stacking them costs little beside the
+        // product; for a few (sampling from a model in training) it would cost more than the
+        // products themselves, which then run one by one.
+        let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
+        if rows >= STACK_MIN_ROWS {
+            return self.stack()?.forward(x);
+        }
+        let outs = self.parts.iter().map(|p| p.forward(x)).collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&outs, candle_core::D::Minus1)?)
     }
 }
+
+/// Rows from which [`Stacked`] stacks trainable weights for one product rather than running
+/// one product per part (copying the weights costs about what `in · out` multiply-adds do).
+const STACK_MIN_ROWS: usize = 64;
 
 /// A small parameter (LayerNorm scale or shift, a bias) in the dtype of the activations `x`.
 /// On the CPU a half-precision model computes in f32 (see [`Gpt::to_dtype`]), so its f16
