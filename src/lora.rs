@@ -186,7 +186,8 @@ impl LoraConfig {
                 "LoRA target_modules is empty: name the projections to adapt, or `{ALL_LINEAR}`"
             )));
         }
-        let known = |m: &str| m == ALL_LINEAR || LLAMA_MODULES.contains(&m) || GPT2_MODULES.contains(&m);
+        let known =
+            |m: &str| m == ALL_LINEAR || LLAMA_MODULES.contains(&m) || GPT2_MODULES.contains(&m);
         let unknown: Vec<&str> = self
             .target_modules
             .iter()
@@ -242,7 +243,9 @@ impl LoraConfig {
     /// last component is a target, or the targets include [`ALL_LINEAR`].
     pub fn targets(&self, path: &str) -> bool {
         let last = path.rsplit('.').next().unwrap_or(path);
-        self.target_modules.iter().any(|t| t == ALL_LINEAR || t == last)
+        self.target_modules
+            .iter()
+            .any(|t| t == ALL_LINEAR || t == last)
     }
 
     /// PEFT's `adapter_config.json` for an adapter of a model of `arch` (targets sorted, as
@@ -251,7 +254,11 @@ impl LoraConfig {
         let mut targets = self.target_modules.clone();
         targets.sort();
         // f32 → the shortest decimal that reads back as it (0.05, not 0.0500000007).
-        let dropout: f64 = self.dropout.to_string().parse().unwrap_or(self.dropout as f64);
+        let dropout: f64 = self
+            .dropout
+            .to_string()
+            .parse()
+            .unwrap_or(self.dropout as f64);
         let alpha = if self.alpha.fract() == 0.0 && self.alpha.abs() < 1e15 {
             json!(self.alpha as i64)
         } else {
@@ -341,13 +348,21 @@ fn read_peft(path: &Path) -> Result<(LoraConfig, bool)> {
         .ok_or_else(|| bad("not a JSON object".into()))?;
     match obj.get("peft_type") {
         Some(Value::String(t)) if t == "LORA" => {}
-        Some(t) => return Err(bad(format!("peft_type is {t}, tinygpt reads \"LORA\" adapters only"))),
+        Some(t) => {
+            return Err(bad(format!(
+                "peft_type is {t}, tinygpt reads \"LORA\" adapters only"
+            )))
+        }
         None => return Err(bad("no peft_type: not a PEFT adapter config".into())),
     }
     match obj.get("task_type") {
         None | Some(Value::Null) => {}
         Some(Value::String(t)) if t == "CAUSAL_LM" => {}
-        Some(t) => return Err(bad(format!("task_type is {t}, tinygpt reads \"CAUSAL_LM\" adapters only"))),
+        Some(t) => {
+            return Err(bad(format!(
+                "task_type is {t}, tinygpt reads \"CAUSAL_LM\" adapters only"
+            )))
+        }
     }
     for (key, what) in REFUSED {
         if let Some(value) = obj.get(key).filter(|v| is_set(v)) {
@@ -357,7 +372,11 @@ fn read_peft(path: &Path) -> Result<(LoraConfig, bool)> {
     match obj.get("bias") {
         None | Some(Value::Null) => {}
         Some(Value::String(b)) if b == "none" => {}
-        Some(b) => return Err(bad(format!("bias is {b}: trained biases are not supported, only \"none\""))),
+        Some(b) => {
+            return Err(bad(format!(
+                "bias is {b}: trained biases are not supported, only \"none\""
+            )))
+        }
     }
     let number = |key: &str, default: f64| -> Result<f64> {
         match obj.get(key) {
@@ -395,7 +414,11 @@ fn read_peft(path: &Path) -> Result<(LoraConfig, bool)> {
         None | Some(Value::Null) => {
             return Err(bad("no target_modules: name the adapted modules".into()))
         }
-        Some(v) => return Err(bad(format!("target_modules is {v}, expected a list of names"))),
+        Some(v) => {
+            return Err(bad(format!(
+                "target_modules is {v}, expected a list of names"
+            )))
+        }
     };
     let fan_in_fan_out = obj.get("fan_in_fan_out").is_some_and(is_set);
     let cfg = LoraConfig {
@@ -531,7 +554,9 @@ impl Gpt {
     pub fn save_lora_adapter(&self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
         let state = self.lora_state().ok_or_else(|| {
-            Error::InvalidArgument("this model carries no LoRA adapter to save (see Gpt::with_lora)".into())
+            Error::InvalidArgument(
+                "this model carries no LoRA adapter to save (see Gpt::with_lora)".into(),
+            )
         })?;
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let model_path = dir.join(ADAPTER_MODEL);
@@ -585,7 +610,12 @@ impl Gpt {
         let tensors = crate::checkpoint::load_safetensors(&model_path, base.device())?;
         let expected: Vec<(String, Vec<usize>)> = targeted(&mut base, &cfg)
             .into_iter()
-            .flat_map(|(name, a, b)| [(lora_name(&name, "A"), a.to_vec()), (lora_name(&name, "B"), b.to_vec())])
+            .flat_map(|(name, a, b)| {
+                [
+                    (lora_name(&name, "A"), a.to_vec()),
+                    (lora_name(&name, "B"), b.to_vec()),
+                ]
+            })
             .collect();
         let mut unexpected: Vec<&String> = tensors
             .keys()
@@ -628,7 +658,10 @@ impl Gpt {
                 return Err(Error::bad_file(
                     &model_path,
                     None,
-                    format!("tensor `{name}` holds {:?} values; adapter weights must be floats", t.dtype()),
+                    format!(
+                        "tensor `{name}` holds {:?} values; adapter weights must be floats",
+                        t.dtype()
+                    ),
                 ));
             }
             adapter.insert(name, t.to_dtype(dtype)?);
@@ -657,7 +690,10 @@ impl Gpt {
                 name: key.clone(),
                 path: None,
             })?;
-            let (a, b) = (m.a.detach().to_dtype(DType::F32)?, m.b.detach().to_dtype(DType::F32)?);
+            let (a, b) = (
+                m.a.detach().to_dtype(DType::F32)?,
+                m.b.detach().to_dtype(DType::F32)?,
+            );
             let delta = b.matmul(&a)?.affine(scale, 0.0)?; // (out, in)
             let delta = if conv1d { delta.t()? } else { delta };
             let merged = (w.detach().to_dtype(DType::F32)? + delta)?.to_dtype(w.dtype())?;
@@ -690,7 +726,11 @@ impl Gpt {
             .into_iter()
             .map(|(n, t)| {
                 // A `Var`'s storage is updated in place by training: copy it.
-                let t = if t.is_variable() { t.detach().copy()? } else { t.detach() };
+                let t = if t.is_variable() {
+                    t.detach().copy()?
+                } else {
+                    t.detach()
+                };
                 Ok((n, t))
             })
             .collect::<Result<HashMap<_, _>>>()?;
@@ -766,7 +806,12 @@ mod tests {
     }
 
     fn vec(t: &Tensor) -> Vec<f32> {
-        t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
     }
 
     /// Sets every `B` of `model` to small seeded values (a trained-looking adapter).
@@ -776,7 +821,8 @@ mod tests {
             if name.ends_with("lora_B.weight") {
                 let n = var.elem_count();
                 let data: Vec<f32> = (0..n).map(|_| rng.random_range(-0.3f32..0.3)).collect();
-                var.set(&Tensor::from_vec(data, var.shape(), &Device::Cpu).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(data, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
             }
         }
     }
@@ -785,15 +831,24 @@ mod tests {
     fn config_defaults_validate_and_resolve_per_arch() {
         let d = LoraConfig::default();
         assert_eq!((d.r, d.alpha, d.dropout, d.scale()), (8, 16.0, 0.05, 2.0));
-        assert_eq!(d.resolve(Arch::Llama).unwrap().target_modules, LLAMA_MODULES);
+        assert_eq!(
+            d.resolve(Arch::Llama).unwrap().target_modules,
+            LLAMA_MODULES
+        );
         assert_eq!(d.resolve(Arch::Gpt2).unwrap().target_modules, GPT2_MODULES);
         let some = LoraConfig {
             target_modules: vec!["v_proj".into(), "q_proj".into(), "q_proj".into()],
             ..d.clone()
         };
-        assert_eq!(some.resolve(Arch::Llama).unwrap().target_modules, ["q_proj", "v_proj"]);
+        assert_eq!(
+            some.resolve(Arch::Llama).unwrap().target_modules,
+            ["q_proj", "v_proj"]
+        );
         let e = some.resolve(Arch::Gpt2).unwrap_err().to_string();
-        assert!(e.contains("`v_proj`, `q_proj`") && e.contains("gpt2"), "{e}");
+        assert!(
+            e.contains("`v_proj`, `q_proj`") && e.contains("gpt2"),
+            "{e}"
+        );
         let e = LoraConfig {
             target_modules: vec!["q_proj".into(), "lm_head".into(), "wte".into()],
             ..d.clone()
@@ -801,16 +856,31 @@ mod tests {
         .validate()
         .unwrap_err()
         .to_string();
-        assert!(e.contains("`lm_head`, `wte`") && !e.contains("`q_proj`"), "{e}");
+        assert!(
+            e.contains("`lm_head`, `wte`") && !e.contains("`q_proj`"),
+            "{e}"
+        );
         for bad in [
             LoraConfig { r: 0, ..d.clone() },
-            LoraConfig { alpha: f64::NAN, ..d.clone() },
-            LoraConfig { dropout: 1.0, ..d.clone() },
-            LoraConfig { target_modules: vec![], ..d.clone() },
+            LoraConfig {
+                alpha: f64::NAN,
+                ..d.clone()
+            },
+            LoraConfig {
+                dropout: 1.0,
+                ..d.clone()
+            },
+            LoraConfig {
+                target_modules: vec![],
+                ..d.clone()
+            },
         ] {
             assert!(matches!(bad.validate(), Err(Error::Config(_))), "{bad:?}");
         }
-        assert!(d.resolve(Arch::Llama).unwrap().targets("model.layers.3.mlp.up_proj"));
+        assert!(d
+            .resolve(Arch::Llama)
+            .unwrap()
+            .targets("model.layers.3.mlp.up_proj"));
         let json = serde_json::to_string(&d).unwrap();
         assert_eq!(serde_json::from_str::<LoraConfig>(&json).unwrap(), d);
     }
@@ -819,9 +889,14 @@ mod tests {
     fn peft_config_round_trip_and_refusals() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(ADAPTER_CONFIG);
-        let cfg = LoraConfig { r: 4, alpha: 8.0, dropout: 0.05, ..Default::default() }
-            .resolve(Arch::Gpt2)
-            .unwrap();
+        let cfg = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.05,
+            ..Default::default()
+        }
+        .resolve(Arch::Gpt2)
+        .unwrap();
         let v = cfg.to_peft_json(Arch::Gpt2);
         assert_eq!(v["fan_in_fan_out"], true);
         assert_eq!(v["lora_alpha"], 8);
@@ -848,7 +923,10 @@ mod tests {
             v[key] = value;
             std::fs::write(&path, v.to_string()).unwrap();
             let e = LoraConfig::load_peft(&path).unwrap_err().to_string();
-            assert!(e.contains(needle) && e.contains(ADAPTER_CONFIG), "{key}: {e}");
+            assert!(
+                e.contains(needle) && e.contains(ADAPTER_CONFIG),
+                "{key}: {e}"
+            );
         }
     }
 
@@ -856,10 +934,21 @@ mod tests {
     fn fresh_adapter_is_kaiming_uniform_seeded_and_gives_exactly_the_base_logits() {
         for cfg in [gpt2(), llama()] {
             let base = Gpt::init(&cfg, 3, &Device::Cpu).unwrap();
-            let lcfg = LoraConfig { r: 3, ..Default::default() };
+            let lcfg = LoraConfig {
+                r: 3,
+                ..Default::default()
+            };
             let lora = base.with_lora(&lcfg, 11).unwrap();
-            assert!(lora.named_parameters().iter().all(|(_, t)| !t.is_variable()));
-            let n_mod = cfg.n_layer * linear_modules(cfg.arch).len() + if cfg.arch == Arch::Gpt2 { cfg.n_layer } else { 0 };
+            assert!(lora
+                .named_parameters()
+                .iter()
+                .all(|(_, t)| !t.is_variable()));
+            let n_mod = cfg.n_layer * linear_modules(cfg.arch).len()
+                + if cfg.arch == Arch::Gpt2 {
+                    cfg.n_layer
+                } else {
+                    0
+                };
             let vars = lora.vars().unwrap();
             assert_eq!(vars.len(), 2 * n_mod, "{}", cfg.arch);
             for (name, var) in &vars {
@@ -878,7 +967,10 @@ mod tests {
                 assert_eq!(vec(a.as_tensor()), vec(b.as_tensor()));
             }
             let frozen = Gpt::from_tensors(&cfg, base.tensors(), false).unwrap();
-            assert_eq!(vec(&lora.forward(&ids()).unwrap()), vec(&frozen.forward(&ids()).unwrap()));
+            assert_eq!(
+                vec(&lora.forward(&ids()).unwrap()),
+                vec(&frozen.forward(&ids()).unwrap())
+            );
             assert!(lora.with_lora(&lcfg, 1).is_err());
             assert!(lora.to_dtype(DType::F16).is_err());
         }
@@ -890,9 +982,19 @@ mod tests {
             let base = Gpt::init(&cfg, 5, &Device::Cpu).unwrap();
             let targets = match cfg.arch {
                 Arch::Gpt2 => vec!["c_attn".to_string(), "c_proj".to_string()],
-                Arch::Llama => vec!["q_proj".into(), "v_proj".into(), "up_proj".into(), "down_proj".into()],
+                Arch::Llama => vec![
+                    "q_proj".into(),
+                    "v_proj".into(),
+                    "up_proj".into(),
+                    "down_proj".into(),
+                ],
             };
-            let lcfg = LoraConfig { r: 2, alpha: 3.0, dropout: 0.0, target_modules: targets };
+            let lcfg = LoraConfig {
+                r: 2,
+                alpha: 3.0,
+                dropout: 0.0,
+                target_modules: targets,
+            };
             let lora = base.with_lora(&lcfg, 9).unwrap();
             randomise_b(&lora, 4);
             let merged = lora.merge_lora().unwrap();
@@ -915,18 +1017,35 @@ mod tests {
                 let (av, bv, wv) = (vec(a), vec(b), vec(w));
                 for o in 0..d_out {
                     for i in 0..d_in {
-                        let delta: f32 = (0..r).map(|k| bv[o * r + k] * av[k * d_in + i]).sum::<f32>() * scale;
+                        let delta: f32 = (0..r)
+                            .map(|k| bv[o * r + k] * av[k * d_in + i])
+                            .sum::<f32>()
+                            * scale;
                         // Conv1D (in, out), nn.Linear (out, in).
-                        let at = if cfg.arch == Arch::Gpt2 { i * d_out + o } else { o * d_in + i };
-                        assert!((got[at] - (wv[at] + delta)).abs() <= 1e-6, "{name} [{o}, {i}]");
+                        let at = if cfg.arch == Arch::Gpt2 {
+                            i * d_out + o
+                        } else {
+                            o * d_in + i
+                        };
+                        assert!(
+                            (got[at] - (wv[at] + delta)).abs() <= 1e-6,
+                            "{name} [{o}, {i}]"
+                        );
                     }
                 }
             }
             // GPT-2: c_attn, attn.c_proj, mlp.c_proj per layer; Llama: 4 per layer.
             let per_layer = if cfg.arch == Arch::Gpt2 { 3 } else { 4 };
             assert_eq!(n_merged, per_layer * cfg.n_layer);
-            let (x, y) = (lora.forward(&ids()).unwrap(), merged.forward(&ids()).unwrap());
-            let diff = vec(&x).iter().zip(vec(&y)).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let (x, y) = (
+                lora.forward(&ids()).unwrap(),
+                merged.forward(&ids()).unwrap(),
+            );
+            let diff = vec(&x)
+                .iter()
+                .zip(vec(&y))
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
             assert!(diff < 1e-5, "{}: {diff}", cfg.arch);
         }
     }

@@ -1680,8 +1680,14 @@ impl Gpt {
         let mut out = Vec::new();
         for (i, block) in self.h.iter_mut().enumerate() {
             let (attn, mlp) = match arch {
-                Arch::Gpt2 => (format!("transformer.h.{i}.attn"), format!("transformer.h.{i}.mlp")),
-                Arch::Llama => (format!("model.layers.{i}.self_attn"), format!("model.layers.{i}.mlp")),
+                Arch::Gpt2 => (
+                    format!("transformer.h.{i}.attn"),
+                    format!("transformer.h.{i}.mlp"),
+                ),
+                Arch::Llama => (
+                    format!("model.layers.{i}.self_attn"),
+                    format!("model.layers.{i}.mlp"),
+                ),
             };
             match &mut block.attn.qkv {
                 Qkv::CAttn(l) => out.push(slot(format!("{attn}.c_attn"), l)),
@@ -1691,7 +1697,11 @@ impl Gpt {
                     }
                 }
             }
-            let o = if arch == Arch::Gpt2 { "c_proj" } else { "o_proj" };
+            let o = if arch == Arch::Gpt2 {
+                "c_proj"
+            } else {
+                "o_proj"
+            };
             out.push(slot(format!("{attn}.{o}"), &mut block.attn.c_proj));
             match &mut block.mlp {
                 Mlp::Gelu { c_fc, c_proj } => {

@@ -22,7 +22,11 @@ use tinygpt::model::cross_entropy;
 use tinygpt::{Error, Gpt, GptConfig, LoraConfig, Objective, TrainConfig, Trainer};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/hf_llama")).join(name)
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/hf_llama"
+    ))
+    .join(name)
 }
 
 fn gpt2() -> GptConfig {
@@ -48,13 +52,20 @@ fn llama() -> GptConfig {
 }
 
 fn vec(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 /// Random token ids (B, T) below `vocab`.
 fn random_ids(b: usize, t: usize, vocab: usize, seed: u64) -> Tensor {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let v: Vec<u32> = (0..b * t).map(|_| rng.random_range(0..vocab as u32)).collect();
+    let v: Vec<u32> = (0..b * t)
+        .map(|_| rng.random_range(0..vocab as u32))
+        .collect();
     Tensor::from_vec(v, (b, t), &Device::Cpu).unwrap()
 }
 
@@ -123,20 +134,31 @@ fn train(model: &Gpt, steps: usize, lr: f64) -> Vec<f64> {
 #[test]
 fn peft_fixture_adapter_gives_transformers_peft_logits() {
     let base = Gpt::from_hf_dir(fixture("llama"), &Device::Cpu).unwrap();
-    let want = load_safetensors(fixture("lora").join("expected.safetensors"), &Device::Cpu).unwrap();
+    let want =
+        load_safetensors(fixture("lora").join("expected.safetensors"), &Device::Cpu).unwrap();
     let input = want["input_ids"].to_dtype(DType::U32).unwrap();
     let before = base.forward(&input).unwrap();
     let lora = base.load_lora_adapter(fixture("lora")).unwrap();
     let cfg = lora.lora_config().unwrap();
-    assert_eq!((cfg.r, cfg.alpha, cfg.scale(), cfg.target_modules.len()), (4, 8.0, 2.0, 7));
+    assert_eq!(
+        (cfg.r, cfg.alpha, cfg.scale(), cfg.target_modules.len()),
+        (4, 8.0, 2.0, 7)
+    );
     assert_eq!(lora.vars().unwrap().len(), 28);
     let adapted = max_abs_diff(&lora.forward(&input).unwrap(), &want["logits"]);
-    let merged = max_abs_diff(&lora.merge_lora().unwrap().forward(&input).unwrap(), &want["logits_merged"]);
+    let merged = max_abs_diff(
+        &lora.merge_lora().unwrap().forward(&input).unwrap(),
+        &want["logits_merged"],
+    );
     let after = base.forward(&input).unwrap();
     let base_diff = max_abs_diff(&after, &want["logits_base"]);
     eprintln!("max |tinygpt - peft| logits: adapter {adapted:.3e}, merged {merged:.3e}, base {base_diff:.3e}");
     assert!(adapted <= 1e-4 && merged <= 1e-4 && base_diff <= 1e-4);
-    assert_eq!(vec(&before), vec(&after), "loading an adapter changed the base model");
+    assert_eq!(
+        vec(&before),
+        vec(&after),
+        "loading an adapter changed the base model"
+    );
     // The adapter moves the logits by far more than the tolerance.
     assert!(max_abs_diff(&want["logits"], &want["logits_base"]) > 0.1);
 }
@@ -145,39 +167,81 @@ fn peft_fixture_adapter_gives_transformers_peft_logits() {
 fn training_moves_only_the_adapter_and_every_adapter_param_gets_a_gradient() {
     for cfg in [gpt2(), llama()] {
         let base = Gpt::init(&cfg, 1, &Device::Cpu).unwrap();
-        let lcfg = LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, ..Default::default() };
+        let lcfg = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.1,
+            ..Default::default()
+        };
         let lora = base.with_lora(&lcfg, 2).unwrap();
         let x = random_ids(2, 8, cfg.vocab_size, 9);
         let frozen = Gpt::from_tensors(&cfg, base.tensors(), false).unwrap();
-        assert_eq!(vec(&lora.forward(&x).unwrap()), vec(&frozen.forward(&x).unwrap()), "fresh adapter");
-        let base_before: HashMap<String, Vec<f32>> =
-            lora.tensors().iter().map(|(n, t)| (n.clone(), vec(t))).collect();
-        let adapter_before: HashMap<String, Vec<f32>> =
-            lora.lora_tensors().iter().map(|(n, t)| (n.clone(), vec(t))).collect();
+        assert_eq!(
+            vec(&lora.forward(&x).unwrap()),
+            vec(&frozen.forward(&x).unwrap()),
+            "fresh adapter"
+        );
+        let base_before: HashMap<String, Vec<f32>> = lora
+            .tensors()
+            .iter()
+            .map(|(n, t)| (n.clone(), vec(t)))
+            .collect();
+        let adapter_before: HashMap<String, Vec<f32>> = lora
+            .lora_tensors()
+            .iter()
+            .map(|(n, t)| (n.clone(), vec(t)))
+            .collect();
         let losses = train(&lora, 12, 1e-2);
         eprintln!("{}: losses {losses:.3?}", cfg.arch);
         assert!(losses[11] < losses[0] - 0.1, "{}: {losses:?}", cfg.arch);
         for (name, t) in lora.tensors() {
-            assert_eq!(vec(&t), base_before[&name], "{}: base tensor {name} changed", cfg.arch);
+            assert_eq!(
+                vec(&t),
+                base_before[&name],
+                "{}: base tensor {name} changed",
+                cfg.arch
+            );
             assert!(!t.is_variable(), "{name}");
         }
         for (name, t) in lora.lora_tensors() {
-            assert_ne!(vec(&t), adapter_before[&name], "{}: {name} did not move", cfg.arch);
+            assert_ne!(
+                vec(&t),
+                adapter_before[&name],
+                "{}: {name} did not move",
+                cfg.arch
+            );
         }
         // After training B ≠ 0: both A and B get nonzero gradients.
         let mut task = Memorise::new(lora.clone(), 5);
         let (loss, _) = task.train_loss(&mut ChaCha8Rng::seed_from_u64(1)).unwrap();
         let grads = loss.backward().unwrap();
         for (name, var) in lora.vars().unwrap() {
-            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
-            assert!(vec(g).iter().any(|v| *v != 0.0), "{}: zero gradient for {name}", cfg.arch);
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
+            assert!(
+                vec(g).iter().any(|v| *v != 0.0),
+                "{}: zero gradient for {name}",
+                cfg.arch
+            );
         }
         // No gradient is computed for a frozen matrix (the norms' (C,) weights may get one).
-        for (name, t) in lora.named_parameters().iter().filter(|(_, t)| t.rank() == 2) {
-            assert!(grads.get(t).is_none(), "{}: a gradient for the frozen {name}", cfg.arch);
+        for (name, t) in lora
+            .named_parameters()
+            .iter()
+            .filter(|(_, t)| t.rank() == 2)
+        {
+            assert!(
+                grads.get(t).is_none(),
+                "{}: a gradient for the frozen {name}",
+                cfg.arch
+            );
         }
         // The trained adapter changes the logits; merging it keeps them.
-        let (y, merged) = (lora.forward(&x).unwrap(), lora.merge_lora().unwrap().forward(&x).unwrap());
+        let (y, merged) = (
+            lora.forward(&x).unwrap(),
+            lora.merge_lora().unwrap().forward(&x).unwrap(),
+        );
         assert!(max_abs_diff(&y, &frozen.forward(&x).unwrap()) > 1e-3);
         assert!(max_abs_diff(&y, &merged) < 1e-5, "{}", cfg.arch);
     }
@@ -187,19 +251,31 @@ fn training_moves_only_the_adapter_and_every_adapter_param_gets_a_gradient() {
 fn save_and_load_round_trip_gives_identical_logits() {
     for cfg in [gpt2(), llama()] {
         let base = Gpt::init(&cfg, 4, &Device::Cpu).unwrap();
-        let lcfg = LoraConfig { r: 3, alpha: 5.0, dropout: 0.0, ..Default::default() };
+        let lcfg = LoraConfig {
+            r: 3,
+            alpha: 5.0,
+            dropout: 0.0,
+            ..Default::default()
+        };
         let lora = base.with_lora(&lcfg, 6).unwrap();
         train(&lora, 2, 1e-2);
         let dir = tempfile::tempdir().unwrap();
         lora.save_lora_adapter(dir.path()).unwrap();
-        let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.path().join(ADAPTER_CONFIG)).unwrap()).unwrap();
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join(ADAPTER_CONFIG)).unwrap(),
+        )
+        .unwrap();
         assert_eq!(config["peft_type"], "LORA");
         assert_eq!(config["fan_in_fan_out"], cfg.arch == tinygpt::Arch::Gpt2);
         let back = base.load_lora_adapter(dir.path()).unwrap();
         assert_eq!(back.lora_config(), lora.lora_config());
         let x = random_ids(2, 8, cfg.vocab_size, 1);
-        assert_eq!(vec(&back.forward(&x).unwrap()), vec(&lora.forward(&x).unwrap()), "{}", cfg.arch);
+        assert_eq!(
+            vec(&back.forward(&x).unwrap()),
+            vec(&lora.forward(&x).unwrap()),
+            "{}",
+            cfg.arch
+        );
         let names = |m: &Gpt| {
             let mut n: Vec<String> = m.lora_tensors().into_keys().collect();
             n.sort();
@@ -236,34 +312,82 @@ fn bad_adapter_files_are_refused_by_name() {
     let none = |_: &mut HashMap<String, Tensor>| {};
     let keep = |_: &mut serde_json::Value| {};
     let cases: Vec<(&str, tempfile::TempDir, Vec<&str>)> = vec![
-        ("missing tensor", edited(&src, keep, |t| { t.remove(q_a); }), vec![q_a, "missing", ADAPTER_MODEL]),
-        ("wrong r", edited(&src, |c| c["r"] = 3.into(), none), vec!["lora_A.weight", "[3, ", ADAPTER_MODEL]),
+        (
+            "missing tensor",
+            edited(&src, keep, |t| {
+                t.remove(q_a);
+            }),
+            vec![q_a, "missing", ADAPTER_MODEL],
+        ),
+        (
+            "wrong r",
+            edited(&src, |c| c["r"] = 3.into(), none),
+            vec!["lora_A.weight", "[3, ", ADAPTER_MODEL],
+        ),
         (
             "wrong shape",
             edited(&src, keep, |t| {
-                t.insert(q_a.into(), Tensor::zeros((4, 47), DType::F32, &Device::Cpu).unwrap());
+                t.insert(
+                    q_a.into(),
+                    Tensor::zeros((4, 47), DType::F32, &Device::Cpu).unwrap(),
+                );
             }),
             vec![q_a, "[4, 47]", "[4, 48]", ADAPTER_MODEL],
         ),
         (
             "unexpected tensor",
-            edited(&src, |c| c["target_modules"] = serde_json::json!(["q_proj", "v_proj"]), none),
+            edited(
+                &src,
+                |c| c["target_modules"] = serde_json::json!(["q_proj", "v_proj"]),
+                none,
+            ),
             vec!["unexpected tensor", "down_proj", ADAPTER_MODEL],
         ),
         (
             "unknown target",
-            edited(&src, |c| c["target_modules"] = serde_json::json!(["q_proj", "lm_head"]), none),
+            edited(
+                &src,
+                |c| c["target_modules"] = serde_json::json!(["q_proj", "lm_head"]),
+                none,
+            ),
             vec!["`lm_head`", ADAPTER_CONFIG],
         ),
-        ("GPT-2 target", edited(&src, |c| c["target_modules"] = serde_json::json!(["c_attn"]), none), vec!["`c_attn`", "llama", ADAPTER_CONFIG]),
-        ("not LoRA", edited(&src, |c| c["peft_type"] = "IA3".into(), none), vec!["peft_type", "IA3", ADAPTER_CONFIG]),
-        ("rslora", edited(&src, |c| c["use_rslora"] = true.into(), none), vec!["use_rslora", "rsLoRA", ADAPTER_CONFIG]),
-        ("dora", edited(&src, |c| c["use_dora"] = true.into(), none), vec!["use_dora", ADAPTER_CONFIG]),
-        ("fan_in_fan_out", edited(&src, |c| c["fan_in_fan_out"] = true.into(), none), vec!["fan_in_fan_out", ADAPTER_CONFIG]),
+        (
+            "GPT-2 target",
+            edited(
+                &src,
+                |c| c["target_modules"] = serde_json::json!(["c_attn"]),
+                none,
+            ),
+            vec!["`c_attn`", "llama", ADAPTER_CONFIG],
+        ),
+        (
+            "not LoRA",
+            edited(&src, |c| c["peft_type"] = "IA3".into(), none),
+            vec!["peft_type", "IA3", ADAPTER_CONFIG],
+        ),
+        (
+            "rslora",
+            edited(&src, |c| c["use_rslora"] = true.into(), none),
+            vec!["use_rslora", "rsLoRA", ADAPTER_CONFIG],
+        ),
+        (
+            "dora",
+            edited(&src, |c| c["use_dora"] = true.into(), none),
+            vec!["use_dora", ADAPTER_CONFIG],
+        ),
+        (
+            "fan_in_fan_out",
+            edited(&src, |c| c["fan_in_fan_out"] = true.into(), none),
+            vec!["fan_in_fan_out", ADAPTER_CONFIG],
+        ),
         (
             "integer tensor",
             edited(&src, keep, |t| {
-                t.insert(q_a.into(), Tensor::zeros((4, 48), DType::U32, &Device::Cpu).unwrap());
+                t.insert(
+                    q_a.into(),
+                    Tensor::zeros((4, 48), DType::U32, &Device::Cpu).unwrap(),
+                );
             }),
             vec![q_a, "floats", ADAPTER_MODEL],
         ),
@@ -275,17 +399,32 @@ fn bad_adapter_files_are_refused_by_name() {
         for n in needles {
             assert!(msg.contains(n), "{what}: `{n}` not in: {msg}");
         }
-        assert!(msg.contains(&dir.path().display().to_string()), "{what}: no path in {msg}");
+        assert!(
+            msg.contains(&dir.path().display().to_string()),
+            "{what}: no path in {msg}"
+        );
     }
     // No directory at all: an I/O error naming the file.
-    let e = base.load_lora_adapter("/nonexistent/adapter").map(|_| ()).unwrap_err();
-    assert!(matches!(e, Error::Io { .. }) && e.to_string().contains(ADAPTER_CONFIG), "{e}");
+    let e = base
+        .load_lora_adapter("/nonexistent/adapter")
+        .map(|_| ())
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::Io { .. }) && e.to_string().contains(ADAPTER_CONFIG),
+        "{e}"
+    );
     // A GPT-2 model refuses the Llama adapter's targets.
     let gpt2 = Gpt::init(&gpt2(), 1, &Device::Cpu).unwrap();
-    let e = gpt2.load_lora_adapter(&src).map(|_| ()).unwrap_err().to_string();
+    let e = gpt2
+        .load_lora_adapter(&src)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("q_proj") && e.contains("gpt2"), "{e}");
     // A plain model has no adapter to save.
-    assert!(base.save_lora_adapter(tempfile::tempdir().unwrap().path()).is_err());
+    assert!(base
+        .save_lora_adapter(tempfile::tempdir().unwrap().path())
+        .is_err());
 }
 
 /// With `TINYGPT_LORA_EXPORT=DIR`: trains an adapter with tinygpt over the Llama fixture and
@@ -300,8 +439,8 @@ fn export_trained_adapter_for_peft() {
         return;
     };
     let dir = PathBuf::from(dir);
-    let input = load_safetensors(fixture("llama").join("expected.safetensors"), &Device::Cpu).unwrap()
-        ["input_ids"]
+    let input = load_safetensors(fixture("llama").join("expected.safetensors"), &Device::Cpu)
+        .unwrap()["input_ids"]
         .clone();
     export(&fixture("llama"), &dir, input);
     let input = random_ids(2, 11, 1000, 8).to_dtype(DType::I64).unwrap();
@@ -312,7 +451,12 @@ fn export_trained_adapter_for_peft() {
 /// `input` (I64) to `out`.
 fn export(base_dir: &Path, out: &Path, input: Tensor) {
     let base = Gpt::from_hf_dir(base_dir, &Device::Cpu).unwrap();
-    let lcfg = LoraConfig { r: 4, alpha: 16.0, dropout: 0.05, ..Default::default() };
+    let lcfg = LoraConfig {
+        r: 4,
+        alpha: 16.0,
+        dropout: 0.05,
+        ..Default::default()
+    };
     let lora = base.with_lora(&lcfg, 42).unwrap();
     let losses = train(&lora, 8, 2e-2);
     eprintln!("{}: losses {losses:.3?}", base_dir.display());
@@ -321,7 +465,13 @@ fn export(base_dir: &Path, out: &Path, input: Tensor) {
     let ids = input.to_dtype(DType::U32).unwrap();
     let logits = lora.forward(&ids).unwrap();
     let base_logits = base.forward(&ids).unwrap();
-    eprintln!("  max |adapter - base| logits {:.3}", max_abs_diff(&logits, &base_logits));
-    let file = HashMap::from([("input_ids".to_string(), input), ("logits".to_string(), logits)]);
+    eprintln!(
+        "  max |adapter - base| logits {:.3}",
+        max_abs_diff(&logits, &base_logits)
+    );
+    let file = HashMap::from([
+        ("input_ids".to_string(), input),
+        ("logits".to_string(), logits),
+    ]);
     save_safetensors(&file, out.join("expected.safetensors")).unwrap();
 }
