@@ -1667,7 +1667,10 @@ impl Gpt {
     /// layer; q, k, v, o, gate, up, down, or c_attn, attn.c_proj, c_fc, mlp.c_proj).
     pub(crate) fn linear_slots(&mut self) -> Vec<LinearSlot<'_>> {
         fn slot(name: String, l: &mut Linear) -> LinearSlot<'_> {
-            let (d0, d1) = (l.weight.dims()[0], l.weight.dims()[1]);
+            let (d0, d1) = match l.weight.dims() {
+                [d0, d1] => (*d0, *d1),
+                _ => (0, 0), // never: projection weights are matrices
+            };
             let (d_in, d_out) = if l.out_in { (d1, d0) } else { (d0, d1) };
             LinearSlot {
                 name,
