@@ -30,6 +30,7 @@ use crate::kernels::rms_norm::rms_norm;
 use crate::kernels::rope::{rope_qkv, rope_rows, RopeTable};
 use crate::kernels::swiglu::swiglu;
 use crate::layers;
+use crate::lora::{LoraAdapter, LoraState};
 use crate::{Error, Result};
 
 /// Epsilon of every LayerNorm, as in GPT-2 (`layer_norm_epsilon = 1e-5`) and nanoGPT.
@@ -118,11 +119,15 @@ impl Norm {
 /// A projection `y = x @ W + b`. GPT-2 stores `W` as HF's `Conv1D` does, `(in, out)`; Llama
 /// as PyTorch's `nn.Linear`, `(out, in)`, applied as `x @ Wᵀ` (a transposed view: gemm reads
 /// either layout, and so do the f16 decoding kernels).
+///
+/// A LoRA model's targeted projections carry an adapter ([`crate::lora`]): `x @ W + b` plus
+/// `scale · (dropout(x) @ Aᵀ) @ Bᵀ`, `W` frozen.
 #[derive(Debug, Clone)]
 struct Linear {
     weight: Tensor,       // (in, out), or (out, in) when `out_in`
     bias: Option<Tensor>, // (out,)
     out_in: bool,
+    lora: Option<LoraAdapter>,
 }
 
 impl Linear {
@@ -136,6 +141,7 @@ impl Linear {
                 None
             },
             out_in: false,
+            lora: None,
         })
     }
 
@@ -149,6 +155,7 @@ impl Linear {
                 None
             },
             out_in: true,
+            lora: None,
         })
     }
 
@@ -161,16 +168,42 @@ impl Linear {
         })
     }
 
-    /// (B, T, in) → (B, T, out): a gemm, then the bias as one fused op.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// (B, T, in) → (B, T, out): a gemm, then the bias as one fused op (and the LoRA delta).
+    fn forward(&self, x: &Tensor, train: &mut Train) -> Result<Tensor> {
         let bias = like(self.bias.as_ref(), x)?;
-        layers::linear(x, &self.w()?, bias.as_ref())
+        let y = layers::linear(x, &self.w()?, bias.as_ref())?;
+        self.add_lora(y, x, train)
     }
 
     /// (B, T, in) → gelu(x @ W + b), (B, T, out): the bias add fused into the GELU.
-    fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward_gelu(&self, x: &Tensor, train: &mut Train) -> Result<Tensor> {
         let h = layers::linear(x, &self.w()?, None)?; // (B, T, out)
+        let h = self.add_lora(h, x, train)?;
         layers::bias_gelu(&h, like(self.bias.as_ref(), x)?.as_ref())
+    }
+
+    /// `y + scale · (dropout(x) @ Aᵀ) @ Bᵀ` with an adapter, else `y`: (B, T, out).
+    fn add_lora(&self, y: Tensor, x: &Tensor, train: &mut Train) -> Result<Tensor> {
+        match self.lora_delta(x, train)? {
+            Some(d) => Ok((y + d)?),
+            None => Ok(y),
+        }
+    }
+
+    /// The LoRA delta `scale · (dropout(x) @ Aᵀ) @ Bᵀ`, (B, T, out); dropout in training only.
+    fn lora_delta(&self, x: &Tensor, train: &mut Train) -> Result<Option<Tensor>> {
+        let Some(l) = &self.lora else {
+            return Ok(None);
+        };
+        let x = match train {
+            Some((rng, _)) if l.dropout > 0.0 => dropout(x, l.dropout, rng)?,
+            _ => x.clone(),
+        };
+        let a = like(Some(&l.a), &x)?.unwrap_or_else(|| l.a.clone()); // (r, in)
+        let b = like(Some(&l.b), &x)?.unwrap_or_else(|| l.b.clone()); // (out, r)
+        let h = layers::linear(&x, &a.t()?, None)?; // (B, T, r)
+        let d = layers::linear(&h, &b.t()?, None)?; // (B, T, out)
+        Ok(Some(d.affine(l.scale, 0.0)?))
     }
 }
 
@@ -215,23 +248,50 @@ impl Stacked {
             weight: Tensor::cat(&weights, 0)?, // (Σ out_i, in)
             bias: biases.map(|b| Tensor::cat(&b, 0)).transpose()?,
             out_in: true,
+            lora: None,
         })
     }
 
-    /// (B, T, in) → (B, T, Σ out_i), the outputs side by side in the order of `parts`.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(l) = &self.stacked {
-            return l.forward(x);
+    /// (B, T, in) → (B, T, Σ out_i), the outputs side by side in the order of `parts`. The
+    /// frozen product stays one gemm; the parts' LoRA deltas (zeros for a part without an
+    /// adapter) are laid side by side and added to it.
+    fn forward(&self, x: &Tensor, train: &mut Train) -> Result<Tensor> {
+        let y = match &self.stacked {
+            Some(l) => l.forward(x, train)?,
+            None => {
+                // Trainable weights. For many rows (training) stacking them costs little
+                // beside the product; for a few (sampling from a model in training) it would
+                // cost more than the products themselves, which then run one by one (each
+                // with its own adapter, if any).
+                let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
+                if rows < STACK_MIN_ROWS {
+                    let outs = self
+                        .parts
+                        .iter()
+                        .map(|p| p.forward(x, train))
+                        .collect::<Result<Vec<_>>>()?;
+                    return Ok(Tensor::cat(&outs, D::Minus1)?);
+                }
+                self.stack()?.forward(x, train)?
+            }
+        };
+        if self.parts.iter().all(|p| p.lora.is_none()) {
+            return Ok(y);
         }
-        // Trainable weights. For many rows (training) stacking them costs little beside the
-        // product; for a few (sampling from a model in training) it would cost more than the
-        // products themselves, which then run one by one.
-        let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
-        if rows >= STACK_MIN_ROWS {
-            return self.stack()?.forward(x);
+        let mut deltas = Vec::with_capacity(self.parts.len());
+        for part in &self.parts {
+            deltas.push(match part.lora_delta(x, train)? {
+                Some(d) => d,
+                None => {
+                    let mut shape = y.dims().to_vec();
+                    if let Some(last) = shape.last_mut() {
+                        *last = part.weight.dim(0)?;
+                    }
+                    Tensor::zeros(shape, y.dtype(), y.device())?
+                }
+            });
         }
-        let outs = self.parts.iter().map(|p| p.forward(x)).collect::<Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&outs, candle_core::D::Minus1)?)
+        Ok((y + Tensor::cat(&deltas, D::Minus1)?)?)
     }
 }
 
@@ -298,10 +358,10 @@ enum Qkv {
 }
 
 impl Qkv {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, train: &mut Train) -> Result<Tensor> {
         match self {
-            Qkv::CAttn(l) => l.forward(x),
-            Qkv::Split(s) => s.forward(x),
+            Qkv::CAttn(l) => l.forward(x, train),
+            Qkv::Split(s) => s.forward(x, train),
         }
     }
 }
@@ -363,8 +423,8 @@ impl CausalSelfAttention {
 
     /// The projections and (Qwen3) q/k norms of `x` (B, T, C), before any rotation:
     /// (B, T, (nh + 2·nkv)·hs), laid out `[q | k | v]`.
-    fn project(&self, x: &Tensor) -> Result<Tensor> {
-        let qkv = self.qkv.forward(x)?; // (B, T, (nh + 2nkv)·hs)
+    fn project(&self, x: &Tensor, train: &mut Train) -> Result<Tensor> {
+        let qkv = self.qkv.forward(x, train)?; // (B, T, (nh + 2nkv)·hs)
         let Some((q_norm, k_norm)) = &self.qk_norm else {
             return Ok(qkv);
         };
@@ -379,8 +439,8 @@ impl CausalSelfAttention {
     }
 
     /// [`Self::project`], then the rotary embeddings of positions `past..past + T`.
-    fn qkv(&self, x: &Tensor, past: usize) -> Result<Tensor> {
-        let qkv = self.project(x)?;
+    fn qkv(&self, x: &Tensor, past: usize, train: &mut Train) -> Result<Tensor> {
+        let qkv = self.project(x, train)?;
         match &self.rope {
             Some(rope) => rope_qkv(&qkv, rope, self.n_head, self.n_kv_head, past),
             None => Ok(qkv),
@@ -399,7 +459,7 @@ impl CausalSelfAttention {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hs) = (self.n_head, self.n_kv_head, self.head_size);
         let past = layer_cache.as_ref().map(|(_, past, _)| *past).unwrap_or(0);
-        let qkv = self.qkv(x, past)?; // (B, T, (nh + 2nkv)·hs)
+        let qkv = self.qkv(x, past, train)?; // (B, T, (nh + 2nkv)·hs)
         let scale = 1.0 / (hs as f64).sqrt();
         let attn_dropout = matches!(train, Some((_, p)) if *p > 0.0);
         if layer_cache.is_none() && !attn_dropout {
@@ -409,7 +469,7 @@ impl CausalSelfAttention {
             } else {
                 causal_attention_gqa_qkv(&qkv, nh, nkv, scale)?
             }; // (B, T, nh·hs)
-            let y = self.c_proj.forward(&y)?;
+            let y = self.c_proj.forward(&y, train)?;
             return Ok(maybe_dropout(y, train)?); // resid_dropout
         }
         let heads = |at: usize, n: usize| -> candle_core::Result<Tensor> {
@@ -455,7 +515,7 @@ impl CausalSelfAttention {
             _ => causal_attention(&q, &k, &v, scale)?, // (B, nh, T, hs)
         };
         let y = y.transpose(1, 2)?.reshape((b, t, nh * hs))?; // (B, T, nh·hs): heads merged
-        let y = self.c_proj.forward(&y)?;
+        let y = self.c_proj.forward(&y, train)?;
         Ok(maybe_dropout(y, train)?) // resid_dropout
     }
 }
@@ -496,12 +556,12 @@ impl Mlp {
     fn forward(&self, x: &Tensor, train: &mut Train) -> Result<Tensor> {
         let y = match self {
             Mlp::Gelu { c_fc, c_proj } => {
-                let h = c_fc.forward_gelu(x)?; // (B, T, 4C)
-                c_proj.forward(&h)? // (B, T, C)
+                let h = c_fc.forward_gelu(x, train)?; // (B, T, 4C)
+                c_proj.forward(&h, train)? // (B, T, C)
             }
             Mlp::SwiGlu { gate_up, down } => {
-                let h = swiglu(&gate_up.forward(x)?)?; // (B, T, 2I) -> (B, T, I)
-                down.forward(&h)? // (B, T, C)
+                let h = swiglu(&gate_up.forward(x, train)?)?; // (B, T, 2I) -> (B, T, I)
+                down.forward(&h, train)? // (B, T, C)
             }
         };
         Ok(maybe_dropout(y, train)?)
@@ -1133,6 +1193,15 @@ impl GptConfig {
 // The model
 // ---------------------------------------------------------------------------------------------
 
+/// A projection of the model as [`Gpt::linear_slots`] lists it: its HF module name (e.g.
+/// `model.layers.0.self_attn.q_proj`), its sizes, and its LoRA adapter.
+pub(crate) struct LinearSlot<'a> {
+    pub(crate) name: String,
+    pub(crate) d_in: usize,
+    pub(crate) d_out: usize,
+    pub(crate) lora: &'a mut Option<LoraAdapter>,
+}
+
 /// Keys and values of every layer for incremental decoding: feeding one new token attends to
 /// all cached positions instead of recomputing them. Each layer's buffers are allocated once,
 /// for `block_size` positions, on first use and written in place; the attention reads the
@@ -1189,6 +1258,8 @@ pub struct Gpt {
     lm_head: Option<Tensor>, // (V, C), an untied head
     /// Every parameter by HF name, in [`GptConfig::parameter_shapes`] order.
     params: Vec<(String, Tensor)>,
+    /// A LoRA model's adapter ([`Gpt::with_lora`]); its tensors are also in the layers.
+    lora: Option<LoraState>,
 }
 
 impl Gpt {
@@ -1230,6 +1301,7 @@ impl Gpt {
                     ln_f: Norm::new(cfg, t.pp("ln_f"))?,
                     lm_head: None,
                     params,
+                    lora: None,
                 }
             }
             Arch::Llama => {
@@ -1249,6 +1321,7 @@ impl Gpt {
                         Some(get(&vb, &[v, c], "lm_head.weight")?)
                     },
                     params,
+                    lora: None,
                 }
             }
         };
@@ -1413,12 +1486,18 @@ impl Gpt {
         &self.params
     }
 
-    /// The trainable parameters as candle `Var`s sharing storage with the model.
+    /// The trainable parameters as candle `Var`s sharing storage with the model. A LoRA model's
+    /// are its adapter's alone ([`Gpt::with_lora`]): each targeted projection's `lora_A` and
+    /// `lora_B` under PEFT's names (`base_model.model.<module>.lora_A.weight`), layer by layer;
+    /// its base weights are constants.
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] if the model was built from constant weights (load it with
     /// `trainable = true`).
     pub fn vars(&self) -> Result<Vec<(String, Var)>> {
+        if let Some(lora) = &self.lora {
+            return lora.vars();
+        }
         self.params
             .iter()
             .map(|(name, t)| {
@@ -1497,7 +1576,7 @@ impl Gpt {
         let scale = 1.0 / (hs as f32).sqrt();
         for (l, block) in self.h.iter().enumerate() {
             let attn = &block.attn;
-            let qkv = attn.project(&block.ln_1.forward(&x)?)?; // (R, 1, qw + 2kvw)
+            let qkv = attn.project(&block.ln_1.forward(&x)?, &mut None)?; // (R, 1, qw + 2kvw)
             let mut qkv = qkv.flatten_all()?.to_vec1::<f32>()?; // R rows of [q | k | v]
             let mut q = vec![0f32; r * qw]; // (R, nh·hs)
             for (i, row) in qkv.chunks_exact_mut(qw + 2 * kvw).enumerate() {
@@ -1526,7 +1605,7 @@ impl Gpt {
                 .collect();
             let y = attention::decode_rows(&q, &caches, (nh, nkv, hs, cap), scale)?; // (R, nh·hs)
             let y = Tensor::from_vec(y, (r, 1, qw), device)?;
-            x = (x + attn.c_proj.forward(&y)?)?; // (R, 1, C)
+            x = (x + attn.c_proj.forward(&y, &mut None)?)?; // (R, 1, C)
             x = (&x + block.mlp.forward(&block.ln_2.forward(&x)?, &mut None)?)?;
         }
         let x = self.ln_f.forward(&x)?; // (R, 1, C)
@@ -1607,6 +1686,75 @@ impl Gpt {
         self.params.iter().cloned().collect()
     }
 
+    /// Every projection a LoRA adapter can attach to, in PEFT's state-dict order (layer by
+    /// layer; q, k, v, o, gate, up, down, or c_attn, attn.c_proj, c_fc, mlp.c_proj).
+    pub(crate) fn linear_slots(&mut self) -> Vec<LinearSlot<'_>> {
+        fn slot(name: String, l: &mut Linear) -> LinearSlot<'_> {
+            let (d0, d1) = match l.weight.dims() {
+                [d0, d1] => (*d0, *d1),
+                _ => (0, 0), // never: projection weights are matrices
+            };
+            let (d_in, d_out) = if l.out_in { (d1, d0) } else { (d0, d1) };
+            LinearSlot {
+                name,
+                d_in,
+                d_out,
+                lora: &mut l.lora,
+            }
+        }
+        let arch = self.cfg.arch;
+        let mut out = Vec::new();
+        for (i, block) in self.h.iter_mut().enumerate() {
+            let (attn, mlp) = match arch {
+                Arch::Gpt2 => (
+                    format!("transformer.h.{i}.attn"),
+                    format!("transformer.h.{i}.mlp"),
+                ),
+                Arch::Llama => (
+                    format!("model.layers.{i}.self_attn"),
+                    format!("model.layers.{i}.mlp"),
+                ),
+            };
+            match &mut block.attn.qkv {
+                Qkv::CAttn(l) => out.push(slot(format!("{attn}.c_attn"), l)),
+                Qkv::Split(s) => {
+                    for (part, n) in s.parts.iter_mut().zip(["q_proj", "k_proj", "v_proj"]) {
+                        out.push(slot(format!("{attn}.{n}"), part));
+                    }
+                }
+            }
+            let o = if arch == Arch::Gpt2 {
+                "c_proj"
+            } else {
+                "o_proj"
+            };
+            out.push(slot(format!("{attn}.{o}"), &mut block.attn.c_proj));
+            match &mut block.mlp {
+                Mlp::Gelu { c_fc, c_proj } => {
+                    out.push(slot(format!("{mlp}.c_fc"), c_fc));
+                    out.push(slot(format!("{mlp}.c_proj"), c_proj));
+                }
+                Mlp::SwiGlu { gate_up, down } => {
+                    for (part, n) in gate_up.parts.iter_mut().zip(["gate_proj", "up_proj"]) {
+                        out.push(slot(format!("{mlp}.{n}"), part));
+                    }
+                    out.push(slot(format!("{mlp}.down_proj"), down));
+                }
+            }
+        }
+        out
+    }
+
+    /// The model's LoRA adapter, if it carries one.
+    pub(crate) fn lora_state(&self) -> Option<&LoraState> {
+        self.lora.as_ref()
+    }
+
+    /// Records the adapter whose tensors [`Gpt::linear_slots`] were given.
+    pub(crate) fn set_lora_state(&mut self, state: Option<LoraState>) {
+        self.lora = state;
+    }
+
     /// A copy of the model with its weights in `dtype` (e.g. f16 for faster decoding: half the
     /// bytes to read per token). The copy holds constant weights (for inference).
     ///
@@ -1616,8 +1764,10 @@ impl Gpt {
     /// the whole forward pass runs in `dtype` (LayerNorm and the attention softmax in f32).
     ///
     /// # Errors
-    /// candle errors on conversion.
+    /// candle errors on conversion; [`Error::InvalidArgument`] for a model carrying a LoRA
+    /// adapter (merge it first: [`Gpt::merge_lora`]).
     pub fn to_dtype(&self, dtype: DType) -> Result<Gpt> {
+        self.refuse_lora("to_dtype")?;
         let tensors = self
             .params
             .iter()
@@ -1634,8 +1784,10 @@ impl Gpt {
     /// an average one and its input embedding is a typical one. Shrinking is refused.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] if `vocab_size` is smaller than the current one.
+    /// [`Error::InvalidArgument`] if `vocab_size` is smaller than the current one, or for a
+    /// model carrying a LoRA adapter (merge it first: [`Gpt::merge_lora`]).
     pub fn resize_vocab(&self, vocab_size: usize, trainable: bool) -> Result<Gpt> {
+        self.refuse_lora("resize_vocab")?;
         let old = self.cfg.vocab_size;
         if vocab_size < old {
             return Err(Error::InvalidArgument(format!(

@@ -28,10 +28,6 @@ fn chat_tokenizer() -> (Tokenizer, ChatTemplate) {
     (tok, t)
 }
 
-fn tiny(vocab_size: usize) -> GptConfig {
-    tiny_arch(Arch::Gpt2, vocab_size)
-}
-
 /// The tiny model of `arch`, 16 wide. The Llama one has grouped-query attention (4 query
 /// heads sharing 2 key/value heads of 4) and RMSNorm on queries and keys (Qwen3's q/k norms).
 fn tiny_arch(arch: Arch, vocab_size: usize) -> GptConfig {

@@ -52,9 +52,51 @@ pub(crate) fn matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         return Ok(x.contiguous()?.apply_op2_no_bwd(w, &F16Matmul)?);
     }
     if x.dtype() != w.dtype() {
-        return Ok(x.to_dtype(w.dtype())?.matmul(w)?.to_dtype(x.dtype())?);
+        return Ok(matmul(&x.to_dtype(w.dtype())?, w)?.to_dtype(x.dtype())?);
+    }
+    if x.device().is_cpu() && x.rank() == 2 && w.rank() == 2 && x.track_op() && !w.track_op() {
+        // A frozen weight (a LoRA model's base): only `dx` is needed.
+        return Ok(x.apply_op2(w, FrozenRhsMatmul)?);
     }
     Ok(x.matmul(w)?)
+}
+
+/// `x (m, k) @ w (k, n)` by candle's own CPU gemm (`w` may be a transposed view), for a
+/// constant `w`: the backward is `dx = dy @ wᵀ` and nothing for `w`. candle's matmul would
+/// also compute, and keep until the backward pass ends, `dw`, a gradient of a frozen weight
+/// that nothing reads.
+struct FrozenRhsMatmul;
+
+impl CustomOp2 for FrozenRhsMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-rhs-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (m, k) = l1.shape().dims2()?;
+        let (k2, n) = l2.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("frozen-rhs-matmul: ({m}, {k}) @ ({k2}, {n})");
+        }
+        Ok((s1.matmul(s2, (1, m, n, k), l1, l2)?, Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        w: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(&w.t()?)?), None))
+    }
 }
 
 /// How a weight `(in, out)` lies in memory.
