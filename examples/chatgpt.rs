@@ -118,7 +118,8 @@ fn main() -> Result<()> {
         n_head: args.n_head,
         n_embd: args.n_embd,
         dropout: 0.0,
-        bias: false, ..Default::default()
+        bias: false,
+        ..Default::default()
     };
     let dataset = TokenDataset::from_tokens(tokenizer.encode(&text)?, 0.1)?;
     println!(

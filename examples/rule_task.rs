@@ -442,7 +442,8 @@ fn main() -> Result<()> {
             n_head: args.n_head,
             n_embd: args.n_embd,
             dropout: 0.0,
-            bias: false, ..Default::default()
+            bias: false,
+            ..Default::default()
         };
         let model = Gpt::init(&cfg, args.seed, &device)?;
         let dataset = TokenDataset::from_tokens(tokenizer.encode(&text)?, 0.1)?;

@@ -140,7 +140,11 @@ fn llama_parameter_count(cfg: &GptConfig) -> Option<u64> {
     if cfg.qk_norm {
         per_layer = add(per_layer, mul(2, hs)?)?;
     }
-    let head = if cfg.tie_word_embeddings { 0 } else { mul(v, c)? };
+    let head = if cfg.tie_word_embeddings {
+        0
+    } else {
+        mul(v, c)?
+    };
     add(add(add(mul(v, c)?, head)?, mul(l, per_layer)?)?, c)
 }
 

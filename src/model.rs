@@ -399,7 +399,11 @@ impl CausalSelfAttention {
             Arch::Llama => {
                 let bias = cfg.bias || cfg.qkv_bias;
                 let proj = |name: &str, out: usize| Linear::new_out_in(c, out, bias, vb.pp(name));
-                let qkv = vec![proj("q_proj", nh * hs)?, proj("k_proj", nkv * hs)?, proj("v_proj", nkv * hs)?];
+                let qkv = vec![
+                    proj("q_proj", nh * hs)?,
+                    proj("k_proj", nkv * hs)?,
+                    proj("v_proj", nkv * hs)?,
+                ];
                 let qk_norm = if cfg.qk_norm {
                     Some((
                         RmsNorm::new(hs, cfg.norm_eps, vb.pp("q_norm"))?,
@@ -830,7 +834,13 @@ impl GptConfig {
     /// A Llama of the given sizes, with Llama's defaults: multi-head attention, RoPE base
     /// 10000, RMSNorm eps 1e-5, SwiGLU of [`GptConfig::swiglu_hidden`], tied head, no biases,
     /// no dropout.
-    pub fn llama(vocab_size: usize, block_size: usize, n_layer: usize, n_head: usize, n_embd: usize) -> Self {
+    pub fn llama(
+        vocab_size: usize,
+        block_size: usize,
+        n_layer: usize,
+        n_head: usize,
+        n_embd: usize,
+    ) -> Self {
         Self {
             vocab_size,
             block_size,
@@ -935,7 +945,9 @@ impl GptConfig {
     /// instead of two of C × 4C, rounded up to a multiple of 32 (the rule of Llama's
     /// reference code, with `multiple_of` 32).
     pub fn swiglu_hidden(n_embd: usize) -> usize {
-        (n_embd.saturating_mul(8) / 3).div_ceil(32).saturating_mul(32)
+        (n_embd.saturating_mul(8) / 3)
+            .div_ceil(32)
+            .saturating_mul(32)
     }
 
     /// Checks the config describes a model we can build.
@@ -995,9 +1007,19 @@ impl GptConfig {
         match self.arch {
             Arch::Gpt2 => {
                 let llama_only = [
-                    ("n_kv_head", self.n_kv_head.is_some_and(|k| k != self.n_head)),
-                    ("head_dim", self.head_dim.is_some_and(|d| d * self.n_head != self.n_embd)),
-                    ("intermediate_size", self.intermediate_size.is_some_and(|i| i != 4 * self.n_embd)),
+                    (
+                        "n_kv_head",
+                        self.n_kv_head.is_some_and(|k| k != self.n_head),
+                    ),
+                    (
+                        "head_dim",
+                        self.head_dim
+                            .is_some_and(|d| d * self.n_head != self.n_embd),
+                    ),
+                    (
+                        "intermediate_size",
+                        self.intermediate_size.is_some_and(|i| i != 4 * self.n_embd),
+                    ),
                     ("tie_word_embeddings", !self.tie_word_embeddings),
                     ("qkv_bias", self.qkv_bias),
                     ("qk_norm", self.qk_norm),
@@ -1093,7 +1115,11 @@ impl GptConfig {
             "model.embed_tokens.weight".to_string(),
             vec![self.vocab_size, c],
         )];
-        let lin = |out: &mut Vec<(String, Vec<usize>)>, p: &str, d_in: usize, d_out: usize, bias: bool| {
+        let lin = |out: &mut Vec<(String, Vec<usize>)>,
+                   p: &str,
+                   d_in: usize,
+                   d_out: usize,
+                   bias: bool| {
             out.push((format!("{p}.weight"), vec![d_out, d_in]));
             if bias {
                 out.push((format!("{p}.bias"), vec![d_out]));
@@ -1306,7 +1332,11 @@ impl Gpt {
             }
             Arch::Llama => {
                 let m = vb.pp("model");
-                let rope = Arc::new(RopeTable::new(cfg.head_size(), cfg.block_size, cfg.rope_theta)?);
+                let rope = Arc::new(RopeTable::new(
+                    cfg.head_size(),
+                    cfg.block_size,
+                    cfg.rope_theta,
+                )?);
                 Self {
                     cfg: cfg.clone(),
                     wte: get(&m, &[v, c], "embed_tokens.weight")?,
@@ -1366,8 +1396,14 @@ impl Gpt {
                 }
                 lin(&mut out, format!("{p}.mlp.down_proj"), down);
             }
-            out.push((format!("{p}.input_layernorm.weight"), norm_weight(&block.ln_1)));
-            out.push((format!("{p}.post_attention_layernorm.weight"), norm_weight(&block.ln_2)));
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                norm_weight(&block.ln_1),
+            ));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                norm_weight(&block.ln_2),
+            ));
         }
         out.push(("model.norm.weight".to_string(), norm_weight(&self.ln_f)));
         if let Some(head) = &self.lm_head {
@@ -1562,7 +1598,12 @@ impl Gpt {
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (r, c) = (tokens.len(), cfg.n_embd);
-        let (nh, nkv, hs, cap) = (cfg.n_head, cfg.n_kv_heads(), cfg.head_size(), cfg.block_size);
+        let (nh, nkv, hs, cap) = (
+            cfg.n_head,
+            cfg.n_kv_heads(),
+            cfg.head_size(),
+            cfg.block_size,
+        );
         let (qw, kvw) = (nh * hs, nkv * hs); // floats of the queries, of the keys
         let device = self.wte.device();
         let ids = Tensor::from_slice(tokens, r, device)?; // (R,)
@@ -1635,13 +1676,15 @@ impl Gpt {
         }
         let c = self.cfg.n_embd;
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?; // (B*T,)
-        // Half-precision weights on the CPU: the activations are f32 (see `to_dtype`).
+                                                                  // Half-precision weights on the CPU: the activations are f32 (see `to_dtype`).
         let widen = |x: Tensor| -> Result<Tensor> {
-            Ok(if x.device().is_cpu() && matches!(x.dtype(), DType::F16 | DType::BF16) {
-                x.to_dtype(DType::F32)?
-            } else {
-                x
-            })
+            Ok(
+                if x.device().is_cpu() && matches!(x.dtype(), DType::F16 | DType::BF16) {
+                    x.to_dtype(DType::F32)?
+                } else {
+                    x
+                },
+            )
         };
         let mut x = widen(self.wte.embedding(&ids)?)?; // (B*T, C)
         if let Some(wpe) = &self.wpe {
@@ -1800,7 +1843,10 @@ impl Gpt {
         if vocab_size > old {
             let grow = |w: &Tensor| -> Result<Tensor> {
                 let w = w.detach(); // (V_old, C)
-                let mean = w.to_dtype(DType::F32)?.mean_keepdim(0)?.to_dtype(w.dtype())?; // (1, C)
+                let mean = w
+                    .to_dtype(DType::F32)?
+                    .mean_keepdim(0)?
+                    .to_dtype(w.dtype())?; // (1, C)
                 let new_rows = mean
                     .broadcast_as((vocab_size - old, self.cfg.n_embd))?
                     .contiguous()?;
@@ -1932,7 +1978,8 @@ mod tests {
             n_head: 2,
             n_embd: 8,
             dropout: 0.0,
-            bias: true, ..Default::default()
+            bias: true,
+            ..Default::default()
         }
     }
 
@@ -1952,10 +1999,27 @@ mod tests {
             ..GptConfig::llama(11, 8, 2, 4, 8)
         };
         vec![
-            GptConfig { tie_word_embeddings: false, ..base.clone() },
-            GptConfig { qkv_bias: true, n_kv_head: Some(1), ..base.clone() },
-            GptConfig { qk_norm: true, head_dim: Some(6), n_head: 2, n_kv_head: Some(1), ..base.clone() },
-            GptConfig { bias: true, n_kv_head: None, ..base },
+            GptConfig {
+                tie_word_embeddings: false,
+                ..base.clone()
+            },
+            GptConfig {
+                qkv_bias: true,
+                n_kv_head: Some(1),
+                ..base.clone()
+            },
+            GptConfig {
+                qk_norm: true,
+                head_dim: Some(6),
+                n_head: 2,
+                n_kv_head: Some(1),
+                ..base.clone()
+            },
+            GptConfig {
+                bias: true,
+                n_kv_head: None,
+                ..base
+            },
         ]
     }
 
@@ -1968,12 +2032,16 @@ mod tests {
     #[test]
     fn llama_parameter_counts_match_their_tensors_and_the_published_models() {
         let listed = |cfg: &GptConfig| -> usize {
-            cfg.parameter_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+            cfg.parameter_shapes()
+                .iter()
+                .map(|(_, s)| s.iter().product::<usize>())
+                .sum()
         };
-        for cfg in tiny_llamas()
-            .into_iter()
-            .chain([GptConfig::llama_tiny(66), GptConfig::tinyllama_1_1b(), GptConfig::qwen3_0_6b()])
-        {
+        for cfg in tiny_llamas().into_iter().chain([
+            GptConfig::llama_tiny(66),
+            GptConfig::tinyllama_1_1b(),
+            GptConfig::qwen3_0_6b(),
+        ]) {
             assert_eq!(cfg.num_parameters(), listed(&cfg), "{cfg:?}");
             if cfg.n_embd < 200 {
                 let m = Gpt::init(&cfg, 0, &Device::Cpu).unwrap();
@@ -1986,7 +2054,10 @@ mod tests {
         assert_eq!(GptConfig::smollm2_135m().num_parameters(), 134_515_008);
         assert_eq!(GptConfig::qwen2_5_0_5b().num_parameters(), 494_032_768);
         // The Llama twin of the default recipe: GPT-2's size less its position embeddings.
-        let (gpt, llama) = (GptConfig::shakespeare_char_cpu(66), GptConfig::llama_tiny(66));
+        let (gpt, llama) = (
+            GptConfig::shakespeare_char_cpu(66),
+            GptConfig::llama_tiny(66),
+        );
         assert_eq!(gpt.num_parameters() - llama.num_parameters(), 64 * 128);
     }
 

@@ -717,7 +717,8 @@ mod tests {
             n_head: 2,
             n_embd: 8,
             dropout: 0.0,
-            bias: true, ..Default::default()
+            bias: true,
+            ..Default::default()
         };
         let model = Gpt::init(&cfg, 0, &Device::Cpu).unwrap();
         let conv = vec![Message::user("abc"), Message::assistant("de")];

@@ -23,7 +23,8 @@ pub(crate) fn tiny_gpt(vocab_size: usize, block_size: usize) -> crate::Gpt {
         n_head: 1,
         n_embd: 8,
         dropout: 0.0,
-        bias: true, ..Default::default()
+        bias: true,
+        ..Default::default()
     };
     crate::Gpt::init(&cfg, 1, &candle_core::Device::Cpu).unwrap()
 }

@@ -57,7 +57,8 @@ fn train(out: &Path) {
                 n_head: 2,
                 n_embd: 32,
                 dropout: 0.1,
-                bias: true, ..Default::default()
+                bias: true,
+                ..Default::default()
             };
             (Gpt::init(&cfg, 7, &Device::Cpu).unwrap(), tok)
         }

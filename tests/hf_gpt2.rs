@@ -68,7 +68,8 @@ fn fixture_logits_match_transformers() {
             n_head: 4,
             n_embd: 64,
             dropout: 0.1,
-            bias: true, ..Default::default()
+            bias: true,
+            ..Default::default()
         }
     );
     assert_eq!(model.dtype(), DType::F32);
@@ -152,7 +153,8 @@ fn models_without_biases_save_zero_biases() {
         n_head: 2,
         n_embd: 8,
         dropout: 0.0,
-        bias: false, ..Default::default()
+        bias: false,
+        ..Default::default()
     };
     let model = Gpt::init(&cfg, 3, &Device::Cpu).unwrap();
     let dir = tempfile::tempdir().unwrap();

@@ -26,7 +26,11 @@ use tinygpt::{Arch, Error, Gpt, GptConfig, SamplingParams};
 const FAMILIES: [&str; 3] = ["llama", "qwen2", "qwen3"];
 
 fn fixture(family: &str) -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/hf_llama")).join(family)
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/hf_llama"
+    ))
+    .join(family)
 }
 
 /// max |tinygpt − transformers| logits of `model` over the fixture's two inputs.
@@ -60,7 +64,10 @@ fn configs_read_as_their_families() {
     assert_eq!((qwen2.n_kv_heads(), qwen2.rope_theta), (2, 1e6));
     let qwen3 = tinygpt::hf::load_config(fixture("qwen3")).unwrap();
     assert!(qwen3.qk_norm && !qwen3.qkv_bias);
-    assert_eq!((qwen3.head_size(), qwen3.head_dim, qwen3.arch), (16, Some(16), Arch::Llama));
+    assert_eq!(
+        (qwen3.head_size(), qwen3.head_dim, qwen3.arch),
+        (16, Some(16), Arch::Llama)
+    );
 }
 
 #[test]
@@ -98,10 +105,18 @@ fn greedy_continuations_match_transformers() {
                 logits = m.decode_step(&mut slots, &[(0, next)]).unwrap().remove(0);
             }
             if dtype == DType::F32 {
-                assert_eq!(got, ids(&greedy["continuation_ids"]), "{family} batched decoder");
+                assert_eq!(
+                    got,
+                    ids(&greedy["continuation_ids"]),
+                    "{family} batched decoder"
+                );
             } else {
                 // f16 weights round the logits: the first tokens (largest gaps) still agree.
-                assert_eq!(got[..3], ids(&greedy["continuation_ids"])[..3], "{family} f16");
+                assert_eq!(
+                    got[..3],
+                    ids(&greedy["continuation_ids"])[..3],
+                    "{family} f16"
+                );
             }
         }
     }
@@ -133,7 +148,10 @@ fn save_hf_dir_writes_what_transformers_saved() {
         }
         assert_eq!(ours.len(), model.named_parameters().len(), "{family}");
         // The config keys transformers reads mean the same as the fixture's.
-        let (a, b) = (json(&dir.path().join("config.json")), json(&fixture(family).join("config.json")));
+        let (a, b) = (
+            json(&dir.path().join("config.json")),
+            json(&fixture(family).join("config.json")),
+        );
         for key in [
             "architectures",
             "model_type",
@@ -188,9 +206,32 @@ fn tinygpt_llamas_save_as_their_families() {
         ..GptConfig::llama(37, 16, 2, 2, 12)
     };
     let cases = [
-        ("own_llama", GptConfig { bias: true, tie_word_embeddings: false, ..base.clone() }, "LlamaForCausalLM"),
-        ("own_qwen3", GptConfig { qk_norm: true, head_dim: Some(8), ..base.clone() }, "Qwen3ForCausalLM"),
-        ("own_qwen2", GptConfig { qkv_bias: true, ..base }, "Qwen2ForCausalLM"),
+        (
+            "own_llama",
+            GptConfig {
+                bias: true,
+                tie_word_embeddings: false,
+                ..base.clone()
+            },
+            "LlamaForCausalLM",
+        ),
+        (
+            "own_qwen3",
+            GptConfig {
+                qk_norm: true,
+                head_dim: Some(8),
+                ..base.clone()
+            },
+            "Qwen3ForCausalLM",
+        ),
+        (
+            "own_qwen2",
+            GptConfig {
+                qkv_bias: true,
+                ..base
+            },
+            "Qwen2ForCausalLM",
+        ),
     ];
     for (name, cfg, class) in cases {
         let model = Gpt::init(&cfg, 5, &Device::Cpu).unwrap();
@@ -199,19 +240,34 @@ fn tinygpt_llamas_save_as_their_families() {
             .tensors()
             .into_iter()
             .map(|(n, t)| {
-                let t = if t.rank() == 1 { (t + 0.3).unwrap() } else { (t * 5.0).unwrap() };
+                let t = if t.rank() == 1 {
+                    (t + 0.3).unwrap()
+                } else {
+                    (t * 5.0).unwrap()
+                };
                 (n, t)
             })
             .collect();
         let model = Gpt::from_tensors(&cfg, tensors, false).unwrap();
         let dir = tempfile::tempdir().unwrap();
         model.save_hf_dir(dir.path()).unwrap();
-        assert_eq!(json(&dir.path().join("config.json"))["architectures"][0], class);
+        assert_eq!(
+            json(&dir.path().join("config.json"))["architectures"][0],
+            class
+        );
         let reloaded = Gpt::from_hf_dir(dir.path(), &Device::Cpu).unwrap();
         assert_eq!(reloaded.config(), model.config(), "{name}");
-        let ids = Tensor::new(&[[1u32, 5, 9, 2, 36, 0, 7, 7, 3, 11, 20, 30, 4, 1, 2, 3]], &Device::Cpu).unwrap();
+        let ids = Tensor::new(
+            &[[1u32, 5, 9, 2, 36, 0, 7, 7, 3, 11, 20, 30, 4, 1, 2, 3]],
+            &Device::Cpu,
+        )
+        .unwrap();
         let logits = model.forward(&ids).unwrap();
-        assert_eq!(max_abs_diff(&reloaded.forward(&ids).unwrap(), &logits), 0.0, "{name}");
+        assert_eq!(
+            max_abs_diff(&reloaded.forward(&ids).unwrap(), &logits),
+            0.0,
+            "{name}"
+        );
         if let Some(keep) = std::env::var_os("TINYGPT_HF_EXPORT") {
             let out = PathBuf::from(keep).join(name);
             std::fs::create_dir_all(&out).unwrap();
@@ -229,14 +285,34 @@ fn tinygpt_llamas_save_as_their_families() {
 #[test]
 fn unsupported_settings_are_refused_by_name() {
     let cases = [
-        ("rope_parameters", serde_json::json!({"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}), "yarn"),
-        ("rope_scaling", serde_json::json!({"type": "linear", "factor": 2.0}), "linear"),
-        ("use_sliding_window", serde_json::json!(true), "sliding-window"),
+        (
+            "rope_parameters",
+            serde_json::json!({"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}),
+            "yarn",
+        ),
+        (
+            "rope_scaling",
+            serde_json::json!({"type": "linear", "factor": 2.0}),
+            "linear",
+        ),
+        (
+            "use_sliding_window",
+            serde_json::json!(true),
+            "sliding-window",
+        ),
         ("hidden_act", serde_json::json!("gelu"), "SiLU"),
         ("num_local_experts", serde_json::json!(8), "experts"),
-        ("num_key_value_heads", serde_json::json!(3), "multiple of n_kv_head"),
+        (
+            "num_key_value_heads",
+            serde_json::json!(3),
+            "multiple of n_kv_head",
+        ),
         ("attention_bias", serde_json::json!(true), "mlp_bias"),
-        ("hidden_size", serde_json::json!("wide"), "non-negative integer"),
+        (
+            "hidden_size",
+            serde_json::json!("wide"),
+            "non-negative integer",
+        ),
     ];
     for (key, value, needle) in cases {
         let dir = tempfile::tempdir().unwrap();
@@ -251,7 +327,10 @@ fn unsupported_settings_are_refused_by_name() {
         let err = Gpt::from_hf_dir(dir.path(), &Device::Cpu).unwrap_err();
         assert!(matches!(err, Error::Config(_)), "{key}: {err}");
         let msg = err.to_string();
-        assert!(msg.contains(needle) && msg.contains("config.json"), "{key}: {msg}");
+        assert!(
+            msg.contains(needle) && msg.contains("config.json"),
+            "{key}: {msg}"
+        );
     }
 }
 
@@ -267,7 +346,12 @@ fn a_tied_head_that_differs_from_the_embedding_is_refused() {
     let head = (t["model.embed_tokens.weight"].clone() + 1.0).unwrap();
     t.insert("lm_head.weight".into(), head);
     tinygpt::checkpoint::save_safetensors(&t, &path).unwrap();
-    let err = Gpt::from_hf_dir(dir.path(), &Device::Cpu).unwrap_err().to_string();
-    assert!(err.contains("lm_head.weight") && err.contains("tie_word_embeddings"), "{err}");
+    let err = Gpt::from_hf_dir(dir.path(), &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("lm_head.weight") && err.contains("tie_word_embeddings"),
+        "{err}"
+    );
     let _ = Tensor::zeros(1, DType::F32, &Device::Cpu);
 }

@@ -28,7 +28,8 @@ fn small(vocab_size: usize) -> GptConfig {
         n_head: 2,
         n_embd: 32,
         dropout: 0.0,
-        bias: true, ..Default::default()
+        bias: true,
+        ..Default::default()
     }
 }
 

@@ -97,9 +97,9 @@ pub(crate) fn is_llama_config(config: &Map<String, Value>) -> bool {
         .get("architectures")
         .and_then(Value::as_array)
         .is_some_and(|a| {
-            a.iter().filter_map(Value::as_str).any(|s| {
-                ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"].contains(&s)
-            })
+            a.iter()
+                .filter_map(Value::as_str)
+                .any(|s| ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"].contains(&s))
         })
 }
 
@@ -125,11 +125,13 @@ fn family_of(config: &Map<String, Value>) -> Option<LlamaFamily> {
 /// docs) or a value of the wrong type; [`Error::BadFile`] if the family is unknown.
 pub(crate) fn config_from_hf(config: &Map<String, Value>, path: &Path) -> Result<GptConfig> {
     let family = family_of(config).ok_or_else(|| {
-        Error::bad_file(path, None, "not a Llama, Qwen2 or Qwen3 config (model_type)")
+        Error::bad_file(
+            path,
+            None,
+            "not a Llama, Qwen2 or Qwen3 config (model_type)",
+        )
     })?;
-    let bad = |key: &str, what: &str| {
-        Error::Config(format!("{}: `{key}` {what}", path.display()))
-    };
+    let bad = |key: &str, what: &str| Error::Config(format!("{}: `{key}` {what}", path.display()));
     let uint = |key: &str| -> Result<Option<usize>> {
         match config.get(key) {
             None | Some(Value::Null) => Ok(None),
@@ -156,23 +158,36 @@ pub(crate) fn config_from_hf(config: &Map<String, Value>, path: &Path) -> Result
             Some(v) => Err(bad(key, &format!("must be true or false, got {v}"))),
         }
     };
-    let required = |key: &str, default: usize| -> Result<usize> { Ok(uint(key)?.unwrap_or(default)) };
+    let required =
+        |key: &str, default: usize| -> Result<usize> { Ok(uint(key)?.unwrap_or(default)) };
 
     // What tinygpt does not compute, by name.
     if let Some(act) = config.get("hidden_act").and_then(Value::as_str) {
         if act != "silu" {
-            return Err(bad("hidden_act", &format!("is \"{act}\": tinygpt's SwiGLU uses SiLU only")));
+            return Err(bad(
+                "hidden_act",
+                &format!("is \"{act}\": tinygpt's SwiGLU uses SiLU only"),
+            ));
         }
     }
     if uint("pretraining_tp")?.is_some_and(|tp| tp > 1) {
-        return Err(bad("pretraining_tp", "above 1 (sliced projections) is not supported"));
+        return Err(bad(
+            "pretraining_tp",
+            "above 1 (sliced projections) is not supported",
+        ));
     }
     if boolean("use_sliding_window")? == Some(true) {
-        return Err(bad("use_sliding_window", "is true: sliding-window attention is not supported"));
+        return Err(bad(
+            "use_sliding_window",
+            "is true: sliding-window attention is not supported",
+        ));
     }
     if let Some(Value::Array(types)) = config.get("layer_types") {
         if let Some(t) = types.iter().find(|t| t.as_str() != Some("full_attention")) {
-            return Err(bad("layer_types", &format!("holds {t}: only full attention is supported")));
+            return Err(bad(
+                "layer_types",
+                &format!("holds {t}: only full attention is supported"),
+            ));
         }
     }
     for moe in ["num_experts", "num_local_experts", "n_routed_experts"] {
@@ -187,8 +202,13 @@ pub(crate) fn config_from_hf(config: &Map<String, Value>, path: &Path) -> Result
         ("rope_scaling", config.get("rope_scaling")),
         ("rope_parameters", config.get("rope_parameters")),
     ] {
-        let Some(Value::Object(s)) = scaling else { continue };
-        let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str);
+        let Some(Value::Object(s)) = scaling else {
+            continue;
+        };
+        let kind = s
+            .get("rope_type")
+            .or_else(|| s.get("type"))
+            .and_then(Value::as_str);
         if let Some(kind) = kind.filter(|k| *k != "default") {
             return Err(bad(
                 key,
@@ -258,11 +278,10 @@ pub(crate) fn config_from_hf(config: &Map<String, Value>, path: &Path) -> Result
         qkv_bias,
         qk_norm,
     };
-    cfg.validate()
-        .map_err(|e| match e {
-            Error::Config(msg) => Error::Config(format!("{}: {msg}", path.display())),
-            e => e,
-        })?;
+    cfg.validate().map_err(|e| match e {
+        Error::Config(msg) => Error::Config(format!("{}: {msg}", path.display())),
+        e => e,
+    })?;
     Ok(cfg)
 }
 
@@ -274,9 +293,16 @@ pub(crate) fn config_from_hf(config: &Map<String, Value>, path: &Path) -> Result
 /// # Errors
 /// [`Error::Config`] if the config cannot be written as its family (Qwen2 with an explicit
 /// head size, Qwen3 with biases, a GPT-2 config).
-pub fn config_to_hf(cfg: &GptConfig, bos: Option<u32>, eos: Option<&[u32]>, dtype: DType) -> Result<Value> {
+pub fn config_to_hf(
+    cfg: &GptConfig,
+    bos: Option<u32>,
+    eos: Option<&[u32]>,
+    dtype: DType,
+) -> Result<Value> {
     if cfg.arch != Arch::Llama {
-        return Err(Error::Config("a GPT-2 config is saved as GPT2Config, not as a Llama".into()));
+        return Err(Error::Config(
+            "a GPT-2 config is saved as GPT2Config, not as a Llama".into(),
+        ));
     }
     let family = LlamaFamily::of(cfg);
     let mut c = json!({
@@ -339,7 +365,10 @@ pub fn config_to_hf(cfg: &GptConfig, bos: Option<u32>, eos: Option<&[u32]>, dtyp
         obj.insert("bos_token_id".into(), json!(b));
     }
     if let Some(e) = eos {
-        obj.insert("eos_token_id".into(), if e.len() == 1 { json!(e[0]) } else { json!(e) });
+        obj.insert(
+            "eos_token_id".into(),
+            if e.len() == 1 { json!(e[0]) } else { json!(e) },
+        );
     }
     Ok(c)
 }
@@ -395,7 +424,12 @@ impl Gpt {
     /// Writes an [`Arch::Llama`] model as its Hugging Face family (`config.json` of
     /// [`config_to_hf`], `model.safetensors` under the model's own names), with
     /// `generation_config.json` when `eos` ids are given.
-    pub(crate) fn save_llama_hf(&self, dir: &Path, bos: Option<u32>, eos: Option<&[u32]>) -> Result<()> {
+    pub(crate) fn save_llama_hf(
+        &self,
+        dir: &Path,
+        bos: Option<u32>,
+        eos: Option<&[u32]>,
+    ) -> Result<()> {
         let cfg = self.config();
         let config = config_to_hf(cfg, bos, eos, self.dtype())?;
         super::write_json(&dir.join(super::files::CONFIG), &config)?;
@@ -410,7 +444,8 @@ impl Gpt {
             .map_err(|e| Error::io(&path, std::io::Error::other(e.to_string())))?;
         std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
         if let Some(eos) = eos {
-            let mut generation = json!({ "eos_token_id": if eos.len() == 1 { json!(eos[0]) } else { json!(eos) } });
+            let mut generation =
+                json!({ "eos_token_id": if eos.len() == 1 { json!(eos[0]) } else { json!(eos) } });
             if let (Some(b), Some(obj)) = (bos, generation.as_object_mut()) {
                 obj.insert("bos_token_id".into(), json!(b));
             }

@@ -347,7 +347,8 @@ impl TryFrom<&Gpt2Config> for GptConfig {
             n_head: hf.n_head,
             n_embd: hf.n_embd,
             dropout: hf.resid_pdrop,
-            bias: true, ..Default::default()
+            bias: true,
+            ..Default::default()
         };
         cfg.validate()?;
         Ok(cfg)
@@ -963,7 +964,8 @@ mod tests {
             n_head: 4,
             n_embd: 128,
             dropout: 0.0,
-            bias: true, ..Default::default()
+            bias: true,
+            ..Default::default()
         };
         let hf = Gpt2Config::from(&cfg);
         let json = serde_json::to_string(&hf).unwrap();

@@ -260,7 +260,8 @@ mod tests {
             n_head: 2,
             n_embd: 16,
             dropout: 0.0,
-            bias: true, ..Default::default()
+            bias: true,
+            ..Default::default()
         };
         let policy = Gpt::init(&cfg, 5, &Device::Cpu).unwrap();
         let reference = Gpt::from_tensors(&cfg, policy.tensors(), false).unwrap();

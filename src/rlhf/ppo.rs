@@ -990,7 +990,8 @@ mod tests {
             n_head: 2,
             n_embd: 16,
             dropout: 0.0,
-            bias: true, ..Default::default()
+            bias: true,
+            ..Default::default()
         };
         let policy = Gpt::init(&gcfg, 11, &Device::Cpu).unwrap();
         let reference = Gpt::from_tensors(&gcfg, policy.tensors(), false).unwrap();

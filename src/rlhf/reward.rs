@@ -605,7 +605,8 @@ mod tests {
             n_head: 2,
             n_embd: 8,
             dropout: 0.0,
-            bias: true, ..Default::default()
+            bias: true,
+            ..Default::default()
         };
         let model = RewardModel::new(Gpt::init(&cfg, 0, &Device::Cpu).unwrap()).unwrap();
         let pairs = vec![
