@@ -207,9 +207,10 @@ impl Linear {
     }
 }
 
-/// Several `nn.Linear` projections of the same input (Llama's q/k/v, or gate/up) computed as
-/// one product, their `(out_i, in)` weights stacked along `out`: one gemm instead of two or
-/// three, and one pass over `x`. A model with constant weights stacks them once, when it is
+/// Several `nn.Linear` projections of the same input (Llama's q/k/v, or gate/up). For many rows
+/// (training, prefill) they are one product, their `(out_i, in)` weights stacked along `out`:
+/// one gemm instead of two or three, one pass over `x`; for a few rows (decoding) one product
+/// per part. A model with constant weights stacks them once, when it is
 /// built, and its parameters become views of the stack; a trainable one stacks its `Var`s at
 /// every forward pass, so gradients reach each of them.
 #[derive(Debug, Clone)]
@@ -256,24 +257,22 @@ impl Stacked {
     /// frozen product stays one gemm; the parts' LoRA deltas (zeros for a part without an
     /// adapter) are laid side by side and added to it.
     fn forward(&self, x: &Tensor, train: &mut Train) -> Result<Tensor> {
+        // For a few rows (decoding, sampling) the products run part by part: stacking
+        // trainable weights would copy more than the products compute, and constant ones then
+        // compute the same numbers (the same products), so a model gives the same logits
+        // whether loaded trainable or not. For many rows (training, prefill), one product.
+        let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
+        if rows < STACK_MIN_ROWS {
+            let outs = self
+                .parts
+                .iter()
+                .map(|p| p.forward(x, train))
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(Tensor::cat(&outs, D::Minus1)?);
+        }
         let y = match &self.stacked {
             Some(l) => l.forward(x, train)?,
-            None => {
-                // Trainable weights. For many rows (training) stacking them costs little
-                // beside the product; for a few (sampling from a model in training) it would
-                // cost more than the products themselves, which then run one by one (each
-                // with its own adapter, if any).
-                let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
-                if rows < STACK_MIN_ROWS {
-                    let outs = self
-                        .parts
-                        .iter()
-                        .map(|p| p.forward(x, train))
-                        .collect::<Result<Vec<_>>>()?;
-                    return Ok(Tensor::cat(&outs, D::Minus1)?);
-                }
-                self.stack()?.forward(x, train)?
-            }
+            None => self.stack()?.forward(x, train)?,
         };
         if self.parts.iter().all(|p| p.lora.is_none()) {
             return Ok(y);
@@ -295,8 +294,8 @@ impl Stacked {
     }
 }
 
-/// Rows from which [`Stacked`] stacks trainable weights for one product rather than running
-/// one product per part (copying the weights costs about what `in · out` multiply-adds do).
+/// Rows from which [`Stacked`] runs one product of its stacked weights rather than one per part
+/// (stacking trainable weights copies about what `in · out` multiply-adds cost).
 const STACK_MIN_ROWS: usize = 64;
 
 /// A small parameter (LayerNorm scale or shift, a bias) in the dtype of the activations `x`.
