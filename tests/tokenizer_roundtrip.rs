@@ -72,6 +72,31 @@ fn bpe_2048_round_trips_shakespeare_and_tang_poems() {
     );
 }
 
+/// The Chinese pipeline's tokenizer: byte-level BPE trained on the Tang poems themselves round
+/// trips all of them exactly, and so does a character vocabulary.
+#[test]
+#[ignore = "needs the public data files: TINYGPT_DATA=DIR cargo test --release --features server -- --ignored"]
+fn bpe_and_char_trained_on_tang_poems_round_trip_them() {
+    let poems = read("tang_poems.txt");
+    let t = Instant::now();
+    let tok = Tokenizer::train_bpe(&poems, 2048).unwrap();
+    let ids = tok.encode(&poems).unwrap();
+    eprintln!(
+        "train_bpe(tang_poems, 2048) + encode: {} tokens ({:.2} bytes/token) in {:.2?}",
+        ids.len(),
+        poems.len() as f64 / ids.len() as f64,
+        t.elapsed()
+    );
+    // A character is 3 bytes of UTF-8: merges learned on the poems beat one token per byte.
+    assert!(ids.len() * 2 < poems.len(), "{} tokens", ids.len());
+    assert!(tok.decode(&ids).unwrap() == poems, "tang poems BPE round trip");
+    let chars = Tokenizer::train_char(&poems).unwrap();
+    let ids = chars.encode(&poems).unwrap();
+    assert_eq!(ids.len(), poems.chars().count());
+    assert!(chars.decode(&ids).unwrap() == poems, "tang poems char round trip");
+    eprintln!("char vocabulary of the poems: {} tokens", chars.vocab_size());
+}
+
 #[test]
 #[ignore = "needs the public data files: TINYGPT_DATA=DIR cargo test --release --features server -- --ignored"]
 fn char_round_trips_shakespeare() {
