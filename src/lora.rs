@@ -976,6 +976,70 @@ mod tests {
         }
     }
 
+    /// Many rows take the one-product path (stacked weights, stacked `A`s, block-diagonal
+    /// `B`s, some parts without an adapter); a few rows one product per part. Both give the
+    /// merged model's logits, and the same adapter gradients.
+    #[test]
+    fn stacked_and_per_part_adapters_agree_in_values_and_gradients() {
+        let cfg = llama();
+        let base = Gpt::init(&cfg, 5, &Device::Cpu).unwrap();
+        let lcfg = LoraConfig {
+            r: 2,
+            alpha: 3.0,
+            dropout: 0.0,
+            target_modules: vec!["q_proj".into(), "v_proj".into(), "up_proj".into()],
+        };
+        let lora = base.with_lora(&lcfg, 9).unwrap();
+        randomise_b(&lora, 4);
+        let merged = lora.merge_lora().unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let flat: Vec<u32> = (0..80).map(|_| rng.random_range(0..23u32)).collect();
+        let many = Tensor::from_vec(flat, (10, 8), &Device::Cpu).unwrap(); // 80 rows
+        let logits = lora.forward(&many).unwrap();
+        let diff = (&logits - merged.forward(&many).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-4, "{diff}");
+        let grads = |x: &Tensor| {
+            let g = lora
+                .forward(x)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            lora.vars()
+                .unwrap()
+                .into_iter()
+                .map(|(n, v)| (n, g.get(v.as_tensor()).unwrap().clone()))
+                .collect::<Vec<_>>()
+        };
+        let whole = grads(&many);
+        let halves: Vec<_> = [many.narrow(0, 0, 5).unwrap(), many.narrow(0, 5, 5).unwrap()]
+            .iter()
+            .map(|h| grads(h)) // 40 rows each: one product per part
+            .collect();
+        for (i, (name, g)) in whole.iter().enumerate() {
+            let sum = (&halves[0][i].1 + &halves[1][i].1).unwrap();
+            let d = (g - sum)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-3, "{name}: {d}");
+        }
+    }
+
     #[test]
     fn merged_weights_are_base_plus_scaled_b_a_by_hand() {
         for cfg in [gpt2(), llama()] {

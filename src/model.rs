@@ -26,6 +26,7 @@ use crate::attention::{
     self, attention_probs, causal_attention, causal_attention_gqa_qkv, causal_attention_qkv,
     repeat_kv, RowCache,
 };
+use crate::kernels::lora_linear::lora_linear;
 use crate::kernels::rms_norm::rms_norm;
 use crate::kernels::rope::{rope_qkv, rope_rows, RopeTable};
 use crate::kernels::swiglu::swiglu;
@@ -168,42 +169,53 @@ impl Linear {
         })
     }
 
-    /// (B, T, in) → (B, T, out): a gemm, then the bias as one fused op (and the LoRA delta).
+    /// (B, T, in) → (B, T, out): a gemm, then the bias as one fused op; with a LoRA adapter
+    /// the one fused op of [`Linear::forward_lora`].
     fn forward(&self, x: &Tensor, train: &mut Train) -> Result<Tensor> {
         let bias = like(self.bias.as_ref(), x)?;
-        let y = layers::linear(x, &self.w()?, bias.as_ref())?;
-        self.add_lora(y, x, train)
+        if let Some(l) = &self.lora {
+            return self.forward_lora(l, &self.w()?, bias.as_ref(), x, train);
+        }
+        layers::linear(x, &self.w()?, bias.as_ref())
     }
 
     /// (B, T, in) → gelu(x @ W + b), (B, T, out): the bias add fused into the GELU.
     fn forward_gelu(&self, x: &Tensor, train: &mut Train) -> Result<Tensor> {
-        let h = layers::linear(x, &self.w()?, None)?; // (B, T, out)
-        let h = self.add_lora(h, x, train)?;
+        let h = match &self.lora {
+            Some(l) => self.forward_lora(l, &self.w()?, None, x, train)?,
+            None => layers::linear(x, &self.w()?, None)?,
+        }; // (B, T, out)
         layers::bias_gelu(&h, like(self.bias.as_ref(), x)?.as_ref())
     }
 
-    /// `y + scale · (dropout(x) @ Aᵀ) @ Bᵀ` with an adapter, else `y`: (B, T, out).
-    fn add_lora(&self, y: Tensor, x: &Tensor, train: &mut Train) -> Result<Tensor> {
-        match self.lora_delta(x, train)? {
-            Some(d) => Ok((y + d)?),
-            None => Ok(y),
+    /// `x W (+ b) + scale · (dropout(x) Aᵀ) Bᵀ`, (B, T, in) → (B, T, out), as one op with its
+    /// own backward ([`lora_linear`]): the frozen `w` (in, out) gets no gradient and no
+    /// activation beside the output is kept. Dropout (on the adapter's input) in training only.
+    fn forward_lora(
+        &self,
+        l: &crate::lora::LoraAdapter,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        x: &Tensor,
+        train: &mut Train,
+    ) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let d_in = *dims
+            .last()
+            .ok_or_else(|| Error::InvalidArgument("linear input is a scalar".into()))?;
+        let x2 = x.reshape(((), d_in))?; // (rows, in)
+        let mask = match train {
+            Some((rng, _)) if l.dropout > 0.0 => Some(dropout_mask(&x2, l.dropout, rng)?),
+            _ => None,
+        };
+        let a = like(Some(&l.a), x)?.unwrap_or_else(|| l.a.clone()); // (r, in)
+        let b = like(Some(&l.b), x)?.unwrap_or_else(|| l.b.clone()); // (out, r)
+        let y = lora_linear(&x2, w, bias, &a, &b, l.scale, mask.as_ref())?; // (rows, out)
+        let mut out = dims;
+        if let Some(last) = out.last_mut() {
+            *last = y.dim(1)?;
         }
-    }
-
-    /// The LoRA delta `scale · (dropout(x) @ Aᵀ) @ Bᵀ`, (B, T, out); dropout in training only.
-    fn lora_delta(&self, x: &Tensor, train: &mut Train) -> Result<Option<Tensor>> {
-        let Some(l) = &self.lora else {
-            return Ok(None);
-        };
-        let x = match train {
-            Some((rng, _)) if l.dropout > 0.0 => dropout(x, l.dropout, rng)?,
-            _ => x.clone(),
-        };
-        let a = like(Some(&l.a), &x)?.unwrap_or_else(|| l.a.clone()); // (r, in)
-        let b = like(Some(&l.b), &x)?.unwrap_or_else(|| l.b.clone()); // (out, r)
-        let h = layers::linear(&x, &a.t()?, None)?; // (B, T, r)
-        let d = layers::linear(&h, &b.t()?, None)?; // (B, T, out)
-        Ok(Some(d.affine(l.scale, 0.0)?))
+        Ok(y.reshape(out)?)
     }
 }
 
@@ -270,27 +282,72 @@ impl Stacked {
                 .collect::<Result<Vec<_>>>()?;
             return Ok(Tensor::cat(&outs, D::Minus1)?);
         }
-        let y = match &self.stacked {
-            Some(l) => l.forward(x, train)?,
-            None => self.stack()?.forward(x, train)?,
-        };
-        if self.parts.iter().all(|p| p.lora.is_none()) {
-            return Ok(y);
+        if self.parts.iter().any(|p| p.lora.is_some()) {
+            return self.forward_lora(x, train);
         }
-        let mut deltas = Vec::with_capacity(self.parts.len());
+        match &self.stacked {
+            Some(l) => l.forward(x, train),
+            None => self.stack()?.forward(x, train),
+        }
+    }
+    /// The stacked product with LoRA adapters on some parts, as one [`lora_linear`]: the
+    /// frozen weights stacked, the parts' `A`s stacked `(Σ r, in)` and their `B`s on the
+    /// diagonal of `(Σ out, Σ r)` (zeros elsewhere, and for a part without an adapter), so
+    /// each part's output gets exactly its own delta. With dropout in training each part draws
+    /// its own mask, as PEFT's modules do: then one product per part.
+    fn forward_lora(&self, x: &Tensor, train: &mut Train) -> Result<Tensor> {
+        let adapters: Vec<_> = self.parts.iter().filter_map(|p| p.lora.as_ref()).collect();
+        let scale = adapters.first().map(|l| l.scale).unwrap_or(1.0);
+        let per_part = (train.is_some() && adapters.iter().any(|l| l.dropout > 0.0))
+            || adapters.iter().any(|l| l.scale != scale);
+        if per_part {
+            let outs = self
+                .parts
+                .iter()
+                .map(|p| p.forward(x, train))
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(Tensor::cat(&outs, D::Minus1)?);
+        }
+        let stacked = match &self.stacked {
+            Some(l) => l.clone(),
+            None => self.stack()?,
+        };
+        let r_total: usize = adapters
+            .iter()
+            .map(|l| l.a.dim(0))
+            .sum::<candle_core::Result<usize>>()?;
+        let a = Tensor::cat(&adapters.iter().map(|l| &l.a).collect::<Vec<_>>(), 0)?; // (Σ r, in)
+        let (device, dtype) = (x.device(), a.dtype());
+        let mut rows = Vec::with_capacity(self.parts.len());
+        let mut at = 0;
         for part in &self.parts {
-            deltas.push(match part.lora_delta(x, train)? {
-                Some(d) => d,
-                None => {
-                    let mut shape = y.dims().to_vec();
-                    if let Some(last) = shape.last_mut() {
-                        *last = part.weight.dim(0)?;
+            let out = part.weight.dim(0)?;
+            rows.push(match &part.lora {
+                Some(l) => {
+                    let r = l.b.dim(1)?;
+                    let mut blocks = Vec::with_capacity(3);
+                    if at > 0 {
+                        blocks.push(Tensor::zeros((out, at), dtype, device)?);
                     }
-                    Tensor::zeros(shape, y.dtype(), y.device())?
+                    blocks.push(l.b.clone());
+                    if at + r < r_total {
+                        blocks.push(Tensor::zeros((out, r_total - at - r), dtype, device)?);
+                    }
+                    at += r;
+                    Tensor::cat(&blocks, 1)? // (out_i, Σ r)
                 }
+                None => Tensor::zeros((out, r_total), dtype, device)?,
             });
         }
-        Ok((y + Tensor::cat(&deltas, D::Minus1)?)?)
+        let b = Tensor::cat(&rows, 0)?; // (Σ out, Σ r), block-diagonal
+        let adapter = crate::lora::LoraAdapter {
+            a,
+            b,
+            scale,
+            dropout: 0.0,
+        };
+        let bias = like(stacked.bias.as_ref(), x)?;
+        stacked.forward_lora(&adapter, &stacked.w()?, bias.as_ref(), x, train)
     }
 }
 
@@ -324,12 +381,17 @@ fn dropout(x: &Tensor, p: f32, rng: &mut ChaCha8Rng) -> candle_core::Result<Tens
     if p <= 0.0 {
         return Ok(x.clone());
     }
+    x.mul(&dropout_mask(x, p, rng)?)
+}
+
+/// The mask [`dropout`] multiplies `x` by: 0 with probability `p`, else `1 / (1 - p)`; `x`'s
+/// shape, dtype and device.
+fn dropout_mask(x: &Tensor, p: f32, rng: &mut ChaCha8Rng) -> candle_core::Result<Tensor> {
     let scale = 1.0 / (1.0 - p);
     let mask: Vec<f32> = (0..x.elem_count())
         .map(|_| if rng.random::<f32>() < p { 0.0 } else { scale })
         .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    x.mul(&mask)
+    Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())
 }
 
 /// Dropout state threaded through a training forward pass; `None` in evaluation.

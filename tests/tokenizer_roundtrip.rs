@@ -89,12 +89,21 @@ fn bpe_and_char_trained_on_tang_poems_round_trip_them() {
     );
     // A character is 3 bytes of UTF-8: merges learned on the poems beat one token per byte.
     assert!(ids.len() * 2 < poems.len(), "{} tokens", ids.len());
-    assert!(tok.decode(&ids).unwrap() == poems, "tang poems BPE round trip");
+    assert!(
+        tok.decode(&ids).unwrap() == poems,
+        "tang poems BPE round trip"
+    );
     let chars = Tokenizer::train_char(&poems).unwrap();
     let ids = chars.encode(&poems).unwrap();
     assert_eq!(ids.len(), poems.chars().count());
-    assert!(chars.decode(&ids).unwrap() == poems, "tang poems char round trip");
-    eprintln!("char vocabulary of the poems: {} tokens", chars.vocab_size());
+    assert!(
+        chars.decode(&ids).unwrap() == poems,
+        "tang poems char round trip"
+    );
+    eprintln!(
+        "char vocabulary of the poems: {} tokens",
+        chars.vocab_size()
+    );
 }
 
 #[test]

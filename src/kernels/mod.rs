@@ -4,6 +4,7 @@
 //!
 //! - [`layers`]: LayerNorm, bias add, bias + GELU, cross-entropy (each forward and backward).
 //! - [`attention`]: causal self-attention after FlashAttention-2, training and KV-cache decoding.
+//! - [`lora_linear`]: a LoRA-adapted projection, frozen weight, one op.
 //! - [`rms_norm`]: RMSNorm (Llama, Qwen; also Qwen3's per-head q/k norm).
 //! - [`rope`]: rotary position embeddings, Hugging Face's rotate-half layout, on packed qkv.
 //! - [`swiglu`]: `silu(gate) · up` on a packed `[gate | up]` projection.
@@ -15,6 +16,7 @@
 pub mod attention;
 pub(crate) mod gemv;
 pub mod layers;
+pub mod lora_linear;
 pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;
