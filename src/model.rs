@@ -1075,11 +1075,12 @@ impl GptConfig {
                     (
                         "head_dim",
                         self.head_dim
-                            .is_some_and(|d| d * self.n_head != self.n_embd),
+                            .is_some_and(|d| d.checked_mul(self.n_head) != Some(self.n_embd)),
                     ),
                     (
                         "intermediate_size",
-                        self.intermediate_size.is_some_and(|i| i != 4 * self.n_embd),
+                        self.intermediate_size
+                            .is_some_and(|i| Some(i) != self.n_embd.checked_mul(4)),
                     ),
                     ("tie_word_embeddings", !self.tie_word_embeddings),
                     ("qkv_bias", self.qkv_bias),
@@ -1094,6 +1095,14 @@ impl GptConfig {
                 }
             }
             Arch::Llama => {
+                let width = |heads: usize| heads.checked_mul(self.head_size());
+                if width(self.n_head).is_none() || width(self.n_kv_heads()).is_none() {
+                    return Err(Error::Config(format!(
+                        "n_head ({}) times the head size ({}) overflows",
+                        self.n_head,
+                        self.head_size()
+                    )));
+                }
                 if !self.head_size().is_multiple_of(2) {
                     return Err(Error::Config(format!(
                         "the head size ({}) must be even: RoPE rotates pairs of channels",
@@ -2313,6 +2322,102 @@ mod tests {
             e.contains("n_embd (8) must be divisible by n_head (3)"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn llama_settings_are_checked_by_name() {
+        let llama = GptConfig::llama(11, 8, 2, 4, 8);
+        let cases = [
+            (
+                GptConfig {
+                    n_kv_head: Some(3),
+                    ..llama.clone()
+                },
+                "multiple of n_kv_head",
+            ),
+            (
+                GptConfig {
+                    head_dim: Some(3),
+                    ..llama.clone()
+                },
+                "must be even",
+            ),
+            (
+                GptConfig {
+                    head_dim: Some(usize::MAX / 2),
+                    ..llama.clone()
+                },
+                "overflows",
+            ),
+            (
+                GptConfig {
+                    rope_theta: f64::NAN,
+                    ..llama.clone()
+                },
+                "rope_theta",
+            ),
+            (
+                GptConfig {
+                    norm_eps: 0.0,
+                    ..llama.clone()
+                },
+                "norm_eps",
+            ),
+            (
+                GptConfig {
+                    n_kv_head: Some(0),
+                    ..llama.clone()
+                },
+                "n_kv_head must be at least 1",
+            ),
+            (
+                GptConfig {
+                    qk_norm: true,
+                    ..tiny()
+                },
+                "qk_norm is a Llama setting",
+            ),
+            (
+                GptConfig {
+                    n_kv_head: Some(1),
+                    ..tiny()
+                },
+                "n_kv_head is a Llama setting",
+            ),
+            (
+                GptConfig {
+                    head_dim: Some(usize::MAX),
+                    ..tiny()
+                },
+                "head_dim is a Llama setting",
+            ),
+            (
+                GptConfig {
+                    intermediate_size: Some(7),
+                    ..tiny()
+                },
+                "intermediate_size is a Llama",
+            ),
+            (
+                GptConfig {
+                    tie_word_embeddings: false,
+                    ..tiny()
+                },
+                "tie_word_embeddings is a",
+            ),
+        ];
+        for (cfg, needle) in cases {
+            let e = cfg.validate().unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+        }
+        // GPT-2 with the Llama fields at their GPT-2 values is a GPT-2.
+        let same = GptConfig {
+            n_kv_head: Some(2),
+            head_dim: Some(4),
+            intermediate_size: Some(32),
+            ..tiny()
+        };
+        assert!(same.validate().is_ok());
     }
 
     #[test]
