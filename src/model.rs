@@ -1,16 +1,27 @@
-//! The GPT: a next-token predictor.
+//! The GPT: a next-token predictor, in two families.
 //!
-//! This is GPT-2 (Radford et al. 2019) as Karpathy's nanoGPT `model.py` writes it, and the
-//! file reads in the same order: LayerNorm → causal self-attention → MLP → Block → config →
-//! GPT. Every tensor line carries its shape: `B` batch, `T` time (sequence), `C` channels
-//! (`n_embd`), `nh` heads, `hs` head size (`C / nh`), `V` vocabulary.
+//! - **GPT-2** (Radford et al. 2019) as Karpathy's nanoGPT `model.py` writes it: learned
+//!   position embeddings, LayerNorm, a fused `c_attn`, a GELU MLP, a tied head.
+//! - **Llama** (Touvron et al. 2023) and its descendants (Qwen2, Qwen3, SmolLM2, TinyLlama):
+//!   rotary position embeddings, RMSNorm, grouped-query attention, a SwiGLU MLP, a tied or
+//!   untied head, optional q/k/v biases (Qwen2) and q/k norms (Qwen3).
 //!
-//! Weights carry Hugging Face GPT-2 names (`transformer.h.0.attn.c_attn.weight`) and HF's
-//! `Conv1D` layout: a projection's weight is `(in, out)` and is applied as `x @ W + b`. So a
-//! tinygpt `model.safetensors` and an HF GPT-2 one hold the same tensors under the same names.
+//! One [`Gpt`] holds either ([`GptConfig::arch`]): every stage, the sampler and the server take
+//! the same type, and the block reads the same for both, the families differing in three
+//! pieces that are enums here (`Norm`, `Qkv`, `Mlp`) and in RoPE inside the attention. The
+//! file reads top-down: norms → projections → attention → MLP → Block → config → the model.
+//! Every tensor line carries its shape: `B` batch, `T` time (sequence), `C` channels
+//! (`n_embd`), `nh` query heads, `nkv` key/value heads, `hs` head size, `I` MLP width, `V`
+//! vocabulary.
 //!
-//! Everything here is built from differentiable candle primitives, so gradients reach every
-//! parameter (candle's fused `layer_norm`/`softmax_last_dim` have no backward pass).
+//! Weights carry Hugging Face names and layouts: GPT-2's (`transformer.h.0.attn.c_attn.weight`,
+//! `Conv1D` `(in, out)`, applied as `x @ W + b`) or Llama's (`model.layers.0.self_attn.q_proj.weight`,
+//! `nn.Linear` `(out, in)`, applied as `x @ Wᵀ + b`). So a tinygpt `model.safetensors` and a
+//! Hugging Face one hold the same tensors under the same names.
+//!
+//! Everything here is built from differentiable ops: candle primitives and the fused kernels
+//! of [`crate::kernels`], each with its own backward (candle's fused `layer_norm`, `rms_norm`,
+//! `rotary_emb` and `softmax_last_dim` have none), so gradients reach every parameter.
 
 use std::collections::HashMap;
 use std::sync::Arc;
