@@ -185,6 +185,9 @@ for cmd in "${COMMANDS[@]}"; do
     if [[ -n $extra ]]; then
         if [[ $full == *" -- "* ]]; then full="$full $extra"; else full="$full -- $extra"; fi
     fi
+    # tang_poems.txt cannot be fetched (it is built from 10 upstream files, of which the
+    # mirror has one): the commands naming it read it from ../shared/data, as TINYGPT_DATA.
+    if [[ $full == *tang_poems.txt* ]]; then full="TINYGPT_DATA=$SHARED $full"; fi
     say "$full"
     if [[ $example == serve ]]; then
         # Start, wait for /health, SIGTERM, expect a clean exit.

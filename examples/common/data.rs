@@ -198,6 +198,18 @@ pub const DATA_ENV: &str = "TINYGPT_DATA";
 /// The environment variable naming a directory to read upstream files from instead of HTTP.
 pub const MIRROR_ENV: &str = "TINYGPT_DOWNLOAD_MIRROR";
 
+/// Data files the README uses that `fetch_data` cannot fetch (each is built from several
+/// upstream files), with where they come from: [`resolve`] takes them from `$TINYGPT_DATA`
+/// or says this.
+pub const LOCAL_ONLY: &[(&str, &str)] = &[(
+    "tang_poems.txt",
+    "it is built from chinese-poetry/chinese-poetry's 全唐诗/poet.tang.0.json, \
+     poet.tang.1000.json, … poet.tang.9000.json (10 files) at commit \
+     99ebbef7e1345c0985c44b9fd96a3f9e776f117b: one poem per paragraph (its title line, its \
+     author line, its lines), 2,384,568 bytes, sha256 \
+     282db0f722c7abdb839bd3b3cde8085242cb29428cb8aea87df19e98a5ec85a3",
+)];
+
 /// The dataset whose file name is `name`, if any.
 pub fn known(name: &str) -> Option<&'static Dataset> {
     DATASETS.iter().find(|d| d.name == name)
@@ -210,8 +222,22 @@ pub fn resolve(flag: &str, path: &Path) -> Result<PathBuf> {
     if path.exists() {
         return Ok(path.to_path_buf());
     }
-    let dataset = path.file_name().and_then(|n| n.to_str()).and_then(known);
-    let Some(dataset) = dataset else {
+    let name = path.file_name().and_then(|n| n.to_str());
+    if let Some((name, source)) = LOCAL_ONLY.iter().find(|(n, _)| Some(*n) == name) {
+        let dir = std::env::var_os(DATA_ENV).filter(|d| !d.is_empty());
+        if let Some(local) = dir.map(|d| Path::new(&d).join(name)) {
+            if local.is_file() {
+                eprintln!("{flag} {}: using {} ({DATA_ENV})", path.display(), local.display());
+                return Ok(local);
+            }
+        }
+        bail!(
+            "{flag} {}: no such file, and fetch_data cannot fetch {name}: {source}; put it \
+             there, or set {DATA_ENV}=DIR to a directory holding it",
+            path.display()
+        );
+    }
+    let Some(dataset) = name.and_then(known) else {
         bail!("{flag} {}: no such file", path.display());
     };
     if let Some(dir) = std::env::var_os(DATA_ENV).filter(|d| !d.is_empty()) {
