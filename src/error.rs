@@ -45,6 +45,16 @@ pub enum Error {
         msg: String,
     },
 
+    /// A chat template (Jinja, from a `tokenizer_config.json`) failed to compile or render, or
+    /// raised an exception itself (`raise_exception`), e.g. for a role it does not know.
+    #[error("chat template {name}: {msg}")]
+    ChatTemplate {
+        /// Where the template came from (a file, and the template's name if it has several).
+        name: String,
+        /// What went wrong, with the template line when known.
+        msg: String,
+    },
+
     /// A configuration value is out of range or inconsistent (e.g. `n_embd % n_head != 0`).
     #[error("invalid config: {0}")]
     Config(String),

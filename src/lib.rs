@@ -89,6 +89,7 @@ pub use kernels::{attention, layers};
 pub use chat::{ChatSession, ChatTemplate, Message, Role};
 pub use data::{Split, TokenDataset};
 pub use error::{Error, Result};
+pub use hf::chat_template::HfChatTemplate;
 pub use hf::Gpt2Config;
 pub use lora::LoraConfig;
 pub use model::{Arch, Gpt, GptConfig, KvCache};

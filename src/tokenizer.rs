@@ -53,6 +53,10 @@ use crate::error::{Error, Result};
 /// The end-of-text special token that separates documents (GPT-2's, with the same spelling).
 pub const EOT: &str = "<|endoftext|>";
 
+/// The eos tokens of Hugging Face tokenizers without [`EOT`] that serve as their end-of-text
+/// token, in the order they are tried (see [`Tokenizer::from_inner`]).
+pub const KNOWN_EOS: [&str; 4] = ["</s>", "<|end_of_text|>", "<|im_end|>", "<eos>"];
+
 /// The Unicode replacement character: what lossy UTF-8 decoding puts for incomplete bytes.
 const REPLACEMENT: char = '\u{FFFD}';
 
@@ -191,9 +195,9 @@ impl Tokenizer {
         })
     }
 
-    /// Loads a Hugging Face `tokenizer.json`. If it lacks `<|endoftext|>` as an added token,
-    /// it is registered as a special token (reusing its id if the model already has it,
-    /// otherwise appended at the end of the vocabulary).
+    /// Loads a Hugging Face `tokenizer.json`. Its end-of-text token ([`Tokenizer::eot_id`]) is
+    /// chosen as [`Tokenizer::from_inner`] says: `<|endoftext|>` when the vocabulary has it,
+    /// else a model's own eos token (`</s>`, …), else `<|endoftext|>` appended.
     ///
     /// The file is parsed and checked before the `tokenizers` crate sees it (see
     /// [`Tokenizer::from_bytes`]), so a hostile file is an error, never a panic or a huge
@@ -204,12 +208,33 @@ impl Tokenizer {
     /// [`Error::BadFile`] (naming the path, and the line for malformed JSON) if it is not a
     /// valid `tokenizer.json` or fails the checks of [`Tokenizer::from_inner`].
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
+        Self::from_file_with_eos(path, None)
+    }
+
+    /// As [`Tokenizer::from_file`], with `eos` (the `eos_token` of a Hugging Face
+    /// `tokenizer_config.json`) as the end-of-text token when the vocabulary has no
+    /// `<|endoftext|>` but has `eos` (see [`Tokenizer::from_inner_with_eos`]).
+    ///
+    /// # Errors
+    /// As [`Tokenizer::from_file`].
+    pub fn from_file_with_eos(path: impl AsRef<Path>, eos: Option<&str>) -> Result<Self> {
+        Self::from_file_adjusted(path.as_ref(), eos, |_| ())
+    }
+
+    /// As [`Tokenizer::from_file_with_eos`], with `adjust` applied to the parsed tokenizer
+    /// before it is wrapped (Hugging Face tokenizer classes that replace parts of their
+    /// `tokenizer.json`, see [`crate::hf::load_tokenizer`]).
+    pub(crate) fn from_file_adjusted(
+        path: &Path,
+        eos: Option<&str>,
+        adjust: impl FnOnce(&mut tokenizers::Tokenizer),
+    ) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let inner = parse_tokenizer_json(&bytes).map_err(|(line, msg)| {
+        let mut inner = parse_tokenizer_json(&bytes).map_err(|(line, msg)| {
             Error::bad_file(path, line, format!("not a valid tokenizer.json: {msg}"))
         })?;
-        Self::from_inner(inner).map_err(|e| match e {
+        adjust(&mut inner);
+        Self::from_inner_with_eos(inner, eos).map_err(|e| match e {
             Error::Tokenizer(msg) => Error::bad_file(path, None, msg),
             e => e,
         })
@@ -234,7 +259,21 @@ impl Tokenizer {
         Self::from_inner(inner)
     }
 
-    /// Wraps a `tokenizers::Tokenizer`, making sure [`EOT`] is a registered special token.
+    /// Wraps a `tokenizers::Tokenizer` and chooses its end-of-text token
+    /// ([`Tokenizer::eot_id`]: documents are separated by it in pre-training, and generation
+    /// stops at it):
+    ///
+    /// 1. [`EOT`] (`<|endoftext|>`) when the vocabulary has it (every tokenizer tinygpt
+    ///    trains, GPT-2's, Qwen's, SmolLM2's), registered as a special token if it is not
+    ///    one yet (its id kept);
+    /// 2. else the first of [`KNOWN_EOS`] (`</s>` of Llama 2, TinyLlama and Mistral,
+    ///    `<|end_of_text|>` of Llama 3, `<|im_end|>`, `<eos>` of Gemma) that the tokenizer
+    ///    has as a special token, so that a Hugging Face vocabulary of exactly the model's
+    ///    size does not grow by one;
+    /// 3. else `<|endoftext|>` is appended at the end of the vocabulary.
+    ///
+    /// [`Tokenizer::from_inner_with_eos`] puts a given eos token (a `tokenizer_config.json`'s
+    /// `eos_token`) before the list of step 2.
     ///
     /// Padding and truncation settings are dropped: tinygpt pads batches itself, and its
     /// encodings are exact (a fixed padding length would also have every encoding allocate
@@ -244,7 +283,19 @@ impl Tokenizer {
     /// [`Error::Tokenizer`] if a token's id is not below the vocabulary size (tinygpt gives
     /// every id a row of the model's embedding, so ids must run from 0 to the size − 1),
     /// naming the token, its id and the size; or if `<|endoftext|>` cannot be added.
-    pub fn from_inner(mut inner: tokenizers::Tokenizer) -> Result<Self> {
+    pub fn from_inner(inner: tokenizers::Tokenizer) -> Result<Self> {
+        Self::from_inner_with_eos(inner, None)
+    }
+
+    /// As [`Tokenizer::from_inner`], with `eos` tried first when the vocabulary has no
+    /// `<|endoftext|>`; an `eos` the vocabulary lacks is passed over.
+    ///
+    /// # Errors
+    /// As [`Tokenizer::from_inner`].
+    pub fn from_inner_with_eos(
+        mut inner: tokenizers::Tokenizer,
+        eos: Option<&str>,
+    ) -> Result<Self> {
         inner.with_padding(None);
         inner.with_truncation(None)?;
         let size = inner.get_vocab_size(true);
@@ -261,12 +312,28 @@ impl Tokenizer {
             )));
         }
         drop(vocab);
-        if !inner.get_added_vocabulary().get_vocab().contains_key(EOT) {
-            inner.add_special_tokens([AddedToken::from(EOT, true)])?;
+        let added = inner.get_added_vocabulary();
+        let is_special = |t: &str| {
+            added
+                .get_vocab()
+                .get(t)
+                .and_then(|id| added.get_added_tokens_decoder().get(id))
+                .is_some_and(|a| a.special)
+        };
+        let model_eos = if inner.token_to_id(EOT).is_some() {
+            None
+        } else {
+            eos.filter(|e| inner.token_to_id(e).is_some())
+                .or_else(|| KNOWN_EOS.iter().copied().find(|t| is_special(t)))
+                .map(str::to_string)
+        };
+        let eot_token = model_eos.unwrap_or_else(|| EOT.to_string());
+        if !added.get_vocab().contains_key(eot_token.as_str()) {
+            inner.add_special_tokens([AddedToken::from(eot_token.as_str(), true)])?;
         }
         let eot = inner
-            .token_to_id(EOT)
-            .ok_or_else(|| Error::Tokenizer(format!("{EOT} could not be added")))?;
+            .token_to_id(&eot_token)
+            .ok_or_else(|| Error::Tokenizer(format!("{eot_token} could not be added")))?;
         let kind = detect_kind(&inner);
         let plain = std::sync::Arc::new(plain_text_copy(&inner));
         Ok(Self {
@@ -411,7 +478,8 @@ impl Tokenizer {
             .is_some_and(|t| t.special)
     }
 
-    /// The id of [`EOT`] (`<|endoftext|>`), which every tokenizer has.
+    /// The id of the end-of-text token: [`EOT`] (`<|endoftext|>`), or for a Hugging Face
+    /// tokenizer without it the model's eos token (see [`Tokenizer::from_inner`]).
     pub fn eot_id(&self) -> u32 {
         self.eot
     }

@@ -62,6 +62,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+pub mod chat_template;
 pub mod llama;
 
 use crate::checkpoint::load_safetensors;
@@ -530,17 +531,22 @@ pub fn load_config(dir: impl AsRef<Path>) -> Result<GptConfig> {
 }
 
 /// Loads the tokenizer of a Hugging Face directory: `tokenizer.json` if present, otherwise
-/// GPT-2's `vocab.json` + `merges.txt` (see [`Tokenizer::from_gpt2_files`]). Either way
-/// `<|endoftext|>` is a special token.
+/// GPT-2's `vocab.json` + `merges.txt` (see [`Tokenizer::from_gpt2_files`]). The end-of-text
+/// token is `<|endoftext|>` when the vocabulary has it, else the `eos_token` of
+/// `tokenizer_config.json` (Llama 2's `</s>`: see [`Tokenizer::from_inner_with_eos`]), so the
+/// vocabulary keeps the model's size.
 ///
 /// # Errors
 /// [`Error::Checkpoint`] if the directory has neither; the tokenizer's own errors (naming
-/// the file) if one is malformed.
+/// the file) if one is malformed; [`Error::BadFile`] for a malformed `tokenizer_config.json`.
 pub fn load_tokenizer(dir: impl AsRef<Path>) -> Result<Tokenizer> {
     let dir = dir.as_ref();
     let json = dir.join(files::TOKENIZER);
     if json.is_file() {
-        return Tokenizer::from_file(json);
+        let config = chat_template::TokenizerConfig::load(dir)?;
+        return Tokenizer::from_file_adjusted(&json, config.eos_token.as_deref(), |inner| {
+            as_transformers_llama(inner, &config)
+        });
     }
     let (vocab, merges) = (dir.join(files::VOCAB), dir.join(files::MERGES));
     if vocab.is_file() && merges.is_file() {
@@ -555,6 +561,39 @@ pub fn load_tokenizer(dir: impl AsRef<Path>) -> Result<Tokenizer> {
             files::MERGES
         ),
     ))
+}
+
+/// transformers 5's `LlamaTokenizer` (`tokenizer_class` `LlamaTokenizer` or
+/// `LlamaTokenizerFast`) does not run a SentencePiece-style BPE's `tokenizer.json` normalizer
+/// (`Prepend("▁")` + `Replace(" ", "▁")`): it uses a `Metaspace` pre-tokenizer instead, which
+/// puts `▁` before the first piece only (`legacy: false`, its default; every piece with
+/// `legacy: true`; none with `add_prefix_space: false`). So `"</s>\n"` in a chat template is
+/// `[</s>, \n]` there, where the file's normalizer gives `[</s>, ▁, \n]`. tinygpt follows
+/// transformers, whose ids the models' chat templates were checked with.
+fn as_transformers_llama(
+    inner: &mut tokenizers::Tokenizer,
+    config: &chat_template::TokenizerConfig,
+) {
+    use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+    let llama = matches!(
+        config.tokenizer_class.as_deref(),
+        Some("LlamaTokenizer" | "LlamaTokenizerFast")
+    );
+    let byte_fallback_bpe =
+        matches!(inner.get_model(), tokenizers::ModelWrapper::BPE(m) if m.byte_fallback);
+    if !llama || !byte_fallback_bpe || inner.get_pre_tokenizer().is_some() {
+        return;
+    }
+    let scheme = match (
+        config.add_prefix_space.unwrap_or(true),
+        config.legacy.unwrap_or(false),
+    ) {
+        (false, _) => PrependScheme::Never,
+        (true, false) => PrependScheme::First,
+        (true, true) => PrependScheme::Always,
+    };
+    let _ = inner.with_normalizer(None::<tokenizers::NormalizerWrapper>);
+    inner.with_pre_tokenizer(Some(Metaspace::new('▁', scheme, false)));
 }
 
 /// Reads every tensor of `DIR/model.safetensors`, or of the shards listed by
