@@ -227,7 +227,11 @@ pub fn resolve(flag: &str, path: &Path) -> Result<PathBuf> {
         let dir = std::env::var_os(DATA_ENV).filter(|d| !d.is_empty());
         if let Some(local) = dir.map(|d| Path::new(&d).join(name)) {
             if local.is_file() {
-                eprintln!("{flag} {}: using {} ({DATA_ENV})", path.display(), local.display());
+                eprintln!(
+                    "{flag} {}: using {} ({DATA_ENV})",
+                    path.display(),
+                    local.display()
+                );
                 return Ok(local);
             }
         }
