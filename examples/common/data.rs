@@ -224,16 +224,8 @@ pub fn resolve(flag: &str, path: &Path) -> Result<PathBuf> {
     }
     let name = path.file_name().and_then(|n| n.to_str());
     if let Some((name, source)) = LOCAL_ONLY.iter().find(|(n, _)| Some(*n) == name) {
-        let dir = std::env::var_os(DATA_ENV).filter(|d| !d.is_empty());
-        if let Some(local) = dir.map(|d| Path::new(&d).join(name)) {
-            if local.is_file() {
-                eprintln!(
-                    "{flag} {}: using {} ({DATA_ENV})",
-                    path.display(),
-                    local.display()
-                );
-                return Ok(local);
-            }
+        if let Some(local) = in_data_env(flag, path, name) {
+            return Ok(local);
         }
         bail!(
             "{flag} {}: no such file, and fetch_data cannot fetch {name}: {source}; put it \
@@ -244,16 +236,10 @@ pub fn resolve(flag: &str, path: &Path) -> Result<PathBuf> {
     let Some(dataset) = name.and_then(known) else {
         bail!("{flag} {}: no such file", path.display());
     };
+    if let Some(local) = in_data_env(flag, path, dataset.name) {
+        return Ok(local);
+    }
     if let Some(dir) = std::env::var_os(DATA_ENV).filter(|d| !d.is_empty()) {
-        let local = Path::new(&dir).join(dataset.name);
-        if local.is_file() {
-            eprintln!(
-                "{flag} {}: using {} ({DATA_ENV})",
-                path.display(),
-                local.display()
-            );
-            return Ok(local);
-        }
         eprintln!(
             "{flag} {}: {} is not in {DATA_ENV}={}",
             path.display(),
@@ -263,6 +249,21 @@ pub fn resolve(flag: &str, path: &Path) -> Result<PathBuf> {
     }
     fetch(dataset, path).with_context(|| format!("{flag} {}", path.display()))?;
     Ok(path.to_path_buf())
+}
+
+/// `$TINYGPT_DATA/name` when that is set and holds it (saying so on stderr).
+fn in_data_env(flag: &str, path: &Path, name: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os(DATA_ENV).filter(|d| !d.is_empty())?;
+    let local = Path::new(&dir).join(name);
+    if !local.is_file() {
+        return None;
+    }
+    eprintln!(
+        "{flag} {}: using {} ({DATA_ENV})",
+        path.display(),
+        local.display()
+    );
+    Some(local)
 }
 
 /// [`resolve`] for every path of a flag that takes several.

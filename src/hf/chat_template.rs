@@ -13,9 +13,9 @@
 //! TinyLlama-style, a Llama-2-style and a Qwen2.5 template (tools and tool calls included).
 //!
 //! For training, [`HfChatTemplate::render_for_training`] marks the assistant's tokens by
-//! rendering prefixes of the conversation, as TRL's `assistant_only_loss` needs no
-//! `{% generation %}` markers in the template for: a template whose prefixes are not prefixes
-//! of the whole is refused.
+//! rendering prefixes of the conversation, so the template needs no `{% generation %}` markers
+//! (which transformers' `return_assistant_tokens_mask` and TRL's `assistant_only_loss` need):
+//! a template whose prefixes are not prefixes of the whole is refused.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -257,7 +257,7 @@ impl HfChatTemplate {
         };
         let messages = parse("messages", messages)?;
         let tools = tools.map(|t| parse("tools", t)).transpose()?;
-        self.render_values(messages, tools, add_generation_prompt)
+        self.render_value(messages, tools, add_generation_prompt)
     }
 
     /// Renders a conversation (see [`HfChatTemplate::render_json`]), without tools.
@@ -265,7 +265,7 @@ impl HfChatTemplate {
     /// # Errors
     /// [`Error::ChatTemplate`] as [`HfChatTemplate::render_json`].
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        self.render_values(
+        self.render_value(
             Value::from(minijinja::value::Serde(messages)),
             None,
             add_generation_prompt,
@@ -335,15 +335,6 @@ impl HfChatTemplate {
     /// # Errors
     /// As [`HfChatTemplate::render_json`].
     pub fn render_value(
-        &self,
-        messages: Value,
-        tools: Option<Value>,
-        add_generation_prompt: bool,
-    ) -> Result<String> {
-        self.render_values(messages, tools, add_generation_prompt)
-    }
-
-    fn render_values(
         &self,
         messages: Value,
         tools: Option<Value>,
@@ -437,7 +428,10 @@ fn format_utc(secs: u64, format: &str) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    let name = MONTHS[(month - 1) as usize];
+    let name = MONTHS
+        .get((month - 1) as usize)
+        .copied()
+        .unwrap_or("January");
     let mut out = String::new();
     let mut chars = format.chars();
     while let Some(c) = chars.next() {
