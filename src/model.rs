@@ -37,10 +37,11 @@ use crate::attention::{
     self, attention_probs, causal_attention, causal_attention_gqa_qkv, causal_attention_qkv,
     repeat_kv, RowCache,
 };
+use crate::kernels::decode_step::{add_assign, add_rows, streamable, vector_f32};
 use crate::kernels::lora_linear::lora_linear;
-use crate::kernels::rms_norm::rms_norm;
+use crate::kernels::rms_norm::{rms_norm, rms_norm_rows};
 use crate::kernels::rope::{rope_qkv, rope_rows, RopeTable};
-use crate::kernels::swiglu::swiglu;
+use crate::kernels::swiglu::{swiglu, swiglu_rows};
 use crate::layers;
 use crate::lora::{LoraAdapter, LoraState};
 use crate::{Error, Result};
@@ -103,6 +104,12 @@ impl RmsNorm {
         let weight = like(Some(&self.weight), x)?.unwrap_or_else(|| self.weight.clone());
         rms_norm(x, &weight, self.eps) // (.., C)
     }
+
+    /// [`RmsNorm::forward`] on plain rows of the weight's width, `x` → `y`.
+    fn forward_rows(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
+        rms_norm_rows(x, &vector_f32(&self.weight)?, y, self.eps as f32);
+        Ok(())
+    }
 }
 
 /// The norm before each sub-layer and at the end: GPT-2's LayerNorm or Llama's RMSNorm.
@@ -125,6 +132,19 @@ impl Norm {
             Norm::Layer(n) => n.forward(x),
             Norm::Rms(n) => n.forward(x),
         }
+    }
+
+    /// [`Norm::forward`] on plain rows, `x` → `y` (R·C floats each), for a decoding step.
+    fn forward_rows(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
+        match self {
+            Norm::Layer(n) => {
+                let w = vector_f32(&n.weight)?;
+                let b = n.bias.as_ref().map(vector_f32).transpose()?;
+                layers::layer_norm_rows(x, &w, b.as_deref(), y, n.eps as f32);
+            }
+            Norm::Rms(n) => n.forward_rows(x, y)?,
+        }
+        Ok(())
     }
 }
 
@@ -199,6 +219,21 @@ impl Linear {
         layers::bias_gelu(&h, like(self.bias.as_ref(), x)?.as_ref())
     }
 
+    /// [`Linear::forward`] of `rows` plain rows, `x` (rows, in) → `y` (rows, out), for an f16
+    /// weight without an adapter (a decoding step; [`Gpt::decodes_by_rows`] checks).
+    fn forward_rows(&self, x: &[f32], rows: usize, y: &mut [f32]) -> Result<()> {
+        crate::gemv::f16_linear_into(x, rows, &self.w()?, y)?;
+        if let Some(b) = &self.bias {
+            add_rows(y, &vector_f32(b)?);
+        }
+        Ok(())
+    }
+
+    /// Whether [`Linear::forward_rows`] takes this projection.
+    fn by_rows(&self) -> bool {
+        self.lora.is_none() && streamable(&self.weight)
+    }
+
     /// `x W (+ b) + scale · (dropout(x) Aᵀ) Bᵀ`, (B, T, in) → (B, T, out), as one op with its
     /// own backward ([`lora_linear`]): the frozen `w` (in, out) gets no gradient and no
     /// activation beside the output is kept. Dropout (on the adapter's input) in training only.
@@ -263,6 +298,21 @@ impl Stacked {
             s.stacked = Some(stacked);
         }
         Ok(s)
+    }
+
+    /// The parts' outputs side by side, one product over the stacked weight (decoding).
+    fn forward_rows(&self, x: &[f32], rows: usize, y: &mut [f32]) -> Result<()> {
+        match &self.stacked {
+            Some(l) => l.forward_rows(x, rows, y),
+            None => Err(Error::InvalidArgument(
+                "decoding by rows needs constant (stacked) projections".into(),
+            )),
+        }
+    }
+
+    fn by_rows(&self) -> bool {
+        self.parts.iter().all(|p| p.lora.is_none())
+            && self.stacked.as_ref().is_some_and(Linear::by_rows)
     }
 
     fn stack(&self) -> Result<Linear> {
@@ -434,6 +484,20 @@ impl Qkv {
         match self {
             Qkv::CAttn(l) => l.forward(x, train),
             Qkv::Split(s) => s.forward(x, train),
+        }
+    }
+
+    fn forward_rows(&self, x: &[f32], rows: usize, y: &mut [f32]) -> Result<()> {
+        match self {
+            Qkv::CAttn(l) => l.forward_rows(x, rows, y),
+            Qkv::Split(s) => s.forward_rows(x, rows, y),
+        }
+    }
+
+    fn by_rows(&self) -> bool {
+        match self {
+            Qkv::CAttn(l) => l.by_rows(),
+            Qkv::Split(s) => s.by_rows(),
         }
     }
 }
@@ -627,6 +691,36 @@ impl Mlp {
                 down: Linear::new_out_in(i, c, cfg.bias, vb.pp("down_proj"))?,
             },
         })
+    }
+
+    /// [`Mlp::forward`] of `rows` plain rows, `x` (rows, C) → `y` (rows, C), for a decoding step.
+    fn forward_rows(&self, x: &[f32], rows: usize, y: &mut [f32]) -> Result<()> {
+        match self {
+            Mlp::Gelu { c_fc, c_proj } => {
+                let n = c_fc.weight.dim(1)?;
+                let mut h = vec![0f32; rows * n]; // (rows, 4C)
+                crate::gemv::f16_linear_into(x, rows, &c_fc.w()?, &mut h)?;
+                let b = c_fc.bias.as_ref().map(vector_f32).transpose()?;
+                let mut g = vec![0f32; rows * n];
+                layers::gelu_rows(&h, b.as_deref(), &mut g, n); // gelu(h + b)
+                c_proj.forward_rows(&g, rows, y)
+            }
+            Mlp::SwiGlu { gate_up, down } => {
+                let i = down.weight.dim(1)?;
+                let mut h = vec![0f32; rows * 2 * i]; // (rows, [gate | up])
+                gate_up.forward_rows(x, rows, &mut h)?;
+                let mut g = vec![0f32; rows * i];
+                swiglu_rows(&h, &mut g, i); // silu(gate) · up, (rows, I)
+                down.forward_rows(&g, rows, y)
+            }
+        }
+    }
+
+    fn by_rows(&self) -> bool {
+        match self {
+            Mlp::Gelu { c_fc, c_proj } => c_fc.by_rows() && c_proj.by_rows(),
+            Mlp::SwiGlu { gate_up, down } => gate_up.by_rows() && down.by_rows(),
+        }
     }
 
     fn forward(&self, x: &Tensor, train: &mut Train) -> Result<Tensor> {
@@ -1351,6 +1445,187 @@ impl KvCache {
     }
 }
 
+/// Where [`Gpt::decode_by_rows`] keeps the keys and values of a step's rows: a batch's
+/// [`KvCache`] (the same position in every row) or the decode slots' plain buffers. `dims`
+/// is `(nh, nkv, hs, block_size)` throughout.
+pub(crate) trait StepKv: Send {
+    /// Keeps row `r`'s new key and value of layer `l` (`nkv · hs` floats each) at `pos`.
+    fn store(
+        &mut self,
+        l: usize,
+        r: usize,
+        pos: usize,
+        k: &[f32],
+        v: &[f32],
+        dims: Dims4,
+    ) -> Result<()>;
+    /// The attention output of layer `l`, (R, nh·hs), for the queries `q` (R, nh·hs): row `r`
+    /// sees its positions `0..=pos[r]`.
+    fn attend(
+        &mut self,
+        l: usize,
+        q: &[f32],
+        pos: &[usize],
+        dims: Dims4,
+        scale: f32,
+    ) -> Result<Vec<f32>>;
+}
+
+/// `(nh, nkv, hs, block_size)`.
+type Dims4 = (usize, usize, usize, usize);
+
+/// Writes one position's key or value heads `new` (`nkv · hs`) into a row's buffer laid out
+/// `(nkv, capacity, hs)`.
+fn put_heads(buf: &mut [f32], new: &[f32], pos: usize, (_, nkv, hs, cap): Dims4) -> Result<()> {
+    if pos >= cap || buf.len() < nkv * cap * hs || new.len() != nkv * hs {
+        return Err(Error::InvalidArgument(format!(
+            "decoding: position {pos} of {nkv} heads × {hs} does not fit a cache of {cap} positions ({} floats)",
+            buf.len()
+        )));
+    }
+    for (h, head) in new.chunks_exact(hs).enumerate() {
+        let at = (h * cap + pos) * hs;
+        buf[at..at + hs].copy_from_slice(head);
+    }
+    Ok(())
+}
+
+/// The decode slots' buffers, one slot per row, per layer `(nkv, block_size, hs)`.
+struct SlotRows<'a, 'b>(&'a mut [&'b mut crate::decode::SlotKv]);
+
+impl StepKv for SlotRows<'_, '_> {
+    fn store(
+        &mut self,
+        l: usize,
+        r: usize,
+        pos: usize,
+        k: &[f32],
+        v: &[f32],
+        dims: Dims4,
+    ) -> Result<()> {
+        let missing =
+            || Error::InvalidArgument(format!("decoding: no layer-{l} buffers for row {r}"));
+        let slot = self.0.get_mut(r).ok_or_else(missing)?;
+        put_heads(slot.k.get_mut(l).ok_or_else(missing)?, k, pos, dims)?;
+        put_heads(slot.v.get_mut(l).ok_or_else(missing)?, v, pos, dims)
+    }
+
+    fn attend(
+        &mut self,
+        l: usize,
+        q: &[f32],
+        pos: &[usize],
+        dims: Dims4,
+        scale: f32,
+    ) -> Result<Vec<f32>> {
+        let caches = self
+            .0
+            .iter()
+            .zip(pos)
+            .map(|(s, &p)| match (s.k.get(l), s.v.get(l)) {
+                (Some(k), Some(v)) => Ok(RowCache { k, v, len: p + 1 }),
+                _ => Err(Error::InvalidArgument(format!(
+                    "decoding: no layer-{l} buffers"
+                ))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        attention::decode_rows(q, &caches, dims, scale)
+    }
+}
+
+/// A [`KvCache`] of B rows at one position `past`: the step's keys and values gathered as
+/// `(B, nkv, 1, hs)`, written into the layer's `(B, nkv, block_size, hs)` tensors in place,
+/// and the attention read from those tensors' storage.
+struct CacheRows<'a> {
+    cache: &'a mut KvCache,
+    b: usize,
+    k: Vec<f32>, // (B, nkv, 1, hs)
+    v: Vec<f32>,
+}
+
+impl<'a> CacheRows<'a> {
+    fn new(cache: &'a mut KvCache, b: usize) -> Self {
+        Self {
+            cache,
+            b,
+            k: Vec::new(),
+            v: Vec::new(),
+        }
+    }
+}
+
+impl StepKv for CacheRows<'_> {
+    fn store(
+        &mut self,
+        _: usize,
+        r: usize,
+        _: usize,
+        k: &[f32],
+        v: &[f32],
+        _: Dims4,
+    ) -> Result<()> {
+        if r == 0 {
+            self.k.clear();
+            self.v.clear();
+        }
+        self.k.extend_from_slice(k);
+        self.v.extend_from_slice(v);
+        Ok(())
+    }
+
+    fn attend(
+        &mut self,
+        l: usize,
+        q: &[f32],
+        pos: &[usize],
+        dims: Dims4,
+        scale: f32,
+    ) -> Result<Vec<f32>> {
+        let (_, nkv, hs, cap) = dims;
+        let (b, past) = (self.b, pos.first().copied().unwrap_or(0));
+        let device = candle_core::Device::Cpu;
+        let shape = [b, nkv, cap, hs];
+        let slot = self.cache.layers.get_mut(l).ok_or_else(|| {
+            Error::InvalidArgument(format!("decoding: the cache has no layer {l}"))
+        })?;
+        match slot {
+            Some(kv) if kv.k.dims() == shape && kv.k.dtype() == DType::F32 => {}
+            Some(kv) if past > 0 => {
+                return Err(Error::InvalidArgument(format!(
+                    "the KV cache holds keys of shape {:?} {:?}, this batch needs {shape:?} F32: reset the cache between batches of another size",
+                    kv.k.dims(),
+                    kv.k.dtype()
+                )))
+            }
+            _ => {
+                let zeros = || Tensor::zeros((b, nkv, cap, hs), DType::F32, &device);
+                *slot = Some(LayerKv { k: zeros()?, v: zeros()? });
+            }
+        }
+        let Some(kv) = slot.as_ref() else {
+            return Err(Error::InvalidArgument(format!(
+                "decoding: layer {l} has no cache"
+            )));
+        };
+        let new = |x: &[f32]| Tensor::from_slice(x, (b, nkv, 1, hs), &device);
+        kv.k.slice_set(&new(&self.k)?, 2, past)?; // written in place at `past`
+        kv.v.slice_set(&new(&self.v)?, 2, past)?;
+        let row = nkv * cap * hs;
+        layers::with_slices(&[&kv.k, &kv.v], |s| {
+            let caches: Vec<RowCache> = (0..b)
+                .map(|i| RowCache {
+                    k: &s[0][i * row..(i + 1) * row],
+                    v: &s[1][i * row..(i + 1) * row],
+                    len: past + 1,
+                })
+                .collect();
+            attention::decode_rows(q, &caches, dims, scale)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        })
+        .map_err(Error::from)
+    }
+}
+
 /// The decoder: token embeddings (+ GPT-2's learned position embeddings) → `n_layer` blocks →
 /// final norm → `lm_head` (tied to the token embedding, or Llama's own `lm_head.weight`).
 /// [`GptConfig::arch`] chooses GPT-2's or Llama's layers; everything else — the stages, the
@@ -1660,6 +1935,20 @@ impl Gpt {
         if cache.layers.len() != self.cfg.n_layer {
             *cache = KvCache::new(self.cfg.n_layer);
         }
+        if let (Ok((b, 1)), true) = (input_ids.dims2(), self.decodes_by_rows()) {
+            // One new position per row: a decoding step on plain rows.
+            let past = cache.len();
+            if past < self.cfg.block_size {
+                let tokens = input_ids
+                    .to_dtype(DType::U32)?
+                    .flatten_all()?
+                    .to_vec1::<u32>()?;
+                let logits =
+                    self.decode_by_rows(&tokens, &vec![past; b], &mut CacheRows::new(cache, b))?;
+                cache.len = past + 1;
+                return Ok(logits); // (B, V)
+            }
+        }
         let x = self.hidden_states(input_ids, Some(cache), None)?; // (B, T, C)
         let t = x.dim(1)?;
         let last = x.narrow(1, t - 1, 1)?; // (B, 1, C)
@@ -1677,6 +1966,9 @@ impl Gpt {
         pos: &[usize],
         kv: &mut [&mut crate::decode::SlotKv],
     ) -> Result<Tensor> {
+        if self.decodes_by_rows() {
+            return self.decode_by_rows(tokens, pos, &mut SlotRows(kv));
+        }
         let cfg = &self.cfg;
         let (r, c) = (tokens.len(), cfg.n_embd);
         let (nh, nkv, hs, cap) = (
@@ -1732,6 +2024,88 @@ impl Gpt {
         }
         let x = self.ln_f.forward(&x)?; // (R, 1, C)
         Ok(self.lm_head(&x)?.squeeze(1)?) // (R, V)
+    }
+
+    /// Whether a decoding step can run on plain rows ([`Gpt::decode_by_rows`]): CPU, every
+    /// projection and the head an f16 weight the streaming products take, no LoRA adapter.
+    pub(crate) fn decodes_by_rows(&self) -> bool {
+        let head = self.lm_head.as_ref().unwrap_or(&self.wte);
+        self.wte.device().is_cpu()
+            && self.lora.is_none()
+            && streamable(head)
+            && self
+                .h
+                .iter()
+                .all(|b| b.attn.qkv.by_rows() && b.attn.c_proj.by_rows() && b.mlp.by_rows())
+    }
+
+    /// One decoding step of R rows on plain f32 buffers, f16 weights streamed
+    /// ([`crate::kernels::decode_step`]): token `tokens[r]` at position `pos[r]`, its key and
+    /// value stored through `kv`, its query attending to its row's positions `0..=pos[r]`.
+    /// The same layers as [`Gpt::hidden_states`], in the same order and with the same row
+    /// kernels, without a tensor per op. Returns the logits (R, V).
+    fn decode_by_rows(
+        &self,
+        tokens: &[u32],
+        pos: &[usize],
+        kv: &mut impl StepKv,
+    ) -> Result<Tensor> {
+        if rayon::current_thread_index().is_none() {
+            // Run the step on one of rayon's threads: each product then splits from there,
+            // its other half taken by a thread still awake from the last one, where a call
+            // from outside the pool would wake a sleeping thread ~150 times a token.
+            return rayon::scope(|_| self.decode_by_rows(tokens, pos, kv));
+        }
+        let cfg = &self.cfg;
+        let (r, c, v) = (tokens.len(), cfg.n_embd, cfg.vocab_size);
+        let (nh, nkv, hs) = (cfg.n_head, cfg.n_kv_heads(), cfg.head_size());
+        let (qw, kvw) = (nh * hs, nkv * hs); // floats of the queries, of the keys
+        let device = self.wte.device();
+        let ids = Tensor::from_slice(tokens, r, device)?; // (R,)
+        let mut x = self.wte.embedding(&ids)?.to_dtype(DType::F32)?; // (R, C)
+        if let Some(wpe) = &self.wpe {
+            let positions: Vec<u32> = pos.iter().map(|&p| p as u32).collect();
+            let positions = Tensor::from_vec(positions, r, device)?; // (R,)
+            x = (x + wpe.embedding(&positions)?.to_dtype(DType::F32)?)?;
+        }
+        let mut x = x.flatten_all()?.to_vec1::<f32>()?; // (R, C), the residual stream
+        let mut h = vec![0f32; r * c]; // (R, C), normed
+        let mut y = vec![0f32; r * c]; // (R, C), a sub-layer's output
+        let mut qkv = vec![0f32; r * (qw + 2 * kvw)]; // R rows of [q | k | v]
+        let mut q = vec![0f32; r * qw]; // (R, nh·hs)
+        let scale = 1.0 / (hs as f32).sqrt();
+        let dims = (nh, nkv, hs, cfg.block_size);
+        for (l, block) in self.h.iter().enumerate() {
+            let attn = &block.attn;
+            block.ln_1.forward_rows(&x, &mut h)?;
+            attn.qkv.forward_rows(&h, r, &mut qkv)?; // (R, qw + 2kvw)
+            for (i, row) in qkv.chunks_exact_mut(qw + 2 * kvw).enumerate() {
+                if let Some((q_norm, k_norm)) = &attn.qk_norm {
+                    // Qwen3: each query and key head normed over hs, before the rotation.
+                    let (qs, ks) = row[..qw + kvw].split_at_mut(qw);
+                    let (q0, k0) = (qs.to_vec(), ks.to_vec());
+                    q_norm.forward_rows(&q0, qs)?;
+                    k_norm.forward_rows(&k0, ks)?;
+                }
+                if let Some(rope) = &attn.rope {
+                    rope_rows(&mut row[..qw], nh, hs, pos[i], rope)?; // queries
+                    rope_rows(&mut row[qw..qw + kvw], nkv, hs, pos[i], rope)?; // keys
+                }
+                q[i * qw..(i + 1) * qw].copy_from_slice(&row[..qw]);
+                kv.store(l, i, pos[i], &row[qw..qw + kvw], &row[qw + kvw..], dims)?;
+            }
+            let att = kv.attend(l, &q, pos, dims, scale)?; // (R, nh·hs)
+            attn.c_proj.forward_rows(&att, r, &mut y)?; // (R, C)
+            add_assign(&mut x, &y);
+            block.ln_2.forward_rows(&x, &mut h)?;
+            block.mlp.forward_rows(&h, r, &mut y)?; // (R, C)
+            add_assign(&mut x, &y);
+        }
+        self.ln_f.forward_rows(&x, &mut h)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.wte); // (V, C)
+        let mut logits = vec![0f32; r * v];
+        crate::gemv::f16_linear_into(&h, r, &head.t()?, &mut logits)?; // (R, V)
+        Ok(Tensor::from_vec(logits, (r, v), device)?)
     }
 
     /// The final hidden states after the final norm: (B, T) u32 → (B, T, C). The reward model
@@ -2213,6 +2587,36 @@ mod tests {
         assert_eq!(step.dtype(), DType::F32);
         let last = want.narrow(1, 4, 1).unwrap().squeeze(1).unwrap();
         assert!(crate::testing::max_abs_diff(&step, &last) < 1e-2);
+    }
+
+    /// The f16 decoding step on plain rows ([`Gpt::decode_by_rows`]) against the op-by-op
+    /// path it replaces, for every architecture: a batch of two through one `KvCache`, eight
+    /// steps after a three-token prompt; the same row kernels in the same order, so the same
+    /// logits to rounding (the bound leaves room for FMA contraction differences only).
+    #[test]
+    fn decoding_by_rows_matches_the_op_by_op_step() {
+        for cfg in std::iter::once(tiny()).chain(tiny_llamas()) {
+            let m = Gpt::init(&cfg, 5, &Device::Cpu).unwrap();
+            assert!(!m.decodes_by_rows(), "f32 weights take candle's gemm");
+            let half = m.to_dtype(DType::F16).unwrap();
+            assert!(half.decodes_by_rows(), "{cfg:?}");
+            let (mut fast, mut slow) = (KvCache::new(cfg.n_layer), KvCache::new(cfg.n_layer));
+            let prompt = ids(&[&[3, 1, 4], &[2, 7, 1]]);
+            half.forward_with_cache(&prompt, &mut fast).unwrap();
+            half.forward_with_cache(&prompt, &mut slow).unwrap();
+            for step in 0..cfg.block_size - 3 {
+                let tok = ids(&[&[(step as u32 * 3) % 11], &[(step as u32 * 5 + 1) % 11]]);
+                let got = half.forward_with_cache(&tok, &mut fast).unwrap(); // (2, V)
+                let h = half.hidden_states(&tok, Some(&mut slow), None).unwrap(); // (2, 1, C)
+                let want = half.lm_head(&h).unwrap().squeeze(1).unwrap();
+                let diff = crate::testing::max_abs_diff(&got, &want);
+                assert!(diff < 1e-5, "{:?} step {step}: {diff}", cfg.arch);
+                assert_eq!(fast.len(), slow.len());
+            }
+            // A full cache: the next step is refused, as the op-by-op path refuses it.
+            let tok = ids(&[&[1], &[1]]);
+            assert!(half.forward_with_cache(&tok, &mut fast).is_err());
+        }
     }
 
     #[test]

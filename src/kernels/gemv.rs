@@ -99,6 +99,57 @@ impl CustomOp2 for FrozenRhsMatmul {
     }
 }
 
+/// `y (rows, out) = x (rows, in) @ w` into `y`, for the decoding steps of
+/// [`crate::kernels::decode_step`]: `w` an f16 CPU weight that [`matmul`] would stream (contiguous
+/// `(in, out)`, or the transpose of a contiguous `(out, in)`), `x` f32. The same kernels and
+/// the same split as [`matmul`], so the outputs are bit for bit [`matmul`]'s, without a
+/// tensor made for either side. One row of an `(out, in)` weight (a Llama projection, the
+/// tied head) is written where it lies, each thread taking a block of outputs.
+///
+/// # Errors
+/// [`crate::Error::InvalidArgument`] if `w` is not such a weight or the sizes disagree.
+pub(crate) fn f16_linear_into(x: &[f32], rows: usize, w: &Tensor, y: &mut [f32]) -> Result<()> {
+    let (storage, layout) = w.storage_and_layout();
+    let kind = weight_layout(layout);
+    let (d_in, d_out) = match layout.dims() {
+        [a, b] => (*a, *b),
+        _ => (0, 0),
+    };
+    let data = match (&*storage, kind) {
+        (candle_core::Storage::Cpu(CpuStorage::F16(v)), Some(_)) => {
+            let w_all: &[u16] = v.reinterpret_cast();
+            w_all.get(layout.start_offset()..layout.start_offset() + d_in * d_out)
+        }
+        _ => None,
+    };
+    let (Some(w), Some(kind)) = (data, kind) else {
+        return Err(crate::Error::InvalidArgument(format!(
+            "f16 decoding: a weight of shape {:?} and dtype {:?} is not a streamable f16 CPU weight",
+            layout.dims(),
+            w.dtype()
+        )));
+    };
+    if x.len() != rows * d_in || y.len() != rows * d_out {
+        return Err(crate::Error::InvalidArgument(format!(
+            "f16 decoding: {rows} rows of {} inputs into {} outputs do not fit a ({d_in}, {d_out}) weight",
+            x.len(),
+            y.len()
+        )));
+    }
+    match kind {
+        WeightLayout::OutIn if rows == 1 => {
+            let len = chunk_len(d_out, d_in * d_out);
+            y.par_chunks_mut(len).enumerate().for_each(|(c, part)| {
+                let j0 = c * len;
+                out_in_chunk_best(x, d_in, &w[j0 * d_in..(j0 + part.len()) * d_in], part);
+            });
+        }
+        WeightLayout::OutIn => y.copy_from_slice(&out_in(x, rows, d_in, w, d_out)),
+        WeightLayout::InOut => y.copy_from_slice(&in_out(x, rows, d_in, w, d_out)),
+    }
+    Ok(())
+}
+
 /// How a weight `(in, out)` lies in memory.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum WeightLayout {
@@ -437,6 +488,19 @@ mod avx512 {
     pub(super) fn out_in_chunk(x: &[f32], d_in: usize, w: &[u16], part: &mut [f32]) {
         let n = w.len() / d_in.max(1);
         let rows = x.len() / d_in.max(1);
+        if rows == 1 {
+            // One row (a decoding step): four weight rows at a time, four streams from memory
+            // in flight, each summed exactly as `dots::<1>` sums it.
+            let mut j = 0;
+            while j + 4 <= n {
+                part[j..j + 4].copy_from_slice(&dots4(x, &w[j * d_in..(j + 4) * d_in], d_in));
+                j += 4;
+            }
+            for j in j..n {
+                part[j] = dots::<1>(x, &w[j * d_in..(j + 1) * d_in])[0];
+            }
+            return;
+        }
         for (j, wr) in w.chunks_exact(d_in).enumerate() {
             let mut r0 = 0;
             while r0 < rows {
@@ -462,8 +526,48 @@ mod avx512 {
         }
     }
 
+    /// `Σ x[i] · f32(w[q, i])` for the four weight rows `w` (row-major, `d_in` wide) and one
+    /// row `x`: per weight row the sums of `dots::<1>` in its order (so the same bits), the
+    /// four interleaved so that four streams of weights are read at once.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn dots4(x: &[f32], w: &[u16], d_in: usize) -> [f32; 4] {
+        let mut out = [0f32; 4];
+        if x.len() < d_in || w.len() < 4 * d_in {
+            return out; // never: the caller passes one row and four weight rows
+        }
+        let vec_end = d_in / 32 * 32;
+        let mut s0 = [_mm512_setzero_ps(); 4];
+        let mut s1 = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        while i < vec_end {
+            // SAFETY: i + 32 <= d_in, the length of `x` and of each weight row (checked above).
+            unsafe {
+                let x0 = _mm512_loadu_ps(x.as_ptr().add(i));
+                let x1 = _mm512_loadu_ps(x.as_ptr().add(i + 16));
+                for q in 0..4 {
+                    let p = w.as_ptr().add(q * d_in + i);
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(OUT_IN_PREFETCH) as *const i8);
+                    let h0 = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
+                    let h1 = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(16) as *const __m256i));
+                    s0[q] = _mm512_fmadd_ps(x0, h0, s0[q]);
+                    s1[q] = _mm512_fmadd_ps(x1, h1, s1[q]);
+                }
+            }
+            i += 32;
+        }
+        for q in 0..4 {
+            let mut total = _mm512_reduce_add_ps(_mm512_add_ps(s0[q], s1[q]));
+            for i in vec_end..d_in {
+                total += x[i] * f16_to_f32(w[q * d_in + i]);
+            }
+            out[q] = total;
+        }
+        out
+    }
+
     /// How far ahead, in halves, [`dots`] prefetches the weights.
-    const OUT_IN_PREFETCH: usize = 1024;
+    const OUT_IN_PREFETCH: usize = 4096;
 
     /// `Σ x[t, i] · f32(wr[i])` for each of the `RN` rows of `x` (row-major, `wr.len()` wide,
     /// at least `RN` rows).

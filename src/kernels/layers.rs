@@ -420,6 +420,28 @@ fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
+/// LayerNorm over rows of `w.len()`, `ys = (x − mean)·rstd·w (+ b)`: the forward of
+/// [`layer_norm`] on plain rows (the same sums in the same order, so the same bits), for
+/// decoding steps that hold their activations as slices.
+pub(crate) fn layer_norm_rows(xs: &[f32], w: &[f32], b: Option<&[f32]>, ys: &mut [f32], eps: f32) {
+    let c = w.len().max(1);
+    for (xr, yr) in xs.chunks_exact(c).zip(ys.chunks_exact_mut(c)) {
+        let (mean, rstd) = row_stats(xr, eps);
+        match b {
+            Some(b) => {
+                for (((o, &v), &w), &b) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+                    *o = (v - mean) * rstd * w + b;
+                }
+            }
+            None => {
+                for ((o, &v), &w) in yr.iter_mut().zip(xr).zip(w) {
+                    *o = (v - mean) * rstd * w;
+                }
+            }
+        }
+    }
+}
+
 /// LayerNorm backward's row sums `(Σ dy·w, Σ dy·w·x̂)` with `x̂ = (x − mean)·rstd`, eight
 /// running sums each.
 #[inline]
@@ -790,7 +812,7 @@ fn gelu_grad(h: f32) -> f32 {
 
 multiversion! {
     /// `ys = gelu(xs + b)` over rows of `n` (`b` (n,) or none).
-    fn gelu_rows(xs: &[f32], b: Option<&[f32]>, ys: &mut [f32], n: usize) {
+    pub(crate) fn gelu_rows(xs: &[f32], b: Option<&[f32]>, ys: &mut [f32], n: usize) {
         match b {
             Some(b) => {
                 for (xr, yr) in xs.chunks_exact(n).zip(ys.chunks_exact_mut(n)) {

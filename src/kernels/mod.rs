@@ -9,11 +9,13 @@
 //! - [`rope`]: rotary position embeddings, Hugging Face's rotate-half layout, on packed qkv.
 //! - [`swiglu`]: `silu(gate) · up` on a packed `[gate | up]` projection.
 //! - `gemv`: matrix-vector products for decoding, f32 and f16 weights.
+//! - `decode_step`: the row operations of one f16 decoding step on plain slices.
 //!
 //! Each fused op has a `*_reference` twin written with plain candle ops that runs on every
 //! device and dtype; the tests hold the two to 1e-4 in values and gradients.
 
 pub mod attention;
+pub(crate) mod decode_step;
 pub(crate) mod gemv;
 pub mod layers;
 pub mod lora_linear;

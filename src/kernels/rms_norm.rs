@@ -129,7 +129,7 @@ fn rstd(x: &[f32], eps: f32) -> f32 {
 
 multiversion! {
     /// `ys = x · rstd(x) · w` over rows of `w.len()`.
-    fn rms_norm_rows(xs: &[f32], w: &[f32], ys: &mut [f32], eps: f32) {
+    pub(crate) fn rms_norm_rows(xs: &[f32], w: &[f32], ys: &mut [f32], eps: f32) {
         let c = w.len();
         for (xr, yr) in xs.chunks_exact(c).zip(ys.chunks_exact_mut(c)) {
             let r = rstd(xr, eps);

@@ -80,7 +80,7 @@ struct SwigluOp {
 
 multiversion! {
     /// `ys = silu(gate) · up` over rows of `i` (rows of `2i` in `hs`).
-    fn swiglu_rows(hs: &[f32], ys: &mut [f32], i: usize) {
+    pub(crate) fn swiglu_rows(hs: &[f32], ys: &mut [f32], i: usize) {
         for (hr, yr) in hs.chunks_exact(2 * i).zip(ys.chunks_exact_mut(i)) {
             let (gate, up) = hr.split_at(i);
             for ((o, &g), &u) in yr.iter_mut().zip(gate).zip(up) {
