@@ -464,10 +464,22 @@ mod tests {
             .unwrap()
             .to_dtype(DType::F16)
             .unwrap();
+        // And a Llama-style model in f16 (grouped-query attention, SwiGLU, `(out, in)` weights:
+        // one row's products take four weight rows at a time, a batch's one at a time).
+        let llama = GptConfig {
+            n_kv_head: Some(2),
+            intermediate_size: Some(160),
+            ..GptConfig::llama(37, 24, 2, 4, 96)
+        };
+        let llama = Gpt::init(&llama, 6, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap();
         for (name, m) in [
             ("f32", model(DType::F32)),
             ("f16", model(DType::F16)),
             ("f16 wide", wide),
+            ("f16 llama", llama),
         ] {
             let prompt = [3u32, 1, 4, 1, 5];
             // Alone.
