@@ -421,8 +421,8 @@ fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
 }
 
 /// LayerNorm over rows of `w.len()`, `ys = (x − mean)·rstd·w (+ b)`: the forward of
-/// [`layer_norm`] on plain rows (the same sums in the same order, so the same bits), for
-/// decoding steps that hold their activations as slices.
+/// [`layer_norm`] on plain rows, which it runs per chunk of rows and decoding steps (which hold
+/// their activations as slices) call directly.
 pub(crate) fn layer_norm_rows(xs: &[f32], w: &[f32], b: Option<&[f32]>, ys: &mut [f32], eps: f32) {
     let c = w.len().max(1);
     for (xr, yr) in xs.chunks_exact(c).zip(ys.chunks_exact_mut(c)) {
@@ -484,22 +484,7 @@ impl LayerNormOp {
         let mut y = vec![0f32; x.len()];
         let chunks = plan(x.len() / c, x.len(), cost::LAYER_NORM_FWD, self.chunks);
         for_row_chunks(&mut y, c, chunks, |r0, ys| {
-            let xs = &x[r0 * c..r0 * c + ys.len()];
-            for (xr, yr) in xs.chunks_exact(c).zip(ys.chunks_exact_mut(c)) {
-                let (mean, rstd) = row_stats(xr, self.eps);
-                match b {
-                    Some(b) => {
-                        for (((o, &v), &w), &b) in yr.iter_mut().zip(xr).zip(w).zip(b) {
-                            *o = (v - mean) * rstd * w + b;
-                        }
-                    }
-                    None => {
-                        for ((o, &v), &w) in yr.iter_mut().zip(xr).zip(w) {
-                            *o = (v - mean) * rstd * w;
-                        }
-                    }
-                }
-            }
+            layer_norm_rows(&x[r0 * c..r0 * c + ys.len()], w, b, ys, self.eps);
         });
         Ok((CpuStorage::F32(y), shape.clone()))
     }
