@@ -1966,8 +1966,9 @@ impl Gpt {
         pos: &[usize],
         kv: &mut [&mut crate::decode::SlotKv],
     ) -> Result<Tensor> {
+        let mut slots = SlotRows(kv);
         if self.decodes_by_rows() {
-            return self.decode_by_rows(tokens, pos, &mut SlotRows(kv));
+            return self.decode_by_rows(tokens, pos, &mut slots);
         }
         let cfg = &self.cfg;
         let (r, c) = (tokens.len(), cfg.n_embd);
@@ -1979,15 +1980,9 @@ impl Gpt {
         );
         let (qw, kvw) = (nh * hs, nkv * hs); // floats of the queries, of the keys
         let device = self.wte.device();
-        let ids = Tensor::from_slice(tokens, r, device)?; // (R,)
-        let mut x = self.wte.embedding(&ids)?.to_dtype(DType::F32)?; // (R, C)
-        if let Some(wpe) = &self.wpe {
-            let positions: Vec<u32> = pos.iter().map(|&p| p as u32).collect();
-            let positions = Tensor::from_vec(positions, r, device)?; // (R,)
-            x = (x + wpe.embedding(&positions)?.to_dtype(DType::F32)?)?; // (R, C)
-        }
-        let mut x = x.reshape((r, 1, c))?; // (R, 1, C)
+        let mut x = self.embed_rows(tokens, pos)?.reshape((r, 1, c))?; // (R, 1, C)
         let scale = 1.0 / (hs as f32).sqrt();
+        let dims = (nh, nkv, hs, cap);
         for (l, block) in self.h.iter().enumerate() {
             let attn = &block.attn;
             let qkv = attn.project(&block.ln_1.forward(&x)?, &mut None)?; // (R, 1, qw + 2kvw)
@@ -1999,31 +1994,29 @@ impl Gpt {
                     rope_rows(&mut row[qw..qw + kvw], nkv, hs, pos[i], rope)?; // keys
                 }
                 q[i * qw..(i + 1) * qw].copy_from_slice(&row[..qw]);
-                let (k, v) = (&mut kv[i].k[l], &mut kv[i].v[l]);
-                for h in 0..nkv {
-                    // kv head h of the new key/value goes to (h, pos, :) of the row's buffers
-                    let at = (h * cap + pos[i]) * hs;
-                    let (k_at, v_at) = (qw + h * hs, qw + kvw + h * hs);
-                    k[at..at + hs].copy_from_slice(&row[k_at..k_at + hs]);
-                    v[at..at + hs].copy_from_slice(&row[v_at..v_at + hs]);
-                }
+                slots.store(l, i, pos[i], &row[qw..qw + kvw], &row[qw + kvw..], dims)?;
             }
-            let caches: Vec<RowCache> = kv
-                .iter()
-                .zip(pos)
-                .map(|(s, &p)| RowCache {
-                    k: &s.k[l],
-                    v: &s.v[l],
-                    len: p + 1,
-                })
-                .collect();
-            let y = attention::decode_rows(&q, &caches, (nh, nkv, hs, cap), scale)?; // (R, nh·hs)
+            let y = slots.attend(l, &q, pos, dims, scale)?; // (R, nh·hs)
             let y = Tensor::from_vec(y, (r, 1, qw), device)?;
             x = (x + attn.c_proj.forward(&y, &mut None)?)?; // (R, 1, C)
             x = (&x + block.mlp.forward(&block.ln_2.forward(&x)?, &mut None)?)?;
         }
         let x = self.ln_f.forward(&x)?; // (R, 1, C)
         Ok(self.lm_head(&x)?.squeeze(1)?) // (R, V)
+    }
+
+    /// The input of a decoding step's rows: token `tokens[r]`'s embedding (+ GPT-2's position
+    /// `pos[r]`), (R, C) f32.
+    fn embed_rows(&self, tokens: &[u32], pos: &[usize]) -> Result<Tensor> {
+        let (r, device) = (tokens.len(), self.wte.device());
+        let ids = Tensor::from_slice(tokens, r, device)?; // (R,)
+        let mut x = self.wte.embedding(&ids)?.to_dtype(DType::F32)?; // (R, C)
+        if let Some(wpe) = &self.wpe {
+            let positions: Vec<u32> = pos.iter().map(|&p| p as u32).collect();
+            let positions = Tensor::from_vec(positions, r, device)?; // (R,)
+            x = (x + wpe.embedding(&positions)?.to_dtype(DType::F32)?)?; // (R, C)
+        }
+        Ok(x)
     }
 
     /// Whether a decoding step can run on plain rows ([`Gpt::decode_by_rows`]): CPU, every
@@ -2061,14 +2054,10 @@ impl Gpt {
         let (nh, nkv, hs) = (cfg.n_head, cfg.n_kv_heads(), cfg.head_size());
         let (qw, kvw) = (nh * hs, nkv * hs); // floats of the queries, of the keys
         let device = self.wte.device();
-        let ids = Tensor::from_slice(tokens, r, device)?; // (R,)
-        let mut x = self.wte.embedding(&ids)?.to_dtype(DType::F32)?; // (R, C)
-        if let Some(wpe) = &self.wpe {
-            let positions: Vec<u32> = pos.iter().map(|&p| p as u32).collect();
-            let positions = Tensor::from_vec(positions, r, device)?; // (R,)
-            x = (x + wpe.embedding(&positions)?.to_dtype(DType::F32)?)?;
-        }
-        let mut x = x.flatten_all()?.to_vec1::<f32>()?; // (R, C), the residual stream
+        let mut x = self
+            .embed_rows(tokens, pos)?
+            .flatten_all()?
+            .to_vec1::<f32>()?; // (R, C), the residual stream
         let mut h = vec![0f32; r * c]; // (R, C), normed
         let mut y = vec![0f32; r * c]; // (R, C), a sub-layer's output
         let mut qkv = vec![0f32; r * (qw + 2 * kvw)]; // R rows of [q | k | v]
