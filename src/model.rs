@@ -38,7 +38,8 @@ use crate::attention::{
     repeat_kv, RowCache,
 };
 use crate::kernels::decode_step::{add_assign, add_rows, streamable, vector_f32};
-use crate::kernels::lora_linear::lora_linear;
+use crate::kernels::dropout_mask::DropoutMask;
+use crate::kernels::lora_linear::{lora_linear, LoraPart};
 use crate::kernels::rms_norm::{rms_norm, rms_norm_rows};
 use crate::kernels::rope::{rope_qkv, rope_rows, RopeTable};
 use crate::kernels::swiglu::{swiglu, swiglu_rows};
@@ -245,24 +246,61 @@ impl Linear {
         x: &Tensor,
         train: &mut Train,
     ) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let d_in = *dims
-            .last()
-            .ok_or_else(|| Error::InvalidArgument("linear input is a scalar".into()))?;
-        let x2 = x.reshape(((), d_in))?; // (rows, in)
-        let mask = match train {
-            Some((rng, _)) if l.dropout > 0.0 => Some(dropout_mask(&x2, l.dropout, rng)?),
-            _ => None,
-        };
-        let a = like(Some(&l.a), x)?.unwrap_or_else(|| l.a.clone()); // (r, in)
-        let b = like(Some(&l.b), x)?.unwrap_or_else(|| l.b.clone()); // (out, r)
-        let y = lora_linear(&x2, w, bias, &a, &b, l.scale, mask.as_ref())?; // (rows, out)
-        let mut out = dims;
-        if let Some(last) = out.last_mut() {
-            *last = y.dim(1)?;
-        }
-        Ok(y.reshape(out)?)
+        let parts = lora_parts(&[l], x, train)?;
+        lora_product(x, w, bias, &l.a, &l.b, l.scale, &parts)
     }
+}
+
+/// The parts of one [`lora_linear`] over `adapters` of the same input `x` (…, in), in order:
+/// each adapter's rank and, in training, its own dropout mask of `x` (PEFT's `lora_dropout`),
+/// seeded from the training RNG.
+fn lora_parts(adapters: &[&LoraAdapter], x: &Tensor, train: &mut Train) -> Result<Vec<LoraPart>> {
+    let d_in = x.dim(D::Minus1)?;
+    let rows = x.elem_count() / d_in.max(1);
+    adapters
+        .iter()
+        .map(|l| {
+            let dropout = match train {
+                Some((rng, _)) if l.dropout > 0.0 => Some(Arc::new(DropoutMask::sample(
+                    rows,
+                    d_in,
+                    l.dropout,
+                    rng.random::<u64>(),
+                )?)),
+                _ => None,
+            };
+            Ok(LoraPart {
+                rank: l.a.dim(0)?,
+                dropout,
+            })
+        })
+        .collect()
+}
+
+/// `x W (+ b) + scale · [(x ∘ m_i) A_iᵀ]_i Bᵀ`, (…, in) → (…, out), through [`lora_linear`]
+/// on `x`'s rows.
+fn lora_product(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    parts: &[LoraPart],
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let d_in = *dims
+        .last()
+        .ok_or_else(|| Error::InvalidArgument("linear input is a scalar".into()))?;
+    let x2 = x.reshape(((), d_in))?; // (rows, in)
+    let a = like(Some(a), x)?.unwrap_or_else(|| a.clone()); // (Σ r, in)
+    let b = like(Some(b), x)?.unwrap_or_else(|| b.clone()); // (out, Σ r)
+    let y = lora_linear(&x2, w, bias, &a, &b, scale, parts)?; // (rows, out)
+    let mut out = dims;
+    if let Some(last) = out.last_mut() {
+        *last = y.dim(1)?;
+    }
+    Ok(y.reshape(out)?)
 }
 
 /// Several `nn.Linear` projections of the same input (Llama's q/k/v, or gate/up). For many rows
@@ -354,14 +392,13 @@ impl Stacked {
     /// The stacked product with LoRA adapters on some parts, as one [`lora_linear`]: the
     /// frozen weights stacked, the parts' `A`s stacked `(Σ r, in)` and their `B`s on the
     /// diagonal of `(Σ out, Σ r)` (zeros elsewhere, and for a part without an adapter), so
-    /// each part's output gets exactly its own delta. With dropout in training each part draws
-    /// its own mask, as PEFT's modules do: then one product per part.
+    /// each part's output gets exactly its own delta. With dropout in training each adapter
+    /// draws its own mask of `x`, as PEFT's modules do. Adapters of different scales run one
+    /// product per part.
     fn forward_lora(&self, x: &Tensor, train: &mut Train) -> Result<Tensor> {
         let adapters: Vec<_> = self.parts.iter().filter_map(|p| p.lora.as_ref()).collect();
         let scale = adapters.first().map(|l| l.scale).unwrap_or(1.0);
-        let per_part = (train.is_some() && adapters.iter().any(|l| l.dropout > 0.0))
-            || adapters.iter().any(|l| l.scale != scale);
-        if per_part {
+        if adapters.iter().any(|l| l.scale != scale) {
             let outs = self
                 .parts
                 .iter()
@@ -401,14 +438,9 @@ impl Stacked {
             });
         }
         let b = Tensor::cat(&rows, 0)?; // (Σ out, Σ r), block-diagonal
-        let adapter = crate::lora::LoraAdapter {
-            a,
-            b,
-            scale,
-            dropout: 0.0,
-        };
+        let parts = lora_parts(&adapters, x, train)?;
         let bias = like(stacked.bias.as_ref(), x)?;
-        stacked.forward_lora(&adapter, &stacked.w()?, bias.as_ref(), x, train)
+        lora_product(x, &stacked.w()?, bias.as_ref(), &a, &b, scale, &parts)
     }
 }
 

@@ -5,6 +5,7 @@
 //! - [`layers`]: LayerNorm, bias add, bias + GELU, cross-entropy (each forward and backward).
 //! - [`attention`]: causal self-attention after FlashAttention-2, training and KV-cache decoding.
 //! - [`lora_linear`]: a LoRA-adapted projection, frozen weight, one op.
+//! - [`dropout_mask`]: inverted dropout masks as bits, drawn in parallel from a seed.
 //! - [`rms_norm`]: RMSNorm (Llama, Qwen; also Qwen3's per-head q/k norm).
 //! - [`rope`]: rotary position embeddings, Hugging Face's rotate-half layout, on packed qkv.
 //! - [`swiglu`]: `silu(gate) · up` on a packed `[gate | up]` projection.
@@ -16,6 +17,7 @@
 
 pub mod attention;
 pub(crate) mod decode_step;
+pub mod dropout_mask;
 pub(crate) mod gemv;
 pub mod layers;
 pub mod lora_linear;
