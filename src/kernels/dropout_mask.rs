@@ -192,7 +192,8 @@ layers::multiversion! {
     fn apply_row(x: &[f32], bits: &[u64], scale: f32, out: &mut [f32]) {
         for (k, (out, x)) in out.chunks_mut(16).zip(x.chunks(16)).enumerate() {
             let m = (bits[k / 4] >> (16 * (k % 4))) as u32;
-            if let (Ok(out), Ok(x)) = (<&mut [f32; 16]>::try_from(&mut *out), <&[f32; 16]>::try_from(x)) {
+            let full = (<&mut [f32; 16]>::try_from(&mut *out), <&[f32; 16]>::try_from(x));
+            if let (Ok(out), Ok(x)) = full {
                 for i in 0..16 {
                     out[i] = x[i] * if (m >> i) & 1 == 1 { scale } else { 0.0 };
                 }

@@ -181,8 +181,9 @@ fn strided<'a>(
 }
 
 /// `dst (m, n) = [dst +] lhs (m, k) @ rhs (k, n)` by the gemm crate (candle's CPU matmul) on
-/// rayon's pool, `dst` row-major with `dst_rs` elements between rows, each operand a slice from its first element with its row and
-/// column strides.
+/// rayon's pool: `dst` row-major with `dst_rs` elements between rows, each operand a slice
+/// from its first element with its row and column strides. Errors if a stride reaches past
+/// its slice.
 fn gemm_into(
     dst: &mut [f32],
     (m, n, k): (usize, usize, usize),
@@ -248,6 +249,7 @@ fn gemm_into(
     Ok(())
 }
 
+/// Our error as candle's, inside a custom op.
 fn msg(e: Error) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
 }
