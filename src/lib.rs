@@ -17,7 +17,8 @@
 //! 5. **Supervised fine-tuning** ([`sft`], with the chat template of [`chat`]): the same loss on
 //!    conversations, counted on the assistant's turns only.
 //! 6. **Learning from preferences** ([`rlhf`]): a Bradley–Terry reward model and PPO with a KL
-//!    penalty to the SFT model (InstructGPT), or DPO directly on the preference pairs.
+//!    penalty to the SFT model (InstructGPT), or DPO directly on the preference pairs; and GRPO
+//!    (DeepSeekMath) on rewards a program computes, such as a checked final answer.
 //!
 //! 7. **Serving** ([`decode`], and `server` with the `server` feature): many conversations
 //!    decoded together, one batched forward pass per step with a KV cache per sequence, behind
@@ -95,7 +96,7 @@ pub use lora::LoraConfig;
 pub use model::{Arch, Gpt, GptConfig, KvCache};
 pub use optim::{AdamW, AdamWConfig, LrSchedule};
 pub use pretrain::Pretraining;
-pub use rlhf::{Dpo, Ppo, PpoConfig, RewardModel, RewardTraining};
+pub use rlhf::{Dpo, Grpo, GrpoConfig, Ppo, PpoConfig, RewardModel, RewardTraining};
 pub use sampler::{generate, LogitsProcessor, SamplingParams};
 pub use sft::Sft;
 pub use tokenizer::Tokenizer;

@@ -28,3 +28,13 @@ pub(crate) fn tiny_gpt(vocab_size: usize, block_size: usize) -> crate::Gpt {
     };
     crate::Gpt::init(&cfg, 1, &candle_core::Device::Cpu).unwrap()
 }
+
+/// The model's weights as fresh copies (new storage), for a frozen reference that training
+/// the model cannot move.
+pub(crate) fn copies(model: &crate::Gpt) -> std::collections::HashMap<String, Tensor> {
+    model
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| (name, t.copy().unwrap()))
+        .collect()
+}

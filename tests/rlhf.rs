@@ -1,6 +1,8 @@
 //! The preference stages end to end on small generated data: a reward model learning a rule,
 //! the frozen reference staying frozen, and stopping and resuming each of the three runs.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use rand::{Rng, SeedableRng};
@@ -265,7 +267,7 @@ fn compare_without_dropout(arch: Arch) {
         ..tiny_arch(arch, tok.vocab_size())
     };
     let policy = Gpt::init(&cfg, 31, &Device::Cpu).unwrap();
-    let reference = Gpt::from_tensors(&cfg, policy.tensors(), false).unwrap();
+    let reference = Gpt::from_tensors(&cfg, common::copies(&policy), false).unwrap();
     let (train, val) = datasets(&tok, &t);
     let mut dpo = Dpo::new(
         policy.clone(),

@@ -35,6 +35,12 @@ const NAME: &str = "chat_template";
 const FUEL: u64 = 50_000_000;
 /// How deep macros and includes may nest.
 const RECURSION_LIMIT: usize = 64;
+/// The most tokens one tag (`{{ … }}`, `{% … %}`) may hold. minijinja parses a chain such as
+/// `1 + 1 + …` or `x.a.a…` into a tree as deep as the chain is long and then walks it
+/// recursively, so a long enough chain overflows the stack (an abort, not an error) before any
+/// of its own limits applies. The longest tag of a real template we know has 84 (Qwen2.5's
+/// tool-calling template); a tree 1024 deep is far from a thread's stack.
+const MAX_TAG_TOKENS: usize = 1024;
 
 /// What tinygpt reads from a Hugging Face `tokenizer_config.json`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -212,6 +218,10 @@ impl HfChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
+        check_tag_lengths(template).map_err(|msg| Error::ChatTemplate {
+            name: source.clone(),
+            msg,
+        })?;
         env.add_template_owned(NAME, template.to_string())
             .map_err(|e| template_error(&source, &e))?;
         let mut tokens = Vec::new();
@@ -352,6 +362,61 @@ impl HfChatTemplate {
         }
         template.render(Value::from(ctx)).map_err(err)
     }
+}
+
+/// Refuses a tag of more than [`MAX_TAG_TOKENS`] tokens (counted roughly: a run of word
+/// characters, a string literal or any other character is one), naming its line.
+fn check_tag_lengths(template: &str) -> std::result::Result<(), String> {
+    let bytes = template.as_bytes();
+    let mut i = 0;
+    let mut line = 1;
+    while i + 1 < bytes.len() {
+        let opens = bytes[i] == b'{' && matches!(bytes[i + 1], b'{' | b'%');
+        if !opens {
+            line += usize::from(bytes[i] == b'\n');
+            i += 1;
+            continue;
+        }
+        let close = if bytes[i + 1] == b'{' { b'}' } else { b'%' };
+        let start_line = line;
+        let mut tokens = 0usize;
+        i += 2;
+        while i < bytes.len() {
+            let c = bytes[i];
+            if c == close && bytes.get(i + 1) == Some(&b'}') {
+                i += 2;
+                break;
+            }
+            if c == b'\'' || c == b'"' {
+                // A string literal is one token, whatever it holds.
+                i += 1;
+                while i < bytes.len() && bytes[i] != c {
+                    line += usize::from(bytes[i] == b'\n');
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+                tokens += 1;
+            } else if c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80 {
+                while i < bytes.len()
+                    && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_' || bytes[i] >= 0x80)
+                {
+                    i += 1;
+                }
+                tokens += 1;
+            } else {
+                line += usize::from(c == b'\n');
+                tokens += usize::from(!c.is_ascii_whitespace());
+                i += 1;
+            }
+            if tokens > MAX_TAG_TOKENS {
+                return Err(format!(
+                    "the tag starting on template line {start_line} holds more than \
+                     {MAX_TAG_TOKENS} tokens; no real chat template has such a tag"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A minijinja error as ours: what went wrong, the template line, and the cause's chain.
@@ -688,6 +753,43 @@ mod tests {
             recursive.render(&[], false),
             Err(Error::ChatTemplate { .. })
         ));
+        // Broken tags and sources nested far deeper than any template: errors, no panic and
+        // no stack overflow in the parser.
+        for source in [
+            "{%}".to_string(),
+            "{%-}".to_string(),
+            "{% %}".to_string(),
+            "{{".to_string(),
+            "{#".to_string(),
+            "{% if %}{% endif %}".to_string(),
+            format!(
+                "{}x{}",
+                "{% if true %}".repeat(5000),
+                "{% endif %}".repeat(5000)
+            ),
+            format!("{{{{ {}1{} }}}}", "(".repeat(100_000), ")".repeat(100_000)),
+            format!("{{{{ {}1{} }}}}", "[".repeat(100_000), "]".repeat(100_000)),
+            format!("{{{{ 1{} }}}}", " + 1".repeat(100_000)),
+            format!("{{{{ x{} }}}}", ".a".repeat(100_000)),
+        ] {
+            let t = HfChatTemplate::new(&source, &cfg)
+                .and_then(|t| t.render(&[Message::user("hi")], true));
+            if let Err(e) = &t {
+                assert!(matches!(e, Error::ChatTemplate { .. }), "{e:?}");
+            }
+        }
+        // The longest tag allowed still renders on a test thread's stack.
+        let longest = format!("{{{{ 1{} }}}}", " + 1".repeat(MAX_TAG_TOKENS / 2 - 1));
+        let t = HfChatTemplate::new(&longest, &cfg).unwrap();
+        assert_eq!(
+            t.render(&[], false).unwrap(),
+            (MAX_TAG_TOKENS / 2).to_string()
+        );
+        let longer = format!("\n\n{{{{ 1{} }}}}", " + 1".repeat(MAX_TAG_TOKENS / 2));
+        match HfChatTemplate::new(&longer, &cfg) {
+            Err(Error::ChatTemplate { msg, .. }) => assert!(msg.contains("line 3"), "{msg}"),
+            other => panic!("{other:?}"),
+        }
         let deep = HfChatTemplate::new("{{ messages | tojson }}", &cfg).unwrap();
         let nested = format!("{}1{}", "[".repeat(200), "]".repeat(200));
         assert!(matches!(

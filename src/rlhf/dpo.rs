@@ -188,6 +188,25 @@ pub(crate) fn check_reference(policy: &Gpt, reference: &Gpt) -> Result<()> {
                 .into(),
         ));
     }
+    // A reference built from the policy's own tensors would move with every optimiser step
+    // (AdamW updates the policy's weights in place), and its KL would stay 0.
+    let storage = |t: &Tensor| {
+        let (s, _) = t.storage_and_layout();
+        std::ptr::from_ref(&*s).addr()
+    };
+    for ((name, p), (_, r)) in policy
+        .named_parameters()
+        .iter()
+        .zip(reference.named_parameters())
+    {
+        if p.is_variable() && storage(p) == storage(r) {
+            return Err(Error::InvalidArgument(format!(
+                "the reference shares the policy's trainable weight `{name}`: training would \
+                 move it too; load it separately (checkpoint::load_model) or build it from \
+                 copies (Tensor::copy)"
+            )));
+        }
+    }
     if policy.config() != reference.config() {
         return Err(Error::InvalidArgument(format!(
             "policy and reference differ: {:?} vs {:?}",
@@ -247,6 +266,7 @@ mod tests {
     use super::*;
     use crate::chat::ChatTemplate;
     use crate::rlhf::data::{PreferencePair, SequenceBatch};
+    use crate::testing::copies;
     use crate::GptConfig;
     use candle_core::Device;
 
@@ -264,7 +284,7 @@ mod tests {
             ..Default::default()
         };
         let policy = Gpt::init(&cfg, 5, &Device::Cpu).unwrap();
-        let reference = Gpt::from_tensors(&cfg, policy.tensors(), false).unwrap();
+        let reference = Gpt::from_tensors(&cfg, copies(&policy), false).unwrap();
         let pairs: Vec<PreferencePair> = ["ab", "cde", "fgh", "a"]
             .iter()
             .map(|p| PreferencePair {

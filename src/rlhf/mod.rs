@@ -21,8 +21,12 @@
 //!    Language Model is Secretly a Reward Model"): no reward model and no sampling; the policy
 //!    is trained directly on the pairs with
 //!    `−log σ(β [(log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r))])`.
+//! 3. **GRPO** ([`Grpo`], [`grpo`]; Shao et al. 2024, "DeepSeekMath") for answers a program
+//!    can check: no reward model and no value head; `G` completions per prompt, each scored by
+//!    a plain Rust closure, and the group's mean reward as the baseline of each, with PPO's
+//!    clipped ratio (DAPO's separate low and high ranges) and an optional KL penalty.
 //!
-//! All three are [`crate::Objective`]s run by the one [`crate::Trainer`], so they share the
+//! All four are [`crate::Objective`]s run by the one [`crate::Trainer`], so they share the
 //! optimiser, the learning-rate schedule, gradient clipping, atomic checkpoints,
 //! `metrics.jsonl` and resuming with pre-training and SFT. The frozen reference model of PPO
 //! and DPO is the SFT checkpoint loaded a second time with constant weights
@@ -41,6 +45,7 @@
 
 pub mod data;
 pub mod dpo;
+pub mod grpo;
 pub mod logprobs;
 pub mod ppo;
 pub mod reward;
@@ -50,6 +55,7 @@ pub use data::{
     PreferencePair, SequenceBatch,
 };
 pub use dpo::{dpo_loss, Dpo};
+pub use grpo::{Grpo, GrpoConfig, GrpoPrompt, GrpoStats, RewardFn, Truncated};
 pub use logprobs::{log_sigmoid, sequence_logprobs, token_logprobs};
 pub use ppo::{IterationStats, MinibatchStats, Ppo, PpoConfig, PpoState, RunningMoments};
 pub use reward::{bradley_terry_loss, PairMetrics, RewardModel, RewardTraining, ScalarHead};

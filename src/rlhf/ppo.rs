@@ -977,6 +977,7 @@ impl Objective for Ppo {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::copies;
     use crate::GptConfig;
     use rand::SeedableRng;
 
@@ -994,7 +995,7 @@ mod tests {
             ..Default::default()
         };
         let policy = Gpt::init(&gcfg, 11, &Device::Cpu).unwrap();
-        let reference = Gpt::from_tensors(&gcfg, policy.tensors(), false).unwrap();
+        let reference = Gpt::from_tensors(&gcfg, copies(&policy), false).unwrap();
         let rm_backbone = Gpt::init(&gcfg, 12, &Device::Cpu).unwrap();
         let rm_backbone = Gpt::from_tensors(&gcfg, rm_backbone.tensors(), false).unwrap();
         // A non-zero reward head, so scores differ between replies.

@@ -88,3 +88,13 @@ pub fn data_file(name: &str) -> std::path::PathBuf {
         ),
     }
 }
+
+/// The model's weights as fresh copies (new storage), for a frozen reference that training
+/// the model cannot move.
+pub fn copies(model: &tinygpt::Gpt) -> std::collections::HashMap<String, Tensor> {
+    model
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| (name, t.copy().unwrap()))
+        .collect()
+}
