@@ -23,6 +23,9 @@
 //! 7. **Serving** ([`decode`], and `server` with the `server` feature): many conversations
 //!    decoded together, one batched forward pass per step with a KV cache per sequence, behind
 //!    an OpenAI-compatible HTTP API and a web chat.
+//! 8. **Evaluation** ([`eval`]): bits per byte on held-out text, GSM8K exact match, the
+//!    turn-end rate, reward-model pairwise accuracy and multiple choice by log-likelihood, as
+//!    a report card per checkpoint.
 //!
 //! On the CPU, [`threads`] chooses how many threads matrix products and element-wise ops use
 //! (call it first thing in `main`).
@@ -60,6 +63,7 @@ pub mod data;
 pub mod decode;
 mod durable;
 pub mod error;
+pub mod eval;
 pub mod hf;
 pub mod kernels;
 pub mod lora;
@@ -90,6 +94,7 @@ pub use kernels::{attention, layers};
 pub use chat::{ChatSession, ChatTemplate, Message, Role};
 pub use data::{Split, TokenDataset};
 pub use error::{Error, Result};
+pub use eval::{bits_per_byte, gsm8k_exact_match, multiple_choice, parse_gsm8k_answer, EvalReport};
 pub use hf::chat_template::HfChatTemplate;
 pub use hf::Gpt2Config;
 pub use lora::LoraConfig;

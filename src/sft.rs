@@ -17,7 +17,7 @@ use std::path::Path;
 use candle_core::{Tensor, Var};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::chat::{ChatTemplate, Message, Rendered, Role};
 use crate::checkpoint::save_model;
@@ -477,7 +477,7 @@ impl Objective for Sft {
 }
 
 /// How replies to held-out prompts ended.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct ReplyStats {
     /// Prompts answered.
     pub prompts: usize,

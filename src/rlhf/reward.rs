@@ -18,6 +18,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{
     load_model, load_safetensors, load_trainable, save_model, save_safetensors,
@@ -393,7 +394,7 @@ pub fn bradley_terry_loss(chosen: &Tensor, rejected: &Tensor) -> Result<Tensor> 
 }
 
 /// How a reward model (or DPO's implicit reward) ranks a set of pairs.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct PairMetrics {
     /// Pairs evaluated.
     pub pairs: usize,
