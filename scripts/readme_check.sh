@@ -125,6 +125,8 @@ short_flags() {
         gpt2) echo "--max-new-tokens 5" ;;
         reward | dpo) echo "--max-iters 2 --eval-interval 1 --eval-iters 1 --always-save-checkpoint" ;;
         ppo) echo "--iterations 2" ;;
+        eval) echo "-n 4 --max-new-tokens 8" ;;
+        grpo) echo "--sft-iters 4 --iterations 1 --eval-n 4 --prompts-per-iteration 2 --num-generations 2 --minibatch-size 4" ;;
         serve) echo "--port $PORT" ;;
         *) echo "" ;;
     esac

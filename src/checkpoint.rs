@@ -70,10 +70,10 @@ pub mod files {
     /// may replace; any other existing path is refused.
     pub const REQUIRED: [&str; 5] = [CONFIG, MODEL, TOKENIZER, OPTIMIZER, TRAINER_STATE];
     /// Every file a checkpoint of any stage may hold: [`REQUIRED`], the metrics, and what the
-    /// RLHF stages add (the reward and value heads, PPO's state). A checkpoint directory holding anything else is refused as a
-    /// target before training (see [`super::CheckpointWriter::preflight`]): replacing the
+    /// RLHF stages add (the reward and value heads, PPO's and GRPO's states). A checkpoint
+    /// directory holding anything else is refused as a target before training (see [`super::CheckpointWriter::preflight`]): replacing the
     /// directory would lose it.
-    pub const KNOWN: [&str; 10] = [
+    pub const KNOWN: [&str; 11] = [
         CONFIG,
         MODEL,
         TOKENIZER,
@@ -84,6 +84,7 @@ pub mod files {
         crate::rlhf::RewardModel::HEAD_FILE,
         crate::rlhf::Ppo::VALUE_HEAD_FILE,
         crate::rlhf::Ppo::STATE_FILE,
+        crate::rlhf::Grpo::STATE_FILE,
     ];
 }
 
