@@ -8,6 +8,10 @@
 //! ```
 //! Sized to finish in about ten minutes on two cores; every stage prints what it did. Ctrl-C
 //! (or SIGTERM) stops the stage in training after its current step and saves its state.
+//!
+//! The whole story ends up in `OUT/report.md`: the machine and build, a summary of the
+//! evaluations by stage, then each stage's report card (also appended to
+//! `OUT/pretrain/report.md` and `OUT/sft/report.md`) with its loss plot.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -80,9 +84,21 @@ struct Args {
     /// Seed of every random choice (initialisation, batches, held-out split, sampling).
     #[arg(long, default_value_t = 1337)]
     seed: u64,
+    /// Held-out conversations whose replies are checked for <|end|> before and after SFT,
+    /// for the report's summary (0 = none).
+    #[arg(long, default_value_t = 8)]
+    eval_replies: usize,
+    #[command(flatten)]
+    report: common::report::ReportArgs,
     /// cpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
+}
+
+/// `v` with `decimals` decimals, or `n/a`.
+fn fmt(v: Option<f64>, decimals: usize) -> String {
+    v.map(|v| format!("{v:.decimals$}"))
+        .unwrap_or_else(|| "n/a".into())
 }
 
 /// What to do after Ctrl-C: this example has no --resume.
@@ -95,6 +111,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let device = common::device(&args.device)?;
     let started = Instant::now();
+    let environment = tinygpt::report::Environment::detect();
 
     // Read every input first, so a bad file stops us before any training.
     let data_path = common::corpus(args.data.as_deref())?;
@@ -122,6 +139,10 @@ fn main() -> Result<()> {
         ..Default::default()
     };
     let dataset = TokenDataset::from_tokens(tokenizer.encode(&text)?, 0.1)?;
+    // Bytes of the held-out text, for the report's bits per byte.
+    let val_tokens = dataset.tokens(tinygpt::Split::Val);
+    let val_bytes = tokenizer.decode(val_tokens).map(|t| t.len()).unwrap_or(0);
+    let val_tokens = val_tokens.len();
     println!(
         "byte-level BPE of {} tokens; {} training tokens; a {:.2}M-parameter GPT",
         tokenizer.vocab_size(),
@@ -139,6 +160,7 @@ fn main() -> Result<()> {
     let pre_dir = args.out.join("pretrain");
     let mut pretraining = Pretraining::new(model, tokenizer, dataset, pre_cfg.batch_size)?;
     let progress = common::Progress::new(pre_cfg.max_iters, 0);
+    let stage_started = Instant::now();
     let mut trainer = Trainer::new(pre_cfg.clone(), pretraining.parameters()?)?
         .with_out_dir(&pre_dir)
         .with_stop_flag(stop.flag());
@@ -163,6 +185,38 @@ fn main() -> Result<()> {
         conversations.len()
     );
     let (base, tokenizer) = checkpoint::load_model(&pre_dir, &device)?;
+    let pre_card = (!args.report.no_report).then(|| {
+        let mut card = common::report::card(
+            "Pre-training",
+            &pre_dir,
+            base.config(),
+            &pre_cfg,
+            &pre,
+            0,
+            stage_started,
+        );
+        card.bits_per_byte = pre
+            .best_val_loss
+            .and_then(|l| tinygpt::report::bpb_from_loss(l, val_tokens, val_bytes));
+        card.facts.push((
+            "data".into(),
+            format!(
+                "{} (byte-level BPE, {} tokens in the vocabulary)",
+                data_path.display(),
+                tokenizer.vocab_size()
+            ),
+        ));
+        if args.report.report_samples > 0 {
+            let params = common::report::sample_params(200, args.seed);
+            match tinygpt::generate(&base, &tokenizer, "\n", &params)
+                .and_then(|g| g.collect::<tinygpt::Result<String>>())
+            {
+                Ok(text) => card.samples.push(text),
+                Err(e) => card.samples.push(format!("(no sample: {e})")),
+            }
+        }
+        common::report::write_stage(&args.report, &pre_dir, &trainer, "pretrain", card)
+    });
     let (model, tokenizer, template) = prepare_for_chat(&base, tokenizer)?;
     let (all, fit) = SftDataset::new(&conversations, &tokenizer, &template, args.block_size)?;
     let (train, val) = all.split(0.05, args.seed);
@@ -201,17 +255,47 @@ fn main() -> Result<()> {
         ..TrainConfig::default()
     };
     let sft_dir = args.out.join("sft");
+    // Replies to held-out prompts before SFT (the base model with the chat tokens added).
+    let probe: Vec<Vec<u32>> = common::report::last_turn_prompts(val.examples())
+        .into_iter()
+        .take(args.eval_replies)
+        .collect();
+    let reply_params = SamplingParams::default()
+        .with_temperature(0.7)
+        .with_top_k(50)
+        .with_max_new_tokens(args.max_new_tokens)
+        .with_seed(args.seed);
+    let before = if probe.is_empty() {
+        None
+    } else {
+        Some(common::report::prompt_reply_stats(
+            &model,
+            &tokenizer,
+            &probe,
+            &reply_params,
+        )?)
+    };
     let mut sft = Sft::new(model, tokenizer, train, val, sft_cfg.batch_size)?;
     let progress = common::Progress::new(sft_cfg.max_iters, 0);
+    let stage_started = Instant::now();
     let mut trainer = Trainer::new(sft_cfg.clone(), sft.parameters()?)?
         .with_out_dir(&sft_dir)
         .with_stop_flag(stop.flag());
+    // The held-out loss at step 0: the base model's, before any fine-tuning.
+    let mut first_val = None;
     let tuned = common::train(
         &mut trainer,
         &mut sft,
         &stop,
         &progress,
-        |_| {},
+        |e| {
+            if let tinygpt::TrainEvent::Eval { metrics, .. } = e {
+                first_val = first_val.or(metrics
+                    .iter()
+                    .find(|(k, _)| k == "val_loss")
+                    .map(|(_, v)| *v));
+            }
+        },
         AFTER_INTERRUPT,
     )?;
     println!(
@@ -229,15 +313,147 @@ fn main() -> Result<()> {
         .with_top_k(50)
         .with_max_new_tokens(args.max_new_tokens)
         .with_seed(args.seed);
+    let mut answers = Vec::new();
     for question in &args.ask {
         let mut session = ChatSession::new(&model, &tokenizer, params.clone())?;
         println!("user: {question}");
         print!("assistant: ");
-        session.send(question, |piece| {
+        let answer = session.send(question, |piece| {
             print!("{piece}");
             let _ = std::io::Write::flush(&mut std::io::stdout());
         })?;
         println!();
+        answers.push(format!("user: {question}\nassistant: {}", answer.trim()));
+    }
+    let after = if probe.is_empty() {
+        None
+    } else {
+        Some(common::report::prompt_reply_stats(
+            &model,
+            &tokenizer,
+            &probe,
+            &reply_params,
+        )?)
+    };
+
+    // The report cards of the fine-tuning and of the whole story.
+    if !args.report.no_report {
+        let mut card = common::report::card(
+            "Supervised fine-tuning",
+            &sft_dir,
+            model.config(),
+            &sft_cfg,
+            &tuned,
+            0,
+            stage_started,
+        );
+        card.facts.push((
+            "held-out assistant loss".into(),
+            format!(
+                "{} → {} (best)",
+                fmt(first_val, 4),
+                fmt(tuned.best_val_loss, 4)
+            ),
+        ));
+        card.samples = if answers.is_empty() {
+            common::report::prompt_samples(
+                &model,
+                &tokenizer,
+                &probe,
+                &params,
+                args.report.report_samples,
+            )
+        } else {
+            answers.clone()
+        };
+        let sft_card = common::report::write_stage(&args.report, &sft_dir, &trainer, "sft", card);
+
+        let mut score = tinygpt::report::Scorecard::new(["base", "SFT", "RLHF"]);
+        if let Some(v) = pre.best_val_loss {
+            score.set(
+                "val loss on the text (nats/token)",
+                "base",
+                format!("{v:.4}"),
+            );
+        }
+        if let Some(b) = pre_card.as_ref().and_then(|c| c.as_ref()?.bits_per_byte) {
+            score.set("bits per byte on the text", "base", format!("{b:.4}"));
+        }
+        if let Some(v) = first_val {
+            score.set(
+                "held-out assistant loss (nats/token)",
+                "base",
+                format!("{v:.4}"),
+            );
+        }
+        if let Some(v) = tuned.best_val_loss {
+            score.set(
+                "held-out assistant loss (nats/token)",
+                "SFT",
+                format!("{v:.4}"),
+            );
+        }
+        for (stage, stats) in [("base", &before), ("SFT", &after)] {
+            if let Some(s) = stats {
+                score.set(
+                    "held-out replies ending with <|end|>",
+                    stage,
+                    format!("{:.0}% of {}", 100.0 * s.end_rate(), s.prompts),
+                );
+                score.set(
+                    "mean reply length (tokens)",
+                    stage,
+                    format!("{:.1}", s.mean_tokens),
+                );
+            }
+        }
+        for (stage, summary, cfg) in [
+            ("base", &pre, base.config()),
+            ("SFT", &tuned, model.config()),
+        ] {
+            score.set("optimiser steps", stage, summary.steps.to_string());
+            score.set(
+                "training tokens",
+                stage,
+                tinygpt::report::si(summary.tokens_seen as f64),
+            );
+            let flops = tinygpt::report::flops_per_token(cfg, cfg.block_size);
+            score.set(
+                "training FLOPs",
+                stage,
+                tinygpt::report::si(flops.total(summary.tokens_seen)),
+            );
+            score.set(
+                "training time",
+                stage,
+                tinygpt::report::duration(summary.elapsed_s),
+            );
+        }
+        let summary = score.section("Summary").paragraph(format!(
+            "Evaluations by stage; — where a stage was not measured (chatgpt runs no RLHF \
+             stage: the reward, dpo and ppo examples do). Held-out replies: {} prompts, up to \
+             {} tokens, temperature 0.7. {} in all.",
+            probe.len(),
+            args.max_new_tokens,
+            tinygpt::report::duration(started.elapsed().as_secs_f64())
+        ));
+        let mut report = tinygpt::report::Report::new("tinygpt: a small ChatGPT from scratch")
+            .section(environment.section("Environment"))
+            .section(summary);
+        for (card, dir) in [(pre_card.flatten(), "pretrain/"), (sft_card, "sft/")] {
+            if let Some(card) = card {
+                let card = common::report::with_image_prefix(&card, dir);
+                match card.section() {
+                    Ok(s) => report = report.section(s),
+                    Err(e) => eprintln!("warning: report: {e}"),
+                }
+            }
+        }
+        let path = args.out.join(tinygpt::report::REPORT_FILE);
+        match report.write_to(&path) {
+            Ok(()) => println!("report: {} (the whole story)", path.display()),
+            Err(e) => eprintln!("warning: no report written: {e}"),
+        }
     }
     println!(
         "chatgpt: pre-train val loss {:.3} | SFT held-out loss {:.3} | {:.0} s in all | chat with: cargo run --release --example chat -- --ckpt {}",

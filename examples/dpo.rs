@@ -60,6 +60,8 @@ struct Args {
     skip_bad_lines: bool,
     #[command(flatten)]
     train: common::TrainArgs,
+    #[command(flatten)]
+    report: common::report::ReportArgs,
     /// cpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -202,7 +204,8 @@ fn main() -> Result<()> {
     if let Some(resume) = &resume {
         trainer = common::resume_trainer(trainer, resume, &cfg, "--max-iters")?;
     }
-    let progress = common::Progress::new(cfg.max_iters, trainer.step());
+    let first_step = trainer.step();
+    let progress = common::Progress::new(cfg.max_iters, first_step);
     let again = common::device_flag(&args.device);
     let summary = common::train(
         &mut trainer,
@@ -223,6 +226,45 @@ fn main() -> Result<()> {
             .map(|(_, v)| format!("{v:.4}"))
             .unwrap_or_else(|| "n/a".into())
     };
+
+    // 4. The report card: OUT/report.md and the plots beside metrics.jsonl; the samples are
+    // the best checkpoint's replies to held-out prompts.
+    if !args.report.no_report {
+        let mut card = common::report::card(
+            "DPO",
+            &out,
+            objective.policy().config(),
+            &cfg,
+            &summary,
+            first_step,
+            started,
+        );
+        card.facts.push((
+            "last evaluation".into(),
+            format!(
+                "β {beta}, held-out loss {}, implicit-reward accuracy {}, margin {}",
+                get("val_loss"),
+                get("reward_accuracy"),
+                get("reward_margin")
+            ),
+        ));
+        card.facts
+            .push(("SFT model (reference)".into(), sft.display().to_string()));
+        let n = args.report.report_samples;
+        if n > 0 && holds {
+            let (model, tokenizer) = checkpoint::load_model(&out, &device)?;
+            let prompts: Vec<Vec<u32>> = objective
+                .val()
+                .examples()
+                .iter()
+                .take(n)
+                .map(|ex| ex.prompt.clone())
+                .collect();
+            let params = common::report::sample_params(max_response, cfg.seed);
+            card.samples = common::report::prompt_samples(&model, &tokenizer, &prompts, &params, n);
+        }
+        common::report::write_stage(&args.report, &out, &trainer, Dpo::STAGE, card);
+    }
     println!(
         "dpo: β {beta} | held-out loss {} (best {}) | implicit-reward accuracy {} margin {} | {} steps in {:.1} s | {}",
         get("val_loss"),

@@ -74,9 +74,15 @@ struct Args {
     /// Worked examples the SFT model learns from (task sums).
     #[arg(long, default_value_t = 4000)]
     sft_examples: usize,
-    /// SFT steps (when no --sft is given).
-    #[arg(long, default_value_t = 400)]
-    sft_iters: usize,
+    /// The share of worked sums whose teacher forgets the carry out of the units (`47+38=75
+    /// #### 75`), task sums: the SFT model then often answers wrong although the right answer
+    /// is among its samples, which GRPO's checker rewards. The prompts GRPO trains on and
+    /// every held-out problem keep the true sum.
+    #[arg(long, default_value_t = 0.7)]
+    forget_carry: f64,
+    /// SFT steps (when no --sft is given; default 1500 for sums, 400 for gsm8k).
+    #[arg(long)]
+    sft_iters: Option<usize>,
     /// GRPO iterations.
     #[arg(long, default_value_t = 60)]
     iterations: usize,
@@ -129,6 +135,8 @@ struct Args {
     /// Seed of every random choice (problems, initialisation, batches, sampling).
     #[arg(long, default_value_t = 1337)]
     seed: u64,
+    #[command(flatten)]
+    report: common::report::ReportArgs,
     /// cpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -144,14 +152,21 @@ struct Problem {
     solution: String,
 }
 
-fn sum_problem(a: u32, b: u32) -> Problem {
+/// `a + b`, with a worked solution that forgets the carry out of the units (`47+38=75`) when
+/// `sloppy` and there is one.
+fn sum_problem(a: u32, b: u32, sloppy: bool) -> Problem {
     let c = a + b;
+    let written = if sloppy && a % 10 + b % 10 >= 10 {
+        c - 10
+    } else {
+        c
+    };
     Problem {
         prompt: GrpoPrompt {
             messages: vec![Message::user(format!("What is {a}+{b}?"))],
             answer: c.to_string(),
         },
-        solution: format!("{a}+{b}={c} #### {c}"),
+        solution: format!("{a}+{b}={written} #### {written}"),
     }
 }
 
@@ -164,14 +179,15 @@ fn sums(args: &Args, rng: &mut ChaCha8Rng) -> (Vec<Problem>, Vec<Problem>) {
     while held_out.len() < args.eval_n && seen.len() < (m * m / 2) as usize {
         let (a, b) = (rng.random_range(0..m), rng.random_range(0..m));
         if seen.insert((a, b)) {
-            held_out.push(sum_problem(a, b));
+            held_out.push(sum_problem(a, b, false));
         }
     }
     let mut train = Vec::new();
     while train.len() < args.sft_examples.max(args.prompts_per_iteration) {
         let (a, b) = (rng.random_range(0..m), rng.random_range(0..m));
         if !seen.contains(&(a, b)) {
-            train.push(sum_problem(a, b));
+            let sloppy = rng.random_bool(args.forget_carry.clamp(0.0, 1.0));
+            train.push(sum_problem(a, b, sloppy));
         }
     }
     (train, held_out)
@@ -327,20 +343,25 @@ fn main() -> Result<()> {
                 fit.dropped,
                 cfg.num_parameters() as f64 / 1e6
             );
+            let sft_iters = args.sft_iters.unwrap_or(match args.task {
+                Task::Sums => 1500,
+                Task::Gsm8k => 400,
+            });
             let sft_cfg = TrainConfig {
-                max_iters: args.sft_iters,
-                lr_decay_iters: args.sft_iters,
-                eval_interval: (args.sft_iters / 3).max(1),
+                max_iters: sft_iters,
+                lr_decay_iters: sft_iters,
+                eval_interval: (sft_iters / 3).max(1),
                 eval_iters: 4,
                 batch_size: 32,
                 lr: 1e-3,
                 min_lr: 1e-4,
-                warmup_iters: 20.min(args.sft_iters / 2),
+                warmup_iters: 20.min(sft_iters / 2),
                 weight_decay: 0.0,
                 seed: args.seed,
                 ..TrainConfig::default()
             };
             let dir = args.out.join("sft");
+            let sft_started = Instant::now();
             let mut sft = Sft::new(model, tokenizer, train_set, val_set, sft_cfg.batch_size)?;
             let progress = common::Progress::new(sft_cfg.max_iters, 0);
             let mut trainer = Trainer::new(sft_cfg.clone(), sft.parameters()?)?
@@ -360,6 +381,34 @@ fn main() -> Result<()> {
                 s.best_val_loss.unwrap_or(f64::NAN),
                 s.elapsed_s
             );
+            if !args.report.no_report {
+                let mut card = common::report::card(
+                    "SFT (worked answers)",
+                    &dir,
+                    &cfg,
+                    &sft_cfg,
+                    &s,
+                    0,
+                    sft_started,
+                );
+                card.facts.push((
+                    "data".into(),
+                    format!(
+                        "{} worked answers ({:?}{})",
+                        conversations.len(),
+                        args.task,
+                        if args.task == Task::Sums {
+                            format!(
+                                ", the carry forgotten in {:.0}% of them",
+                                100.0 * args.forget_carry
+                            )
+                        } else {
+                            String::new()
+                        }
+                    ),
+                ));
+                common::report::write_stage(&args.report, &dir, &trainer, Sft::STAGE, card);
+            }
             dir
         }
     };
@@ -394,6 +443,8 @@ fn main() -> Result<()> {
         "== 2. GRPO: {} iterations of {} prompts x {} completions ({} steps) ==",
         args.iterations, cfg.prompts_per_iteration, cfg.num_generations, steps
     );
+    let report_prompts: Vec<Vec<Message>> =
+        held_out.iter().map(|p| p.prompt.messages.clone()).collect();
     let grpo_cfg = TrainConfig {
         max_iters: steps,
         lr_decay_iters: steps,
@@ -409,8 +460,9 @@ fn main() -> Result<()> {
         ..TrainConfig::default()
     };
     let grpo_dir = args.out.join("grpo");
+    let grpo_started = Instant::now();
     let progress = common::Progress::new(grpo_cfg.max_iters, 0);
-    let mut trainer = Trainer::new(grpo_cfg, grpo.parameters()?)?
+    let mut trainer = Trainer::new(grpo_cfg.clone(), grpo.parameters()?)?
         .with_out_dir(&grpo_dir)
         .with_stop_flag(stop.flag());
     let g = common::train(
@@ -439,6 +491,77 @@ fn main() -> Result<()> {
     );
     for (q, r) in &samples {
         println!("  {q} -> {r:?}");
+    }
+    if !args.report.no_report {
+        let mut card = common::report::card(
+            "GRPO",
+            &grpo_dir,
+            grpo.policy().config(),
+            &grpo_cfg,
+            &g,
+            0,
+            grpo_started,
+        );
+        card.facts.push((
+            "held-out accuracy (greedy)".into(),
+            format!(
+                "{:.1}% → {:.1}% ({:+.1} points) on {} problems no training prompt contains",
+                100.0 * before,
+                100.0 * after,
+                100.0 * (after - before),
+                held_out.len()
+            ),
+        ));
+        card.facts.push((
+            "GRPO settings".into(),
+            format!(
+                "{} iterations of {} prompts × {} completions, {} minibatches of {}, {} epoch(s); lr {:e}, kl_coef {}, ε {}/{}, scale_rewards {}, truncated {:?}",
+                args.iterations,
+                cfg.prompts_per_iteration,
+                cfg.num_generations,
+                cfg.minibatches(),
+                cfg.minibatch_size,
+                cfg.grpo_epochs,
+                args.lr,
+                cfg.kl_coef,
+                cfg.epsilon_low,
+                cfg.epsilon_high,
+                cfg.scale_rewards,
+                cfg.truncated
+            ),
+        ));
+        if let Some(it) = grpo.last_iteration() {
+            card.facts.push((
+                "last rollout".into(),
+                format!(
+                    "iteration {}: reward {}, sampled accuracy {:.1}%, KL {} nats per token, zero-variance groups {:.0}%",
+                    it.iteration + 1,
+                    common::fixed(it.reward_mean, 3),
+                    100.0 * it.accuracy,
+                    common::fixed(it.kl, 4),
+                    100.0 * it.zero_std_fraction
+                ),
+            ));
+        }
+        card.facts
+            .push(("SFT model".into(), format!("{}", sft_dir.display())));
+        card.facts.push((
+            "FLOPs note".into(),
+            "the optimiser steps only: sampling the rollouts and the reference's passes are not counted"
+                .into(),
+        ));
+        let n = args.report.report_samples;
+        if n > 0 {
+            let params = common::report::sample_params(max_new_tokens, args.seed);
+            card.samples = common::report::chat_samples(
+                grpo.policy(),
+                &tokenizer,
+                &report_prompts,
+                &params,
+                n,
+            );
+        }
+        common::report::write_stage(&args.report, &grpo_dir, &trainer, Grpo::STAGE, card);
     }
     let results = serde_json::json!({
         "task": format!("{:?}", args.task).to_lowercase(),

@@ -93,6 +93,8 @@ struct Args {
     vf_coef: Option<f64>,
     #[command(flatten)]
     train: common::TrainArgs,
+    #[command(flatten)]
+    report: common::report::ReportArgs,
     /// cpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -246,7 +248,8 @@ fn main() -> Result<()> {
     if let Some(resume) = &resume {
         trainer = common::resume_trainer(trainer, resume, &cfg, "--iterations")?;
     }
-    let progress = common::Progress::new(cfg.max_iters, trainer.step());
+    let first_step = trainer.step();
+    let progress = common::Progress::new(cfg.max_iters, first_step);
     let done_before = trainer.step() / steps.max(1);
     // (iteration, mean reward) of the first rollout this run logged.
     let mut first: Option<(f64, f64)> = None;
@@ -275,6 +278,66 @@ fn main() -> Result<()> {
         "no PPO iteration ran (--iterations must exceed the iterations already done)",
         &trainer,
     );
+
+    // The report card: OUT/report.md, the loss, reward and KL plots beside metrics.jsonl, and
+    // the policy's replies to the first prompts.
+    if !args.report.no_report {
+        let mut card = common::report::card(
+            "PPO",
+            &out,
+            objective.policy().config(),
+            &cfg,
+            &summary,
+            first_step,
+            started,
+        );
+        card.facts.push((
+            "PPO settings".into(),
+            format!(
+                "{} iterations of {} replies, {} epochs × {} minibatches of {}; kl_coef {:.4} ({kl_control})",
+                iterations,
+                ppo_cfg.rollout_size,
+                ppo_cfg.ppo_epochs,
+                ppo_cfg.minibatches(),
+                ppo_cfg.minibatch_size,
+                objective.state().kl_coef
+            ),
+        ));
+        if let Some(last) = objective.last_iteration() {
+            card.facts.push((
+                "last rollout".into(),
+                format!(
+                    "iteration {}: mean reward {}, KL to the SFT model {} nats per reply, mean reply length {:.1} tokens",
+                    last.iteration + 1,
+                    common::fixed(last.reward_mean, 3),
+                    common::fixed(last.kl, 3),
+                    last.response_length
+                ),
+            ));
+        }
+        card.facts.push((
+            "models".into(),
+            format!("SFT {}, reward {}", sft.display(), reward.display()),
+        ));
+        card.facts.push((
+            "FLOPs note".into(),
+            "the optimiser steps only: sampling the rollouts and the reference and reward \
+             models' passes are not counted"
+                .into(),
+        ));
+        let n = args.report.report_samples;
+        if n > 0 {
+            let params = common::report::sample_params(ppo_cfg.max_new_tokens, cfg.seed);
+            card.samples = common::report::chat_samples(
+                objective.policy(),
+                objective.tokenizer(),
+                &prompts,
+                &params,
+                n,
+            );
+        }
+        common::report::write_stage(&args.report, &out, &trainer, Ppo::STAGE, card);
+    }
     let Some(last) = objective.last_iteration().copied() else {
         println!(
             "ppo: no iteration ran ({iterations} done in all) in {:.1} s | {note}",

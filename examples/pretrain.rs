@@ -100,9 +100,11 @@ struct Args {
     /// cpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Characters of sample text printed at the end (0 = none).
+    /// Characters of sample text printed at the end (0 = none); the report card shows it too.
     #[arg(long, default_value_t = 500)]
     sample_chars: usize,
+    #[command(flatten)]
+    report: common::report::ReportArgs,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -256,6 +258,10 @@ fn main() -> Result<()> {
     let cfg = model.config().clone();
     let dataset = TokenDataset::from_file(&data_path, &tokenizer, 0.1)
         .with_context(|| format!("preparing {}", data_path.display()))?;
+    // Bytes of the held-out text, for the report's bits per byte.
+    let val_tokens = dataset.tokens(tinygpt::Split::Val);
+    let val_bytes = tokenizer.decode(val_tokens).map(|t| t.len()).unwrap_or(0);
+    let val_tokens = val_tokens.len();
     println!(
         "data: {} ({} train / {} val tokens)",
         data_path.display(),
@@ -290,7 +296,8 @@ fn main() -> Result<()> {
     if let Some(resume) = &resume {
         trainer = common::resume_trainer(trainer, resume, &train_cfg, "--max-iters")?;
     }
-    let progress = common::Progress::new(train_cfg.max_iters, trainer.step());
+    let first_step = trainer.step();
+    let progress = common::Progress::new(train_cfg.max_iters, first_step);
     let mut again = common::device_flag(&args.device);
     if args.sample_chars != 500 {
         again.extend(["--sample-chars".into(), args.sample_chars.to_string()]);
@@ -306,7 +313,8 @@ fn main() -> Result<()> {
     let resumed = resume.as_ref().map(|r| r.run.as_path());
     let holds = common::holds_run_checkpoint(&out, progress.saved(), resumed);
 
-    // 3. A sample from the best checkpoint, then the summary.
+    // 3. A sample from the best checkpoint, then the report and the summary.
+    let mut sample = String::new();
     if args.sample_chars > 0 && holds {
         let (model, tokenizer) = checkpoint::load_model(&out, &device)?;
         let params = SamplingParams::default()
@@ -323,6 +331,7 @@ fn main() -> Result<()> {
             let piece: String = piece.chars().take(room).collect();
             chars += piece.chars().count();
             print!("{piece}");
+            sample.push_str(&piece);
             stdout.flush()?;
             if chars >= args.sample_chars {
                 break;
@@ -330,6 +339,33 @@ fn main() -> Result<()> {
         }
         println!("\n--------------");
     }
+
+    // 4. The report card: OUT/report.md and the plots beside metrics.jsonl.
+    let mut card = common::report::card(
+        "Pre-training",
+        &out,
+        &cfg,
+        &train_cfg,
+        &summary,
+        first_step,
+        started,
+    );
+    card.bits_per_byte = summary
+        .best_val_loss
+        .and_then(|l| tinygpt::report::bpb_from_loss(l, val_tokens, val_bytes));
+    card.facts.push((
+        "data".into(),
+        format!(
+            "{} ({} tokenizer, {} tokens in the vocabulary)",
+            data_path.display(),
+            tokenizer_kind_name(objective.tokenizer()),
+            objective.tokenizer().vocab_size()
+        ),
+    ));
+    if !sample.is_empty() && args.report.report_samples > 0 {
+        card.samples.push(sample);
+    }
+    common::report::write_stage(&args.report, &out, &trainer, Pretraining::STAGE, card);
     println!(
         "pretrain: best val loss {} | {} steps | {:.1} s training in all | {:.1} s wall this run | {} tokens/s | {}",
         summary.best_val_loss.map(|v| format!("{v:.4}")).unwrap_or_else(|| "n/a".into()),

@@ -17,7 +17,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::Parser;
-use tinygpt::rlhf::{RewardModel, RewardTraining};
+use tinygpt::chat::reply_text;
+use tinygpt::rlhf::{PreferenceDataset, RewardModel, RewardTraining};
 use tinygpt::{ChatTemplate, Objective, TrainConfig, Trainer};
 
 /// Train a reward model (SFT backbone + scalar head) on preference JSONL
@@ -57,6 +58,8 @@ struct Args {
     skip_bad_lines: bool,
     #[command(flatten)]
     train: common::TrainArgs,
+    #[command(flatten)]
+    report: common::report::ReportArgs,
     /// cpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -76,6 +79,36 @@ fn reward_defaults() -> TrainConfig {
         weight_decay: 0.0,
         ..TrainConfig::default()
     }
+}
+
+/// The first `n` held-out pairs with the rewards `model` gives both replies, for the report.
+fn pair_samples(
+    model: &RewardModel,
+    tokenizer: &tinygpt::Tokenizer,
+    val: &PreferenceDataset,
+    n: usize,
+) -> Vec<String> {
+    let pad = tokenizer.eot_id();
+    (0..val.len().min(n))
+        .map(|i| {
+            let sample = || -> Result<String> {
+                let (_, chosen, rejected) = model.pair_loss(val, &[i], pad, None)?;
+                let score = |t: &tinygpt::candle::Tensor| -> Result<f32> {
+                    Ok(t.to_vec1::<f32>()?.first().copied().unwrap_or(f32::NAN))
+                };
+                let ex = &val.examples()[i];
+                Ok(format!(
+                    "prompt: {}\nchosen, reward {:.3}: {}\nrejected, reward {:.3}: {}",
+                    tokenizer.decode(&ex.prompt)?.trim(),
+                    score(&chosen)?,
+                    reply_text(tokenizer, &ex.chosen)?.trim(),
+                    score(&rejected)?,
+                    reply_text(tokenizer, &ex.rejected)?.trim(),
+                ))
+            };
+            sample().unwrap_or_else(|e| format!("(no sample: {e:#})"))
+        })
+        .collect()
 }
 
 fn main() -> Result<()> {
@@ -183,7 +216,8 @@ fn main() -> Result<()> {
     if let Some(resume) = &resume {
         trainer = common::resume_trainer(trainer, resume, &cfg, "--max-iters")?;
     }
-    let progress = common::Progress::new(cfg.max_iters, trainer.step());
+    let first_step = trainer.step();
+    let progress = common::Progress::new(cfg.max_iters, first_step);
     let again = common::device_flag(&args.device);
     let summary = common::train(
         &mut trainer,
@@ -205,6 +239,39 @@ fn main() -> Result<()> {
         objective.model().clone()
     };
     let m = best.pair_metrics(objective.val(), pad, cfg.batch_size, usize::MAX)?;
+
+    // 4. The report card: OUT/report.md and the plots beside metrics.jsonl.
+    if !args.report.no_report {
+        let mut card = common::report::card(
+            "Reward model",
+            &out,
+            best.backbone().config(),
+            &cfg,
+            &summary,
+            first_step,
+            started,
+        );
+        card.facts.push(("SFT model".into(), sft.clone()));
+        if let Some(m) = &m {
+            card.facts.push((
+                "held-out pairs (best checkpoint)".into(),
+                format!(
+                    "accuracy {:.1}% over {} pairs, mean margin {:.3}, loss {:.4}",
+                    100.0 * m.accuracy,
+                    m.pairs,
+                    m.margin,
+                    m.loss
+                ),
+            ));
+        }
+        card.samples = pair_samples(
+            &best,
+            objective.tokenizer(),
+            objective.val(),
+            args.report.report_samples,
+        );
+        common::report::write_stage(&args.report, &out, &trainer, RewardTraining::STAGE, card);
+    }
     match m {
         Some(m) => println!(
             "reward: held-out accuracy {:.1}% over {} pairs, mean margin {:.3}, loss {:.4} | {} steps in {:.1} s | {note}",

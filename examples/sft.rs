@@ -74,6 +74,8 @@ struct Args {
     eval_replies: usize,
     #[command(flatten)]
     sampling: common::SamplingArgs,
+    #[command(flatten)]
+    report: common::report::ReportArgs,
     /// cpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -346,6 +348,7 @@ fn main() -> Result<()> {
             cfg.lr_decay_iters = cfg.max_iters;
         }
     }
+    let (objective_train_len, objective_val_len) = (train.len(), val.len());
     let mut objective = Sft::new(model, tokenizer, train, val, cfg.batch_size)?;
     let data_json: Vec<String> = data_paths.iter().map(|p| p.display().to_string()).collect();
     common::announce(&cfg)?;
@@ -365,7 +368,8 @@ fn main() -> Result<()> {
     if let Some(resume) = &resume {
         trainer = common::resume_trainer(trainer, resume, &cfg, "--max-iters or --epochs")?;
     }
-    let progress = common::Progress::new(cfg.max_iters, trainer.step());
+    let first_step = trainer.step();
+    let progress = common::Progress::new(cfg.max_iters, first_step);
     // The run's first evaluation: in the resumed run's metrics, else this run's first.
     let recorded_first = |key: &str| {
         resume
@@ -432,10 +436,55 @@ fn main() -> Result<()> {
             fmt(summary.best_val_loss)
         )
     };
+
+    // 6. The report card: OUT/report.md and the plots beside metrics.jsonl.
+    if !args.report.no_report {
+        let mut card = common::report::card(
+            "Supervised fine-tuning",
+            &out,
+            objective.model().config(),
+            &cfg,
+            &summary,
+            first_step,
+            started,
+        );
+        card.facts.push(("losses".into(), losses.clone()));
+        if let (Some(b), Some(a)) = (&before, &after) {
+            card.facts.push((
+                "replies ending with <|end|>".into(),
+                format!(
+                    "{:.0}% → {:.0}% of {} held-out prompts",
+                    100.0 * b.end_rate(),
+                    100.0 * a.end_rate(),
+                    a.prompts
+                ),
+            ));
+        }
+        card.facts.push((
+            "data".into(),
+            format!(
+                "{} ({} train / {} held-out conversations)",
+                data_paths
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                objective_train_len,
+                objective_val_len
+            ),
+        ));
+        let n = args.report.report_samples;
+        if n > 0 && holds {
+            let convs = val_convs.as_ref().unwrap_or(&train_convs);
+            let (model, tokenizer) = checkpoint::load_model(&out, &device)?;
+            card.samples = common::report::chat_samples(&model, &tokenizer, convs, &params, n);
+        }
+        common::report::write_stage(&args.report, &out, &trainer, Sft::STAGE, card);
+    }
     println!(
         "sft: {losses} | replies ending with <|end|>: {} → {} | {} steps, {:.1} s wall this run | {}",
-        before.map(|s| format!("{:.0}%", 100.0 * s.end_rate())).unwrap_or_else(|| "-".into()),
-        after.map(|s| format!("{:.0}%", 100.0 * s.end_rate())).unwrap_or_else(|| "-".into()),
+        before.as_ref().map(|s| format!("{:.0}%", 100.0 * s.end_rate())).unwrap_or_else(|| "-".into()),
+        after.as_ref().map(|s| format!("{:.0}%", 100.0 * s.end_rate())).unwrap_or_else(|| "-".into()),
         summary.steps,
         started.elapsed().as_secs_f64(),
         common::checkpoint_note(&out, holds, &trainer)

@@ -11,6 +11,8 @@
 //! DIR/manifest.json          size and CRC-32 of every file above but the metrics
 //! DIR/checkpoint-STEP/       the latest states (same files): end of run, interrupt, every
 //!                            `save_interval` steps; the newest `keep_last` are kept
+//! DIR/report.md, DIR/*.png   the run's report card and its plots ([`crate::report`]),
+//!                            written after training; each new checkpoint carries them over
 //! ```
 //!
 //! `DIR` itself is the best checkpoint (lowest validation loss), the one to sample from or
@@ -64,6 +66,16 @@ pub mod files {
     pub const MANIFEST: &str = "manifest.json";
     /// Prefix of the latest-state subdirectories, `checkpoint-STEP`.
     pub const STATE_PREFIX: &str = "checkpoint-";
+    /// The run's report card ([`crate::report`]).
+    pub const REPORT: &str = "report.md";
+
+    /// Whether `name` is one of the report's files: [`REPORT`] and its images (`*.png`). They
+    /// are not checkpoint files (the manifest leaves them out: the report grows after its
+    /// checkpoint, as the metrics do), but a checkpoint directory may hold them, and a new
+    /// checkpoint carries them over, as it does the latest states.
+    pub fn is_report_file(name: &str) -> bool {
+        name == REPORT || (name.ends_with(".png") && !name.starts_with('.'))
+    }
     /// The files every checkpoint the [`crate::Trainer`] writes holds, whatever the stage: the
     /// model files of [`crate::Objective::save`] and the trainer's own. A directory holding all
     /// of them is a checkpoint directory ([`super::is_checkpoint_dir`]), which a new checkpoint
@@ -146,6 +158,7 @@ fn inspect_target(target: &Path) -> Result<Target> {
         for (name, path) in &names {
             let known = files::KNOWN.contains(&name.as_str())
                 || (state_step(name).is_some() && path.is_dir())
+                || (files::is_report_file(name) && path.is_file())
                 || is_leftover(name);
             if !known {
                 return Err(Error::checkpoint(
@@ -169,6 +182,23 @@ fn inspect_target(target: &Path) -> Result<Target> {
             ),
         ))
     }
+}
+
+/// The report's files in `dir` ([`files::is_report_file`]); none if `dir` is not a directory.
+fn report_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut v = Vec::new();
+    if !dir.is_dir() {
+        return Ok(v);
+    }
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let path = entry.path();
+        if files::is_report_file(&entry.file_name().to_string_lossy()) && path.is_file() {
+            v.push(path);
+        }
+    }
+    v.sort();
+    Ok(v)
 }
 
 /// The step of a latest-state directory name, `checkpoint-STEP`.
@@ -240,7 +270,11 @@ fn write_manifest(dir: &Path) -> Result<()> {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         let path = entry.path();
-        if name == files::METRICS || name == files::MANIFEST || name.starts_with('.') {
+        if name == files::METRICS
+            || name == files::MANIFEST
+            || files::is_report_file(&name)
+            || name.starts_with('.')
+        {
             continue;
         }
         if path.is_file() {
@@ -468,6 +502,15 @@ pub fn clean_stale(target: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
                 let home = target.join(format!("{}{step}", files::STATE_PREFIX));
                 if !home.exists() {
                     std::fs::rename(&state, &home).map_err(|e| Error::io(&state, e))?;
+                }
+            }
+            // The report's files, likewise.
+            for report in report_files(&left)? {
+                if let Some(name) = report.file_name() {
+                    let home = target.join(name);
+                    if !home.exists() {
+                        std::fs::rename(&report, &home).map_err(|e| Error::io(&report, e))?;
+                    }
                 }
             }
             durable::sync_dir(&target)?;
@@ -1040,7 +1083,8 @@ impl CheckpointWriter {
                     let entry = entry.map_err(|e| Error::io(dir, e))?;
                     let name = entry.file_name();
                     let n = name.to_string_lossy();
-                    let carried = state_step(&n).is_some() && entry.path().is_dir();
+                    let carried = (state_step(&n).is_some() && entry.path().is_dir())
+                        || (files::is_report_file(&n) && entry.path().is_file());
                     if !carried && !is_leftover(&n) && !written.contains(&name) {
                         return Err(Error::checkpoint(
                             dir,
@@ -1058,6 +1102,15 @@ impl CheckpointWriter {
                     if let Some(name) = state.file_name() {
                         let to = self.tmp.join(name);
                         std::fs::rename(&state, &to).map_err(|e| Error::io(&state, e))?;
+                    }
+                }
+                // So do the report and its plots (after the manifest: they are not in it).
+                for report in report_files(dir)? {
+                    if let Some(name) = report.file_name() {
+                        let to = self.tmp.join(name);
+                        if !to.exists() {
+                            std::fs::rename(&report, &to).map_err(|e| Error::io(&report, e))?;
+                        }
                     }
                 }
                 durable::sync_dir(&self.tmp)?;
@@ -1240,6 +1293,41 @@ mod tests {
         assert!(e.contains("not a checkpoint directory"), "{e}");
         assert_eq!(names(&target), ["notes.txt"]);
         assert_eq!(names(&root), vec!["out".to_string()]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn writer_carries_the_report_files() {
+        let root = tmpdir("report");
+        let target = root.join("ckpt");
+        let w = CheckpointWriter::begin(&target).unwrap();
+        write_checkpoint_files(w.path(), "1");
+        w.commit().unwrap();
+        std::fs::write(target.join(files::REPORT), "## run 1\n").unwrap();
+        std::fs::write(target.join("loss.png"), "png").unwrap();
+        assert_eq!(
+            CheckpointWriter::preflight(&target).unwrap(),
+            Target::Checkpoint
+        );
+        let w = CheckpointWriter::begin(&target).unwrap();
+        write_checkpoint_files(w.path(), "2");
+        w.commit().unwrap();
+        let read = |f: &str| std::fs::read_to_string(target.join(f)).unwrap();
+        assert_eq!(read(files::MODEL), "2");
+        assert_eq!(read(files::REPORT), "## run 1\n");
+        assert_eq!(read("loss.png"), "png");
+        // Not in the manifest: the report grows after its checkpoint.
+        std::fs::write(target.join(files::REPORT), "## run 1\n\n## run 2\n").unwrap();
+        assert!(verify(&target).unwrap());
+        // A crash after the report moved into the new checkpoint's temporary directory, before
+        // the swap: the next run puts it back.
+        let tmp = root.join(".ckpt.tmp-4000000000");
+        std::fs::create_dir(&tmp).unwrap();
+        std::fs::rename(target.join(files::REPORT), tmp.join(files::REPORT)).unwrap();
+        clean_stale(&target).unwrap();
+        assert_eq!(read(files::REPORT), "## run 1\n\n## run 2\n");
+        assert_eq!(names(&root), vec!["ckpt".to_string()]);
+        assert!(files::is_report_file("kl.png") && !files::is_report_file(".kl.png.tmp-1"));
         std::fs::remove_dir_all(&root).unwrap();
     }
 

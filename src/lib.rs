@@ -27,6 +27,9 @@
 //!    turn-end rate, reward-model pairwise accuracy and multiple choice by log-likelihood, as
 //!    a report card per checkpoint.
 //!
+//! Every training run can end with its report card ([`report`], as nanochat's `report.md`):
+//! settings, parameters, tokens, FLOPs, time, evaluations, plots and samples, in markdown.
+//!
 //! On the CPU, [`threads`] chooses how many threads matrix products and element-wise ops use
 //! (call it first thing in `main`).
 //!
@@ -71,6 +74,7 @@ pub mod memory;
 pub mod model;
 pub mod optim;
 pub mod pretrain;
+pub mod report;
 pub mod rlhf;
 pub mod sampler;
 #[cfg(feature = "server")]

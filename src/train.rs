@@ -601,6 +601,9 @@ pub struct TrainSummary {
     pub elapsed_s: f64,
     /// Training tokens per second over the whole run.
     pub tokens_per_sec: f64,
+    /// Training tokens seen in all (including before a resume): what the objective counted
+    /// for each micro-batch ([`Objective::train_loss`]).
+    pub tokens_seen: u64,
     /// The last metrics line.
     pub last_metrics: Vec<(String, f64)>,
 }
@@ -1044,6 +1047,7 @@ impl Trainer {
             best_val_loss: self.state.best_val_loss,
             elapsed_s: self.state.elapsed_s,
             tokens_per_sec: self.state.tokens_seen as f64 / self.state.elapsed_s.max(1e-9),
+            tokens_seen: self.state.tokens_seen,
             last_metrics,
         })
     }

@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 pub mod data;
+pub mod plot;
+pub mod report;
 pub mod rlhf;
 
 use std::io::Write;
