@@ -161,8 +161,14 @@ fn main() -> Result<()> {
     let mut pretraining = Pretraining::new(model, tokenizer, dataset, pre_cfg.batch_size)?;
     let progress = common::Progress::new(pre_cfg.max_iters, 0);
     let stage_started = Instant::now();
+    // What the pretrain example records too: `eval` then knows the split this run held out.
+    let extra = serde_json::json!({
+        "data": data_path.display().to_string(),
+        "tokenizer": "bpe",
+    });
     let mut trainer = Trainer::new(pre_cfg.clone(), pretraining.parameters()?)?
         .with_out_dir(&pre_dir)
+        .with_extra(extra)
         .with_stop_flag(stop.flag());
     let pre = common::train(
         &mut trainer,
