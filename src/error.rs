@@ -45,6 +45,17 @@ pub enum Error {
         msg: String,
     },
 
+    /// A GGUF file is malformed, hostile or describes a model tinygpt does not read (the
+    /// magic, the version, a count or length past the end of the file, an unknown tensor type,
+    /// an architecture other than gpt2, …).
+    #[error("{path}: GGUF: {msg}")]
+    Gguf {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, naming the key or tensor.
+        msg: String,
+    },
+
     /// A chat template (Jinja, from a `tokenizer_config.json`) failed to compile or render, or
     /// raised an exception itself (`raise_exception`), e.g. for a role it does not know.
     #[error("chat template {name}: {msg}")]

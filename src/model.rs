@@ -40,6 +40,7 @@ use crate::attention::{
 use crate::kernels::decode_step::{add_assign, add_rows, streamable, vector_f32};
 use crate::kernels::dropout_mask::DropoutMask;
 use crate::kernels::lora_linear::{lora_linear, LoraPart};
+use crate::kernels::q8::Q8Matrix;
 use crate::kernels::rms_norm::{rms_norm, rms_norm_rows};
 use crate::kernels::rope::{rope_qkv, rope_rows, RopeTable};
 use crate::kernels::swiglu::{swiglu, swiglu_rows};
@@ -161,6 +162,9 @@ struct Linear {
     bias: Option<Tensor>, // (out,)
     out_in: bool,
     lora: Option<LoraAdapter>,
+    /// A Q8_0 model's weight, `(out, in)` ([`Gpt::from_gguf`], [`Gpt::quantize`]); `weight`
+    /// is then a zero-stride placeholder of the right shape and every product reads this.
+    q8: Option<Arc<Q8Matrix>>,
 }
 
 impl Linear {
@@ -175,6 +179,7 @@ impl Linear {
             },
             out_in: false,
             lora: None,
+            q8: None,
         })
     }
 
@@ -189,11 +194,16 @@ impl Linear {
             },
             out_in: true,
             lora: None,
+            q8: None,
         })
     }
 
-    /// The weight as `(in, out)`.
+    /// The weight as `(in, out)` (a Q8_0 weight widened to f32, for a product of many rows).
     fn w(&self) -> Result<Tensor> {
+        if let Some(q) = &self.q8 {
+            let w = q8_tensor(q, self.weight.device())?; // (out, in)
+            return Ok(w.t()?);
+        }
         Ok(if self.out_in {
             self.weight.t()?
         } else {
@@ -205,6 +215,12 @@ impl Linear {
     /// the one fused op of [`Linear::forward_lora`].
     fn forward(&self, x: &Tensor, train: &mut Train) -> Result<Tensor> {
         let bias = like(self.bias.as_ref(), x)?;
+        if let Some(y) = self.q8_product(x)? {
+            return Ok(match &bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            });
+        }
         if let Some(l) = &self.lora {
             return self.forward_lora(l, &self.w()?, bias.as_ref(), x, train);
         }
@@ -213,9 +229,10 @@ impl Linear {
 
     /// (B, T, in) → gelu(x @ W + b), (B, T, out): the bias add fused into the GELU.
     fn forward_gelu(&self, x: &Tensor, train: &mut Train) -> Result<Tensor> {
-        let h = match &self.lora {
-            Some(l) => self.forward_lora(l, &self.w()?, None, x, train)?,
-            None => layers::linear(x, &self.w()?, None)?,
+        let h = match (&self.lora, self.q8_product(x)?) {
+            (_, Some(h)) => h,
+            (Some(l), None) => self.forward_lora(l, &self.w()?, None, x, train)?,
+            (None, None) => layers::linear(x, &self.w()?, None)?,
         }; // (B, T, out)
         layers::bias_gelu(&h, like(self.bias.as_ref(), x)?.as_ref())
     }
@@ -223,16 +240,46 @@ impl Linear {
     /// [`Linear::forward`] of `rows` plain rows, `x` (rows, in) → `y` (rows, out), for an f16
     /// weight without an adapter (a decoding step; [`Gpt::decodes_by_rows`] checks).
     fn forward_rows(&self, x: &[f32], rows: usize, y: &mut [f32]) -> Result<()> {
-        crate::gemv::f16_linear_into(x, rows, &self.w()?, y)?;
+        self.product_rows(x, rows, y)?;
         if let Some(b) = &self.bias {
             add_rows(y, &vector_f32(b)?);
         }
         Ok(())
     }
 
+    /// `x (rows, in) @ W` into `y (rows, out)`, no bias: the Q8_0 kernel or the f16 one.
+    fn product_rows(&self, x: &[f32], rows: usize, y: &mut [f32]) -> Result<()> {
+        match &self.q8 {
+            Some(q) => q.linear_into(x, rows, y),
+            None => crate::gemv::f16_linear_into(x, rows, &self.w()?, y),
+        }
+    }
+
     /// Whether [`Linear::forward_rows`] takes this projection.
     fn by_rows(&self) -> bool {
-        self.lora.is_none() && streamable(&self.weight)
+        self.lora.is_none() && (self.q8.is_some() || streamable(&self.weight))
+    }
+
+    /// `x (.., in) @ W` through the Q8_0 kernel, for a Q8_0 weight and at most
+    /// [`crate::gemv::MAX_ROWS`] rows on the CPU (decoding, a short prompt); `None` otherwise
+    /// (a longer prompt multiplies the widened weight, [`Linear::w`]).
+    fn q8_product(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(q) = &self.q8 else {
+            return Ok(None);
+        };
+        let d_in = x.dim(D::Minus1)?;
+        let rows = x.elem_count() / d_in.max(1);
+        if rows > crate::gemv::MAX_ROWS || !x.device().is_cpu() {
+            return Ok(None);
+        }
+        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut y = vec![0f32; rows * q.d_out()];
+        q.linear_into(&xs, rows, &mut y)?;
+        let mut dims = x.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = q.d_out();
+        }
+        Ok(Some(Tensor::from_vec(y, dims, x.device())?))
     }
 
     /// `x W (+ b) + scale · (dropout(x) Aᵀ) Bᵀ`, (B, T, in) → (B, T, out), as one op with its
@@ -361,6 +408,7 @@ impl Stacked {
             bias: biases.map(|b| Tensor::cat(&b, 0)).transpose()?,
             out_in: true,
             lora: None,
+            q8: None,
         })
     }
 
@@ -731,7 +779,7 @@ impl Mlp {
             Mlp::Gelu { c_fc, c_proj } => {
                 let n = c_fc.weight.dim(1)?;
                 let mut h = vec![0f32; rows * n]; // (rows, 4C)
-                crate::gemv::f16_linear_into(x, rows, &c_fc.w()?, &mut h)?;
+                c_fc.product_rows(x, rows, &mut h)?;
                 let b = c_fc.bias.as_ref().map(vector_f32).transpose()?;
                 let mut g = vec![0f32; rows * n];
                 layers::gelu_rows(&h, b.as_deref(), &mut g, n); // gelu(h + b)
@@ -1674,6 +1722,10 @@ pub struct Gpt {
     params: Vec<(String, Tensor)>,
     /// A LoRA model's adapter ([`Gpt::with_lora`]); its tensors are also in the layers.
     lora: Option<LoraState>,
+    /// A Q8_0 model's 8-bit matrices by HF name ([`Gpt::quantize`], [`Gpt::from_gguf`]): the
+    /// projections' (also in their [`Linear`]s) and the token embedding's, the tied head.
+    /// Their entries in `params` are zero-stride placeholders; [`Gpt::tensors`] widens these.
+    q8: HashMap<String, Arc<Q8Matrix>>,
 }
 
 impl Gpt {
@@ -1716,6 +1768,7 @@ impl Gpt {
                     lm_head: None,
                     params,
                     lora: None,
+                    q8: HashMap::new(),
                 }
             }
             Arch::Llama => {
@@ -1740,6 +1793,7 @@ impl Gpt {
                     },
                     params,
                     lora: None,
+                    q8: HashMap::new(),
                 }
             }
         };
@@ -2042,7 +2096,7 @@ impl Gpt {
     fn embed_rows(&self, tokens: &[u32], pos: &[usize]) -> Result<Tensor> {
         let (r, device) = (tokens.len(), self.wte.device());
         let ids = Tensor::from_slice(tokens, r, device)?; // (R,)
-        let mut x = self.wte.embedding(&ids)?.to_dtype(DType::F32)?; // (R, C)
+        let mut x = self.embed_tokens(&ids)?.to_dtype(DType::F32)?; // (R, C)
         if let Some(wpe) = &self.wpe {
             let positions: Vec<u32> = pos.iter().map(|&p| p as u32).collect();
             let positions = Tensor::from_vec(positions, r, device)?; // (R,)
@@ -2057,7 +2111,7 @@ impl Gpt {
         let head = self.lm_head.as_ref().unwrap_or(&self.wte);
         self.wte.device().is_cpu()
             && self.lora.is_none()
-            && streamable(head)
+            && (streamable(head) || self.head_q8().is_some())
             && self
                 .h
                 .iter()
@@ -2125,7 +2179,10 @@ impl Gpt {
         self.ln_f.forward_rows(&x, &mut h)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.wte); // (V, C)
         let mut logits = vec![0f32; r * v];
-        crate::gemv::f16_linear_into(&h, r, &head.t()?, &mut logits)?; // (R, V)
+        match self.head_q8() {
+            Some(q) => q.linear_into(&h, r, &mut logits)?,
+            None => crate::gemv::f16_linear_into(&h, r, &head.t()?, &mut logits)?, // (R, V)
+        }
         Ok(Tensor::from_vec(logits, (r, v), device)?)
     }
 
@@ -2162,7 +2219,7 @@ impl Gpt {
                 },
             )
         };
-        let mut x = widen(self.wte.embedding(&ids)?)?; // (B*T, C)
+        let mut x = widen(self.embed_tokens(&ids)?)?; // (B*T, C)
         if let Some(wpe) = &self.wpe {
             // Positions gathered per token rather than broadcast over the batch: the backward
             // of a gather is one scatter-add, where a broadcast's would reduce over B element
@@ -2195,14 +2252,211 @@ impl Gpt {
     /// The language-model head, tied to the token embedding or untied: (B, T, C) → (B, T, V).
     pub(crate) fn lm_head(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
+        if let Some(q) = self.head_q8() {
+            let rows = b * t;
+            let head = Linear {
+                weight: self.wte.t()?,
+                bias: None,
+                out_in: false,
+                lora: None,
+                q8: Some(q.clone()),
+            };
+            let logits = match head.q8_product(&x.reshape((rows, c))?)? {
+                Some(l) => l,
+                None => x
+                    .reshape((rows, c))?
+                    .matmul(&q8_tensor(q, x.device())?.t()?)?,
+            }; // (B*T, V)
+            return Ok(logits.reshape((b, t, self.cfg.vocab_size))?);
+        }
         let head = self.lm_head.as_ref().unwrap_or(&self.wte); // (V, C)
         let logits = crate::gemv::matmul(&x.reshape((b * t, c))?, &head.t()?)?; // (B*T, V)
         Ok(logits.reshape((b, t, self.cfg.vocab_size))?)
     }
 
-    /// The weights as a name → tensor map (for saving).
+    /// The weights as a name → tensor map (for saving). A Q8_0 model's 8-bit matrices come
+    /// widened to f32 (`d · q`, exactly).
     pub fn tensors(&self) -> HashMap<String, Tensor> {
-        self.params.iter().cloned().collect()
+        self.params
+            .iter()
+            .map(|(name, t)| {
+                let t = match self.q8.get(name) {
+                    Some(q) => self.q8_param(name, q).unwrap_or_else(|_| t.clone()),
+                    None => t.clone(),
+                };
+                (name.clone(), t)
+            })
+            .collect()
+    }
+
+    /// The weights as [`Gpt::tensors`] does, every one in f32 (f16 ones widened).
+    ///
+    /// # Errors
+    /// candle errors on conversion.
+    pub fn tensors_f32(&self) -> Result<HashMap<String, Tensor>> {
+        self.tensors()
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)))
+            .collect()
+    }
+
+    /// Whether the model's matrices are Q8_0 ([`Gpt::quantize`], [`Gpt::from_gguf`]).
+    pub fn is_quantized(&self) -> bool {
+        !self.q8.is_empty()
+    }
+
+    /// A copy of the model with its matrices (the projections and the tied token embedding)
+    /// in ggml's Q8_0 (blocks of 32 weights along each row of `(out, in)`: an f16 scale
+    /// `d = max|w| / 127` and 32 `i8`s, weight = `d · q`; ggml's `quantize_row_q8_0_ref`, so
+    /// the same bits as llama.cpp's converter), for decoding at a quarter of f32's weight
+    /// bytes per token (8.5 bits a weight). Decoding multiplies f32 activations with the 8-bit
+    /// weights directly ([`crate::kernels::q8`]); the vectors (norms, biases) and the position
+    /// embedding stay f32. CPU only; constant weights (inference).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a Llama-style model, a LoRA model, a model not on the
+    /// CPU, or rows (`n_embd`, the MLP width) that are not multiples of 32.
+    pub fn quantize(&self) -> Result<Gpt> {
+        self.refuse_lora("quantize")?;
+        if self.cfg.arch != Arch::Gpt2 || !self.device().is_cpu() {
+            return Err(Error::InvalidArgument(format!(
+                "Q8_0 models are GPT-2s on the CPU; this is a {} on {:?}",
+                self.cfg.arch,
+                self.device()
+            )));
+        }
+        let mut dense = self.tensors_f32()?;
+        let mut q8 = HashMap::new();
+        for name in self.q8_names() {
+            let Some(t) = dense.remove(&name) else {
+                continue;
+            };
+            // tinygpt's GPT-2 matrices are (in, out) but the embedding (V, C): Q8_0 rows are
+            // along `in`, as ggml's.
+            let t = if name == self.cfg.embedding_name() {
+                t
+            } else {
+                t.t()?.contiguous()?
+            };
+            let (rows, cols) = t.dims2()?;
+            let m = Q8Matrix::quantize(&t.flatten_all()?.to_vec1::<f32>()?, rows, cols)?;
+            q8.insert(name, m);
+        }
+        Gpt::from_q8_parts(&self.cfg, dense, q8, self.device())
+    }
+
+    /// The HF names of the matrices a Q8_0 GPT-2 holds in 8 bits.
+    fn q8_names(&self) -> Vec<String> {
+        let mut out = vec![self.cfg.embedding_name().to_string()];
+        for i in 0..self.cfg.n_layer {
+            for p in ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"] {
+                out.push(format!("transformer.h.{i}.{p}.weight"));
+            }
+        }
+        out
+    }
+
+    /// A GPT-2 from its dense tensors (`dense`: vectors, the position embedding, any matrix
+    /// not in `q8`) and its Q8_0 matrices (`q8`, HF names, each `(out, in)`; the token
+    /// embedding `(V, C)`). Off the CPU the matrices are widened to f16 tensors instead.
+    pub(crate) fn from_q8_parts(
+        cfg: &GptConfig,
+        mut dense: HashMap<String, Tensor>,
+        q8: HashMap<String, Q8Matrix>,
+        device: &Device,
+    ) -> Result<Gpt> {
+        if cfg.arch != Arch::Gpt2 {
+            return Err(Error::InvalidArgument(format!(
+                "Q8_0 weights are read for GPT-2s only, not a {}",
+                cfg.arch
+            )));
+        }
+        let shapes: HashMap<String, Vec<usize>> = cfg.parameter_shapes().into_iter().collect();
+        let placeholder = Tensor::zeros((), DType::F32, device)?;
+        let mut q8_arcs = HashMap::new();
+        for (name, m) in q8 {
+            let shape = shapes.get(&name).ok_or_else(|| {
+                Error::InvalidArgument(format!("Q8_0 tensor `{name}` is not part of the model"))
+            })?;
+            let (d_out, d_in) = if name == cfg.embedding_name() {
+                (shape[0], shape[1])
+            } else {
+                (shape[1], shape[0]) // tinygpt's (in, out)
+            };
+            if (m.d_out(), m.d_in()) != (d_out, d_in) {
+                return Err(Error::ShapeMismatch {
+                    name,
+                    expected: vec![d_out, d_in],
+                    got: vec![m.d_out(), m.d_in()],
+                    path: None,
+                });
+            }
+            if device.is_cpu() {
+                dense.insert(name.clone(), placeholder.broadcast_as(shape.as_slice())?);
+                q8_arcs.insert(name, Arc::new(m));
+            } else {
+                let w = q8_tensor(&m, device)?; // (out, in)
+                let w = if name == cfg.embedding_name() {
+                    w
+                } else {
+                    w.t()?.contiguous()?
+                };
+                dense.insert(name, w.to_dtype(DType::F16)?);
+            }
+        }
+        let mut model = Gpt::from_tensors(cfg, dense, false)?;
+        for (i, block) in model.h.iter_mut().enumerate() {
+            let p = |n: &str| format!("transformer.h.{i}.{n}.weight");
+            if let Qkv::CAttn(l) = &mut block.attn.qkv {
+                l.q8 = q8_arcs.get(&p("attn.c_attn")).cloned();
+            }
+            block.attn.c_proj.q8 = q8_arcs.get(&p("attn.c_proj")).cloned();
+            if let Mlp::Gelu { c_fc, c_proj } = &mut block.mlp {
+                c_fc.q8 = q8_arcs.get(&p("mlp.c_fc")).cloned();
+                c_proj.q8 = q8_arcs.get(&p("mlp.c_proj")).cloned();
+            }
+        }
+        model.q8 = q8_arcs;
+        Ok(model)
+    }
+
+    /// The tied head's Q8_0 matrix `(V, C)`, for a Q8_0 model.
+    fn head_q8(&self) -> Option<&Arc<Q8Matrix>> {
+        match self.lm_head {
+            None => self.q8.get(self.cfg.embedding_name()),
+            Some(_) => None,
+        }
+    }
+
+    /// Rows of the token embedding for `ids` (N,) u32 → (N, C), widened from Q8_0 when the
+    /// embedding is 8-bit.
+    fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
+        let Some(q) = self.q8.get(self.cfg.embedding_name()) else {
+            return Ok(self.wte.embedding(ids)?);
+        };
+        let c = q.d_in();
+        let ids = ids.to_vec1::<u32>()?;
+        let mut out = vec![0f32; ids.len() * c];
+        for (row, &id) in out.chunks_exact_mut(c.max(1)).zip(&ids) {
+            if id as usize >= q.d_out() {
+                return Err(Error::InvalidArgument(format!(
+                    "token id {id} is outside the vocabulary of {} ids",
+                    q.d_out()
+                )));
+            }
+            q.row_into(id as usize, row);
+        }
+        Ok(Tensor::from_vec(out, (ids.len(), c), self.wte.device())?)
+    }
+
+    /// A Q8_0 parameter widened to f32 in tinygpt's layout (`(in, out)` but the embedding).
+    fn q8_param(&self, name: &str, q: &Q8Matrix) -> Result<Tensor> {
+        let w = q8_tensor(q, self.device())?; // (out, in)
+        Ok(if name == self.cfg.embedding_name() {
+            w
+        } else {
+            w.t()?.contiguous()?
+        })
     }
 
     /// Every projection a LoRA adapter can attach to, in PEFT's state-dict order (layer by
@@ -2288,9 +2542,9 @@ impl Gpt {
     pub fn to_dtype(&self, dtype: DType) -> Result<Gpt> {
         self.refuse_lora("to_dtype")?;
         let tensors = self
-            .params
-            .iter()
-            .map(|(n, t)| Ok((n.clone(), t.detach().to_dtype(dtype)?)))
+            .tensors()
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.detach().to_dtype(dtype)?)))
             .collect::<Result<HashMap<_, _>>>()?;
         Self::from_tensors(&self.cfg, tensors, false)
     }
@@ -2307,6 +2561,11 @@ impl Gpt {
     /// model carrying a LoRA adapter (merge it first: [`Gpt::merge_lora`]).
     pub fn resize_vocab(&self, vocab_size: usize, trainable: bool) -> Result<Gpt> {
         self.refuse_lora("resize_vocab")?;
+        if self.is_quantized() {
+            return self
+                .to_dtype(DType::F32)?
+                .resize_vocab(vocab_size, trainable);
+        }
         let old = self.cfg.vocab_size;
         if vocab_size < old {
             return Err(Error::InvalidArgument(format!(
@@ -2335,6 +2594,15 @@ impl Gpt {
         }
         Self::from_tensors(&cfg, tensors, trainable)
     }
+}
+
+/// A Q8_0 matrix widened to an f32 tensor `(out, in)` on `device`.
+fn q8_tensor(q: &Q8Matrix, device: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(
+        q.dequantize(),
+        (q.d_out(), q.d_in()),
+        device,
+    )?)
 }
 
 /// Mean cross-entropy of `logits` (N, V) against `targets` (N,) u32, optionally weighted by

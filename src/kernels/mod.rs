@@ -10,6 +10,8 @@
 //! - [`rope`]: rotary position embeddings, Hugging Face's rotate-half layout, on packed qkv.
 //! - [`swiglu`]: `silu(gate) · up` on a packed `[gate | up]` projection.
 //! - `gemv`: matrix-vector products for decoding, f32 and f16 weights.
+//! - `q8`: GGUF Q8_0 weights (ggml's `block_q8_0`) and their products with f32 rows, for
+//!   decoding from a quantized model.
 //! - `decode_step`: the row operations of one f16 decoding step on plain slices.
 //!
 //! Each fused op has a `*_reference` twin written with plain candle ops that runs on every
@@ -21,6 +23,7 @@ pub mod dropout_mask;
 pub(crate) mod gemv;
 pub mod layers;
 pub mod lora_linear;
+pub(crate) mod q8;
 pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;
