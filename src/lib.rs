@@ -34,7 +34,8 @@
 //! (call it first thing in `main`).
 //!
 //! Real GPT-2 checkpoints in Hugging Face format load into the same model, and tinygpt models
-//! save in that format for transformers and other tools ([`hf`]).
+//! save in that format for transformers and other tools ([`hf`]); GPT-2s also go out to
+//! llama.cpp and ollama as GGUF files, F32, F16 or 8-bit Q8_0, and come back ([`gguf`]).
 //!
 //! ```
 //! use tinygpt::candle::Device;
