@@ -81,7 +81,8 @@ enum Command {
     },
     /// tinygpt's logits for a text from a GGUF file, for `scripts/reference.py check`:
     /// `input_ids` (2, T) (the text's ids by the GGUF's tokenizer, and them reversed) and
-    /// `logits` (2, T, V) in FILE (safetensors), the text and its ids in FILE.json.
+    /// `logits` (2, T, V) in FILE (safetensors), the text and its ids beside it (FILE with
+    /// the extension `.json`).
     Logits {
         /// A gpt2 GGUF file.
         #[arg(long)]
@@ -139,12 +140,18 @@ fn main() -> Result<()> {
             let t0 = Instant::now();
             tinygpt::save_gguf(&model, &tokenizer, &out, dtype)?;
             let bytes = std::fs::metadata(&out)?.len();
+            let rows = model.config().vocab_size;
+            let n = tokenizer.vocab_size();
             println!(
-                "gguf: wrote {} ({dtype}, {:.1} MB, {:.1}M parameters, {} tokens) in {:.2} s",
+                "gguf: wrote {} ({dtype}, {:.1} MB, {:.1}M parameters, {n} tokens{}) in {:.2} s",
                 out.display(),
                 bytes as f64 / 1e6,
                 model.config().num_parameters() as f64 / 1e6,
-                tokenizer.vocab_size(),
+                if rows > n {
+                    format!(" and {} unused rows", rows - n)
+                } else {
+                    String::new()
+                },
                 t0.elapsed().as_secs_f64()
             );
         }
@@ -155,6 +162,21 @@ fn main() -> Result<()> {
             ban_ids,
         } => {
             let gpt = Gpt::from_gguf(&model, &Device::Cpu)?;
+            let (block, v) = (gpt.config().block_size, gpt.config().vocab_size);
+            if prompt_ids.len() + n > block {
+                bail!(
+                    "{} prompt ids and {n} new tokens do not fit the model's context of {block} \
+                     positions",
+                    prompt_ids.len()
+                );
+            }
+            if let Some(bad) = prompt_ids
+                .iter()
+                .chain(&ban_ids)
+                .find(|&&id| id as usize >= v)
+            {
+                bail!("token id {bad} is outside the model's {v} rows");
+            }
             let ids = if ban_ids.is_empty() {
                 let params = SamplingParams::greedy().with_max_new_tokens(n);
                 TokenGenerator::new(&gpt, &prompt_ids, &params)?
@@ -185,6 +207,23 @@ fn main() -> Result<()> {
             let gpt = Gpt::from_gguf(&model, &Device::Cpu)?;
             let tokenizer = tinygpt::load_gguf_tokenizer(&model)?;
             let ids = tokenizer.encode(&text)?;
+            if ids.is_empty() {
+                bail!("--text is empty");
+            }
+            if tokenizer.decode(&ids)? != text {
+                bail!(
+                    "--text does not survive the GGUF's tokenizer (it decodes to {:?}): it has \
+                     characters the vocabulary lacks",
+                    tokenizer.decode(&ids)?
+                );
+            }
+            if ids.len() > gpt.config().block_size {
+                bail!(
+                    "--text is {} tokens, more than the model's context of {}",
+                    ids.len(),
+                    gpt.config().block_size
+                );
+            }
             let reversed: Vec<u32> = ids.iter().rev().copied().collect();
             let t = ids.len();
             let batch: Vec<u32> = ids.iter().chain(&reversed).copied().collect();
@@ -197,7 +236,7 @@ fn main() -> Result<()> {
                 ),
                 ("logits".to_string(), logits),
             ]);
-            tinygpt::candle::safetensors::save(&tensors, &out)?;
+            checkpoint::save_safetensors(&tensors, &out)?;
             std::fs::write(
                 out.with_extension("json"),
                 serde_json::json!({ "text": text, "ids": ids }).to_string(),

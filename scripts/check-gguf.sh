@@ -54,10 +54,14 @@ $EX/pretrain --data "$DATA/tinyshakespeare.txt" --out "$OUT/bpe" --tokenizer bpe
     --eval-interval 100 --eval-iters 2 --sample-chars 0 >/dev/null
 $EX/sft --base "$OUT/bpe" --data "$DATA/sft_identity.jsonl" --out "$OUT/sft" --max-iters 100 \
     --eval-interval 100 --eval-iters 2 --eval-replies 0 --always-save-checkpoint >/dev/null
+$EX/pretrain --data "$DATA/tinyshakespeare.txt" --out "$OUT/llama" --arch llama --tokenizer bpe \
+    --vocab-size 512 --n-layer 2 --n-embd 64 --block-size 128 --max-iters 400 --warmup-iters 20 \
+    --eval-interval 400 --eval-iters 2 --sample-chars 0 >/dev/null
 $EX/hf_export --ckpt "$OUT/sft" --out "$OUT/sft-hf" --chat-ids "$OUT/sft-chat-ids.json" >/dev/null
 for t in f32 f16 q8_0; do
     $EX/gguf export --ckpt "$OUT/char" --out "$OUT/char-$t.gguf" --type $t
     $EX/gguf export --ckpt "$OUT/sft" --out "$OUT/sft-$t.gguf" --type $t
+    $EX/gguf export --ckpt "$OUT/llama" --out "$OUT/llama-$t.gguf" --type $t
     $EX/gguf export --random-124m --gpt2-files "$DATA" --out "$OUT/gpt2-$t.gguf" --type $t
 done
 

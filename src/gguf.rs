@@ -136,6 +136,110 @@ struct Slot {
     kind: Kind,
     /// tinygpt's shape (`(in, out)` for a `Conv1D`).
     shape: Vec<usize>,
+    /// For llama.cpp's `llama`: the query or key heads whose rows are permuted from
+    /// Hugging Face's rotate-half RoPE layout to ggml's interleaved one.
+    heads: Option<usize>,
+}
+
+/// A Llama-style model's llama.cpp architecture: `llama` (interleaved RoPE: q/k rows
+/// permuted), `qwen2` (q/k/v biases) or `qwen3` (q/k norms), the last two with Hugging Face's
+/// rotate-half RoPE as it is.
+fn llama_arch(cfg: &GptConfig) -> Result<&'static str> {
+    match (cfg.qkv_bias, cfg.qk_norm, cfg.bias) {
+        (_, _, true) => Err(Error::InvalidArgument(
+            "GGUF export of a Llama-style model with biases on every projection is not \
+             supported (llama.cpp's llama, qwen2 and qwen3 have none on the MLP)"
+                .into(),
+        )),
+        (false, false, false) => Ok("llama"),
+        (true, false, false) => Ok("qwen2"),
+        (false, true, false) => Ok("qwen3"),
+        (true, true, false) => Err(Error::InvalidArgument(
+            "GGUF export of a Llama-style model with both q/k/v biases and q/k norms is not \
+             supported"
+                .into(),
+        )),
+    }
+}
+
+/// llama.cpp's name of a Llama-style model's tensor (Hugging Face's name `hf`).
+fn llama_gguf_name(hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, suffix) = rest.rsplit_once('.')?;
+    let name = match module {
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{name}.{suffix}"))
+}
+
+/// Every tensor of a Llama-style model, in tinygpt's order, with llama.cpp's names.
+fn llama_slots(cfg: &GptConfig, arch: &str) -> Vec<Slot> {
+    cfg.parameter_shapes()
+        .into_iter()
+        .filter_map(|(hf, shape)| {
+            let gguf = llama_gguf_name(&hf)?;
+            let heads = if arch != "llama" {
+                None
+            } else if hf.contains("self_attn.q_proj") {
+                Some(cfg.n_head)
+            } else if hf.contains("self_attn.k_proj") {
+                Some(cfg.n_kv_heads())
+            } else {
+                None
+            };
+            let kind = if shape.len() == 2 {
+                Kind::Rows
+            } else {
+                Kind::Vector
+            };
+            Some(Slot {
+                gguf,
+                hf,
+                kind,
+                shape,
+                heads,
+            })
+        })
+        .collect()
+}
+
+/// Permutes the rows of `v` (`rows` of `cols`) within each of `heads` heads between Hugging
+/// Face's rotate-half RoPE layout (a head's first half pairs with its second) and ggml's
+/// interleaved one (row pairs `2j, 2j + 1`), as llama.cpp's converter does (`permute` in
+/// `convert_hf_to_gguf.py`); `inverse` undoes it.
+fn permute_heads(v: &[f32], rows: usize, cols: usize, heads: usize, inverse: bool) -> Vec<f32> {
+    let hs = rows / heads.max(1);
+    let half = hs / 2;
+    let mut out = vec![0f32; v.len()];
+    for h in 0..heads {
+        for j in 0..half {
+            for k in 0..2 {
+                let ggml = h * hs + 2 * j + k;
+                let hf = h * hs + k * half + j;
+                let (to, from) = if inverse { (hf, ggml) } else { (ggml, hf) };
+                out[to * cols..(to + 1) * cols].copy_from_slice(&v[from * cols..(from + 1) * cols]);
+            }
+        }
+    }
+    out
 }
 
 /// Every tensor of a GPT-2 with biases, in file order (llama.cpp's converter's order).
@@ -146,6 +250,7 @@ fn gpt2_slots(cfg: &GptConfig) -> Vec<Slot> {
         hf,
         kind,
         shape,
+        heads: None,
     };
     let mut out = vec![
         slot(
@@ -305,7 +410,17 @@ struct OutTensor {
 /// Writes a GGUF v3 file: header, metadata, tensor infos, padding, data (each tensor padded
 /// to [`ALIGNMENT`]), through a temporary sibling renamed into place once synced, so a crash
 /// or an error leaves any earlier file at `path` as it was.
-fn write_file(path: &Path, meta: &[(&str, Meta)], tensors: &[OutTensor]) -> Result<()> {
+fn write_file(path: &Path, meta: &[(String, Meta)], tensors: &[OutTensor]) -> Result<()> {
+    let dir = crate::durable::parent_of(path);
+    if !dir.is_dir() {
+        return Err(Error::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("its directory {} does not exist", dir.display()),
+            ),
+        ));
+    }
     let mut head = Vec::new();
     head.extend_from_slice(&MAGIC.to_le_bytes());
     head.extend_from_slice(&3u32.to_le_bytes());
@@ -477,13 +592,11 @@ pub fn save_gguf(
 ) -> Result<()> {
     let path = path.as_ref();
     let cfg = model.config();
-    if cfg.arch != Arch::Gpt2 {
-        return Err(Error::InvalidArgument(format!(
-            "GGUF export writes llama.cpp's gpt2 architecture; this model is {}",
-            cfg.arch
-        )));
-    }
-    if !cfg.tie_word_embeddings {
+    let arch = match cfg.arch {
+        Arch::Gpt2 => "gpt2",
+        Arch::Llama => llama_arch(cfg)?,
+    };
+    if cfg.arch == Arch::Gpt2 && !cfg.tie_word_embeddings {
         return Err(Error::InvalidArgument(
             "GGUF export of a GPT-2 with an untied head is not supported".into(),
         ));
@@ -504,27 +617,46 @@ pub fn save_gguf(
     let eot = tokenizer.eot_id();
     let eos = chat.map(|c| c.end_id()).unwrap_or(eot);
 
-    let mut meta: Vec<(&str, Meta)> = vec![
-        ("general.architecture", Meta::Str("gpt2".into())),
-        ("general.name", Meta::Str(model_name(path))),
-        ("general.file_type", Meta::U32(dtype.file_type())),
-        ("gpt2.context_length", Meta::U32(u32_of(cfg.block_size)?)),
-        ("gpt2.embedding_length", Meta::U32(u32_of(cfg.n_embd)?)),
+    let key = |k: &str| format!("{arch}.{k}");
+    let mut meta: Vec<(String, Meta)> = vec![
+        ("general.architecture".into(), Meta::Str(arch.into())),
+        ("general.name".into(), Meta::Str(model_name(path))),
+        ("general.file_type".into(), Meta::U32(dtype.file_type())),
+        (key("context_length"), Meta::U32(u32_of(cfg.block_size)?)),
+        (key("embedding_length"), Meta::U32(u32_of(cfg.n_embd)?)),
         (
-            "gpt2.feed_forward_length",
+            key("feed_forward_length"),
             Meta::U32(u32_of(cfg.mlp_hidden())?),
         ),
-        ("gpt2.block_count", Meta::U32(u32_of(cfg.n_layer)?)),
-        ("gpt2.attention.head_count", Meta::U32(u32_of(cfg.n_head)?)),
-        (
-            "gpt2.attention.layer_norm_epsilon",
-            Meta::F32(cfg.norm_eps as f32),
-        ),
+        (key("block_count"), Meta::U32(u32_of(cfg.n_layer)?)),
+        (key("attention.head_count"), Meta::U32(u32_of(cfg.n_head)?)),
     ];
-    if dtype == GgufType::Q8_0 {
-        meta.push(("general.quantization_version", Meta::U32(2)));
+    if cfg.arch == Arch::Gpt2 {
+        meta.push((
+            key("attention.layer_norm_epsilon"),
+            Meta::F32(cfg.norm_eps as f32),
+        ));
+    } else {
+        let hs = u32_of(cfg.head_size())?;
+        meta.extend([
+            (
+                key("attention.head_count_kv"),
+                Meta::U32(u32_of(cfg.n_kv_heads())?),
+            ),
+            (
+                key("attention.layer_norm_rms_epsilon"),
+                Meta::F32(cfg.norm_eps as f32),
+            ),
+            (key("attention.key_length"), Meta::U32(hs)),
+            (key("attention.value_length"), Meta::U32(hs)),
+            (key("rope.freq_base"), Meta::F32(cfg.rope_theta as f32)),
+            (key("rope.dimension_count"), Meta::U32(hs)),
+        ]);
     }
-    meta.extend([
+    if dtype == GgufType::Q8_0 {
+        meta.push(("general.quantization_version".into(), Meta::U32(2)));
+    }
+    let tokenizer_meta = [
         ("tokenizer.ggml.model", Meta::Str("gpt2".into())),
         ("tokenizer.ggml.pre", Meta::Str("gpt-2".into())),
         ("tokenizer.ggml.tokens", Meta::Strs(vocab.tokens)),
@@ -534,17 +666,22 @@ pub fn save_gguf(
         ("tokenizer.ggml.eos_token_id", Meta::U32(eos)),
         ("tokenizer.ggml.add_bos_token", Meta::Bool(false)),
         ("tokenizer.ggml.add_eos_token", Meta::Bool(false)),
-    ]);
+    ];
+    meta.extend(tokenizer_meta.into_iter().map(|(k, v)| (k.to_string(), v)));
     if chat.is_some() {
-        meta.push(("tokenizer.ggml.eot_token_id", Meta::U32(eos)));
+        meta.push(("tokenizer.ggml.eot_token_id".into(), Meta::U32(eos)));
         meta.push((
-            "tokenizer.chat_template",
+            "tokenizer.chat_template".into(),
             Meta::Str(ChatTemplate::JINJA.into()),
         ));
     }
 
+    let slots = match cfg.arch {
+        Arch::Gpt2 => gpt2_slots(cfg),
+        Arch::Llama => llama_slots(cfg, arch),
+    };
     let mut tensors = Vec::new();
-    for s in gpt2_slots(cfg) {
+    for s in slots {
         let t = match weights.get(&s.hf) {
             Some(t) => t.clone(),
             // A GPT-2 without biases: llama.cpp's gpt2 wants them, zero.
@@ -563,7 +700,11 @@ pub fn save_gguf(
             _ => t,
         };
         let dims = t.dims().to_vec();
-        let values = t.flatten_all()?.to_vec1::<f32>()?;
+        let mut values = t.flatten_all()?.to_vec1::<f32>()?;
+        if let Some(heads) = s.heads {
+            let cols = dims.get(1).copied().unwrap_or(1);
+            values = permute_heads(&values, dims[0], cols, heads, false);
+        }
         // The position embedding is looked up, never multiplied: F32 in a Q8_0 file, as in
         // [`Gpt::quantize`], so the file decodes as the quantized model does.
         let position = s.gguf == "position_embd.weight";
@@ -573,6 +714,13 @@ pub fn save_gguf(
             (_, GgufType::F16) => (GGML_F16, f16_bytes(&values)),
             (_, GgufType::Q8_0) => {
                 let (rows, cols) = (dims[0], dims[1]);
+                if !cols.is_multiple_of(32) {
+                    return Err(Error::InvalidArgument(format!(
+                        "Q8_0 quantizes rows in blocks of 32: `{}` has rows of {cols}; export \
+                         f16 or f32 instead",
+                        s.hf
+                    )));
+                }
                 let q = Q8Matrix::quantize(&values, rows, cols)?;
                 (GGML_Q8_0, q.to_blocks())
             }
@@ -622,8 +770,26 @@ struct Header {
 impl Header {
     fn read(path: &Path) -> Result<(Self, File)> {
         let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let file_size = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        let content = Content::read(&mut file).map_err(|e| gguf_err(path, e.to_string()))?;
+        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+        if meta.is_dir() {
+            return Err(gguf_err(path, "is a directory, not a GGUF file".into()));
+        }
+        let file_size = meta.len();
+        if file_size < 24 {
+            return Err(gguf_err(
+                path,
+                format!("{file_size} bytes: too short for a GGUF header (24 bytes: magic, version, counts)"),
+            ));
+        }
+        let content = Content::read(&mut file).map_err(|e| {
+            let msg = e.to_string();
+            let msg = if msg.contains("failed to fill whole buffer") {
+                "the header ends early (truncated file)".to_string()
+            } else {
+                msg
+            };
+            gguf_err(path, msg)
+        })?;
         Ok((
             Self {
                 path: path.to_path_buf(),
@@ -675,7 +841,9 @@ impl Header {
 
     fn float(&self, key: &str) -> Result<f64> {
         match self.get(key)? {
-            Value::F32(x) => Ok(*x as f64),
+            // The f64 of the shortest decimal that reads back as this f32 (1e-5, not
+            // 9.99999974e-6): what was written as an f64 and rounded comes back the same.
+            Value::F32(x) => Ok(x.to_string().parse::<f64>().unwrap_or(*x as f64)),
             Value::F64(x) => Ok(*x),
             v => Err(self.err(format!("metadata `{key}` is {v:?}, expected a float"))),
         }
@@ -767,6 +935,36 @@ impl Header {
     }
 }
 
+/// Checks a config read from metadata against what the file can hold, before anything is
+/// sized by it: `n_layer` blocks need more tensors than that, `n_embd` must be the token
+/// embedding's width, and a context beyond 2^24 positions is refused (a RoPE table or a KV
+/// cache sized by a hostile count would be allocated before any tensor disagreed).
+fn check_sizes(
+    h: &Header,
+    n_layer: usize,
+    n_embd: usize,
+    embd_width: usize,
+    block_size: usize,
+) -> Result<()> {
+    let tensors = h.content.tensor_infos.len();
+    if n_layer == 0 || n_layer > tensors {
+        return Err(h.err(format!(
+            "block_count {n_layer} does not fit a file of {tensors} tensors"
+        )));
+    }
+    if n_embd != embd_width {
+        return Err(h.err(format!(
+            "embedding_length {n_embd} but token_embd.weight is {embd_width} wide"
+        )));
+    }
+    if block_size == 0 || block_size > 1 << 24 {
+        return Err(h.err(format!(
+            "context_length {block_size}: tinygpt reads contexts of 1 to 2^24 positions"
+        )));
+    }
+    Ok(())
+}
+
 fn gguf_err(path: &Path, msg: String) -> Error {
     Error::Gguf {
         path: path.to_path_buf(),
@@ -782,9 +980,9 @@ fn gpt2_config(h: &Header) -> Result<GptConfig> {
             "architecture `{arch}`: tinygpt reads llama.cpp's gpt2 architecture"
         )));
     }
-    let vocab_size = match h.content.tensor_infos.get("token_embd.weight") {
+    let (vocab_size, width) = match h.content.tensor_infos.get("token_embd.weight") {
         Some(info) => match info.shape.dims() {
-            [v, _] => *v,
+            [v, c] => (*v, *c),
             d => return Err(h.err(format!("token_embd.weight has dims {d:?}, expected 2"))),
         },
         None => {
@@ -795,6 +993,13 @@ fn gpt2_config(h: &Header) -> Result<GptConfig> {
         }
     };
     let n_embd = h.count("gpt2.embedding_length")?;
+    check_sizes(
+        h,
+        h.count("gpt2.block_count")?,
+        n_embd,
+        width,
+        h.count("gpt2.context_length")?,
+    )?;
     let cfg = GptConfig {
         vocab_size,
         block_size: h.count("gpt2.context_length")?,
@@ -831,6 +1036,10 @@ impl Gpt {
     pub fn from_gguf(path: impl AsRef<Path>, device: &Device) -> Result<Gpt> {
         let path = path.as_ref();
         let (h, mut file) = Header::read(path)?;
+        let arch = h.string("general.architecture")?;
+        if matches!(arch.as_str(), "llama" | "qwen2" | "qwen3") {
+            return llama_from_gguf(&h, &mut file, &arch, device);
+        }
         let cfg = gpt2_config(&h)?;
         let slots = gpt2_slots(&cfg);
         let expected: std::collections::HashSet<&str> =
@@ -920,6 +1129,118 @@ impl Gpt {
         }
         Gpt::from_q8_parts(&cfg, dense, quantized, device)
     }
+}
+
+/// The config a `llama`, `qwen2` or `qwen3` GGUF's metadata describes, checked.
+fn llama_config(h: &Header, arch: &str) -> Result<GptConfig> {
+    let key = |k: &str| format!("{arch}.{k}");
+    let (vocab_size, n_embd) = match h.content.tensor_infos.get("token_embd.weight") {
+        Some(info) => match info.shape.dims() {
+            [v, c] => (*v, *c),
+            d => return Err(h.err(format!("token_embd.weight has dims {d:?}, expected 2"))),
+        },
+        None => {
+            return Err(Error::MissingTensor {
+                name: "token_embd.weight".into(),
+                path: Some(h.path.clone()),
+            })
+        }
+    };
+    check_sizes(
+        h,
+        h.count(&key("block_count"))?,
+        n_embd,
+        n_embd,
+        h.count(&key("context_length"))?,
+    )?;
+    let n_head = h.count(&key("attention.head_count"))?;
+    let n_kv = match h.get(&key("attention.head_count_kv")) {
+        Ok(_) => h.count(&key("attention.head_count_kv"))?,
+        Err(_) => n_head,
+    };
+    let hs = match h.get(&key("attention.key_length")) {
+        Ok(_) => h.count(&key("attention.key_length"))?,
+        Err(_) => n_embd / n_head.max(1),
+    };
+    let rope_theta = match h.get(&key("rope.freq_base")) {
+        Ok(_) => h.float(&key("rope.freq_base"))?,
+        Err(_) => 10_000.0,
+    };
+    let cfg = GptConfig {
+        vocab_size,
+        block_size: h.count(&key("context_length"))?,
+        n_layer: h.count(&key("block_count"))?,
+        n_head,
+        n_embd,
+        dropout: 0.0,
+        bias: false,
+        arch: Arch::Llama,
+        n_kv_head: Some(n_kv),
+        head_dim: (hs * n_head != n_embd).then_some(hs),
+        intermediate_size: Some(h.count(&key("feed_forward_length"))?),
+        rope_theta,
+        norm_eps: h.float(&key("attention.layer_norm_rms_epsilon"))?,
+        tie_word_embeddings: !h.content.tensor_infos.contains_key("output.weight"),
+        qkv_bias: arch == "qwen2",
+        qk_norm: arch == "qwen3",
+    };
+    cfg.validate()
+        .map_err(|e| h.err(format!("metadata: {e}")))?;
+    Ok(cfg)
+}
+
+/// [`Gpt::from_gguf`] for llama.cpp's `llama`, `qwen2` and `qwen3`: dense tensors (a Q8_0
+/// matrix is widened to f32: tinygpt decodes 8-bit weights for GPT-2s only), q/k rows of a
+/// `llama` permuted back to Hugging Face's rotate-half layout.
+fn llama_from_gguf(h: &Header, file: &mut File, arch: &str, device: &Device) -> Result<Gpt> {
+    let cfg = llama_config(h, arch)?;
+    let slots = llama_slots(&cfg, arch);
+    if let Some(extra) = h
+        .content
+        .tensor_infos
+        .keys()
+        .filter(|k| !slots.iter().any(|s| &s.gguf == *k) && !k.starts_with("rope_"))
+        .min()
+    {
+        return Err(h.err(format!(
+            "unexpected tensor `{extra}`: not part of the {arch} model its metadata describes"
+        )));
+    }
+    crate::memory::check_fits(&cfg, false, 1, DType::F16, device)?;
+    let mut tensors = HashMap::new();
+    let mut any_f16 = false;
+    for s in &slots {
+        let (dtype, data) = h.tensor_bytes(file, &s.gguf, &s.shape)?;
+        let mut t = match dtype {
+            GgmlDType::Q8_0 => {
+                let m = Q8Matrix::from_blocks(&data, s.shape[0], s.shape[1])
+                    .map_err(|e| h.err(format!("tensor `{}`: {e}", s.gguf)))?;
+                Tensor::from_vec(m.dequantize(), s.shape.as_slice(), &Device::Cpu)?
+            }
+            GgmlDType::F16 => {
+                any_f16 |= s.kind != Kind::Vector;
+                Tensor::from_raw_buffer(&data, DType::F16, &s.shape, &Device::Cpu)?
+            }
+            _ => Tensor::from_raw_buffer(&data, DType::F32, &s.shape, &Device::Cpu)?,
+        };
+        if let Some(heads) = s.heads {
+            let dt = t.dtype();
+            let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let cols = s.shape.get(1).copied().unwrap_or(1);
+            let v = permute_heads(&v, s.shape[0], cols, heads, true);
+            t = Tensor::from_vec(v, s.shape.as_slice(), &Device::Cpu)?.to_dtype(dt)?;
+        }
+        tensors.insert(s.hf.clone(), t);
+    }
+    let dtype = if any_f16 { DType::F16 } else { DType::F32 };
+    let tensors = tensors
+        .into_iter()
+        .map(|(n, t)| {
+            let t = if t.rank() == 2 { t.to_dtype(dtype)? } else { t };
+            Ok((n, t.to_device(device)?))
+        })
+        .collect::<Result<HashMap<_, _>>>()?;
+    Gpt::from_tensors(&cfg, tensors, false)
 }
 
 /// The tokenizer of a GGUF file with llama.cpp's `gpt2` tokenizer model: a byte-level BPE
@@ -1073,6 +1394,45 @@ mod tests {
     }
 
     #[test]
+    fn llama_style_models_round_trip_with_permuted_heads() {
+        let tokenizer = Tokenizer::train_char("to be or not to be, that is the question").unwrap();
+        for (qkv_bias, qk_norm, arch) in [
+            (false, false, "llama"),
+            (true, false, "qwen2"),
+            (false, true, "qwen3"),
+        ] {
+            let cfg = GptConfig {
+                n_layer: 2,
+                block_size: 16,
+                qkv_bias,
+                qk_norm,
+                ..GptConfig::llama_tiny(tokenizer.vocab_size())
+            };
+            let m = Gpt::init(&cfg, 3, &Device::Cpu).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("llama.gguf");
+            save_gguf(&m, &tokenizer, &path, GgufType::F32).unwrap();
+            let (h, _) = Header::read(&path).unwrap();
+            assert_eq!(h.string("general.architecture").unwrap(), arch);
+            let back = Gpt::from_gguf(&path, &Device::Cpu).unwrap();
+            assert_eq!(back.config(), m.config(), "{arch}");
+            assert_eq!(logits(&back), logits(&m), "{arch}");
+        }
+    }
+
+    #[test]
+    fn permuting_heads_interleaves_the_halves() {
+        // One head of 4 rows (1 column): HF [a0 a1 | b0 b1] → ggml [a0 b0 a1 b1].
+        let v = [0.0, 1.0, 2.0, 3.0];
+        let p = permute_heads(&v, 4, 1, 1, false);
+        assert_eq!(p, vec![0.0, 2.0, 1.0, 3.0]);
+        assert_eq!(permute_heads(&p, 4, 1, 1, true), v.to_vec());
+        let v: Vec<f32> = (0..24).map(|x| x as f32).collect(); // 2 heads × 6 rows × 2 cols
+        let p = permute_heads(&v, 12, 2, 2, false);
+        assert_eq!(permute_heads(&p, 12, 2, 2, true), v);
+    }
+
+    #[test]
     fn the_tokenizer_comes_back() {
         let (_dir, path, _, tok) = written(GgufType::F32);
         let back = load_gguf_tokenizer(&path).unwrap();
@@ -1198,6 +1558,19 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// A count, length or dim anywhere in the header (any 8-byte word) made huge or
+        /// arbitrary: an error or a model, never a panic or an allocation to match.
+        #[test]
+        fn never_panics_on_huge_counts(word in 0usize..512, value in prop_oneof![
+            Just(u64::MAX), Just(1u64 << 60), Just(1u64 << 32), any::<u64>()
+        ]) {
+            let (_dir, path, _, _) = written(GgufType::F16);
+            let mut b = std::fs::read(&path).unwrap();
+            let at = (8 + 8 * word).min(b.len() - 8);
+            b[at..at + 8].copy_from_slice(&value.to_le_bytes());
+            let _ = read(&b);
+        }
 
         /// Any truncation, and any byte overwritten anywhere: an error or a model, never a
         /// panic.
