@@ -152,7 +152,7 @@ impl Norm {
 
 /// A projection `y = x @ W + b`. GPT-2 stores `W` as HF's `Conv1D` does, `(in, out)`; Llama
 /// as PyTorch's `nn.Linear`, `(out, in)`, applied as `x @ Wᵀ` (a transposed view: gemm reads
-/// either layout, and so do the f16 decoding kernels).
+/// either layout, and so do the f16 and f32 decoding kernels).
 ///
 /// A LoRA model's targeted projections carry an adapter ([`crate::lora`]): `x @ W + b` plus
 /// `scale · (dropout(x) @ Aᵀ) @ Bᵀ`, `W` frozen.
@@ -237,7 +237,7 @@ impl Linear {
         layers::bias_gelu(&h, like(self.bias.as_ref(), x)?.as_ref())
     }
 
-    /// [`Linear::forward`] of `rows` plain rows, `x` (rows, in) → `y` (rows, out), for an f16
+    /// [`Linear::forward`] of `rows` plain rows, `x` (rows, in) → `y` (rows, out), for an f16 or f32
     /// weight without an adapter (a decoding step; [`Gpt::decodes_by_rows`] checks).
     fn forward_rows(&self, x: &[f32], rows: usize, y: &mut [f32]) -> Result<()> {
         self.product_rows(x, rows, y)?;
@@ -247,11 +247,11 @@ impl Linear {
         Ok(())
     }
 
-    /// `x (rows, in) @ W` into `y (rows, out)`, no bias: the Q8_0 kernel or the f16 one.
+    /// `x (rows, in) @ W` into `y (rows, out)`, no bias: the Q8_0 kernel or the streaming f16/f32 one.
     fn product_rows(&self, x: &[f32], rows: usize, y: &mut [f32]) -> Result<()> {
         match &self.q8 {
             Some(q) => q.linear_into(x, rows, y),
-            None => crate::gemv::f16_linear_into(x, rows, &self.w()?, y),
+            None => crate::gemv::linear_into(x, rows, &self.w()?, y),
         }
     }
 
@@ -2106,7 +2106,7 @@ impl Gpt {
     }
 
     /// Whether a decoding step can run on plain rows ([`Gpt::decode_by_rows`]): CPU, every
-    /// projection and the head an f16 weight the streaming products take, no LoRA adapter.
+    /// projection and the head an f16 or f32 weight the streaming products take, no LoRA adapter.
     pub(crate) fn decodes_by_rows(&self) -> bool {
         let head = self.lm_head.as_ref().unwrap_or(&self.wte);
         self.wte.device().is_cpu()
@@ -2118,7 +2118,7 @@ impl Gpt {
                 .all(|b| b.attn.qkv.by_rows() && b.attn.c_proj.by_rows() && b.mlp.by_rows())
     }
 
-    /// One decoding step of R rows on plain f32 buffers, f16 weights streamed
+    /// One decoding step of R rows on plain f32 buffers, f16 or f32 weights streamed
     /// ([`crate::kernels::decode_step`]): token `tokens[r]` at position `pos[r]`, its key and
     /// value stored through `kv`, its query attending to its row's positions `0..=pos[r]`.
     /// The same layers as [`Gpt::hidden_states`], in the same order and with the same row
@@ -2181,7 +2181,7 @@ impl Gpt {
         let mut logits = vec![0f32; r * v];
         match self.head_q8() {
             Some(q) => q.linear_into(&h, r, &mut logits)?,
-            None => crate::gemv::f16_linear_into(&h, r, &head.t()?, &mut logits)?, // (R, V)
+            None => crate::gemv::linear_into(&h, r, &head.t()?, &mut logits)?, // (R, V)
         }
         Ok(Tensor::from_vec(logits, (r, v), device)?)
     }
@@ -2878,34 +2878,45 @@ mod tests {
         assert!(crate::testing::max_abs_diff(&step, &last) < 1e-2);
     }
 
-    /// The f16 decoding step on plain rows ([`Gpt::decode_by_rows`]) against the op-by-op
-    /// path it replaces, for every architecture: a batch of two through one `KvCache`, eight
-    /// steps after a three-token prompt; the same row kernels in the same order, so the same
-    /// logits to rounding (the bound leaves room for FMA contraction differences only).
+    /// The decoding step on plain rows ([`Gpt::decode_by_rows`]) against the op-by-op path it
+    /// replaces, for every architecture, with f32 and with f16 weights: a batch of two through
+    /// one `KvCache`, eight steps after a three-token prompt; the same row kernels in the same
+    /// order, so the same logits to rounding (the bound leaves room for FMA contraction
+    /// differences only).
     #[test]
     fn decoding_by_rows_matches_the_op_by_op_step() {
         for cfg in std::iter::once(tiny()).chain(tiny_llamas()) {
             let m = Gpt::init(&cfg, 5, &Device::Cpu).unwrap();
-            assert!(!m.decodes_by_rows(), "f32 weights take candle's gemm");
-            let half = m.to_dtype(DType::F16).unwrap();
-            assert!(half.decodes_by_rows(), "{cfg:?}");
-            let (mut fast, mut slow) = (KvCache::new(cfg.n_layer), KvCache::new(cfg.n_layer));
-            let prompt = ids(&[&[3, 1, 4], &[2, 7, 1]]);
-            half.forward_with_cache(&prompt, &mut fast).unwrap();
-            half.forward_with_cache(&prompt, &mut slow).unwrap();
-            for step in 0..cfg.block_size - 3 {
-                let tok = ids(&[&[(step as u32 * 3) % 11], &[(step as u32 * 5 + 1) % 11]]);
-                let got = half.forward_with_cache(&tok, &mut fast).unwrap(); // (2, V)
-                let h = half.hidden_states(&tok, Some(&mut slow), None).unwrap(); // (2, 1, C)
-                let want = half.lm_head(&h).unwrap().squeeze(1).unwrap();
-                let diff = crate::testing::max_abs_diff(&got, &want);
-                assert!(diff < 1e-5, "{:?} step {step}: {diff}", cfg.arch);
-                assert_eq!(fast.len(), slow.len());
+            for dtype in [DType::F32, DType::F16] {
+                decoding_by_rows_matches_with(&cfg, &m.to_dtype(dtype).unwrap());
             }
-            // A full cache: the next step is refused, as the op-by-op path refuses it.
-            let tok = ids(&[&[1], &[1]]);
-            assert!(half.forward_with_cache(&tok, &mut fast).is_err());
         }
+    }
+
+    /// [`decoding_by_rows_matches_the_op_by_op_step`] for one model `m`.
+    fn decoding_by_rows_matches_with(cfg: &GptConfig, m: &Gpt) {
+        assert!(m.decodes_by_rows(), "{cfg:?} {:?}", m.dtype());
+        let (mut fast, mut slow) = (KvCache::new(cfg.n_layer), KvCache::new(cfg.n_layer));
+        let prompt = ids(&[&[3, 1, 4], &[2, 7, 1]]);
+        m.forward_with_cache(&prompt, &mut fast).unwrap();
+        m.forward_with_cache(&prompt, &mut slow).unwrap();
+        for step in 0..cfg.block_size - 3 {
+            let tok = ids(&[&[(step as u32 * 3) % 11], &[(step as u32 * 5 + 1) % 11]]);
+            let got = m.forward_with_cache(&tok, &mut fast).unwrap(); // (2, V)
+            let h = m.hidden_states(&tok, Some(&mut slow), None).unwrap(); // (2, 1, C)
+            let want = m.lm_head(&h).unwrap().squeeze(1).unwrap();
+            let diff = crate::testing::max_abs_diff(&got, &want);
+            assert!(
+                diff < 1e-5,
+                "{:?} {:?} step {step}: {diff}",
+                cfg.arch,
+                m.dtype()
+            );
+            assert_eq!(fast.len(), slow.len());
+        }
+        // A full cache: the next step is refused, as the op-by-op path refuses it.
+        let tok = ids(&[&[1], &[1]]);
+        assert!(m.forward_with_cache(&tok, &mut fast).is_err());
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The row operations of one decoding step with f16 weights on the CPU, on plain f32 rows.
+//! The row operations of one decoding step with f16 or f32 weights on the CPU, on plain f32
+//! rows.
 //!
 //! Decoding one token reads every weight once and computes little else: for SmolLM2-135M,
 //! 270 MB of f16 weights against a few thousand floats of activations per layer. Run as
@@ -7,7 +8,7 @@
 //! vector's dtype: a quarter of the step went there (SmolLM2-135M, 2 cores: 17 ms a token, 13
 //! ms of it in the matrix-vector products). [`crate::model::Gpt`]'s decoder calls these
 //! instead, over buffers it allocates once per step: the products stream the weights
-//! ([`crate::gemv::f16_linear_into`]) and the rest are the same row kernels the fused ops run
+//! ([`crate::gemv::linear_into`]) and the rest are the same row kernels the fused ops run
 //! ([`crate::kernels::rms_norm`], [`crate::layers`], [`crate::kernels::swiglu`]), so a step
 //! computes the numbers the op-by-op path computes.
 
@@ -49,10 +50,11 @@ pub(crate) fn vector_f32(t: &Tensor) -> Result<Vec<f32>> {
     })
 }
 
-/// Whether `t` is a weight the streaming products take: f16 on the CPU, 2-D, contiguous or the
-/// transpose of a contiguous matrix (what [`crate::gemv::f16_linear_into`] accepts).
+/// Whether `t` is a weight the streaming products take: f16 or f32 on the CPU, 2-D, contiguous
+/// or the transpose of a contiguous matrix (what [`crate::gemv::linear_into`] accepts).
 pub(crate) fn streamable(t: &Tensor) -> bool {
-    if !t.device().is_cpu() || t.dtype() != DType::F16 || t.rank() != 2 {
+    let dtype_ok = matches!(t.dtype(), DType::F16 | DType::F32);
+    if !t.device().is_cpu() || !dtype_ok || t.rank() != 2 {
         return false;
     }
     let (l, dims) = (t.layout(), t.dims());
@@ -92,7 +94,10 @@ mod tests {
         );
         let w = Tensor::zeros((3, 4), DType::F16, &Device::Cpu).unwrap();
         assert!(streamable(&w) && streamable(&w.t().unwrap()));
-        assert!(!streamable(&w.to_dtype(DType::F32).unwrap()));
+        let f = w.to_dtype(DType::F32).unwrap();
+        assert!(streamable(&f) && streamable(&f.t().unwrap()));
+        assert!(!streamable(&w.to_dtype(DType::BF16).unwrap()));
+        assert!(!streamable(&f.narrow(1, 0, 2).unwrap()));
         assert!(!streamable(&w.narrow(1, 0, 2).unwrap()));
         let mut y = vec![1f32; 6];
         add_rows(&mut y, &[1.0, 2.0, 3.0]);

@@ -1,12 +1,14 @@
-//! Products of a few rows with an f16 weight matrix, for decoding with f16 weights (one
-//! sequence, a batch of sequences, or a short prompt).
+//! Products of a few rows with an f16 or f32 weight matrix, for decoding (one sequence, a
+//! batch of sequences, or a short prompt).
 //!
 //! Decoding one token multiplies a single row by every weight matrix, so its speed is the
 //! speed at which the weights stream from memory: a GPT-2 124M reads 500 MB of f32 weights per
 //! token, half that in f16. candle's CPU matmul in f16 (gemm) converts and packs its operands
 //! for a full matrix product and ends up no faster than f32 for one row. Here each weight is
 //! read once, converted to f32 in registers and multiplied into f32 accumulators, the output
-//! columns split over rayon's threads.
+//! columns split over rayon's threads. f32 weights take the same kernels (without the
+//! conversion): candle's gemm packs its operands for one row too, and streaming them
+//! directly reads each weight once.
 //!
 //! [`matmul`] takes `x (rows, in)` and a weight either in Hugging Face's Conv1D layout
 //! `(in, out)` or as the transpose of a contiguous `(out, in)` matrix (the tied head
@@ -30,7 +32,7 @@ pub(crate) const MAX_ROWS: usize = 64;
 /// Below this many multiply-adds a product runs on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 16;
 
-/// `x (rows, in) @ w (in, out)` for an f16 weight and f32 (or f16) activations, returned in
+/// `x (rows, in) @ w (in, out)` for an f16 or f32 weight and f32 (or f16) activations, returned in
 /// `x`'s dtype. Through the streaming kernels when both are CPU tensors, `rows <= MAX_ROWS`,
 /// `w` is contiguous `(in, out)` or the transpose of a contiguous `(out, in)`, and neither
 /// needs gradients (the kernels have no backward); otherwise candle's `matmul`, with `x`
@@ -40,7 +42,7 @@ const PARALLEL_MIN_WORK: usize = 1 << 16;
 /// candle's errors for mismatched shapes, dtypes or devices.
 pub(crate) fn matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let streaming = x.device().is_cpu()
-        && w.dtype() == DType::F16
+        && matches!(w.dtype(), DType::F16 | DType::F32)
         && matches!(x.dtype(), DType::F16 | DType::F32)
         && x.rank() == 2
         && x.dim(0)? <= MAX_ROWS
@@ -49,7 +51,7 @@ pub(crate) fn matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         && !x.track_op()
         && !w.track_op();
     if streaming {
-        return Ok(x.contiguous()?.apply_op2_no_bwd(w, &F16Matmul)?);
+        return Ok(x.contiguous()?.apply_op2_no_bwd(w, &StreamMatmul)?);
     }
     if x.dtype() != w.dtype() {
         return Ok(matmul(&x.to_dtype(w.dtype())?, w)?.to_dtype(x.dtype())?);
@@ -100,42 +102,63 @@ impl CustomOp2 for FrozenRhsMatmul {
 }
 
 /// `y (rows, out) = x (rows, in) @ w` into `y`, for the decoding steps of
-/// [`crate::kernels::decode_step`]: `w` an f16 CPU weight that [`matmul`] would stream (contiguous
-/// `(in, out)`, or the transpose of a contiguous `(out, in)`), `x` f32. The same kernels and
-/// the same split as [`matmul`], so the outputs are bit for bit [`matmul`]'s, without a
-/// tensor made for either side. One row of an `(out, in)` weight (a Llama projection, the
-/// tied head) is written where it lies, each thread taking a block of outputs.
+/// [`crate::kernels::decode_step`]: `w` an f16 or f32 CPU weight that [`matmul`] would stream
+/// (contiguous `(in, out)`, or the transpose of a contiguous `(out, in)`), `x` f32. The same
+/// kernels and the same split as [`matmul`], so the outputs are bit for bit [`matmul`]'s,
+/// without a tensor made for either side. One row of an `(out, in)` weight (a Llama
+/// projection, the tied head) is written where it lies, each thread taking a block of outputs.
 ///
 /// # Errors
 /// [`crate::Error::InvalidArgument`] if `w` is not such a weight or the sizes disagree.
-pub(crate) fn f16_linear_into(x: &[f32], rows: usize, w: &Tensor, y: &mut [f32]) -> Result<()> {
+pub(crate) fn linear_into(x: &[f32], rows: usize, w: &Tensor, y: &mut [f32]) -> Result<()> {
     let (storage, layout) = w.storage_and_layout();
     let kind = weight_layout(layout);
     let (d_in, d_out) = match layout.dims() {
         [a, b] => (*a, *b),
         _ => (0, 0),
     };
-    let data = match (&*storage, kind) {
-        (candle_core::Storage::Cpu(CpuStorage::F16(v)), Some(_)) => {
-            let w_all: &[u16] = v.reinterpret_cast();
-            w_all.get(layout.start_offset()..layout.start_offset() + d_in * d_out)
-        }
-        _ => None,
-    };
-    let (Some(w), Some(kind)) = (data, kind) else {
-        return Err(crate::Error::InvalidArgument(format!(
-            "f16 decoding: a weight of shape {:?} and dtype {:?} is not a streamable f16 CPU weight",
+    let range = layout.start_offset()..layout.start_offset() + d_in * d_out;
+    let unfit = || {
+        crate::Error::InvalidArgument(format!(
+            "decoding: a weight of shape {:?} and dtype {:?} is not a streamable f16 or f32 CPU weight",
             layout.dims(),
             w.dtype()
-        )));
+        ))
     };
+    let kind = kind.ok_or_else(unfit)?;
     if x.len() != rows * d_in || y.len() != rows * d_out {
         return Err(crate::Error::InvalidArgument(format!(
-            "f16 decoding: {rows} rows of {} inputs into {} outputs do not fit a ({d_in}, {d_out}) weight",
+            "decoding: {rows} rows of {} inputs into {} outputs do not fit a ({d_in}, {d_out}) weight",
             x.len(),
             y.len()
         )));
     }
+    match &*storage {
+        candle_core::Storage::Cpu(CpuStorage::F16(v)) => {
+            let w_all: &[u16] = v.reinterpret_cast();
+            let w = w_all.get(range).ok_or_else(unfit)?;
+            linear_rows_into(x, rows, d_in, w, d_out, kind, y);
+        }
+        candle_core::Storage::Cpu(CpuStorage::F32(v)) => {
+            let w = v.get(range).ok_or_else(unfit)?;
+            linear_rows_into(x, rows, d_in, w, d_out, kind, y);
+        }
+        _ => return Err(unfit()),
+    }
+    Ok(())
+}
+
+/// [`linear_into`] on the weight's elements, `w` holding the `(in, out)` or `(out, in)`
+/// matrix that `kind` says.
+fn linear_rows_into<W: Weight>(
+    x: &[f32],
+    rows: usize,
+    d_in: usize,
+    w: &[W],
+    d_out: usize,
+    kind: WeightLayout,
+    y: &mut [f32],
+) {
     match kind {
         WeightLayout::OutIn if rows == 1 => {
             let len = chunk_len(d_out, d_in * d_out);
@@ -147,7 +170,56 @@ pub(crate) fn f16_linear_into(x: &[f32], rows: usize, w: &Tensor, y: &mut [f32])
         WeightLayout::OutIn => y.copy_from_slice(&out_in(x, rows, d_in, w, d_out)),
         WeightLayout::InOut => y.copy_from_slice(&in_out(x, rows, d_in, w, d_out)),
     }
-    Ok(())
+}
+
+/// A weight element the streaming kernels read: f16 bits (`u16`) or `f32`.
+trait Weight: Copy + Send + Sync + 'static {
+    /// Whether the element is an f16 (bits), which the AVX-512 kernels convert with
+    /// `vcvtph2ps`; otherwise an f32, loaded as it is.
+    const HALF: bool;
+
+    /// The element's value as f32.
+    fn to_f32(self) -> f32;
+
+    /// The portable (auto-vectorised) [`in_out_rows`] for this element type.
+    fn in_out_rows(x: &[f32], d_in: usize, w: &[Self], d_out: usize, i0: usize, acc: &mut [f32]);
+
+    /// The portable (auto-vectorised) [`out_in_chunk`] for this element type.
+    fn out_in_chunk(x: &[f32], d_in: usize, w: &[Self], part: &mut [f32]);
+}
+
+impl Weight for u16 {
+    const HALF: bool = true;
+
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16_to_f32(self)
+    }
+
+    fn in_out_rows(x: &[f32], d_in: usize, w: &[u16], d_out: usize, i0: usize, acc: &mut [f32]) {
+        in_out_rows(x, d_in, w, d_out, i0, acc)
+    }
+
+    fn out_in_chunk(x: &[f32], d_in: usize, w: &[u16], part: &mut [f32]) {
+        out_in_chunk(x, d_in, w, part)
+    }
+}
+
+impl Weight for f32 {
+    const HALF: bool = false;
+
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    fn in_out_rows(x: &[f32], d_in: usize, w: &[f32], d_out: usize, i0: usize, acc: &mut [f32]) {
+        in_out_rows_f32(x, d_in, w, d_out, i0, acc)
+    }
+
+    fn out_in_chunk(x: &[f32], d_in: usize, w: &[f32], part: &mut [f32]) {
+        out_in_chunk_f32(x, d_in, w, part)
+    }
 }
 
 /// How a weight `(in, out)` lies in memory.
@@ -170,11 +242,11 @@ fn weight_layout(l: &Layout) -> Option<WeightLayout> {
 }
 
 /// The op over `(x, w)`, forward only: [`matmul`] applies it where no gradient is needed.
-struct F16Matmul;
+struct StreamMatmul;
 
-impl CustomOp2 for F16Matmul {
+impl CustomOp2 for StreamMatmul {
     fn name(&self) -> &'static str {
-        "tinygpt-f16-gemv"
+        "tinygpt-gemv"
     }
 
     fn cpu_fwd(
@@ -187,7 +259,7 @@ impl CustomOp2 for F16Matmul {
         let (rows, d_in) = xl.shape().dims2()?;
         let (_, d_out) = wl.shape().dims2()?;
         let (Some((x0, x1)), Some(kind)) = (xl.contiguous_offsets(), weight_layout(wl)) else {
-            candle_core::bail!("f16 gemv: unexpected layouts")
+            candle_core::bail!("gemv: unexpected layouts")
         };
         let x: Vec<f32> = match xs {
             CpuStorage::F32(v) => v[x0..x1].to_vec(),
@@ -196,17 +268,27 @@ impl CustomOp2 for F16Matmul {
                 v[x0..x1].convert_to_f32_slice(&mut x);
                 x
             }
-            _ => candle_core::bail!("f16 gemv: activations must be f32 or f16"),
+            _ => candle_core::bail!("gemv: activations must be f32 or f16"),
         };
-        let w_all: &[u16] = ws.as_slice::<f16>()?.reinterpret_cast();
-        let w = w_all
-            .get(wl.start_offset()..wl.start_offset() + d_in * d_out)
-            .ok_or_else(|| {
-                candle_core::Error::Msg("f16 gemv: weight exceeds its storage".into())
-            })?;
-        let y = match kind {
-            WeightLayout::InOut => in_out(&x, rows, d_in, w, d_out),
-            WeightLayout::OutIn => out_in(&x, rows, d_in, w, d_out),
+        let range = wl.start_offset()..wl.start_offset() + d_in * d_out;
+        let too_big = || candle_core::Error::Msg("gemv: weight exceeds its storage".into());
+        let y = match ws {
+            CpuStorage::F16(v) => {
+                let w_all: &[u16] = v.reinterpret_cast();
+                let w = w_all.get(range).ok_or_else(too_big)?;
+                match kind {
+                    WeightLayout::InOut => in_out(&x, rows, d_in, w, d_out),
+                    WeightLayout::OutIn => out_in(&x, rows, d_in, w, d_out),
+                }
+            }
+            CpuStorage::F32(v) => {
+                let w = v.get(range).ok_or_else(too_big)?;
+                match kind {
+                    WeightLayout::InOut => in_out(&x, rows, d_in, w, d_out),
+                    WeightLayout::OutIn => out_in(&x, rows, d_in, w, d_out),
+                }
+            }
+            _ => candle_core::bail!("gemv: weights must be f16 or f32"),
         };
         let out = match xs {
             CpuStorage::F16(_) => {
@@ -230,10 +312,10 @@ fn chunk_len(n: usize, work: usize) -> usize {
     n.div_ceil(threads).div_ceil(16).max(1) * 16
 }
 
-/// `y (rows, out) = x (rows, in) @ w`, `w` row-major `(in, out)` in f16 bits. The inputs
+/// `y (rows, out) = x (rows, in) @ w`, `w` row-major `(in, out)` (f16 bits or f32). The inputs
 /// (rows of `w`) are split over the threads, so each thread streams one contiguous block of
 /// the weights into a whole-width partial sum; the partial sums are added in order.
-fn in_out(x: &[f32], rows: usize, d_in: usize, w: &[u16], d_out: usize) -> Vec<f32> {
+fn in_out<W: Weight>(x: &[f32], rows: usize, d_in: usize, w: &[W], d_out: usize) -> Vec<f32> {
     // Decided by one row's work, not all rows': the split sets the order in which a row's
     // partial sums are added, and a row must come out the same alone or in a batch.
     let threads = if d_in * d_out >= PARALLEL_MIN_WORK {
@@ -262,8 +344,8 @@ fn in_out(x: &[f32], rows: usize, d_in: usize, w: &[u16], d_out: usize) -> Vec<f
     y
 }
 
-/// `y (rows, out) = x (rows, in) @ wᵀ`, `w` row-major `(out, in)` in f16 bits.
-fn out_in(x: &[f32], rows: usize, d_in: usize, w: &[u16], d_out: usize) -> Vec<f32> {
+/// `y (rows, out) = x (rows, in) @ wᵀ`, `w` row-major `(out, in)` (f16 bits or f32).
+fn out_in<W: Weight>(x: &[f32], rows: usize, d_in: usize, w: &[W], d_out: usize) -> Vec<f32> {
     let len = chunk_len(d_out, rows * d_in * d_out);
     let starts: Vec<usize> = (0..d_out).step_by(len).collect();
     let parts: Vec<Vec<f32>> = starts
@@ -302,102 +384,167 @@ fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(v.to_bits() | ((h & 0x8000) << 16))
 }
 
-multiversion! {
-    /// Adds `x[.., i0 + k] · w[k, ..]` over the weight rows `w` (row-major, `d_out` wide)
-    /// into each row's accumulator `acc[r·d_out..]`. Four weight rows at a time: each pass
-    /// over the accumulator then adds four (a quarter of the accumulator traffic).
-    fn in_out_rows(x: &[f32], d_in: usize, w: &[u16], d_out: usize, i0: usize, acc: &mut [f32]) {
-        let n_w = w.len() / d_out.max(1);
-        let row = |k: usize| &w[k * d_out..(k + 1) * d_out];
-        let mut k = 0;
-        while k + 4 <= n_w {
-            let (w0, w1, w2, w3) = (row(k), row(k + 1), row(k + 2), row(k + 3));
-            for (out, xr) in acc.chunks_exact_mut(d_out).zip(x.chunks_exact(d_in)) {
-                let i = i0 + k;
-                let (a0, a1, a2, a3) = (xr[i], xr[i + 1], xr[i + 2], xr[i + 3]);
-                let cols = out.iter_mut().zip(w0).zip(w1).zip(w2).zip(w3);
-                for ((((o, &h0), &h1), &h2), &h3) in cols {
-                    *o += a0 * f16_to_f32(h0)
-                        + a1 * f16_to_f32(h1)
-                        + a2 * f16_to_f32(h2)
-                        + a3 * f16_to_f32(h3);
-                }
+/// Adds `x[.., i0 + k] · w[k, ..]` over the weight rows `w` (row-major, `d_out` wide) into
+/// each row's accumulator `acc[r·d_out..]`. Four weight rows at a time: each pass over the
+/// accumulator then adds four (a quarter of the accumulator traffic). Inlined into the
+/// multiversioned [`in_out_rows`] (f16) and [`in_out_rows_f32`].
+#[inline(always)]
+fn in_out_rows_generic<W: Weight>(
+    x: &[f32],
+    d_in: usize,
+    w: &[W],
+    d_out: usize,
+    i0: usize,
+    acc: &mut [f32],
+) {
+    let n_w = w.len() / d_out.max(1);
+    let row = |k: usize| &w[k * d_out..(k + 1) * d_out];
+    let mut k = 0;
+    while k + 4 <= n_w {
+        let (w0, w1, w2, w3) = (row(k), row(k + 1), row(k + 2), row(k + 3));
+        for (out, xr) in acc.chunks_exact_mut(d_out).zip(x.chunks_exact(d_in)) {
+            let i = i0 + k;
+            let (a0, a1, a2, a3) = (xr[i], xr[i + 1], xr[i + 2], xr[i + 3]);
+            let cols = out.iter_mut().zip(w0).zip(w1).zip(w2).zip(w3);
+            for ((((o, &h0), &h1), &h2), &h3) in cols {
+                *o += a0 * h0.to_f32() + a1 * h1.to_f32() + a2 * h2.to_f32() + a3 * h3.to_f32();
             }
-            k += 4;
         }
-        for k in k..n_w {
-            let w0 = row(k);
-            for (out, xr) in acc.chunks_exact_mut(d_out).zip(x.chunks_exact(d_in)) {
-                let a0 = xr[i0 + k];
-                for (o, &h0) in out.iter_mut().zip(w0) {
-                    *o += a0 * f16_to_f32(h0);
-                }
+        k += 4;
+    }
+    for k in k..n_w {
+        let w0 = row(k);
+        for (out, xr) in acc.chunks_exact_mut(d_out).zip(x.chunks_exact(d_in)) {
+            let a0 = xr[i0 + k];
+            for (o, &h0) in out.iter_mut().zip(w0) {
+                *o += a0 * h0.to_f32();
             }
         }
     }
 }
 
-multiversion! {
-    /// Outputs `0..w.len() / in` of `x @ wᵀ` for weight rows `w` (row-major, `in` wide),
-    /// into `part` (rows, n): each weight row dotted with every row of `x`.
-    fn out_in_chunk(x: &[f32], d_in: usize, w: &[u16], part: &mut [f32]) {
-        let n = w.len() / d_in.max(1);
-        for (j, wr) in w.chunks_exact(d_in).enumerate() {
-            for (r, xr) in x.chunks_exact(d_in).enumerate() {
-                part[r * n + j] = dot_f16(xr, wr);
-            }
+/// Outputs `0..w.len() / in` of `x @ wᵀ` for weight rows `w` (row-major, `in` wide), into
+/// `part` (rows, n): each weight row dotted with every row of `x`. Inlined into the
+/// multiversioned [`out_in_chunk`] (f16) and [`out_in_chunk_f32`].
+#[inline(always)]
+fn out_in_chunk_generic<W: Weight>(x: &[f32], d_in: usize, w: &[W], part: &mut [f32]) {
+    let n = w.len() / d_in.max(1);
+    for (j, wr) in w.chunks_exact(d_in).enumerate() {
+        for (r, xr) in x.chunks_exact(d_in).enumerate() {
+            part[r * n + j] = dot(xr, wr);
         }
+    }
+}
+
+multiversion! {
+    /// [`in_out_rows_generic`] for f16 weights (bits).
+    fn in_out_rows(x: &[f32], d_in: usize, w: &[u16], d_out: usize, i0: usize, acc: &mut [f32]) {
+        in_out_rows_generic(x, d_in, w, d_out, i0, acc)
+    }
+}
+
+multiversion! {
+    /// [`in_out_rows_generic`] for f32 weights.
+    fn in_out_rows_f32(x: &[f32], d_in: usize, w: &[f32], d_out: usize, i0: usize, acc: &mut [f32]) {
+        in_out_rows_generic(x, d_in, w, d_out, i0, acc)
+    }
+}
+
+multiversion! {
+    /// [`out_in_chunk_generic`] for f16 weights (bits).
+    fn out_in_chunk(x: &[f32], d_in: usize, w: &[u16], part: &mut [f32]) {
+        out_in_chunk_generic(x, d_in, w, part)
+    }
+}
+
+multiversion! {
+    /// [`out_in_chunk_generic`] for f32 weights.
+    fn out_in_chunk_f32(x: &[f32], d_in: usize, w: &[f32], part: &mut [f32]) {
+        out_in_chunk_generic(x, d_in, w, part)
     }
 }
 
 /// Σ a·f32(b) with sixteen running sums, so the loop vectorises.
 #[inline(always)]
-fn dot_f16(a: &[f32], b: &[u16]) -> f32 {
+fn dot<W: Weight>(a: &[f32], b: &[W]) -> f32 {
     let mut acc = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
     let rest: f32 = ca
         .remainder()
         .iter()
         .zip(cb.remainder())
-        .map(|(&x, &h)| x * f16_to_f32(h))
+        .map(|(&x, &h)| x * h.to_f32())
         .sum();
     for (xa, xb) in ca.zip(cb) {
         for ((s, &x), &h) in acc.iter_mut().zip(xa).zip(xb) {
-            *s += x * f16_to_f32(h);
+            *s += x * h.to_f32();
         }
     }
     acc.iter().sum::<f32>() + rest
 }
 
-/// [`in_out_rows`] with AVX-512's f16 conversion instruction where the CPU has it.
-fn in_out_rows_best(x: &[f32], d_in: usize, w: &[u16], d_out: usize, i0: usize, acc: &mut [f32]) {
+/// [`in_out_rows`] (or [`in_out_rows_f32`]) with AVX-512F intrinsics where the CPU has them.
+fn in_out_rows_best<W: Weight>(
+    x: &[f32],
+    d_in: usize,
+    w: &[W],
+    d_out: usize,
+    i0: usize,
+    acc: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F, the one feature the function is compiled for.
         return unsafe { avx512::in_out_rows(x, d_in, w, d_out, i0, acc) };
     }
-    in_out_rows(x, d_in, w, d_out, i0, acc)
+    W::in_out_rows(x, d_in, w, d_out, i0, acc)
 }
 
-/// [`out_in_chunk`] with AVX-512's f16 conversion instruction where the CPU has it.
-fn out_in_chunk_best(x: &[f32], d_in: usize, w: &[u16], part: &mut [f32]) {
+/// [`out_in_chunk`] (or [`out_in_chunk_f32`]) with AVX-512F intrinsics where the CPU has them.
+fn out_in_chunk_best<W: Weight>(x: &[f32], d_in: usize, w: &[W], part: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F, the one feature the function is compiled for.
         return unsafe { avx512::out_in_chunk(x, d_in, w, part) };
     }
-    out_in_chunk(x, d_in, w, part)
+    W::out_in_chunk(x, d_in, w, part)
 }
 
-/// The two kernels with AVX-512F intrinsics: `vcvtph2ps` turns 16 halves into 16 floats in one
-/// instruction, where the portable conversion takes about seven, which made the portable
-/// kernels compute-bound below the memory bandwidth. Multiply-adds are fused here, so results
+/// The two kernels with AVX-512F intrinsics, generic over the weight element: `vcvtph2ps`
+/// turns 16 halves into 16 floats in one instruction, where the portable conversion takes
+/// about seven, which made the portable kernels compute-bound below the memory bandwidth; f32
+/// weights are loaded as they are, the sums taken in the same order. Multiply-adds are fused here, so results
 /// may differ from the portable kernels' in the last bit.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::f16_to_f32;
+    use super::Weight;
+
+    /// Sixteen weights from `p` as f32: f16 bits converted by `vcvtph2ps`, f32 loaded. `W`'s
+    /// `HALF` is a constant, so each instance keeps one of the two.
+    macro_rules! load16 {
+        ($w:ty, $p:expr) => {{
+            let p = $p;
+            if <$w as Weight>::HALF {
+                _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+            } else {
+                _mm512_loadu_ps(p as *const f32)
+            }
+        }};
+    }
+
+    /// Prefetches the weights `OUT_IN_PREFETCH_BYTES` past `p`: one 64-byte line per 32 f16
+    /// weights, two per 32 f32 weights.
+    macro_rules! prefetch {
+        ($w:ty, $p:expr) => {{
+            let ahead = ($p as *const i8).wrapping_add(OUT_IN_PREFETCH_BYTES);
+            _mm_prefetch::<_MM_HINT_T0>(ahead);
+            if !<$w as Weight>::HALF {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+            }
+        }};
+    }
 
     /// Weight rows per pass of [`in_out_rows`]: each pass loads and stores every row's
     /// accumulator once, for this many multiply-adds per element.
@@ -408,10 +555,10 @@ mod avx512 {
     /// read and one conversion of the weights. A row's sums are taken in the same order
     /// whatever the number of rows (bit-identical results alone or in a batch).
     #[target_feature(enable = "avx512f")]
-    pub(super) fn in_out_rows(
+    pub(super) fn in_out_rows<W: Weight>(
         x: &[f32],
         d_in: usize,
-        w: &[u16],
+        w: &[W],
         d_out: usize,
         i0: usize,
         acc: &mut [f32],
@@ -421,7 +568,7 @@ mod avx512 {
         if rows > super::MAX_ROWS {
             // Never taken (`matmul` sends at most MAX_ROWS rows); kept for safety.
             for (a, xr) in acc.chunks_exact_mut(d_out).zip(x.chunks_exact(d_in)) {
-                in_out_rows(xr, d_in, w, d_out, i0, a);
+                in_out_rows::<W>(xr, d_in, w, d_out, i0, a);
             }
             return;
         }
@@ -432,7 +579,7 @@ mod avx512 {
         while k < n_w {
             let take = (n_w - k).min(GROUP);
             // Rows past `take` repeat the last one with a zero coefficient.
-            let ws: [&[u16]; GROUP] = std::array::from_fn(|q| row(k + q.min(take - 1)));
+            let ws: [&[W]; GROUP] = std::array::from_fn(|q| row(k + q.min(take - 1)));
             for r in 0..rows {
                 for q in 0..GROUP {
                     coef[r * GROUP + q] = if q < take {
@@ -447,9 +594,8 @@ mod avx512 {
                 // SAFETY: j + 16 <= d_out, the length of every `ws[q]` and of each row's
                 // accumulator `acc[r·d_out..(r+1)·d_out]` (r < rows <= acc.len() / d_out).
                 unsafe {
-                    let wv: [__m512; GROUP] = std::array::from_fn(|q| {
-                        _mm512_cvtph_ps(_mm256_loadu_si256(ws[q].as_ptr().add(j) as *const __m256i))
-                    });
+                    let wv: [__m512; GROUP] =
+                        std::array::from_fn(|q| load16!(W, ws[q].as_ptr().add(j)));
                     for r in 0..rows {
                         let p = acc.as_mut_ptr().add(r * d_out + j);
                         // Two chains of multiply-adds (even and odd weight rows), so each
@@ -472,7 +618,7 @@ mod avx512 {
                 let out = &mut acc[r * d_out..(r + 1) * d_out];
                 for j in vec_end..d_out {
                     for q in 0..GROUP {
-                        out[j] += coef[r * GROUP + q] * f16_to_f32(ws[q][j]);
+                        out[j] += coef[r * GROUP + q] * ws[q][j].to_f32();
                     }
                 }
             }
@@ -485,7 +631,7 @@ mod avx512 {
     /// independent chains of multiply-adds instead of one). A row's sums are taken in the same order
     /// whatever the number of rows.
     #[target_feature(enable = "avx512f")]
-    pub(super) fn out_in_chunk(x: &[f32], d_in: usize, w: &[u16], part: &mut [f32]) {
+    pub(super) fn out_in_chunk<W: Weight>(x: &[f32], d_in: usize, w: &[W], part: &mut [f32]) {
         let n = w.len() / d_in.max(1);
         let rows = x.len() / d_in.max(1);
         if rows == 1 {
@@ -497,7 +643,7 @@ mod avx512 {
                 j += 4;
             }
             for j in j..n {
-                part[j] = dots::<1>(x, &w[j * d_in..(j + 1) * d_in])[0];
+                part[j] = dots::<W, 1>(x, &w[j * d_in..(j + 1) * d_in])[0];
             }
             return;
         }
@@ -511,7 +657,7 @@ mod avx512 {
                     ($($rn:literal)*) => {
                         match take {
                             $($rn => {
-                                let d = dots::<$rn>(rows_x, wr);
+                                let d = dots::<W, $rn>(rows_x, wr);
                                 for (t, d) in d.into_iter().enumerate() {
                                     part[(r0 + t) * n + j] = d;
                                 }
@@ -531,7 +677,7 @@ mod avx512 {
     /// four interleaved so that four streams of weights are read at once.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    fn dots4(x: &[f32], w: &[u16], d_in: usize) -> [f32; 4] {
+    fn dots4<W: Weight>(x: &[f32], w: &[W], d_in: usize) -> [f32; 4] {
         let mut out = [0f32; 4];
         if x.len() < d_in || w.len() < 4 * d_in {
             return out; // never: the caller passes one row and four weight rows
@@ -547,9 +693,9 @@ mod avx512 {
                 let x1 = _mm512_loadu_ps(x.as_ptr().add(i + 16));
                 for q in 0..4 {
                     let p = w.as_ptr().add(q * d_in + i);
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(OUT_IN_PREFETCH) as *const i8);
-                    let h0 = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
-                    let h1 = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(16) as *const __m256i));
+                    prefetch!(W, p);
+                    let h0 = load16!(W, p);
+                    let h1 = load16!(W, p.add(16));
                     s0[q] = _mm512_fmadd_ps(x0, h0, s0[q]);
                     s1[q] = _mm512_fmadd_ps(x1, h1, s1[q]);
                 }
@@ -559,21 +705,21 @@ mod avx512 {
         for q in 0..4 {
             let mut total = _mm512_reduce_add_ps(_mm512_add_ps(s0[q], s1[q]));
             for i in vec_end..d_in {
-                total += x[i] * f16_to_f32(w[q * d_in + i]);
+                total += x[i] * w[q * d_in + i].to_f32();
             }
             out[q] = total;
         }
         out
     }
 
-    /// How far ahead, in halves, [`dots`] prefetches the weights.
-    const OUT_IN_PREFETCH: usize = 4096;
+    /// How far ahead, in bytes, [`dots`] and [`dots4`] prefetch the weights.
+    const OUT_IN_PREFETCH_BYTES: usize = 8192;
 
     /// `Σ x[t, i] · f32(wr[i])` for each of the `RN` rows of `x` (row-major, `wr.len()` wide,
     /// at least `RN` rows).
     #[target_feature(enable = "avx512f")]
     #[inline]
-    fn dots<const RN: usize>(x: &[f32], wr: &[u16]) -> [f32; RN] {
+    fn dots<W: Weight, const RN: usize>(x: &[f32], wr: &[W]) -> [f32; RN] {
         let d_in = wr.len();
         let mut out = [0f32; RN];
         if x.len() < RN * d_in {
@@ -591,9 +737,9 @@ mod avx512 {
                 let p = wr.as_ptr().add(i);
                 // The weights stream from memory: ask for them a little ahead (past the end
                 // of `wr` this reads the next weight row; a prefetch never faults).
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(OUT_IN_PREFETCH) as *const i8);
-                let h0 = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
-                let h1 = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(16) as *const __m256i));
+                prefetch!(W, p);
+                let h0 = load16!(W, p);
+                let h1 = load16!(W, p.add(16));
                 for t in 0..RN {
                     let xp = xb.add(t * d_in + i);
                     s0[t] = _mm512_fmadd_ps(_mm512_loadu_ps(xp), h0, s0[t]);
@@ -605,7 +751,7 @@ mod avx512 {
         for t in 0..RN {
             let mut total = _mm512_reduce_add_ps(_mm512_add_ps(s0[t], s1[t]));
             for i in vec_end..d_in {
-                total += x[t * d_in + i] * f16_to_f32(wr[i]);
+                total += x[t * d_in + i] * wr[i].to_f32();
             }
             out[t] = total;
         }
@@ -707,10 +853,97 @@ mod tests {
         assert!(close(&a, &b));
     }
 
+    fn random_f32(rng: &mut rand_chacha::ChaCha8Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
+    }
+
+    /// f32 weights: both layouts, 1, 3, 16 and 64 rows, odd sizes, serial and split, against
+    /// candle's matmul (relative 1e-5); [`linear_into`] gives [`matmul`]'s bits; each row
+    /// comes out the same alone as in the batch.
+    #[test]
+    fn f32_weights_match_candle_matmul() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let dev = &Device::Cpu;
+        for &(d_in, d_out) in &[(8, 5), (37, 70), (129, 1000), (768, 2304), (2304, 768)] {
+            let w =
+                Tensor::from_vec(random_f32(&mut rng, d_in * d_out), (d_in, d_out), dev).unwrap();
+            let w_t =
+                Tensor::from_vec(random_f32(&mut rng, d_in * d_out), (d_out, d_in), dev).unwrap();
+            for rows in [1, 3, 16, 64] {
+                let x =
+                    Tensor::from_vec(random_f32(&mut rng, rows * d_in), (rows, d_in), dev).unwrap();
+                let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                for w in [w.clone(), w_t.t().unwrap()] {
+                    assert!(weight_layout(w.layout()).is_some());
+                    let got = matmul(&x, &w).unwrap();
+                    let want = x.matmul(&w).unwrap();
+                    let diff = max_abs_diff(&got, &want);
+                    let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+                    let scale = scale.to_scalar::<f32>().unwrap();
+                    assert!(
+                        diff <= scale * 1e-5,
+                        "{rows}x{d_in}x{d_out}: {diff} vs {scale}"
+                    );
+                    let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    let mut y = vec![0f32; rows * d_out];
+                    linear_into(&xs, rows, &w, &mut y).unwrap();
+                    assert_eq!(y, got, "linear_into {rows}x{d_in}x{d_out}");
+                    let last = &xs[(rows - 1) * d_in..];
+                    let mut alone = vec![0f32; d_out];
+                    linear_into(last, 1, &w, &mut alone).unwrap();
+                    assert_eq!(
+                        alone,
+                        got[(rows - 1) * d_out..],
+                        "alone {rows}x{d_in}x{d_out}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The portable f32 kernels against the AVX-512 ones, 1 to 64 rows, odd sizes.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn portable_f32_kernels_match_avx512() {
+        if !is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(10);
+        let close = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .all(|(p, q)| (p - q).abs() <= 1e-5 * (1.0 + q.abs()))
+        };
+        for &(d_in, d_out) in &[(45, 77), (100, 33), (67, 130)] {
+            for rows in [1, 3, 16, 64] {
+                let x = random_f32(&mut rng, rows * d_in);
+                let w = random_f32(&mut rng, d_in * d_out);
+                let (mut a, mut b) = (vec![0f32; rows * d_out], vec![0f32; rows * d_out]);
+                in_out_rows_f32(&x, d_in, &w[5 * d_out..], d_out, 5, &mut a);
+                // SAFETY: checked above that the CPU has AVX-512F.
+                unsafe { avx512::in_out_rows(&x, d_in, &w[5 * d_out..], d_out, 5, &mut b) };
+                assert!(close(&a, &b), "in_out {rows}x{d_in}x{d_out}");
+                let (mut a, mut b) = (vec![0f32; rows * d_out], vec![0f32; rows * d_out]);
+                out_in_chunk_f32(&x, d_in, &w, &mut a);
+                // SAFETY: as above.
+                unsafe { avx512::out_in_chunk(&x, d_in, &w, &mut b) };
+                assert!(close(&a, &b), "out_in {rows}x{d_in}x{d_out}");
+            }
+        }
+    }
+
     #[test]
     fn other_inputs_fall_back_to_candle() {
         let x = Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap();
+        let w = Tensor::ones((3, 4), DType::BF16, &Device::Cpu).unwrap();
+        assert_eq!(
+            matmul(&x, &w).unwrap().to_vec2::<f32>().unwrap(),
+            [[3f32; 4]; 2]
+        );
+        let x = Tensor::ones((MAX_ROWS + 1, 3), DType::F32, &Device::Cpu).unwrap();
         let w = Tensor::ones((3, 4), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(matmul(&x, &w).unwrap().dims(), [MAX_ROWS + 1, 4]);
+        let x = Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap();
         assert_eq!(
             matmul(&x, &w).unwrap().to_vec2::<f32>().unwrap(),
             [[3f32; 4]; 2]

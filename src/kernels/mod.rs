@@ -12,7 +12,7 @@
 //! - `gemv`: matrix-vector products for decoding, f32 and f16 weights.
 //! - `q8`: GGUF Q8_0 weights (ggml's `block_q8_0`) and their products with f32 rows, for
 //!   decoding from a quantized model.
-//! - `decode_step`: the row operations of one f16 decoding step on plain slices.
+//! - `decode_step`: the row operations of one f16 or f32 decoding step on plain slices.
 //!
 //! Each fused op has a `*_reference` twin written with plain candle ops that runs on every
 //! device and dtype; the tests hold the two to 1e-4 in values and gradients.

@@ -896,7 +896,7 @@ mod tests {
                 let x = random(&mut rng, rows * d_in);
                 let mut y = vec![0f32; rows * d_out];
                 let tq = time(|_| q8.linear_into(&x, rows, &mut y).unwrap());
-                let tf = time(|_| crate::gemv::f16_linear_into(&x, rows, &wt_t, &mut y).unwrap());
+                let tf = time(|_| crate::gemv::linear_into(&x, rows, &wt_t, &mut y).unwrap());
                 println!(
                     "hot  ({d_out:5}, {d_in:4}) {rows:3} {:8.1} {:8.1} {:8.1} {:8.1}   q8 {:.2}x the weights/s of f16",
                     tq * 1e6,
@@ -916,7 +916,7 @@ mod tests {
                     let mut y = vec![0f32; rows * d_out];
                     let tq = time(|n| q8s[n % copies].linear_into(&x, rows, &mut y).unwrap());
                     let tf = time(|n| {
-                        crate::gemv::f16_linear_into(&x, rows, &wts_t[n % copies], &mut y).unwrap()
+                        crate::gemv::linear_into(&x, rows, &wts_t[n % copies], &mut y).unwrap()
                     });
                     println!(
                         "cold ({d_out:5}, {d_in:4}) {rows:3} {:8.1} {:8.1} {:8.1} {:8.1}   q8 {:.2}x the weights/s of f16",
