@@ -8,7 +8,8 @@
 //! - [`save_gguf`] writes a GPT-2 ([`Arch::Gpt2`]) under llama.cpp's `gpt2` architecture and
 //!   tensor names (`token_embd`, `position_embd`, `blk.N.attn_qkv`, `attn_output`, `ffn_up`,
 //!   `ffn_down`, `attn_norm`, `ffn_norm`, `output_norm`), its matrices in F32, F16 or Q8_0
-//!   ([`GgufType`]; vectors stay F32, as llama.cpp's converter keeps them). Hugging Face's
+//!   ([`GgufType`]; vectors stay F32, as llama.cpp's converter keeps them, and in a Q8_0 file
+//!   so does the position embedding, which is looked up, never multiplied). Hugging Face's
 //!   `Conv1D` weights `(in, out)` are transposed to ggml's `(out, in)` rows. The tokenizer goes
 //!   along in full: `tokenizer.ggml.model = "gpt2"` with GPT-2's pre-tokenizer, every token
 //!   with its type (the special tokens as control tokens), the merges, the bos/eos ids, and
@@ -268,58 +269,34 @@ fn gpt2_slots(cfg: &GptConfig) -> Vec<Slot> {
     ];
     for i in 0..cfg.n_layer {
         let (b, h) = (format!("blk.{i}"), format!("transformer.h.{i}"));
-        let mut vector = |g: &str, n: &str, len: usize| {
-            out.push(slot(
-                format!("{b}.{g}"),
-                format!("{h}.{n}"),
-                Kind::Vector,
-                vec![len],
-            ));
-        };
-        vector("attn_norm.weight", "ln_1.weight", c);
-        vector("attn_norm.bias", "ln_1.bias", c);
-        let mut matrix = |g: &str, n: &str, d_in: usize, d_out: usize| {
+        // (llama.cpp's name, HF's, `(in, out)` of a projection or `None` for a norm); each
+        // entry is a weight and its bias, in the converter's order.
+        let parts: [(&str, &str, Option<(usize, usize)>); 6] = [
+            ("attn_norm", "ln_1", None),
+            ("attn_qkv", "attn.c_attn", Some((c, 3 * c))),
+            ("attn_output", "attn.c_proj", Some((c, c))),
+            ("ffn_norm", "ln_2", None),
+            ("ffn_up", "mlp.c_fc", Some((c, f))),
+            ("ffn_down", "mlp.c_proj", Some((f, c))),
+        ];
+        for (g, n, dims) in parts {
+            let (kind, shape, len) = match dims {
+                Some((d_in, d_out)) => (Kind::Conv1D, vec![d_in, d_out], d_out),
+                None => (Kind::Vector, vec![c], c),
+            };
             out.push(slot(
                 format!("{b}.{g}.weight"),
                 format!("{h}.{n}.weight"),
-                Kind::Conv1D,
-                vec![d_in, d_out],
+                kind,
+                shape,
             ));
             out.push(slot(
                 format!("{b}.{g}.bias"),
                 format!("{h}.{n}.bias"),
                 Kind::Vector,
-                vec![d_out],
-            ));
-        };
-        matrix("attn_qkv", "attn.c_attn", c, 3 * c);
-        matrix("attn_output", "attn.c_proj", c, c);
-        let mut vector = |g: &str, n: &str, len: usize| {
-            out.push(slot(
-                format!("{b}.{g}"),
-                format!("{h}.{n}"),
-                Kind::Vector,
                 vec![len],
             ));
-        };
-        vector("ffn_norm.weight", "ln_2.weight", c);
-        vector("ffn_norm.bias", "ln_2.bias", c);
-        let mut matrix = |g: &str, n: &str, d_in: usize, d_out: usize| {
-            out.push(slot(
-                format!("{b}.{g}.weight"),
-                format!("{h}.{n}.weight"),
-                Kind::Conv1D,
-                vec![d_in, d_out],
-            ));
-            out.push(slot(
-                format!("{b}.{g}.bias"),
-                format!("{h}.{n}.bias"),
-                Kind::Vector,
-                vec![d_out],
-            ));
-        };
-        matrix("ffn_up", "mlp.c_fc", c, f);
-        matrix("ffn_down", "mlp.c_proj", f, c);
+        }
     }
     out.push(slot(
         "output_norm.weight".into(),
@@ -1025,7 +1002,7 @@ impl Gpt {
     /// [`save_gguf`], or llama.cpp's `convert_hf_to_gguf.py` made from a Hugging Face GPT-2)
     /// onto `device`, its weights in the file's type: F32 and F16 matrices as tensors of
     /// that dtype, Q8_0 ones as 8-bit matrices that decoding multiplies without widening
-    /// them first (the first token embedding rows are widened as they are looked up).
+    /// them first (Q8_0 token-embedding rows are widened as they are looked up).
     ///
     /// # Errors
     /// [`Error::Gguf`] naming the file and the problem: not GGUF (magic), an unknown version,
