@@ -667,8 +667,8 @@ impl CausalSelfAttention {
         }
     }
 
-    /// `x`: (B, T, C). With a cache `(slot, past, capacity)`, the new keys/values are written
-    /// at positions `past..past+T` of the layer's buffers and the queries attend to everything
+    /// `x`: (B, T, C). With a cache `(slot, past, block_size)`, the new keys/values are written
+    /// at positions `past..past+T` of the layer's buffers (grown as [`reserve_kv`] says) and the queries attend to everything
     /// cached (position `past + i` sees `0..=past + i`).
     fn forward(
         &self,
@@ -699,25 +699,10 @@ impl CausalSelfAttention {
                 .contiguous()
         };
         let (q, mut k, mut v) = (heads(0, nh)?, heads(nh, nkv)?, heads(nh + nkv, nkv)?);
-        if let Some((slot, past, capacity)) = layer_cache {
-            let shape = [b, nkv, capacity, hs];
-            let fits = |kv: &LayerKv| kv.k.dims() == shape && kv.k.dtype() == k.dtype();
-            match slot {
-                Some(kv) if fits(kv) => {}
-                Some(kv) if past > 0 => {
-                    return Err(Error::InvalidArgument(format!(
-                        "the KV cache holds keys of shape {:?} {:?}, this batch needs {shape:?} {:?}: reset the cache between batches of another size",
-                        kv.k.dims(),
-                        kv.k.dtype(),
-                        k.dtype()
-                    )))
-                }
-                _ => {
-                    let zeros = || Tensor::zeros((b, nkv, capacity, hs), k.dtype(), k.device());
-                    *slot = Some(LayerKv { k: zeros()?, v: zeros()? });
-                }
-            }
-            if let Some(kv) = slot.as_ref() {
+        if let Some((slot, past, block_size)) = layer_cache {
+            let dims = (b, nkv, hs, block_size);
+            {
+                let kv = reserve_kv(slot, dims, past, past + t, k.dtype(), k.device())?;
                 kv.k.slice_set(&k, 2, past)?; // written in place at past..past + T
                 kv.v.slice_set(&v, 2, past)?;
                 k = kv.k.narrow(2, 0, past + t)?; // (B, nkv, past + T, hs), a view
@@ -1484,8 +1469,9 @@ pub(crate) struct LinearSlot<'a> {
 }
 
 /// Keys and values of every layer for incremental decoding: feeding one new token attends to
-/// all cached positions instead of recomputing them. Each layer's buffers are allocated once,
-/// for `block_size` positions, on first use and written in place; the attention reads the
+/// all cached positions instead of recomputing them. Each layer's buffers are allocated on
+/// first use for the positions then needed (at least 64, rounded up to a power of two),
+/// doubled when they fill, up to `block_size`, and written in place; the attention reads the
 /// filled prefix where it lies. Not `Clone`: two caches must never share buffers.
 #[derive(Debug, Default)]
 pub struct KvCache {
@@ -1493,7 +1479,8 @@ pub struct KvCache {
     len: usize,
 }
 
-/// One layer's cache: k and v, each (B, nh, block_size, hs), the first `len` positions valid.
+/// One layer's cache: k and v, each (B, nkv, capacity, hs), the first `len` positions valid;
+/// the capacity grows by doubling up to `block_size` ([`reserve_kv`]).
 #[derive(Debug)]
 pub(crate) struct LayerKv {
     pub(crate) k: Tensor,
@@ -1568,6 +1555,60 @@ fn put_heads(buf: &mut [f32], new: &[f32], pos: usize, (_, nkv, hs, cap): Dims4)
         buf[at..at + hs].copy_from_slice(head);
     }
     Ok(())
+}
+
+/// The fewest positions a layer's cache holds: a short exchange never reallocates, and 64
+/// positions of GPT-2 124M's keys are 196 KB, where the whole context's (1024) were 3 MB a
+/// tensor, zero-filled for every new conversation.
+const KV_MIN_CAPACITY: usize = 64;
+
+/// A layer's cache tensors `(B, nkv, capacity, hs)` with room for `needed` positions, the
+/// first `past` of them kept: the slot's own if they fit (or need only more positions), else new ones
+/// whose capacity is `needed` rounded up to a power of two (at least [`KV_MIN_CAPACITY`], at
+/// most `block_size`, never below `needed`).
+///
+/// # Errors
+/// [`Error::InvalidArgument`] when the slot holds cached positions (`past > 0`) of another
+/// batch size, head count, head size or dtype.
+fn reserve_kv<'s>(
+    slot: &'s mut Option<LayerKv>,
+    (b, nkv, hs, block_size): (usize, usize, usize, usize),
+    past: usize,
+    needed: usize,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> Result<&'s LayerKv> {
+    let same = |kv: &LayerKv| {
+        let d = kv.k.dims();
+        d.len() == 4 && (d[0], d[1], d[3]) == (b, nkv, hs) && kv.k.dtype() == dtype
+    };
+    let cap = |kv: &LayerKv| kv.k.dims().get(2).copied().unwrap_or(0);
+    match slot {
+        Some(kv) if same(kv) && cap(kv) >= needed => {}
+        Some(kv) if past > 0 && !same(kv) => {
+            return Err(Error::InvalidArgument(format!(
+                "the KV cache holds keys of shape {:?} {:?}, this batch needs ({b}, {nkv}, _, {hs}) {dtype:?}: reset the cache between batches of another size",
+                kv.k.dims(),
+                kv.k.dtype(),
+            )))
+        }
+        _ => {
+            let capacity = needed
+                .next_power_of_two()
+                .clamp(KV_MIN_CAPACITY, block_size.max(KV_MIN_CAPACITY))
+                .max(needed);
+            let zeros = || Tensor::zeros((b, nkv, capacity, hs), dtype, device);
+            let grown = LayerKv { k: zeros()?, v: zeros()? };
+            if let Some(old) = slot.as_ref().filter(|_| past > 0) {
+                // Only more positions: the cached ones move over.
+                grown.k.slice_set(&old.k.narrow(2, 0, past)?.contiguous()?, 2, 0)?;
+                grown.v.slice_set(&old.v.narrow(2, 0, past)?.contiguous()?, 2, 0)?;
+            }
+            return Ok(slot.insert(grown));
+        }
+    }
+    slot.as_ref()
+        .ok_or_else(|| Error::InvalidArgument("decoding: a layer cache went missing".into()))
 }
 
 /// The decode slots' buffers, one slot per row, per layer `(nkv, block_size, hs)`.
@@ -1661,35 +1702,25 @@ impl StepKv for CacheRows<'_> {
         dims: Dims4,
         scale: f32,
     ) -> Result<Vec<f32>> {
-        let (_, nkv, hs, cap) = dims;
+        let (nh, nkv, hs, block_size) = dims;
         let (b, past) = (self.b, pos.first().copied().unwrap_or(0));
         let device = candle_core::Device::Cpu;
-        let shape = [b, nkv, cap, hs];
         let slot = self.cache.layers.get_mut(l).ok_or_else(|| {
             Error::InvalidArgument(format!("decoding: the cache has no layer {l}"))
         })?;
-        match slot {
-            Some(kv) if kv.k.dims() == shape && kv.k.dtype() == DType::F32 => {}
-            Some(kv) if past > 0 => {
-                return Err(Error::InvalidArgument(format!(
-                    "the KV cache holds keys of shape {:?} {:?}, this batch needs {shape:?} F32: reset the cache between batches of another size",
-                    kv.k.dims(),
-                    kv.k.dtype()
-                )))
-            }
-            _ => {
-                let zeros = || Tensor::zeros((b, nkv, cap, hs), DType::F32, &device);
-                *slot = Some(LayerKv { k: zeros()?, v: zeros()? });
-            }
-        }
-        let Some(kv) = slot.as_ref() else {
-            return Err(Error::InvalidArgument(format!(
-                "decoding: layer {l} has no cache"
-            )));
-        };
+        let kv = reserve_kv(
+            slot,
+            (b, nkv, hs, block_size),
+            past,
+            past + 1,
+            DType::F32,
+            &device,
+        )?;
         let new = |x: &[f32]| Tensor::from_slice(x, (b, nkv, 1, hs), &device);
         kv.k.slice_set(&new(&self.k)?, 2, past)?; // written in place at `past`
         kv.v.slice_set(&new(&self.v)?, 2, past)?;
+        let cap = kv.k.dim(2)?; // the buffers' positions, `block_size` at most
+        let dims = (nh, nkv, hs, cap);
         let row = nkv * cap * hs;
         layers::with_slices(&[&kv.k, &kv.v], |s| {
             let caches: Vec<RowCache> = (0..b)
@@ -2035,10 +2066,14 @@ impl Gpt {
                 return Ok(logits); // (B, V)
             }
         }
-        let x = self.hidden_states(input_ids, Some(cache), None)?; // (B, T, C)
-        let t = x.dim(1)?;
-        let last = x.narrow(1, t - 1, 1)?; // (B, 1, C)
-        Ok(self.lm_head(&last)?.squeeze(1)?) // (B, V)
+        // A prompt through the cache: f32 weights stream too (inference only, so no trained
+        // model's numbers are compared with these bit for bit).
+        crate::gemv::streaming_f32(|| {
+            let x = self.hidden_states(input_ids, Some(cache), None)?; // (B, T, C)
+            let t = x.dim(1)?;
+            let last = x.narrow(1, t - 1, 1)?; // (B, 1, C)
+            Ok(self.lm_head(&last)?.squeeze(1)?) // (B, V)
+        })
     }
 
     /// One decoding step of R sequences whose caches are plain buffers (the CPU path of
@@ -2961,6 +2996,59 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("block_size"));
+    }
+
+    /// A cache starts at 64 positions and doubles up to `block_size` (150 here), through
+    /// prompts (positions 0..10, then 10..70 across the first boundary) and single decoding
+    /// steps (across 128): every logit as the full forward pass's, f32 and f16.
+    #[test]
+    fn cache_grows_past_its_first_capacity() {
+        for base in [tiny(), tiny_llamas()[0].clone()] {
+            let cfg = GptConfig {
+                block_size: 150,
+                ..base
+            };
+            for dtype in [DType::F32, DType::F16] {
+                let m = Gpt::init(&cfg, 2, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let seq: Vec<u32> = (0..150u32).map(|i| (i * 7 + 3) % 11).collect();
+                let full = m.forward(&ids(&[&seq])).unwrap(); // (1, 150, V)
+                let mut cache = KvCache::new(cfg.n_layer);
+                let capacity = |c: &KvCache| c.layers[0].as_ref().unwrap().k.dim(2).unwrap();
+                let check = |got: Tensor, pos: usize| {
+                    let want = full.narrow(1, pos, 1).unwrap().flatten_all().unwrap();
+                    let got = got.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+                    let want = want.to_dtype(DType::F32).unwrap();
+                    let diff = crate::testing::max_abs_diff(&got, &want);
+                    let tol = if dtype == DType::F16 { 2e-2 } else { 1e-5 };
+                    assert!(
+                        diff < tol,
+                        "{:?} {dtype:?} position {pos}: {diff}",
+                        cfg.arch
+                    );
+                };
+                check(
+                    m.forward_with_cache(&ids(&[&seq[..10]]), &mut cache)
+                        .unwrap(),
+                    9,
+                );
+                assert_eq!(capacity(&cache), 64);
+                check(
+                    m.forward_with_cache(&ids(&[&seq[10..70]]), &mut cache)
+                        .unwrap(),
+                    69,
+                );
+                assert_eq!(capacity(&cache), 128);
+                for pos in 70..150 {
+                    let got = m.forward_with_cache(&ids(&[&seq[pos..pos + 1]]), &mut cache);
+                    check(got.unwrap(), pos);
+                }
+                assert_eq!((capacity(&cache), cache.len()), (150, 150));
+                assert!(m.forward_with_cache(&ids(&[&[1]]), &mut cache).is_err());
+            }
+        }
     }
 
     #[test]
