@@ -13,13 +13,10 @@
 //!   attending only to its own slot's cache, and returns one row of logits per slot.
 //!
 //! Every operation of a step is row-wise (LayerNorm, the projections, the per-slot attention,
-//! the head). With f16 weights on the CPU (the decoding choice, [`Gpt::to_dtype`]) the
-//! projections are tinygpt's streaming kernels, which sum each row in the same order whatever
+//! the head). With f16 or f32 weights on the CPU the projections are tinygpt's streaming
+//! kernels ([`Gpt::to_dtype`] picks the dtype), which sum each row in the same order whatever
 //! the batch, so a row's logits are bit for bit those of decoding it alone, and so are its
-//! tokens. With f32 weights the projections are candle's gemm, which picks its kernel by the
-//! number of rows: a row's logits then differ from its solo run in the last bits (about 3e-6
-//! at GPT-2 width), which can change a sampled token only when the draw falls that close to
-//! a boundary between two tokens' probabilities.
+//! tokens.
 //!
 //! ```
 //! use tinygpt::candle::Device;
@@ -216,7 +213,7 @@ impl Gpt {
         slots.slot_mut(slot)?.len = 0;
         let logits = if cpu {
             // Prefill through the whole-sequence path, then move the keys and values into the
-            // slot's buffers: (1, nkv, block_size, hs) → (nkv, block_size, hs), first T positions.
+            // slot's buffers: (1, nkv, capacity, hs) → (nkv, block_size, hs), first T positions.
             let cache = &mut slots.prefill;
             cache.reset();
             let logits = self.forward_with_cache(&input, cache)?; // (1, V)

@@ -271,8 +271,7 @@ fn gpt2_slots(cfg: &GptConfig) -> Vec<Slot> {
     type GgufPart = (&'static str, &'static str, Option<(usize, usize)>);
     for i in 0..cfg.n_layer {
         let (b, h) = (format!("blk.{i}"), format!("transformer.h.{i}"));
-        // (llama.cpp's name, HF's, `(in, out)` of a projection or `None` for a norm); each
-        // entry is a weight and its bias, in the converter's order.
+        // Each entry is a weight and its bias, in the converter's order.
         let parts: [GgufPart; 6] = [
             ("attn_norm", "ln_1", None),
             ("attn_qkv", "attn.c_attn", Some((c, 3 * c))),

@@ -667,9 +667,10 @@ impl CausalSelfAttention {
         }
     }
 
-    /// `x`: (B, T, C). With a cache `(slot, past, block_size)`, the new keys/values are written
-    /// at positions `past..past+T` of the layer's buffers (grown as [`reserve_kv`] says) and the queries attend to everything
-    /// cached (position `past + i` sees `0..=past + i`).
+    /// `x`: (B, T, C). With a cache `(slot, past, block_size)`, the new keys/values are
+    /// written at positions `past..past+T` of the layer's buffers (grown as [`reserve_kv`]
+    /// says) and the queries attend to everything cached (position `past + i` sees
+    /// `0..=past + i`).
     fn forward(
         &self,
         x: &Tensor,
@@ -1470,8 +1471,8 @@ pub(crate) struct LinearSlot<'a> {
 
 /// Keys and values of every layer for incremental decoding: feeding one new token attends to
 /// all cached positions instead of recomputing them. Each layer's buffers are allocated on
-/// first use for the positions then needed (at least 64, rounded up to a power of two),
-/// doubled when they fill, up to `block_size`, and written in place; the attention reads the
+/// first use for the positions then needed, rounded up to a power of two (at least 64, at
+/// most `block_size`), reallocated the same way when a step needs more, and written in place; the attention reads the
 /// filled prefix where it lies. Not `Clone`: two caches must never share buffers.
 #[derive(Debug, Default)]
 pub struct KvCache {
@@ -1563,9 +1564,10 @@ fn put_heads(buf: &mut [f32], new: &[f32], pos: usize, (_, nkv, hs, cap): Dims4)
 const KV_MIN_CAPACITY: usize = 64;
 
 /// A layer's cache tensors `(B, nkv, capacity, hs)` with room for `needed` positions, the
-/// first `past` of them kept: the slot's own if they fit (or need only more positions), else new ones
-/// whose capacity is `needed` rounded up to a power of two (at least [`KV_MIN_CAPACITY`], at
-/// most `block_size`, never below `needed`).
+/// first `past` of them kept: the slot's own if they are the right shape and large enough,
+/// else new ones (the `past` cached positions copied into them) whose capacity is `needed`
+/// rounded up to a power of two, at least [`KV_MIN_CAPACITY`] (or `block_size` if smaller), at
+/// most `block_size` (never below `needed`).
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] when the slot holds cached positions (`past > 0`) of another
@@ -1595,7 +1597,7 @@ fn reserve_kv<'s>(
         _ => {
             let capacity = needed
                 .next_power_of_two()
-                .clamp(KV_MIN_CAPACITY, block_size.max(KV_MIN_CAPACITY))
+                .clamp(KV_MIN_CAPACITY.min(block_size), block_size)
                 .max(needed);
             let zeros = || Tensor::zeros((b, nkv, capacity, hs), dtype, device);
             let grown = LayerKv { k: zeros()?, v: zeros()? };
@@ -1655,7 +1657,7 @@ impl StepKv for SlotRows<'_, '_> {
 }
 
 /// A [`KvCache`] of B rows at one position `past`: the step's keys and values gathered as
-/// `(B, nkv, 1, hs)`, written into the layer's `(B, nkv, block_size, hs)` tensors in place,
+/// `(B, nkv, 1, hs)`, written into the layer's `(B, nkv, capacity, hs)` tensors in place,
 /// and the attention read from those tensors' storage.
 struct CacheRows<'a> {
     cache: &'a mut KvCache,
@@ -2269,9 +2271,9 @@ impl Gpt {
         let mut x = maybe_dropout(x, &mut train)?;
         match cache {
             Some(cache) => {
-                let capacity = self.cfg.block_size;
+                let block_size = self.cfg.block_size;
                 for (block, slot) in self.h.iter().zip(cache.layers.iter_mut()) {
-                    x = block.forward(&x, Some((slot, past, capacity)), &mut train)?;
+                    x = block.forward(&x, Some((slot, past, block_size)), &mut train)?;
                 }
                 cache.len = past + t;
             }

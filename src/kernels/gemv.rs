@@ -14,9 +14,9 @@
 //! AVX-512 a tile of up to 8 rows × 32 outputs keeps its sums in registers over 64 weight
 //! rows at a time (`in_out_rows_tiled`), with the one-row kernel's multiply-adds in its order,
 //! so a row comes out the same bits alone or in a batch. On 2 cores (GPT-2 124M, a 16-token
-//! prompt) that took f32 prompts from 176 to 489 tokens/s (they went through candle's gemm)
-//! and f16 ones, with the KV cache no longer zero-filled for 1024 positions up front, from
-//! 354 to 503.
+//! prompt, `gguf bench`) that took f32 prompts from 176 to 307 tokens/s (they went through
+//! candle's gemm) and left f16 ones at 350; a KV cache no longer zero-filled for 1024
+//! positions at each new conversation then took them to 489 and 503 (BENCHMARKS.md).
 //!
 //! [`matmul`] takes `x (rows, in)` and a weight either in Hugging Face's Conv1D layout
 //! `(in, out)` or as the transpose of a contiguous `(out, in)` matrix (the tied head
@@ -59,7 +59,14 @@ impl Drop for StreamF32Scope {
 /// bits of the same model trained (whose tracked weights always take gemm): a PPO
 /// reference's KL to the policy at initialisation, a fresh LoRA adapter's logits against its
 /// base, are exactly zero and exactly the base's.
+///
+/// On one of rayon's own threads it leaves the switch off: a worker waiting inside the scope
+/// (in a parallel loop of the kernels) may run a job stolen from any other work, which would
+/// then stream too. Threads outside the pool only block while the pool works.
 pub(crate) fn streaming_f32<T>(f: impl FnOnce() -> T) -> T {
+    if rayon::current_thread_index().is_some() {
+        return f();
+    }
     let _restore = StreamF32Scope(STREAM_F32.with(|s| s.replace(true)));
     f()
 }
@@ -72,7 +79,8 @@ const TILED_MIN_ROWS: usize = 2;
 const PARALLEL_MIN_WORK: usize = 1 << 16;
 
 /// `x (rows, in) @ w (in, out)` for an f16 or f32 weight and f32 (or f16) activations, returned in
-/// `x`'s dtype. Through the streaming kernels when both are CPU tensors, `rows <= MAX_ROWS`,
+/// `x`'s dtype. Through the streaming kernels (f32 weights only inside [`streaming_f32`]) when
+/// both are CPU tensors, `rows <= MAX_ROWS`,
 /// `w` is contiguous `(in, out)` or the transpose of a contiguous `(out, in)`, and neither
 /// needs gradients (the kernels have no backward); otherwise candle's `matmul`, with `x`
 /// converted to `w`'s dtype and the result back where they differ.
@@ -80,7 +88,8 @@ const PARALLEL_MIN_WORK: usize = 1 << 16;
 /// # Errors
 /// candle's errors for mismatched shapes, dtypes or devices.
 pub(crate) fn matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    // f32 weights stream in decoding ([`linear_into`], [`streaming_f32`]) only: another
+    // f32 weights stream in inference through a KV cache ([`linear_into`], [`streaming_f32`])
+    // only: another
     // forward pass of a constant f32 model stays candle's gemm, bit for bit the product a
     // trainable twin computes (the stages compare the two, e.g. PPO's ratio of exactly 1).
     let streaming = x.device().is_cpu()
@@ -683,6 +692,8 @@ mod avx512 {
     /// panel (`KBLOCK × 16·TILE_STRIPS` weights, 8 KB in f32) stays in L1 while every row
     /// tile passes over it.
     const KBLOCK: usize = 64;
+    // `in_out_rows_tiled`'s dispatch lists every tile shape up to these.
+    const _: () = assert!(TILE_ROWS == 8 && TILE_STRIPS == 2 && KBLOCK.is_multiple_of(GROUP));
 
     /// As [`in_out_rows`], bit for bit (the same multiply-adds in the same order for every
     /// output), for several activation rows: each tile of `TILE_ROWS` rows by
@@ -701,6 +712,7 @@ mod avx512 {
     ) {
         let n_w = w.len() / d_out.max(1);
         let rows = (acc.len() / d_out.max(1)).min(x.len() / d_in.max(1));
+        debug_assert!(x.len() >= rows * d_in && i0 + n_w <= d_in);
         if rows == 0 || n_w == 0 || x.len() < rows * d_in || i0 + n_w > d_in {
             return; // never: the caller passes whole rows and a slab of `w` inside `x`'s width
         }
@@ -1208,6 +1220,9 @@ mod tests {
         let streamed = streaming_f32(|| matmul(&x, &w)).unwrap();
         assert_eq!(streamed.flatten_all().unwrap().to_vec1::<f32>().unwrap(), y);
         assert_eq!(max_abs_diff(&matmul(&x, &w).unwrap(), &gemm), 0.0);
+        // On a rayon worker the switch stays off (a stolen job must not stream).
+        let on_worker = rayon::scope(|_| streaming_f32(|| matmul(&x, &w))).unwrap();
+        assert_eq!(max_abs_diff(&on_worker, &gemm), 0.0);
     }
 
     /// The register-tiled AVX-512 kernel gives, for every row, the one-row kernel's bits:
@@ -1237,7 +1252,15 @@ mod tests {
             }
         }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-        for &(d_in, d_out, i0) in &[(150, 77, 5), (64, 32, 0), (200, 131, 3), (20, 16, 1)] {
+        let sizes = [
+            (150, 77, 5),
+            (64, 32, 0),
+            (200, 131, 3),
+            (20, 16, 1),
+            (12, 5, 7),
+            (70, 48, 2),
+        ];
+        for &(d_in, d_out, i0) in &sizes {
             for rows in [1, 2, 3, 7, 8, 9, 16, 20] {
                 let x = random_f32(&mut rng, rows * d_in);
                 let w = random_f32(&mut rng, (d_in - i0) * d_out);

@@ -27,8 +27,8 @@
 //!   when it runs out. A prompt that fills the context is a 400 `context_length_exceeded`.
 //! - **seed**: without one, each request draws a random seed from the process's RNG (as
 //!   OpenAI's replies vary); with one, the same request gives the same reply, streamed or not,
-//!   whatever else runs in the batch (bit for bit with f16 weights; with f32 weights see
-//!   [`crate::decode`] on the last bits). A negative seed is taken as its two's-complement bits.
+//!   whatever else runs in the batch (bit for bit with f16 or f32 weights, see
+//!   [`crate::decode`]). A negative seed is taken as its two's-complement bits.
 //! - **system messages**: every `system` (or `developer`) message, wherever it stands, is
 //!   folded in order into one system message at the start of the conversation, joined by a
 //!   blank line (tinygpt models see the system message first only).
