@@ -1472,8 +1472,8 @@ pub(crate) struct LinearSlot<'a> {
 /// Keys and values of every layer for incremental decoding: feeding one new token attends to
 /// all cached positions instead of recomputing them. Each layer's buffers are allocated on
 /// first use for the positions then needed, rounded up to a power of two (at least 64, at
-/// most `block_size`), reallocated the same way when a step needs more, and written in place; the attention reads the
-/// filled prefix where it lies. Not `Clone`: two caches must never share buffers.
+/// most `block_size`), reallocated the same way when a step needs more, and written in
+/// place; the attention reads the filled prefix where it lies. Not `Clone`: two caches must never share buffers.
 #[derive(Debug, Default)]
 pub struct KvCache {
     pub(crate) layers: Vec<Option<LayerKv>>,
@@ -1481,7 +1481,7 @@ pub struct KvCache {
 }
 
 /// One layer's cache: k and v, each (B, nkv, capacity, hs), the first `len` positions valid;
-/// the capacity grows by doubling up to `block_size` ([`reserve_kv`]).
+/// the capacity grows to powers of two, up to `block_size` ([`reserve_kv`]).
 #[derive(Debug)]
 pub(crate) struct LayerKv {
     pub(crate) k: Tensor,
