@@ -607,6 +607,29 @@ mod avx512 {
     /// accumulator once, for this many multiply-adds per element.
     const GROUP: usize = 8;
 
+    /// `sum + Σ c[q] · wv[q]` over one group of `GROUP` weight rows, in two chains of
+    /// multiply-adds (even and odd rows, so each waits on half as many) added at the end:
+    /// the one order both `(in, out)` kernels sum in, so their rows agree bit for bit.
+    ///
+    /// # Safety
+    /// AVX-512F, and `c` points at `GROUP` readable floats.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn add_group(sum: __m512, c: *const f32, wv: &[__m512; GROUP]) -> __m512 {
+        // SAFETY: `c` holds GROUP floats (the caller's guarantee).
+        unsafe {
+            let mut even = sum;
+            let mut odd = _mm512_mul_ps(_mm512_set1_ps(*c.add(1)), wv[1]);
+            for q in (0..GROUP).step_by(2) {
+                even = _mm512_fmadd_ps(_mm512_set1_ps(*c.add(q)), wv[q], even);
+                if q > 0 {
+                    odd = _mm512_fmadd_ps(_mm512_set1_ps(*c.add(q + 1)), wv[q + 1], odd);
+                }
+            }
+            _mm512_add_ps(even, odd)
+        }
+    }
+
     /// As [`super::in_out_rows`]. Each pass converts a 16-wide strip of `GROUP` weight rows
     /// once and adds it into every activation row's accumulator, so several rows share one
     /// read and one conversion of the weights. A row's sums are taken in the same order
@@ -655,18 +678,8 @@ mod avx512 {
                         std::array::from_fn(|q| load16!(W, ws[q].as_ptr().add(j)));
                     for r in 0..rows {
                         let p = acc.as_mut_ptr().add(r * d_out + j);
-                        // Two chains of multiply-adds (even and odd weight rows), so each
-                        // waits on half as many.
-                        let c = &coef[r * GROUP..(r + 1) * GROUP];
-                        let mut even = _mm512_loadu_ps(p);
-                        let mut odd = _mm512_mul_ps(_mm512_set1_ps(c[1]), wv[1]);
-                        for q in (0..GROUP).step_by(2) {
-                            even = _mm512_fmadd_ps(_mm512_set1_ps(c[q]), wv[q], even);
-                            if q > 0 {
-                                odd = _mm512_fmadd_ps(_mm512_set1_ps(c[q + 1]), wv[q + 1], odd);
-                            }
-                        }
-                        _mm512_storeu_ps(p, _mm512_add_ps(even, odd));
+                        let c = coef.as_ptr().add(r * GROUP);
+                        _mm512_storeu_ps(p, add_group(_mm512_loadu_ps(p), c, &wv));
                     }
                 }
                 j += 16;
@@ -873,17 +886,7 @@ mod avx512 {
                     let wv: [__m512; GROUP] =
                         std::array::from_fn(|q| load16!(W, wr[q].add(16 * s)));
                     for t in 0..R {
-                        let ct = c[t];
-                        let mut even = a[t][s];
-                        let mut odd = _mm512_mul_ps(_mm512_set1_ps(*ct.add(1)), wv[1]);
-                        for q in (0..GROUP).step_by(2) {
-                            even = _mm512_fmadd_ps(_mm512_set1_ps(*ct.add(q)), wv[q], even);
-                            if q > 0 {
-                                odd =
-                                    _mm512_fmadd_ps(_mm512_set1_ps(*ct.add(q + 1)), wv[q + 1], odd);
-                            }
-                        }
-                        a[t][s] = _mm512_add_ps(even, odd);
+                        a[t][s] = add_group(a[t][s], c[t], &wv);
                     }
                 }
                 k += take;
