@@ -167,17 +167,7 @@ impl AdamW {
             )));
         }
         self.step += 1;
-        let c = &self.cfg;
-        let hyper = Hyper {
-            lr: c.lr,
-            beta1: c.beta1,
-            beta2: c.beta2,
-            eps: c.eps,
-            weight_decay: c.weight_decay,
-            bias_correction1: 1.0 - c.beta1.powi(self.step as i32),
-            bias_correction2_sqrt: (1.0 - c.beta2.powi(self.step as i32)).sqrt(),
-            grad_scale,
-        };
+        let hyper = self.hyper(grad_scale);
         for (((name, p), g), moments) in self.params.iter().zip(grads).zip(self.moments.iter_mut())
         {
             if g.dims() != p.dims() {
@@ -216,6 +206,61 @@ impl AdamW {
             }
         }
         Ok(())
+    }
+
+    /// [`AdamW::step`] with the gradients as plain f32 slices (a hand-written training step's
+    /// buffers, [`crate::kernels::train_step`]): the same update, no tensors made.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] if the number or lengths of gradients do not match, or a
+    /// parameter is not f32 on the CPU.
+    pub fn step_slices(&mut self, grads: &[Vec<f32>], grad_scale: f64) -> Result<()> {
+        if grads.len() != self.params.len() {
+            return Err(Error::InvalidArgument(format!(
+                "AdamW got {} gradients for {} parameters",
+                grads.len(),
+                self.params.len()
+            )));
+        }
+        self.step += 1;
+        let hyper = self.hyper(grad_scale);
+        for (((name, p), g), moments) in self.params.iter().zip(grads).zip(self.moments.iter_mut())
+        {
+            let Moments::Host { m, v } = moments else {
+                return Err(Error::InvalidArgument(format!(
+                    "AdamW on gradient slices: `{name}` is not an f32 parameter on the CPU"
+                )));
+            };
+            if g.len() != p.elem_count() {
+                return Err(Error::InvalidArgument(format!(
+                    "gradient of `{name}` has {} elements, parameter has {}",
+                    g.len(),
+                    p.elem_count()
+                )));
+            }
+            let kernel = AdamWKernel {
+                hyper,
+                decay: hyper.weight_decay != 0.0 && p.rank() >= 2,
+                state: std::sync::Mutex::new((m, v)),
+            };
+            p.as_tensor().inplace_op1(&SliceGrad(&kernel, g))?;
+        }
+        Ok(())
+    }
+
+    /// The update's coefficients at the current step.
+    fn hyper(&self, grad_scale: f64) -> Hyper {
+        let c = &self.cfg;
+        Hyper {
+            lr: c.lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            weight_decay: c.weight_decay,
+            bias_correction1: 1.0 - c.beta1.powi(self.step as i32),
+            bias_correction2_sqrt: (1.0 - c.beta2.powi(self.step as i32)).sqrt(),
+            grad_scale,
+        }
     }
 
     /// The moments by name, as PyTorch names them: `{param}.exp_avg`, `{param}.exp_avg_sq`.
@@ -379,7 +424,36 @@ impl candle_core::InplaceOp2 for AdamWKernel<'_> {
         else {
             candle_core::bail!("adamw: parameters and gradients must be contiguous");
         };
-        let (p, g) = (&mut p[p0..p1], &g[g0..g1]);
+        self.update(&mut p[p0..p1], &g[g0..g1])
+    }
+}
+
+/// [`AdamWKernel`] with its gradient as a slice: an in-place op on the parameter alone.
+struct SliceGrad<'a, 'k>(&'a AdamWKernel<'k>, &'a [f32]);
+
+impl candle_core::InplaceOp1 for SliceGrad<'_, '_> {
+    fn name(&self) -> &'static str {
+        "adamw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        p: &mut candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let candle_core::CpuStorage::F32(p) = p else {
+            candle_core::bail!("adamw: parameters must be f32");
+        };
+        let Some((p0, p1)) = layout.contiguous_offsets() else {
+            candle_core::bail!("adamw: parameters must be contiguous");
+        };
+        self.0.update(&mut p[p0..p1], self.1)
+    }
+}
+
+impl AdamWKernel<'_> {
+    /// The update of one parameter `p` from its gradient `g`.
+    fn update(&self, p: &mut [f32], g: &[f32]) -> candle_core::Result<()> {
         let mut state = match self.state.lock() {
             Ok(s) => s,
             Err(poisoned) => poisoned.into_inner(),
@@ -478,9 +552,19 @@ pub fn clip_grad_norm(grads: &[Tensor], max_norm: f64) -> Result<(f64, f64)> {
     for g in grads {
         sq += sum_of_squares(g)?;
     }
-    let norm = sq.sqrt();
+    Ok(clip_coef(sq.sqrt(), max_norm))
+}
+
+/// [`clip_grad_norm`] of gradients held as plain f32 slices.
+pub fn clip_grad_norm_slices(grads: &[Vec<f32>], max_norm: f64) -> (f64, f64) {
+    let sq: f64 = grads.iter().map(|g| sum_sq_f64(g)).sum();
+    clip_coef(sq.sqrt(), max_norm)
+}
+
+/// The norm and PyTorch's clipping factor for it.
+fn clip_coef(norm: f64, max_norm: f64) -> (f64, f64) {
     let coef = max_norm / (norm + 1e-6);
-    Ok((norm, if coef < 1.0 { coef } else { 1.0 }))
+    (norm, if coef < 1.0 { coef } else { 1.0 })
 }
 
 /// Σ g², read straight from memory on the CPU.

@@ -5,11 +5,12 @@
 
 use std::path::Path;
 
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use rand_chacha::ChaCha8Rng;
 
 use crate::checkpoint::save_model;
 use crate::data::{Split, TokenDataset};
+use crate::kernels::train_step::Gpt2Step;
 use crate::model::{cross_entropy, Gpt};
 use crate::tokenizer::Tokenizer;
 use crate::train::Objective;
@@ -22,6 +23,9 @@ pub struct Pretraining {
     tokenizer: Tokenizer,
     data: TokenDataset,
     batch_size: usize,
+    /// The hand-written training step and the parameters it reads, built at the first step;
+    /// `Some(None)`: the model trains through autograd ([`Gpt2Step::supports`]).
+    owned: Option<Option<(Gpt2Step, Vec<(String, Var)>)>>,
 }
 
 impl Pretraining {
@@ -46,7 +50,36 @@ impl Pretraining {
             tokenizer,
             data,
             batch_size,
+            owned: None,
         })
+    }
+
+    /// Whether training steps run the hand-written forward and backward pass
+    /// ([`crate::kernels::train_step`]) rather than autograd (unless
+    /// [`crate::TrainConfig::autograd`] asks for it): a GPT-2 of f32 weights on the CPU with a
+    /// tied head and no dropout or LoRA adapter.
+    pub fn has_owned_step(&mut self) -> bool {
+        self.owned_step().is_some()
+    }
+
+    fn owned_step(&mut self) -> Option<&mut (Gpt2Step, Vec<(String, Var)>)> {
+        if self.owned.is_none() {
+            let m = &self.model;
+            let cfg = m.config();
+            let fits = m.lora_state().is_none()
+                && !m.is_quantized()
+                && m.device().is_cpu()
+                && m.dtype() == DType::F32
+                && Gpt2Step::supports(cfg, true);
+            let built = fits.then(|| m.vars().ok()).flatten().and_then(|p| {
+                Some((
+                    Gpt2Step::new(cfg, &p, self.batch_size, cfg.block_size).ok()?,
+                    p,
+                ))
+            });
+            self.owned = Some(built);
+        }
+        self.owned.as_mut()?.as_mut()
     }
 
     /// The model being trained.
@@ -77,6 +110,41 @@ impl Objective for Pretraining {
 
     fn parameters(&self) -> Result<Vec<(String, Var)>> {
         self.model.vars()
+    }
+
+    fn train_step_owned(
+        &mut self,
+        rng: &mut ChaCha8Rng,
+        loss_scale: f32,
+        zero: bool,
+    ) -> Option<Result<(f64, usize)>> {
+        self.owned_step()?;
+        let block = self.model.config().block_size;
+        let batch = self.data.batch(
+            Split::Train,
+            self.batch_size,
+            block,
+            rng,
+            self.model.device(),
+        );
+        let (b, owned) = (self.batch_size, self.owned_step()?);
+        let run = || -> Result<(f64, usize)> {
+            let (x, y) = batch?;
+            let ids = x.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
+            let targets = y.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
+            if zero {
+                owned.0.zero_grads();
+            }
+            let loss = owned
+                .0
+                .forward_backward(&owned.1, &ids, &targets, loss_scale)?;
+            Ok((loss as f64, b * block))
+        };
+        Some(run())
+    }
+
+    fn owned_grads(&self) -> Option<&[Vec<f32>]> {
+        Some(self.owned.as_ref()?.as_ref()?.0.grads())
     }
 
     fn train_loss(&mut self, rng: &mut ChaCha8Rng) -> Result<(Tensor, usize)> {

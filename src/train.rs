@@ -61,7 +61,13 @@ use crate::checkpoint::{
     self, files, load_safetensors, require_files, save_safetensors, CheckpointWriter,
 };
 use crate::durable::{self, DirLock};
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
+use crate::optim::{clip_grad_norm, clip_grad_norm_slices, AdamW, AdamWConfig, LrSchedule};
+
+/// A step's gradients: autograd's tensors, or a hand-written step's buffers.
+enum Grads<'a> {
+    Tensors(Vec<Tensor>),
+    Slices(&'a [Vec<f32>]),
+}
 use crate::{Error, Result};
 
 /// Mixed into the seed of the evaluation RNG, so it differs from the training RNG.
@@ -109,6 +115,30 @@ pub trait Objective: Send {
     /// step where it is `true`. Default: always.
     fn resumable_here(&self) -> bool {
         true
+    }
+
+    /// One training micro-batch through a hand-written forward and backward pass instead of
+    /// candle's autograd, where the stage has one for its model
+    /// ([`crate::kernels::train_step`]): draws the batch with `rng` as
+    /// [`Objective::train_loss`] does, zeroes the gradient buffers first when `zero`, adds
+    /// `loss_scale ·` the loss's gradient into them, and returns the loss and the tokens it
+    /// covered. `None` (the default): no such step here, and nothing was drawn.
+    ///
+    /// # Errors
+    /// Data errors, or a model the step does not fit.
+    fn train_step_owned(
+        &mut self,
+        _rng: &mut ChaCha8Rng,
+        _loss_scale: f32,
+        _zero: bool,
+    ) -> Option<Result<(f64, usize)>> {
+        None
+    }
+
+    /// The gradients [`Objective::train_step_owned`] accumulated, one buffer per parameter in
+    /// [`Objective::parameters`]'s order.
+    fn owned_grads(&self) -> Option<&[Vec<f32>]> {
+        None
     }
 }
 
@@ -168,6 +198,10 @@ pub struct TrainConfig {
     pub spike_zscore: f64,
     /// Steps the spike detector looks back over (llm.c: 128); it acts once the window is full.
     pub spike_window: usize,
+    /// Train through candle's autograd even where the stage has a hand-written backward pass
+    /// ([`Objective::train_step_owned`]; pre-training a GPT-2 without dropout). The two give
+    /// the same gradients up to rounding (the tests hold them to 1e-5).
+    pub autograd: bool,
 }
 
 impl Default for TrainConfig {
@@ -196,6 +230,7 @@ impl Default for TrainConfig {
             max_bad_steps: 5,
             spike_zscore: 0.0,
             spike_window: 128,
+            autograd: false,
         }
     }
 }
@@ -1137,6 +1172,33 @@ impl Trainer {
         let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
         let mut loss_sum = 0f64;
         let mut tokens = 0usize;
+        if !self.cfg.autograd {
+            let scale = 1.0 / accum as f32;
+            if let Some(first) = objective.train_step_owned(&mut self.rng, scale, true) {
+                let (value, n) = first?;
+                loss_sum += value;
+                tokens += n;
+                for _ in 1..accum {
+                    let step = objective.train_step_owned(&mut self.rng, scale, false);
+                    let (value, n) = step.ok_or_else(|| {
+                        Error::InvalidArgument("the hand-written step stopped applying".into())
+                    })??;
+                    loss_sum += value;
+                    tokens += n;
+                }
+                let grads = objective.owned_grads().ok_or_else(|| {
+                    Error::InvalidArgument("the hand-written step kept no gradients".into())
+                })?;
+                if grads.len() != params.len() {
+                    return Err(Error::InvalidArgument(format!(
+                        "the hand-written step has {} gradients for {} parameters",
+                        grads.len(),
+                        params.len()
+                    )));
+                }
+                return self.finish_step(loss_sum / accum as f64, tokens, Grads::Slices(grads));
+            }
+        }
         // Every micro-batch is drawn even when one is bad, so the batches of later steps do
         // not depend on whether a step was skipped.
         for _ in 0..accum {
@@ -1164,6 +1226,19 @@ impl Trainer {
             }
         }
         let loss = loss_sum / accum as f64;
+        let grads = params
+            .iter()
+            .zip(grads)
+            .map(|((_, v), g)| match g {
+                Some(g) => Ok(g),
+                None => Ok(v.zeros_like()?),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.finish_step(loss, tokens, Grads::Tensors(grads))
+    }
+
+    /// Clipping, the spike test and the optimiser's update, after a step's gradients.
+    fn finish_step(&mut self, loss: f64, tokens: usize, grads: Grads) -> Result<StepStats> {
         let skip = |reason: String| StepStats {
             loss,
             grad_norm: f64::NAN,
@@ -1173,20 +1248,15 @@ impl Trainer {
         if !loss.is_finite() {
             return Ok(skip(format!("loss is {loss}")));
         }
-        let grads = params
-            .iter()
-            .zip(grads)
-            .map(|((_, v), g)| match g {
-                Some(g) => Ok(g),
-                None => Ok(v.zeros_like()?),
-            })
-            .collect::<Result<Vec<_>>>()?;
         let max_norm = if self.cfg.grad_clip > 0.0 {
             self.cfg.grad_clip
         } else {
             f64::INFINITY
         };
-        let (grad_norm, grad_scale) = clip_grad_norm(&grads, max_norm)?;
+        let (grad_norm, grad_scale) = match &grads {
+            Grads::Tensors(g) => clip_grad_norm(g, max_norm)?,
+            Grads::Slices(g) => clip_grad_norm_slices(g, max_norm),
+        };
         if !grad_norm.is_finite() {
             return Ok(StepStats {
                 grad_norm,
@@ -1204,7 +1274,10 @@ impl Trainer {
                 ..skip(reason)
             });
         }
-        self.opt.step(&grads, grad_scale)?;
+        match grads {
+            Grads::Tensors(g) => self.opt.step(&g, grad_scale)?,
+            Grads::Slices(g) => self.opt.step_slices(g, grad_scale)?,
+        }
         Ok(StepStats {
             loss,
             grad_norm,

@@ -298,6 +298,10 @@ pub struct TrainArgs {
     /// Seed of every random choice in training.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Compute gradients with candle's autograd even where the stage has a hand-written
+    /// backward pass (pre-training a GPT-2 without dropout): the reference path, slower.
+    #[arg(long)]
+    pub autograd: bool,
     /// Start afresh even if --out already holds a checkpoint (it is replaced when the first
     /// new one is written). Anything else in --out (a file, a directory of other files) is
     /// never replaced.
@@ -343,6 +347,7 @@ impl TrainArgs {
             c.min_lr = c.lr / 10.0; // nanoGPT: min_lr ~= learning_rate / 10
         }
         c.always_save_checkpoint |= self.always_save_checkpoint;
+        c.autograd |= self.autograd;
         c
     }
 }

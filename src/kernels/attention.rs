@@ -544,8 +544,10 @@ struct FusedQkvAttention {
     saved: OnceLock<QkvSaved>,
 }
 
-/// What [`FusedQkvAttention`]'s forward keeps for its backward.
-struct QkvSaved {
+/// What [`FusedQkvAttention`]'s forward (and [`qkv_attention_forward`]) keeps for the
+/// backward: head-major `q`, `o` `(B · nh, T, hs)`, `k`, `v` `(B · nkv, T, hs)`, and the LSE
+/// `(B · nh, T)`.
+pub(crate) struct QkvSaved {
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
@@ -567,6 +569,10 @@ struct QkvDims {
 impl QkvDims {
     fn new(shape: &Shape, nh: usize, nkv: usize) -> candle_core::Result<Self> {
         let (b, t, width) = shape.dims3()?;
+        Self::of(b, t, width, nh, nkv)
+    }
+
+    fn of(b: usize, t: usize, width: usize, nh: usize, nkv: usize) -> candle_core::Result<Self> {
         let heads = nh + 2 * nkv;
         if nkv == 0 || !nh.is_multiple_of(nkv) || !width.is_multiple_of(heads) {
             candle_core::bail!("fused attention: qkv width {width} for {nh} + 2·{nkv} heads");
@@ -638,20 +644,11 @@ impl candle_core::CustomOp1 for FusedQkvAttention {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let qd = QkvDims::new(l.shape(), self.n_head, self.n_kv_head)?;
-        let x = cpu_f32(s, l, "qkv")?;
-        let (w, c, ckv) = (qd.width(), qd.nh * qd.hs, qd.nkv * qd.hs);
-        let (q, k, v) = (
-            qd.gather(x, w, 0, qd.nh),
-            qd.gather(x, w, c, qd.nkv),
-            qd.gather(x, w, c + ckv, qd.nkv),
-        );
-        let d = qd.kernel_dims(self.scale);
-        let (o, lse) = forward(Isa::detect(), &q, (&k, d.tk * d.hs), (&v, d.tk * d.hs), d);
-        let mut y = vec![0f32; qd.b * qd.t * c];
-        qd.scatter(&o, &mut y, c, 0, qd.nh);
+        let mut y = vec![0f32; qd.b * qd.t * qd.nh * qd.hs];
+        let saved = qkv_forward(qd, cpu_f32(s, l, "qkv")?, self.scale, &mut y);
         // A fresh op per call, so the cell is empty; were it not, the first forward stands.
-        let _ = self.saved.set(QkvSaved { q, k, v, o, lse });
-        Ok((CpuStorage::F32(y), Shape::from((qd.b, qd.t, c))))
+        let _ = self.saved.set(saved);
+        Ok((CpuStorage::F32(y), Shape::from((qd.b, qd.t, qd.nh * qd.hs))))
     }
 
     fn bwd(
@@ -664,28 +661,106 @@ impl candle_core::CustomOp1 for FusedQkvAttention {
             candle_core::bail!("fused attention: backward before forward")
         };
         let qd = QkvDims::new(qkv.shape(), self.n_head, self.n_kv_head)?;
-        let (w, c, ckv) = (qd.width(), qd.nh * qd.hs, qd.nkv * qd.hs);
         let grad_res = grad_res.contiguous()?;
         let (gs, gl) = grad_res.storage_and_layout();
         let Storage::Cpu(gs) = &*gs else {
             candle_core::bail!("fused attention: backward needs CPU tensors")
         };
-        let d_o = qd.gather(cpu_f32(gs, gl, "output gradient")?, c, 0, qd.nh);
-        let inputs = BwdInputs {
-            q: &saved.q,
-            k: &saved.k,
-            v: &saved.v,
-            o: &saved.o,
-            d_o: &d_o,
-            lse: &saved.lse,
-        };
-        let (dq, dk, dv) = backward(Isa::detect(), inputs, qd.kernel_dims(self.scale));
-        let mut dqkv = vec![0f32; qd.b * qd.t * w];
-        qd.scatter(&dq, &mut dqkv, w, 0, qd.nh);
-        qd.scatter(&dk, &mut dqkv, w, c, qd.nkv);
-        qd.scatter(&dv, &mut dqkv, w, c + ckv, qd.nkv);
+        let mut dqkv = vec![0f32; qd.b * qd.t * qd.width()];
+        qkv_backward(
+            qd,
+            saved,
+            cpu_f32(gs, gl, "output gradient")?,
+            self.scale,
+            &mut dqkv,
+        );
         Ok(Some(Tensor::from_vec(dqkv, qkv.shape(), qkv.device())?))
     }
+}
+
+/// The fused forward over a packed `qkv` (B, T, width) into `y` (B, T, nh·hs), keeping what
+/// the backward needs.
+fn qkv_forward(qd: QkvDims, x: &[f32], scale: f32, y: &mut [f32]) -> QkvSaved {
+    let (w, c, ckv) = (qd.width(), qd.nh * qd.hs, qd.nkv * qd.hs);
+    let (q, k, v) = (
+        qd.gather(x, w, 0, qd.nh),
+        qd.gather(x, w, c, qd.nkv),
+        qd.gather(x, w, c + ckv, qd.nkv),
+    );
+    let d = qd.kernel_dims(scale);
+    let (o, lse) = forward(Isa::detect(), &q, (&k, d.tk * d.hs), (&v, d.tk * d.hs), d);
+    qd.scatter(&o, y, c, 0, qd.nh);
+    QkvSaved { q, k, v, o, lse }
+}
+
+/// The fused backward: `dqkv` (B, T, width) from the output gradient `dy` (B, T, nh·hs).
+fn qkv_backward(qd: QkvDims, saved: &QkvSaved, dy: &[f32], scale: f32, dqkv: &mut [f32]) {
+    let (w, c, ckv) = (qd.width(), qd.nh * qd.hs, qd.nkv * qd.hs);
+    let d_o = qd.gather(dy, c, 0, qd.nh);
+    let inputs = BwdInputs {
+        q: &saved.q,
+        k: &saved.k,
+        v: &saved.v,
+        o: &saved.o,
+        d_o: &d_o,
+        lse: &saved.lse,
+    };
+    let (dq, dk, dv) = backward(Isa::detect(), inputs, qd.kernel_dims(scale));
+    qd.scatter(&dq, dqkv, w, 0, qd.nh);
+    qd.scatter(&dk, dqkv, w, c, qd.nkv);
+    qd.scatter(&dv, dqkv, w, c + ckv, qd.nkv);
+}
+
+/// [`causal_attention_gqa_qkv`]'s CPU kernel on plain slices, for the hand-written training
+/// step ([`super::train_step`]): `qkv` (B, T, (nh + 2·nkv)·hs) → `y` (B, T, nh·hs), and what
+/// [`qkv_attention_backward`] needs. `scale` is usually `1 / sqrt(hs)`.
+///
+/// # Errors
+/// When `nkv` does not divide `nh`, the width is not `(nh + 2·nkv)·hs` or `y` has another size.
+pub(crate) fn qkv_attention_forward(
+    qkv: &[f32],
+    (b, t, nh, nkv): (usize, usize, usize, usize),
+    scale: f32,
+    y: &mut [f32],
+) -> candle_core::Result<QkvSaved> {
+    let width = qkv.len() / (b * t).max(1);
+    let qd = QkvDims::of(b, t, width, nh, nkv)?;
+    if qkv.len() != b * t * width || y.len() != b * t * nh * qd.hs {
+        candle_core::bail!(
+            "fused attention: qkv of {} and y of {} for (B {b}, T {t})",
+            qkv.len(),
+            y.len()
+        );
+    }
+    Ok(qkv_forward(qd, qkv, scale, y))
+}
+
+/// The backward of [`qkv_attention_forward`]: `dqkv` (B, T, (nh + 2·nkv)·hs), overwritten,
+/// from `dy` (B, T, nh·hs).
+///
+/// # Errors
+/// As [`qkv_attention_forward`], for `dqkv` and `dy`.
+pub(crate) fn qkv_attention_backward(
+    saved: &QkvSaved,
+    dy: &[f32],
+    (b, t, nh, nkv): (usize, usize, usize, usize),
+    scale: f32,
+    dqkv: &mut [f32],
+) -> candle_core::Result<()> {
+    let width = dqkv.len() / (b * t).max(1);
+    let qd = QkvDims::of(b, t, width, nh, nkv)?;
+    if dqkv.len() != b * t * width
+        || dy.len() != b * t * nh * qd.hs
+        || saved.lse.len() != b * nh * t
+    {
+        candle_core::bail!(
+            "fused attention: dqkv of {} and dy of {} for (B {b}, T {t})",
+            dqkv.len(),
+            dy.len()
+        );
+    }
+    qkv_backward(qd, saved, dy, scale, dqkv);
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

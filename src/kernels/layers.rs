@@ -442,6 +442,68 @@ pub(crate) fn layer_norm_rows(xs: &[f32], w: &[f32], b: Option<&[f32]>, ys: &mut
     }
 }
 
+/// [`layer_norm_rows`] that also keeps each row's mean and `1/std` in `stats` (two floats a
+/// row), for [`layer_norm_backward_rows`]: the hand-written training step's LayerNorm.
+pub(crate) fn layer_norm_rows_stats(
+    xs: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    ys: &mut [f32],
+    stats: &mut [f32],
+    eps: f32,
+) {
+    let c = w.len().max(1);
+    for ((xr, yr), st) in xs
+        .chunks_exact(c)
+        .zip(ys.chunks_exact_mut(c))
+        .zip(stats.chunks_exact_mut(2))
+    {
+        let (mean, rstd) = row_stats(xr, eps);
+        st[0] = mean;
+        st[1] = rstd;
+        layer_norm_rows(xr, w, b, yr, eps);
+    }
+}
+
+/// LayerNorm's backward over rows of `w.len()` from the saved `stats` of
+/// [`layer_norm_rows_stats`]: `dx` (overwritten, or added to with `accumulate`), and
+/// `dw += Σ dy·x̂`, `db += Σ dy` (the same arithmetic as [`layer_norm`]'s backward).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn layer_norm_backward_rows(
+    xs: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    stats: &[f32],
+    dx: &mut [f32],
+    accumulate: bool,
+    dw: &mut [f32],
+    mut db: Option<&mut [f32]>,
+) {
+    let c = w.len().max(1);
+    let inv_c = 1.0 / c as f32;
+    let rows = xs
+        .chunks_exact(c)
+        .zip(dy.chunks_exact(c))
+        .zip(dx.chunks_exact_mut(c))
+        .zip(stats.chunks_exact(2));
+    for (((xr, dyr), dxr), st) in rows {
+        let (mean, rstd) = (st[0], st[1]);
+        let (s1, s2) = dnorm_sums(xr, dyr, w, mean, rstd);
+        let (m1, m2) = (s1 * inv_c, s2 * inv_c);
+        for ((dw, &v), &d) in dw.iter_mut().zip(xr).zip(dyr) {
+            *dw += d * ((v - mean) * rstd);
+        }
+        if let Some(db) = db.as_deref_mut() {
+            add_assign(db, dyr);
+        }
+        for (((o, &v), &d), &w) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
+            let xhat = (v - mean) * rstd;
+            let g = (d * w - m1 - xhat * m2) * rstd;
+            *o = if accumulate { *o + g } else { g };
+        }
+    }
+}
+
 /// LayerNorm backward's row sums `(Σ dy·w, Σ dy·w·x̂)` with `x̂ = (x − mean)·rstd`, eight
 /// running sums each.
 #[inline]
@@ -833,7 +895,7 @@ multiversion! {
 
 multiversion! {
     /// `dx = dy·gelu'(x)`, element-wise.
-    fn gelu_grad_rows(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    pub(crate) fn gelu_grad_rows(x: &[f32], dy: &[f32], dx: &mut [f32]) {
         for ((o, &v), &d) in dx.iter_mut().zip(x).zip(dy) {
             *o = d * gelu_grad(v);
         }

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
 
 use super::dropout_mask::DropoutMask;
+use super::gemm::gemm_into;
 use super::layers::{cpu_slice, with_slices};
 use crate::{Error, Result};
 
@@ -178,75 +179,6 @@ fn strided<'a>(
         .get(layout.start_offset()..)
         .ok_or_else(|| candle_core::Error::Msg("lora_linear: weight offset out of range".into()))?;
     Ok((data, *rs as isize, *cs as isize))
-}
-
-/// `dst (m, n) = [dst +] lhs (m, k) @ rhs (k, n)` by the gemm crate (candle's CPU matmul) on
-/// rayon's pool: `dst` row-major with `dst_rs` elements between rows, each operand a slice
-/// from its first element with its row and column strides. Errors if a stride reaches past
-/// its slice.
-fn gemm_into(
-    dst: &mut [f32],
-    (m, n, k): (usize, usize, usize),
-    (lhs, lhs_rs, lhs_cs): (&[f32], isize, isize),
-    (rhs, rhs_rs, rhs_cs): (&[f32], isize, isize),
-    accumulate: bool,
-    dst_rs: usize,
-) -> candle_core::Result<()> {
-    let reach = |rows: usize, cols: usize, rs: isize, cs: isize| {
-        if rows == 0 || cols == 0 {
-            0
-        } else {
-            (rows - 1) * rs.unsigned_abs() + (cols - 1) * cs.unsigned_abs() + 1
-        }
-    };
-    if n > dst_rs
-        || dst.len() < reach(m, n, dst_rs as isize, 1)
-        || lhs.len() < reach(m, k, lhs_rs, lhs_cs)
-        || rhs.len() < reach(k, n, rhs_rs, rhs_cs)
-        || lhs_rs < 0
-        || lhs_cs < 0
-        || rhs_rs < 0
-        || rhs_cs < 0
-    {
-        candle_core::bail!(
-            "lora_linear: a product's operands do not cover ({m}, {k}) @ ({k}, {n})"
-        );
-    }
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: every element the strides reach lies inside its slice (checked above), `dst` is
-    // exclusively borrowed and distinct from both operands, and strides are non-negative.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs,
-            lhs_rs,
-            rhs.as_ptr(),
-            rhs_cs,
-            rhs_rs,
-            if accumulate { 1.0 } else { 0.0 },
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    };
-    Ok(())
 }
 
 /// Our error as candle's, inside a custom op.

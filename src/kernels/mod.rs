@@ -13,6 +13,9 @@
 //! - `q8`: GGUF Q8_0 weights (ggml's `block_q8_0`) and their products with f32 rows, for
 //!   decoding from a quantized model.
 //! - `decode_step`: the row operations of one f16 or f32 decoding step on plain slices.
+//! - `train_step`: a whole GPT-2 training step's forward and backward written by hand over
+//!   buffers reused from step to step (llm.c's way), candle's autograd its reference.
+//! - `gemm`: `C (+)= A · B` on plain slices through the gemm crate, transposes as strides.
 //!
 //! Each fused op has a `*_reference` twin written with plain candle ops that runs on every
 //! device and dtype; the tests hold the two to 1e-4 in values and gradients.
@@ -20,6 +23,7 @@
 pub mod attention;
 pub(crate) mod decode_step;
 pub mod dropout_mask;
+pub(crate) mod gemm;
 pub(crate) mod gemv;
 pub mod layers;
 pub mod lora_linear;
@@ -27,3 +31,4 @@ pub(crate) mod q8;
 pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;
+pub(crate) mod train_step;
