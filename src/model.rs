@@ -1399,6 +1399,21 @@ impl GptConfig {
             .unwrap_or(usize::MAX)
     }
 
+    /// Model FLOPs of training on one token, forward and backward, as nanoGPT's
+    /// `estimate_mfu` counts them after the PaLM paper (Chowdhery et al. 2022, appendix B):
+    /// `6·N + 12·L·C·T` with `N` the parameters but the position embedding (which is looked
+    /// up, not multiplied) and `T = block_size`; the second term is attention's `q kᵀ` and
+    /// `P v`, counted as if not causal.
+    pub fn train_flops_per_token(&self) -> f64 {
+        let wpe = match self.arch {
+            Arch::Gpt2 => self.block_size * self.n_embd,
+            Arch::Llama => 0,
+        };
+        let n = self.num_parameters().saturating_sub(wpe) as f64;
+        let attn = 12.0 * self.n_layer as f64 * (self.n_head * self.head_size()) as f64;
+        6.0 * n + attn * self.block_size as f64
+    }
+
     /// The memory a model of this config needs with f32 weights, for training (weights,
     /// gradients, AdamW moments, activations) or inference (weights, KV cache, one forward
     /// pass) on batches of `batch_size` sequences of `block_size` tokens. See

@@ -209,7 +209,7 @@ impl AdamW {
     }
 
     /// [`AdamW::step`] with the gradients as plain f32 slices (a hand-written training step's
-    /// buffers, [`crate::kernels::train_step`]): the same update, no tensors made.
+    /// buffers, `src/kernels/train_step.rs`): the same update, no tensors made.
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] if the number or lengths of gradients do not match, or a

@@ -16,6 +16,9 @@ use crate::tokenizer::Tokenizer;
 use crate::train::Objective;
 use crate::Result;
 
+/// The hand-written training step and the parameters it reads.
+type OwnedStep = (Gpt2Step, Vec<(String, Var)>);
+
 /// The pre-training [`Objective`]: a model, its tokenizer and a tokenised corpus.
 #[derive(Debug)]
 pub struct Pretraining {
@@ -25,7 +28,7 @@ pub struct Pretraining {
     batch_size: usize,
     /// The hand-written training step and the parameters it reads, built at the first step;
     /// `Some(None)`: the model trains through autograd ([`Gpt2Step::supports`]).
-    owned: Option<Option<(Gpt2Step, Vec<(String, Var)>)>>,
+    owned: Option<Option<OwnedStep>>,
 }
 
 impl Pretraining {
@@ -55,14 +58,14 @@ impl Pretraining {
     }
 
     /// Whether training steps run the hand-written forward and backward pass
-    /// ([`crate::kernels::train_step`]) rather than autograd (unless
+    /// (`src/kernels/train_step.rs`) rather than autograd (unless
     /// [`crate::TrainConfig::autograd`] asks for it): a GPT-2 of f32 weights on the CPU with a
     /// tied head and no dropout or LoRA adapter.
     pub fn has_owned_step(&mut self) -> bool {
         self.owned_step().is_some()
     }
 
-    fn owned_step(&mut self) -> Option<&mut (Gpt2Step, Vec<(String, Var)>)> {
+    fn owned_step(&mut self) -> Option<&mut OwnedStep> {
         if self.owned.is_none() {
             let m = &self.model;
             let cfg = m.config();
@@ -141,6 +144,10 @@ impl Objective for Pretraining {
             Ok((loss as f64, b * block))
         };
         Some(run())
+    }
+
+    fn flops_per_token(&self) -> Option<f64> {
+        Some(self.model.config().train_flops_per_token())
     }
 
     fn owned_grads(&self) -> Option<&[Vec<f32>]> {

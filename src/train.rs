@@ -21,7 +21,9 @@
 //! - `"kind": "train"`, one every `log_interval` optimiser steps (and at the last): `step`
 //!   (steps done), `loss` (that step's mean micro-batch loss), `lr`, `grad_norm` (before
 //!   clipping; `null` with clipping off), `tokens_per_sec` (since the previous such row) and
-//!   `elapsed_s`.
+//!   `elapsed_s`; where the stage counts its FLOPs ([`Objective::flops_per_token`]) also
+//!   `model_gflops` (model FLOP/s over those steps, in GFLOP/s) and, with
+//!   [`TrainConfig::matmul_peak_gflops`] set, `mfu` (`model_gflops` over that peak).
 //!
 //! - `"kind": "skip"`, one per skipped step: `step` (the step's number, 1-based), `reason`,
 //!   `loss`, `grad_norm`.
@@ -119,7 +121,7 @@ pub trait Objective: Send {
 
     /// One training micro-batch through a hand-written forward and backward pass instead of
     /// candle's autograd, where the stage has one for its model
-    /// ([`crate::kernels::train_step`]): draws the batch with `rng` as
+    /// (`src/kernels/train_step.rs`): draws the batch with `rng` as
     /// [`Objective::train_loss`] does, zeroes the gradient buffers first when `zero`, adds
     /// `loss_scale ·` the loss's gradient into them, and returns the loss and the tokens it
     /// covered. `None` (the default): no such step here, and nothing was drawn.
@@ -138,6 +140,13 @@ pub trait Objective: Send {
     /// The gradients [`Objective::train_step_owned`] accumulated, one buffer per parameter in
     /// [`Objective::parameters`]'s order.
     fn owned_grads(&self) -> Option<&[Vec<f32>]> {
+        None
+    }
+
+    /// Model FLOPs per trained token (forward and backward), where the stage knows them
+    /// ([`crate::GptConfig::train_flops_per_token`]): the `model_gflops` and `mfu` of the
+    /// `"kind": "train"` rows of `metrics.jsonl`.
+    fn flops_per_token(&self) -> Option<f64> {
         None
     }
 }
@@ -198,6 +207,10 @@ pub struct TrainConfig {
     pub spike_zscore: f64,
     /// Steps the spike detector looks back over (llm.c: 128); it acts once the window is full.
     pub spike_window: usize,
+    /// The matrix-multiplication peak of this machine in GFLOP/s (the best of
+    /// `cargo bench --bench matmul` at the same threads), against which `metrics.jsonl`'s
+    /// `mfu` is stated; 0: unknown, no `mfu`.
+    pub matmul_peak_gflops: f64,
     /// Train through candle's autograd even where the stage has a hand-written backward pass
     /// ([`Objective::train_step_owned`]; pre-training a GPT-2 without dropout). The two give
     /// the same gradients up to rounding (the tests hold them to 1e-5).
@@ -230,6 +243,7 @@ impl Default for TrainConfig {
             max_bad_steps: 5,
             spike_zscore: 0.0,
             spike_window: 128,
+            matmul_peak_gflops: 0.0,
             autograd: false,
         }
     }
@@ -278,6 +292,12 @@ impl TrainConfig {
             return Err(Error::Config(format!(
                 "grad_clip and weight_decay must be >= 0, got {} and {}",
                 self.grad_clip, self.weight_decay
+            )));
+        }
+        if !self.matmul_peak_gflops.is_finite() || self.matmul_peak_gflops < 0.0 {
+            return Err(Error::Config(format!(
+                "matmul_peak_gflops must be >= 0 (0: unknown), got {}",
+                self.matmul_peak_gflops
             )));
         }
         if !self.spike_zscore.is_finite() || self.spike_zscore < 0.0 {
@@ -1052,17 +1072,21 @@ impl Trainer {
                 || self.state.step == self.cfg.max_iters
             {
                 let tokens_per_sec = window_tokens as f64 / window_time.max(1e-9);
-                let row = metrics_row(
-                    "train",
-                    self.state.step,
-                    &[
-                        ("loss", loss),
-                        ("lr", lr),
-                        ("grad_norm", grad_norm),
-                        ("tokens_per_sec", tokens_per_sec),
-                        ("elapsed_s", self.state.elapsed_s),
-                    ],
-                );
+                let mut fields = vec![
+                    ("loss", loss),
+                    ("lr", lr),
+                    ("grad_norm", grad_norm),
+                    ("tokens_per_sec", tokens_per_sec),
+                    ("elapsed_s", self.state.elapsed_s),
+                ];
+                if let Some(fpt) = objective.flops_per_token() {
+                    let gflops = fpt * tokens_per_sec / 1e9;
+                    fields.push(("model_gflops", gflops));
+                    if self.cfg.matmul_peak_gflops > 0.0 {
+                        fields.push(("mfu", gflops / self.cfg.matmul_peak_gflops));
+                    }
+                }
+                let row = metrics_row("train", self.state.step, &fields);
                 self.metrics.push(row);
                 self.append_metrics_line()?;
                 on_event(&TrainEvent::Step {

@@ -572,3 +572,83 @@ fn rows_without_a_token_are_never_sampled() {
         "{ids:?}"
     );
 }
+
+/// Trains `steps` steps of `cfg` (a fresh model, seed 7) with the hand-written step or with
+/// autograd, and returns every step's loss, the final weights and whether the step was used.
+fn train_steps(
+    model_cfg: GptConfig,
+    autograd: bool,
+    accum: usize,
+) -> (Vec<f64>, HashMap<String, Vec<f32>>, bool) {
+    let text = corpus(4000, 3);
+    let tok = Tokenizer::train_char(&text).unwrap();
+    let cfg = GptConfig {
+        vocab_size: tok.vocab_size(),
+        ..model_cfg
+    };
+    let model = Gpt::init(&cfg, 7, &Device::Cpu).unwrap();
+    let data = TokenDataset::from_tokens(tok.encode(&text).unwrap(), 0.1).unwrap();
+    let mut obj = Pretraining::new(model, tok, data, 3).unwrap();
+    let owned = obj.has_owned_step();
+    let train_cfg = TrainConfig {
+        max_iters: 8,
+        eval_interval: 8,
+        eval_iters: 1,
+        log_interval: 1,
+        batch_size: 3,
+        gradient_accumulation_steps: accum,
+        warmup_iters: 2,
+        lr_decay_iters: 8,
+        autograd,
+        ..Default::default()
+    };
+    let mut trainer = Trainer::new(train_cfg, obj.parameters().unwrap()).unwrap();
+    let mut losses = vec![];
+    trainer
+        .fit(&mut obj, |e| {
+            if let TrainEvent::Step { loss, .. } = e {
+                losses.push(*loss);
+            }
+        })
+        .unwrap();
+    let weights = obj
+        .model()
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+    (losses, weights, owned)
+}
+
+#[test]
+fn the_hand_written_step_trains_as_autograd_does() {
+    let gpt2 = |bias| GptConfig { bias, ..small(0) };
+    for (cfg, accum) in [(gpt2(true), 1), (gpt2(false), 2)] {
+        let (want_losses, want, by_hand) = train_steps(cfg.clone(), true, accum);
+        assert!(by_hand, "a GPT-2 without dropout has the hand-written step");
+        let (losses, got, _) = train_steps(cfg, false, accum);
+        assert_eq!(losses.len(), 8);
+        for (a, b) in losses.iter().zip(&want_losses) {
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs(),
+                "losses {losses:?} vs {want_losses:?}"
+            );
+        }
+        for (name, w) in &want {
+            let g = &got[name];
+            let diff = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(diff <= 1e-4, "`{name}` after 8 steps differs by {diff}");
+        }
+    }
+    // What the step does not cover trains through autograd.
+    let dropout = GptConfig {
+        dropout: 0.1,
+        ..small(0)
+    };
+    let llama = GptConfig::llama(0, 16, 2, 2, 32);
+    for cfg in [dropout, llama] {
+        let (losses, _, by_hand) = train_steps(cfg, false, 1);
+        assert!(!by_hand);
+        assert!(losses.iter().all(|l| l.is_finite()));
+    }
+}

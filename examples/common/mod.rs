@@ -298,6 +298,11 @@ pub struct TrainArgs {
     /// Seed of every random choice in training.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// This machine's matrix-multiplication peak in GFLOP/s (the best figure of `cargo bench
+    /// --bench matmul` at the same threads): metrics.jsonl's train rows then carry `mfu`, the
+    /// model FLOP/s as a share of it.
+    #[arg(long)]
+    pub matmul_peak_gflops: Option<f64>,
     /// Compute gradients with candle's autograd even where the stage has a hand-written
     /// backward pass (pre-training a GPT-2 without dropout): the reference path, slower.
     #[arg(long)]
@@ -338,7 +343,8 @@ impl TrainArgs {
             save_interval,
             keep_last,
             max_bad_steps,
-            spike_zscore
+            spike_zscore,
+            matmul_peak_gflops
         );
         if self.lr_decay_iters.is_none() && self.max_iters.is_some() {
             c.lr_decay_iters = c.max_iters;
