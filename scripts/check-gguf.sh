@@ -3,7 +3,9 @@
 # llama-cpp-python 0.3.36 sdist vendors (cmake, GGML_NATIVE=ON), exports a char model, a BPE
 # chat model and a random GPT-2 124M in F32, F16 and Q8_0, and checks (scripts/check_gguf.py):
 #   - llama-server's greedy 32 tokens after fixed prompt ids equal tinygpt's (F32, F16), or
-#     agree on >= 30 of 32 (Q8_0: llama.cpp also rounds the activations to 8 bits);
+#     agree on >= 30 of 32 (Q8_0: llama.cpp also rounds the activations to 8 bits; where a
+#     near-tie sends the two down different texts, 30 of llama.cpp's 32 tokens must be
+#     tinygpt's next token after llama.cpp's own prefix);
 #   - llama-server's chat template gives tinygpt's prompt ids for the SFT model's turns;
 #   - from_gguf of llama.cpp's own convert_hf_to_gguf.py output (a random HF GPT-2) gives
 #     transformers' logits within 1e-4 (needs torch: $TORCH_PY, a python with torch and
@@ -14,7 +16,8 @@
 #   bash scripts/check-gguf.sh [bench]
 #
 # LLAMA_DIR (default target/llama.cpp) keeps the download and the build between runs. Needs
-# cmake, a C++ compiler, python3 and internet access to PyPI (the first run only).
+# cmake (Debian's, or PyPI's `cmake` wheel), a C++ compiler, python3 and internet access to
+# PyPI (the first run only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-check}
@@ -31,8 +34,20 @@ BIN="$SRC/build/bin"
 if [ ! -x "$BIN/llama-server" ] || [ ! -x "$BIN/llama-bench" ]; then
     mkdir -p "$LLAMA_DIR"
     if [ ! -d "$SRC" ]; then
-        python3 -m pip download --quiet --no-deps --no-binary :all: \
-            "llama-cpp-python==$LLAMA_VERSION" -d "$LLAMA_DIR"
+        # The sdist straight from PyPI's simple index (`pip download --no-binary :all:` would
+        # build the sdist's build requirements, cmake among them, from source to read its
+        # metadata), its sha256 checked against the index's.
+        python3 - "$LLAMA_VERSION" "$LLAMA_DIR" <<'PY'
+import hashlib, re, sys, urllib.request
+version, out = sys.argv[1], sys.argv[2]
+name = f"llama_cpp_python-{version}.tar.gz"
+index = urllib.request.urlopen("https://pypi.org/simple/llama-cpp-python/").read().decode()
+url, sha = re.search(rf'href="([^"#]*/{re.escape(name)})#sha256=([0-9a-f]+)"', index).groups()
+data = urllib.request.urlopen(url).read()
+if hashlib.sha256(data).hexdigest() != sha:
+    sys.exit(f"{name}: sha256 differs from PyPI's index")
+open(f"{out}/{name}", "wb").write(data)
+PY
         tar xzf "$LLAMA_DIR/llama_cpp_python-$LLAMA_VERSION.tar.gz" -C "$LLAMA_DIR"
     fi
     cmake -S "$SRC" -B "$SRC/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
