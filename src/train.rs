@@ -64,13 +64,13 @@ use crate::checkpoint::{
 };
 use crate::durable::{self, DirLock};
 use crate::optim::{clip_grad_norm, clip_grad_norm_slices, AdamW, AdamWConfig, LrSchedule};
+use crate::{Error, Result};
 
 /// A step's gradients: autograd's tensors, or a hand-written step's buffers.
 enum Grads<'a> {
     Tensors(Vec<Tensor>),
     Slices(&'a [Vec<f32>]),
 }
-use crate::{Error, Result};
 
 /// Mixed into the seed of the evaluation RNG, so it differs from the training RNG.
 const EVAL_SEED: u64 = 0x5eed_e7a1;

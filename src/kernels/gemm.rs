@@ -1,5 +1,5 @@
 //! `C (+)= A · B` on plain f32 slices by the gemm crate (candle's CPU matmul), for the kernels
-//! that keep their operands outside tensors: a LoRA projection ([`crate::lora_linear`]) and
+//! that keep their operands outside tensors: a LoRA projection ([`super::lora_linear`]) and
 //! the hand-written training step ([`super::train_step`]). Transposed operands are strides,
 //! never copies.
 
