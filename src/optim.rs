@@ -159,15 +159,7 @@ impl AdamW {
     /// # Errors
     /// [`Error::InvalidArgument`] if the number or shapes of gradients do not match.
     pub fn step(&mut self, grads: &[Tensor], grad_scale: f64) -> Result<()> {
-        if grads.len() != self.params.len() {
-            return Err(Error::InvalidArgument(format!(
-                "AdamW got {} gradients for {} parameters",
-                grads.len(),
-                self.params.len()
-            )));
-        }
-        self.step += 1;
-        let hyper = self.hyper(grad_scale);
+        let hyper = self.next_step(grads.len(), grad_scale)?;
         for (((name, p), g), moments) in self.params.iter().zip(grads).zip(self.moments.iter_mut())
         {
             if g.dims() != p.dims() {
@@ -215,15 +207,7 @@ impl AdamW {
     /// [`Error::InvalidArgument`] if the number or lengths of gradients do not match, or a
     /// parameter is not f32 on the CPU.
     pub fn step_slices(&mut self, grads: &[Vec<f32>], grad_scale: f64) -> Result<()> {
-        if grads.len() != self.params.len() {
-            return Err(Error::InvalidArgument(format!(
-                "AdamW got {} gradients for {} parameters",
-                grads.len(),
-                self.params.len()
-            )));
-        }
-        self.step += 1;
-        let hyper = self.hyper(grad_scale);
+        let hyper = self.next_step(grads.len(), grad_scale)?;
         for (((name, p), g), moments) in self.params.iter().zip(grads).zip(self.moments.iter_mut())
         {
             let Moments::Host { m, v } = moments else {
@@ -248,10 +232,18 @@ impl AdamW {
         Ok(())
     }
 
-    /// The update's coefficients at the current step.
-    fn hyper(&self, grad_scale: f64) -> Hyper {
+    /// Checks there is a gradient per parameter, counts the step and returns its update's
+    /// coefficients.
+    fn next_step(&mut self, n_grads: usize, grad_scale: f64) -> Result<Hyper> {
+        if n_grads != self.params.len() {
+            return Err(Error::InvalidArgument(format!(
+                "AdamW got {n_grads} gradients for {} parameters",
+                self.params.len()
+            )));
+        }
+        self.step += 1;
         let c = &self.cfg;
-        Hyper {
+        Ok(Hyper {
             lr: c.lr,
             beta1: c.beta1,
             beta2: c.beta2,
@@ -260,7 +252,7 @@ impl AdamW {
             bias_correction1: 1.0 - c.beta1.powi(self.step as i32),
             bias_correction2_sqrt: (1.0 - c.beta2.powi(self.step as i32)).sqrt(),
             grad_scale,
-        }
+        })
     }
 
     /// The moments by name, as PyTorch names them: `{param}.exp_avg`, `{param}.exp_avg_sq`.

@@ -1197,19 +1197,25 @@ impl Trainer {
         let mut loss_sum = 0f64;
         let mut tokens = 0usize;
         if !self.cfg.autograd {
+            // The hand-written step where the objective has one: it says so at the first
+            // micro-batch (drawing nothing when it has none).
             let scale = 1.0 / accum as f32;
-            if let Some(first) = objective.train_step_owned(&mut self.rng, scale, true) {
-                let (value, n) = first?;
+            let mut done = 0;
+            while done < accum {
+                let Some(step) = objective.train_step_owned(&mut self.rng, scale, done == 0) else {
+                    break;
+                };
+                let (value, n) = step?;
                 loss_sum += value;
                 tokens += n;
-                for _ in 1..accum {
-                    let step = objective.train_step_owned(&mut self.rng, scale, false);
-                    let (value, n) = step.ok_or_else(|| {
-                        Error::InvalidArgument("the hand-written step stopped applying".into())
-                    })??;
-                    loss_sum += value;
-                    tokens += n;
-                }
+                done += 1;
+            }
+            if done > 0 && done < accum {
+                return Err(Error::InvalidArgument(
+                    "the hand-written step stopped applying".into(),
+                ));
+            }
+            if done == accum {
                 let grads = objective.owned_grads().ok_or_else(|| {
                     Error::InvalidArgument("the hand-written step kept no gradients".into())
                 })?;

@@ -427,18 +427,52 @@ pub(crate) fn layer_norm_rows(xs: &[f32], w: &[f32], b: Option<&[f32]>, ys: &mut
     let c = w.len().max(1);
     for (xr, yr) in xs.chunks_exact(c).zip(ys.chunks_exact_mut(c)) {
         let (mean, rstd) = row_stats(xr, eps);
-        match b {
-            Some(b) => {
-                for (((o, &v), &w), &b) in yr.iter_mut().zip(xr).zip(w).zip(b) {
-                    *o = (v - mean) * rstd * w + b;
-                }
-            }
-            None => {
-                for ((o, &v), &w) in yr.iter_mut().zip(xr).zip(w) {
-                    *o = (v - mean) * rstd * w;
-                }
+        normalize_row(xr, w, b, yr, mean, rstd);
+    }
+}
+
+/// One row of LayerNorm's output from its statistics: `y = (x − mean)·rstd·w (+ b)`.
+#[inline]
+fn normalize_row(xr: &[f32], w: &[f32], b: Option<&[f32]>, yr: &mut [f32], mean: f32, rstd: f32) {
+    match b {
+        Some(b) => {
+            for (((o, &v), &w), &b) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+                *o = (v - mean) * rstd * w + b;
             }
         }
+        None => {
+            for ((o, &v), &w) in yr.iter_mut().zip(xr).zip(w) {
+                *o = (v - mean) * rstd * w;
+            }
+        }
+    }
+}
+
+/// One row of LayerNorm's backward from its statistics: `dx` (overwritten, or added to with
+/// `accumulate`), `dw += dy·x̂`, `db += dy`.
+#[inline]
+fn layer_norm_backward_row(
+    (xr, dyr, w): (&[f32], &[f32], &[f32]),
+    (mean, rstd): (f32, f32),
+    dxr: &mut [f32],
+    accumulate: bool,
+    dw: &mut [f32],
+    db: Option<&mut [f32]>,
+) {
+    let inv_c = 1.0 / w.len().max(1) as f32;
+    // dnorm = dy·w: its mean and the mean of dnorm·x̂
+    let (s1, s2) = dnorm_sums(xr, dyr, w, mean, rstd);
+    let (m1, m2) = (s1 * inv_c, s2 * inv_c);
+    for ((dw, &v), &d) in dw.iter_mut().zip(xr).zip(dyr) {
+        *dw += d * ((v - mean) * rstd);
+    }
+    if let Some(db) = db {
+        add_assign(db, dyr);
+    }
+    for (((o, &v), &d), &w) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
+        let xhat = (v - mean) * rstd;
+        let g = (d * w - m1 - xhat * m2) * rstd;
+        *o = if accumulate { *o + g } else { g };
     }
 }
 
@@ -461,7 +495,7 @@ pub(crate) fn layer_norm_rows_stats(
         let (mean, rstd) = row_stats(xr, eps);
         st[0] = mean;
         st[1] = rstd;
-        layer_norm_rows(xr, w, b, yr, eps);
+        normalize_row(xr, w, b, yr, mean, rstd);
     }
 }
 
@@ -480,27 +514,14 @@ pub(crate) fn layer_norm_backward_rows(
     mut db: Option<&mut [f32]>,
 ) {
     let c = w.len().max(1);
-    let inv_c = 1.0 / c as f32;
     let rows = xs
         .chunks_exact(c)
         .zip(dy.chunks_exact(c))
         .zip(dx.chunks_exact_mut(c))
         .zip(stats.chunks_exact(2));
     for (((xr, dyr), dxr), st) in rows {
-        let (mean, rstd) = (st[0], st[1]);
-        let (s1, s2) = dnorm_sums(xr, dyr, w, mean, rstd);
-        let (m1, m2) = (s1 * inv_c, s2 * inv_c);
-        for ((dw, &v), &d) in dw.iter_mut().zip(xr).zip(dyr) {
-            *dw += d * ((v - mean) * rstd);
-        }
-        if let Some(db) = db.as_deref_mut() {
-            add_assign(db, dyr);
-        }
-        for (((o, &v), &d), &w) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
-            let xhat = (v - mean) * rstd;
-            let g = (d * w - m1 - xhat * m2) * rstd;
-            *o = if accumulate { *o + g } else { g };
-        }
+        let row = (xr, dyr, w);
+        layer_norm_backward_row(row, (st[0], st[1]), dxr, accumulate, dw, db.as_deref_mut());
     }
 }
 
@@ -563,7 +584,6 @@ impl LayerNormOp {
         let (dx, acc) = with_slices(&[x, w, &dy], |s| {
             let (x, w, dy) = (s[0], s[1], s[2]);
             let mut dx = vec![0f32; x.len()];
-            let inv_c = 1.0 / c as f32;
             let chunks = plan(x.len() / c, x.len(), cost::LAYER_NORM_BWD, self.chunks);
             let acc = for_row_chunks_sum(&mut dx, c, chunks, 2 * c, |r0, dxs, acc| {
                 let range = r0 * c..r0 * c + dxs.len();
@@ -573,19 +593,8 @@ impl LayerNormOp {
                     .zip(dy[range].chunks_exact(c))
                     .zip(dxs.chunks_exact_mut(c));
                 for ((xr, dyr), dxr) in rows {
-                    let (mean, rstd) = row_stats(xr, self.eps);
-                    // dnorm = dy·w: its mean and the mean of dnorm·x̂
-                    let (s1, s2) = dnorm_sums(xr, dyr, w, mean, rstd);
-                    let (m1, m2) = (s1 * inv_c, s2 * inv_c);
-                    // dw += dy·x̂; db += dy
-                    for (((dw, db), &v), &d) in dw.iter_mut().zip(db.iter_mut()).zip(xr).zip(dyr) {
-                        *dw += d * ((v - mean) * rstd);
-                        *db += d;
-                    }
-                    for (((o, &v), &d), &w) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
-                        let xhat = (v - mean) * rstd;
-                        *o = (d * w - m1 - xhat * m2) * rstd;
-                    }
+                    let stats = row_stats(xr, self.eps);
+                    layer_norm_backward_row((xr, dyr, w), stats, dxr, false, dw, Some(&mut *db));
                 }
             });
             Ok((dx, acc))

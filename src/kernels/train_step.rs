@@ -97,6 +97,12 @@ impl std::fmt::Debug for Gpt2Step {
 }
 
 impl Gpt2Step {
+    /// The attention kernel's `(B, T, nh, nkv)` and `1 / sqrt(hs)`.
+    fn attention_dims(&self) -> ((usize, usize, usize, usize), f32) {
+        let dims = (self.b, self.t, self.n_head, self.n_head);
+        (dims, 1.0 / ((self.c / self.n_head) as f32).sqrt())
+    }
+
     /// Whether this step can train a model of `cfg` on `device_is_cpu` with f32 weights: GPT-2,
     /// tied head, no dropout.
     pub(crate) fn supports(cfg: &GptConfig, tied_head: bool) -> bool {
@@ -298,77 +304,31 @@ impl Gpt2Step {
                 *o = a + b;
             }
         }
-        let dims = (self.b, t, self.n_head, self.n_head);
-        let scale = 1.0 / ((c / self.n_head) as f32).sqrt();
+        let (dims, scale) = self.attention_dims();
+        let eps = self.eps;
         for l in 0..self.acts.len() {
             let bp = self.blocks[l];
             let (before, rest) = self.acts.split_at_mut(l);
-            let x: &[f32] = match before.last() {
-                Some(prev) => &prev.out,
-                None => &self.x0,
-            };
+            let x = block_input(before, &self.x0, l);
             let a = &mut rest[0];
-            let bias = |i: Option<usize>| i.map(|i| w[i]);
-            layer_norm_rows_stats(
-                x,
-                w[bp.ln_1.0],
-                bias(bp.ln_1.1),
-                &mut a.ln_1,
-                &mut a.ln_1_stats,
-                self.eps,
-            );
-            linear(
-                &mut a.qkv,
-                &a.ln_1,
-                w[bp.c_attn.0],
-                bias(bp.c_attn.1),
-                (n, c, 3 * c),
-            )?;
+            ln_forward(w, bp.ln_1, x, (&mut a.ln_1, &mut a.ln_1_stats), eps);
+            linear(w, bp.c_attn, &a.ln_1, &mut a.qkv, (n, c, 3 * c))?;
             a.att_saved = Some(qkv_attention_forward(&a.qkv, dims, scale, &mut a.att)?);
-            linear(
-                &mut a.x_mid,
-                &a.att,
-                w[bp.attn_proj.0],
-                bias(bp.attn_proj.1),
-                (n, c, c),
-            )?;
+            linear(w, bp.attn_proj, &a.att, &mut a.x_mid, (n, c, c))?;
             super::layers::add_assign(&mut a.x_mid, x);
-            layer_norm_rows_stats(
-                &a.x_mid,
-                w[bp.ln_2.0],
-                bias(bp.ln_2.1),
-                &mut a.ln_2,
-                &mut a.ln_2_stats,
-                self.eps,
-            );
-            linear(
-                &mut a.h,
-                &a.ln_2,
-                w[bp.c_fc.0],
-                bias(bp.c_fc.1),
-                (n, c, 4 * c),
-            )?;
+            ln_forward(w, bp.ln_2, &a.x_mid, (&mut a.ln_2, &mut a.ln_2_stats), eps);
+            linear(w, bp.c_fc, &a.ln_2, &mut a.h, (n, c, 4 * c))?;
             gelu_rows(&a.h, None, &mut a.g, 4 * c);
-            linear(
-                &mut a.out,
-                &a.g,
-                w[bp.mlp_proj.0],
-                bias(bp.mlp_proj.1),
-                (n, 4 * c, c),
-            )?;
+            linear(w, bp.mlp_proj, &a.g, &mut a.out, (n, 4 * c, c))?;
             super::layers::add_assign(&mut a.out, &a.x_mid);
         }
-        let x: &[f32] = match self.acts.last() {
-            Some(a) => &a.out,
-            None => &self.x0,
-        };
-        layer_norm_rows_stats(
+        let x = block_input(&self.acts, &self.x0, self.acts.len());
+        ln_forward(
+            w,
+            self.ln_f,
             x,
-            w[self.ln_f.0],
-            self.ln_f.1.map(|i| w[i]),
-            &mut self.ln_f_out,
-            &mut self.ln_f_stats,
-            self.eps,
+            (&mut self.ln_f_out, &mut self.ln_f_stats),
+            eps,
         );
         // logits = ln_f @ wteᵀ: (N, C) @ (C, V)
         gemm_into(
@@ -387,6 +347,7 @@ impl Gpt2Step {
     fn backward(&mut self, w: &[&[f32]], ids: &[u32]) -> Result<()> {
         let (c, t, v) = (self.c, self.t, self.vocab);
         let n = self.b * t;
+        let (dims, scale) = self.attention_dims();
         let grads = &mut self.grads;
         // d wte += dlogitsᵀ @ ln_f: (V, N) @ (N, C); d ln_f = dlogits @ wte: (N, V) @ (V, C)
         gemm_into(
@@ -405,10 +366,7 @@ impl Gpt2Step {
             false,
             c,
         )?;
-        let x_last: &[f32] = match self.acts.last() {
-            Some(a) => &a.out,
-            None => &self.x0,
-        };
+        let x_last = block_input(&self.acts, &self.x0, self.acts.len());
         ln_backward(
             grads,
             w,
@@ -418,16 +376,10 @@ impl Gpt2Step {
             &mut self.d_res,
             false,
         );
-        let dims = (self.b, t, self.n_head, self.n_head);
-        let scale = 1.0 / ((c / self.n_head) as f32).sqrt();
         for l in (0..self.acts.len()).rev() {
             let bp = self.blocks[l];
-            let (before, rest) = self.acts.split_at(l);
-            let x: &[f32] = match before.last() {
-                Some(prev) => &prev.out,
-                None => &self.x0,
-            };
-            let a = &rest[0];
+            let x = block_input(&self.acts, &self.x0, l);
+            let a = &self.acts[l];
             // out = x_mid + g @ W_proj + b: d g = d_res @ W_projᵀ, d W_proj += gᵀ @ d_res
             linear_backward(
                 grads,
@@ -503,23 +455,43 @@ impl Gpt2Step {
     }
 }
 
-/// `y (N, out) = x (N, in) @ w (in, out) [+ b]`.
-fn linear(
-    y: &mut [f32],
+/// The input of block `l`: block `l − 1`'s output, or the embeddings `x0` for the first
+/// (`l = acts.len()`: the last block's output, `ln_f`'s input).
+fn block_input<'a>(acts: &'a [BlockActs], x0: &'a [f32], l: usize) -> &'a [f32] {
+    match l.checked_sub(1) {
+        Some(prev) => &acts[prev].out,
+        None => x0,
+    }
+}
+
+/// LayerNorm of the rows of `x` by the parameters at `(wi, bi)`, keeping the row statistics.
+fn ln_forward(
+    w: &[&[f32]],
+    (wi, bi): (usize, Option<usize>),
     x: &[f32],
-    w: &[f32],
-    b: Option<&[f32]>,
+    (y, stats): (&mut [f32], &mut [f32]),
+    eps: f32,
+) {
+    layer_norm_rows_stats(x, w[wi], bi.map(|i| w[i]), y, stats, eps);
+}
+
+/// `y (N, out) = x (N, in) @ W (in, out) [+ b]`, `W` and `b` the parameters at `(wi, bi)`.
+fn linear(
+    w: &[&[f32]],
+    (wi, bi): (usize, Option<usize>),
+    x: &[f32],
+    y: &mut [f32],
     (n, d_in, d_out): (usize, usize, usize),
 ) -> Result<()> {
     gemm_into(
         y,
         (n, d_out, d_in),
         (x, d_in as isize, 1),
-        (w, d_out as isize, 1),
+        (w[wi], d_out as isize, 1),
         false,
         d_out,
     )?;
-    if let Some(b) = b {
+    if let Some(b) = bi.map(|i| w[i]) {
         for row in y.chunks_exact_mut(d_out) {
             super::layers::add_assign(row, b);
         }
