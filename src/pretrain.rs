@@ -10,14 +10,14 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::checkpoint::save_model;
 use crate::data::{Split, TokenDataset};
-use crate::kernels::train_step::Gpt2Step;
+use crate::kernels::train_step::{Gpt2Step, ShardedStep};
 use crate::model::{cross_entropy, Gpt};
 use crate::tokenizer::Tokenizer;
 use crate::train::Objective;
 use crate::Result;
 
 /// The hand-written training step and the parameters it reads.
-type OwnedStep = (Gpt2Step, Vec<(String, Var)>);
+type OwnedStep = (ShardedStep, Vec<(String, Var)>);
 
 /// The pre-training [`Objective`]: a model, its tokenizer and a tokenised corpus.
 #[derive(Debug)]
@@ -74,9 +74,12 @@ impl Pretraining {
                 && m.device().is_cpu()
                 && m.dtype() == DType::F32
                 && Gpt2Step::supports(cfg, true);
+            let b = self.batch_size;
             let built = fits.then(|| m.vars().ok()).flatten().and_then(|p| {
+                let n_params = p.iter().map(|(_, v)| v.elem_count()).sum();
+                let shards = ShardedStep::shards_for(n_params, b, rayon::current_num_threads());
                 Some((
-                    Gpt2Step::new(cfg, &p, self.batch_size, cfg.block_size).ok()?,
+                    ShardedStep::new(cfg, &p, b, cfg.block_size, shards).ok()?,
                     p,
                 ))
             });
@@ -178,7 +181,17 @@ impl Objective for Pretraining {
                 let (x, y) =
                     self.data
                         .batch(split, self.batch_size, block, rng, self.model.device())?;
-                sum += self.batch_loss(&x.detach(), &y, None)?.to_scalar::<f32>()? as f64;
+                // After a hand-written training step, its forward on its own buffers; else
+                // (autograd, or no step built yet) candle's.
+                let loss = match &mut self.owned {
+                    Some(Some((step, params))) => {
+                        let ids = x.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
+                        let targets = y.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
+                        step.loss(params, &ids, &targets)?
+                    }
+                    _ => self.batch_loss(&x.detach(), &y, None)?.to_scalar::<f32>()?,
+                };
+                sum += loss as f64;
             }
             out.push((format!("{split}_loss"), sum / eval_iters as f64));
         }

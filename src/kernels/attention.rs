@@ -76,6 +76,13 @@ const ROWWISE_MAX_TQ: usize = 4;
 /// on one and 13 µs on two; fwd+bwd at B 1, nh 2, T 32 (131k) 19 µs and 22 µs, at nh 4
 /// (262k) 35 µs either way, at T 64 (524k) 43 µs and 39 µs.
 const PARALLEL_MIN_WORK: usize = 1 << 17;
+
+/// From this much work (query heads × positions × head size) a decoding step's heads split
+/// over the threads ([`decode_rows`]). Lower than [`PARALLEL_MIN_WORK`]: the other thread is
+/// awake between the step's matrix-vector products anyway. GPT-2 124M decoding 128 f16
+/// tokens on 2 cores: the attention took 0.38 ms of a 6.6 ms step on one thread, 0.20–0.27
+/// ms split (12 heads from 22 positions on).
+const DECODE_PARALLEL_MIN_WORK: usize = 1 << 14;
 /// With grouped-query attention, the parallel backward gives each thread a whole group of
 /// query heads (one kv head's `dK`, `dV` are then accumulated by one thread) unless that
 /// makes fewer than this many pieces of work; then the groups are split (see
@@ -383,7 +390,9 @@ impl Dims {
     }
 
     fn parallel(&self) -> bool {
-        self.heads > 1 && self.heads * self.tq * self.tk * self.hs >= PARALLEL_MIN_WORK
+        self.heads > 1
+            && self.heads * self.tq * self.tk * self.hs >= PARALLEL_MIN_WORK
+            && !super::is_serial()
     }
 
     /// Key/value heads, `B · nkv`.
@@ -876,7 +885,7 @@ pub(crate) fn decode_rows(
         };
         isa.forward_head(job, scratch);
     };
-    let parallel = rows * nh > 1 && work >= PARALLEL_MIN_WORK;
+    let parallel = rows * nh > 1 && work >= DECODE_PARALLEL_MIN_WORK;
     for_each_head(items, parallel, || FwdScratch::new(one(max_len)), run);
     Ok(out)
 }

@@ -10,7 +10,8 @@ use candle_core::Result;
 /// row-major matrix).
 pub(crate) type Operand<'a> = (&'a [f32], isize, isize);
 
-/// `dst (m, n) = [dst +] lhs (m, k) @ rhs (k, n)` on rayon's pool: `dst` row-major with
+/// `dst (m, n) = [dst +] lhs (m, k) @ rhs (k, n)` on rayon's pool (on the calling thread
+/// inside [`super::serial`]): `dst` row-major with
 /// `dst_rs` elements between rows. Errors if a stride reaches past its slice or is negative.
 pub(crate) fn gemm_into(
     dst: &mut [f32],
@@ -50,7 +51,7 @@ pub(crate) fn gemm_into(
         return Ok(());
     }
     let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
+    let parallelism = if threads > 1 && !super::is_serial() {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None

@@ -133,13 +133,14 @@ pub(crate) fn tensor(data: Vec<f32>, shape: &Shape) -> candle_core::Result<Tenso
 }
 
 /// How many row chunks a pass over `rows` rows of `elems` elements at `ps_per_elem` (see
-/// [`cost`]) is split into: 1 below [`PAR_MIN_NS`], else one per rayon thread. `forced`
+/// [`cost`]) is split into: 1 below [`PAR_MIN_NS`] or inside [`super::serial`], else one per
+/// rayon thread. `forced`
 /// (tests) overrides.
 pub(crate) fn plan(rows: usize, elems: usize, ps_per_elem: usize, forced: Option<usize>) -> usize {
     if let Some(n) = forced {
         return n;
     }
-    if elems.saturating_mul(ps_per_elem) / 1_000 < PAR_MIN_NS {
+    if elems.saturating_mul(ps_per_elem) / 1_000 < PAR_MIN_NS || super::is_serial() {
         1
     } else {
         rayon::current_num_threads().clamp(1, rows.max(1))

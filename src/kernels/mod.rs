@@ -20,6 +20,8 @@
 //! Each fused op has a `*_reference` twin written with plain candle ops that runs on every
 //! device and dtype; the tests hold the two to 1e-4 in values and gradients.
 
+use std::cell::Cell;
+
 pub mod attention;
 pub(crate) mod decode_step;
 pub mod dropout_mask;
@@ -32,3 +34,31 @@ pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;
 pub(crate) mod train_step;
+
+thread_local! {
+    /// Whether this thread's kernels keep their work on this thread ([`serial`]).
+    static SERIAL: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Restores [`SERIAL`] when [`serial`]'s scope ends, however it ends.
+struct SerialScope(bool);
+
+impl Drop for SerialScope {
+    fn drop(&mut self) {
+        SERIAL.with(|s| s.set(self.0));
+    }
+}
+
+/// Runs `f` with the kernels it calls on this thread (gemm, attention heads, row passes) kept
+/// on this thread: for work that is itself one of several running side by side, one per
+/// thread (a training step's shards of the batch, [`train_step::ShardedStep`]), where
+/// splitting each product again would only hand work back and forth.
+pub(crate) fn serial<T>(f: impl FnOnce() -> T) -> T {
+    let _restore = SerialScope(SERIAL.with(|s| s.replace(true)));
+    f()
+}
+
+/// Whether the calling thread is inside [`serial`].
+pub(crate) fn is_serial() -> bool {
+    SERIAL.with(Cell::get)
+}

@@ -14,6 +14,7 @@
 //! ([`super::gemm`]) on row-major slices, transposes given as strides.
 
 use candle_core::{Storage, Var};
+use rayon::prelude::*;
 
 use super::attention::{qkv_attention_backward, qkv_attention_forward, QkvSaved};
 use super::gemm::gemm_into;
@@ -243,12 +244,25 @@ impl Gpt2Step {
     /// # Errors
     /// A token id outside the vocabulary, ids of another length, or a parameter that is no
     /// longer f32 on the CPU.
+    #[cfg(test)] // the trainer goes through [`ShardedStep`]
     pub(crate) fn forward_backward(
         &mut self,
         params: &[(String, Var)],
         ids: &[u32],
         targets: &[u32],
         loss_scale: f32,
+    ) -> Result<f32> {
+        self.run(params, ids, targets, Some(loss_scale))
+    }
+
+    /// The forward pass, then the backward with `backward`'s loss scale when it is given
+    /// (without: an evaluation, the gradients untouched).
+    fn run(
+        &mut self,
+        params: &[(String, Var)],
+        ids: &[u32],
+        targets: &[u32],
+        backward: Option<f32>,
     ) -> Result<f32> {
         let n = self.b * self.t;
         if ids.len() != n || targets.len() != n {
@@ -281,8 +295,10 @@ impl Gpt2Step {
                 )),
             })
             .collect::<Result<Vec<&[f32]>>>()?;
-        let loss = self.forward(&w, ids, targets, loss_scale)?;
-        self.backward(&w, ids)?;
+        let loss = self.forward(&w, ids, targets, backward.unwrap_or(0.0))?;
+        if backward.is_some() {
+            self.backward(&w, ids)?;
+        }
         Ok(loss)
     }
 
@@ -452,6 +468,176 @@ impl Gpt2Step {
             super::layers::add_assign(&mut grads[self.wpe][(r % t) * c..][..c], d);
         }
         Ok(())
+    }
+}
+
+/// Most bytes of gradients [`ShardedStep::shards_for`] adds for the extra shards' copies
+/// (16M parameters over 2 threads: nanoGPT's 6 × 384 char model has 10.7M). A larger model's
+/// products are large enough for gemm to split them well, and its gradient copy would cost
+/// memory a real-size run needs.
+const SHARD_MAX_EXTRA_BYTES: usize = 64 << 20;
+
+/// A training step split over the threads by rows of the batch (data parallelism, as
+/// PyTorch's DistributedDataParallel splits it over processes): each shard is a [`Gpt2Step`]
+/// of its own rows, run on one thread with every kernel kept there ([`super::serial`]), and
+/// the shards' gradients are summed into the first's after each micro-batch. One shard is
+/// the plain step. On 2 cores with the default config, splitting each product instead
+/// handed half of every one of ~50 products a step to the other thread and back (10% of
+/// the step in the scheduler) and left the element-wise passes on one thread.
+pub(crate) struct ShardedStep {
+    shards: Vec<Gpt2Step>,
+    /// Batch rows per shard, in order.
+    rows: Vec<usize>,
+}
+
+impl std::fmt::Debug for ShardedStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardedStep")
+            .field("rows", &self.rows)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ShardedStep {
+    /// How many shards a batch of `b` rows of a model of `n_params` parameters takes on
+    /// `threads` threads: one per thread (at most one per row) when the extra shards'
+    /// gradient copies stay within `SHARD_MAX_EXTRA_BYTES`, else one.
+    pub(crate) fn shards_for(n_params: usize, b: usize, threads: usize) -> usize {
+        let shards = threads.clamp(1, b.max(1));
+        let extra = (shards - 1).saturating_mul(n_params).saturating_mul(4);
+        if extra <= SHARD_MAX_EXTRA_BYTES {
+            shards
+        } else {
+            1
+        }
+    }
+
+    /// A step for batches of `(b, t)` in `shards` shards (clamped to `1..=b`), the rows
+    /// dealt out as evenly as they go, earlier shards taking the one extra.
+    ///
+    /// # Errors
+    /// As [`Gpt2Step::new`].
+    pub(crate) fn new(
+        cfg: &GptConfig,
+        params: &[(String, Var)],
+        b: usize,
+        t: usize,
+        shards: usize,
+    ) -> Result<Self> {
+        let n = shards.clamp(1, b.max(1));
+        let rows: Vec<usize> = (0..n).map(|i| b / n + usize::from(i < b % n)).collect();
+        let shards = rows
+            .iter()
+            .map(|&bi| Gpt2Step::new(cfg, params, bi, t))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { shards, rows })
+    }
+
+    /// The gradients, in the parameter list's order (the sum over the shards).
+    pub(crate) fn grads(&self) -> &[Vec<f32>] {
+        self.shards.first().map_or(&[], |s| s.grads())
+    }
+
+    /// Zeroes every gradient (before a step's first micro-batch).
+    pub(crate) fn zero_grads(&mut self) {
+        for s in &mut self.shards {
+            s.zero_grads();
+        }
+    }
+
+    /// As [`Gpt2Step::forward_backward`] for the whole batch: each shard's rows on a thread
+    /// of their own, the mean loss over all rows returned, its gradient (times `loss_scale`)
+    /// added into [`ShardedStep::grads`].
+    ///
+    /// # Errors
+    /// As [`Gpt2Step::forward_backward`]; ids or targets of another length than `(b, t)`.
+    pub(crate) fn forward_backward(
+        &mut self,
+        params: &[(String, Var)],
+        ids: &[u32],
+        targets: &[u32],
+        loss_scale: f32,
+    ) -> Result<f32> {
+        self.run(params, ids, targets, Some(loss_scale))
+    }
+
+    /// As [`Gpt2Step::loss`] for the whole batch, the shards side by side: an evaluation on
+    /// the step's buffers, where candle's forward of the trained (tracked) weights would keep
+    /// every intermediate of the batch for a backward pass that never comes.
+    ///
+    /// # Errors
+    /// As [`ShardedStep::forward_backward`].
+    pub(crate) fn loss(
+        &mut self,
+        params: &[(String, Var)],
+        ids: &[u32],
+        targets: &[u32],
+    ) -> Result<f32> {
+        self.run(params, ids, targets, None)
+    }
+
+    /// Each shard's [`Gpt2Step::run`] on its rows; the gradients summed into the first's.
+    fn run(
+        &mut self,
+        params: &[(String, Var)],
+        ids: &[u32],
+        targets: &[u32],
+        backward: Option<f32>,
+    ) -> Result<f32> {
+        if let [one] = self.shards.as_mut_slice() {
+            return one.run(params, ids, targets, backward);
+        }
+        let b: usize = self.rows.iter().sum();
+        let t = self.shards.first().map_or(0, |s| s.t);
+        if ids.len() != b * t || targets.len() != b * t {
+            return Err(Error::InvalidArgument(format!(
+                "training step: {} ids and {} targets for a batch of {}",
+                ids.len(),
+                targets.len(),
+                b * t
+            )));
+        }
+        let starts: Vec<usize> = self
+            .rows
+            .iter()
+            .scan(0, |at, &r| {
+                let s = *at;
+                *at += r;
+                Some(s)
+            })
+            .collect();
+        let jobs: Vec<(&mut Gpt2Step, usize, usize)> = self
+            .shards
+            .iter_mut()
+            .zip(starts.iter().zip(&self.rows))
+            .map(|(s, (&at, &r))| (s, at * t, r))
+            .collect();
+        // Each shard's mean, weighted by its share of the rows: the whole batch's mean.
+        let losses = jobs
+            .into_par_iter()
+            .map(|(s, at, r)| {
+                let share = r as f32 / b as f32;
+                let span = at..at + r * t;
+                let scale = backward.map(|s| s * share);
+                super::serial(|| s.run(params, &ids[span.clone()], &targets[span], scale))
+                    .map(|loss| loss * share)
+            })
+            .collect::<Result<Vec<f32>>>()?;
+        if backward.is_none() {
+            return Ok(losses.iter().sum());
+        }
+        let (first, rest) = self.shards.split_at_mut(1);
+        for s in rest {
+            first[0]
+                .grads
+                .par_iter_mut()
+                .zip(s.grads.par_iter_mut())
+                .for_each(|(acc, g)| {
+                    super::layers::add_assign(acc, g);
+                    g.fill(0.0);
+                });
+        }
+        Ok(losses.iter().sum())
     }
 }
 
@@ -732,6 +918,54 @@ mod tests {
             let err = rel_err(got, &want);
             assert!(err <= 1e-5, "`{name}` off by {err:e}");
         }
+    }
+
+    /// Two and three shards (rows dealt 2 + 1, 1 + 1 + 1) give the whole batch's loss and
+    /// gradients, also accumulated over two micro-batches after a stale one is zeroed.
+    #[test]
+    fn shards_give_the_whole_batchs_loss_and_gradients() {
+        let cfg = cfg(true);
+        let (_, params) = model(&cfg, 5);
+        let (b, t) = (3, 8);
+        let (ids_1, tgt_1) = batch(&cfg, b, t, 3);
+        let (ids_2, tgt_2) = batch(&cfg, b, t, 4);
+        let mut whole = Gpt2Step::new(&cfg, &params, b, t).unwrap();
+        let want_loss = whole
+            .forward_backward(&params, &ids_1, &tgt_1, 0.5)
+            .unwrap();
+        whole
+            .forward_backward(&params, &ids_2, &tgt_2, 0.5)
+            .unwrap();
+        for shards in [2, 3] {
+            let mut step = ShardedStep::new(&cfg, &params, b, t, shards).unwrap();
+            assert_eq!(step.rows.len(), shards);
+            step.forward_backward(&params, &ids_2, &tgt_2, 1.0).unwrap();
+            step.zero_grads();
+            let loss = step.forward_backward(&params, &ids_1, &tgt_1, 0.5).unwrap();
+            step.forward_backward(&params, &ids_2, &tgt_2, 0.5).unwrap();
+            assert!(
+                (loss - want_loss).abs() <= 1e-6 * want_loss,
+                "{loss} vs {want_loss}"
+            );
+            for (((name, _), got), want) in params.iter().zip(step.grads()).zip(whole.grads()) {
+                let err = rel_err(got, want);
+                assert!(err <= 1e-6, "{shards} shards: `{name}` off by {err:e}");
+            }
+            assert!(step
+                .forward_backward(&params, &ids_1[1..], &tgt_1, 1.0)
+                .is_err());
+            // The forward alone: the same loss, the gradients untouched.
+            let before = step.grads().to_vec();
+            let eval = step.loss(&params, &ids_1, &tgt_1).unwrap();
+            assert!(
+                (eval - want_loss).abs() <= 1e-6 * want_loss,
+                "{eval} vs {want_loss}"
+            );
+            assert_eq!(step.grads(), &before[..]);
+        }
+        assert_eq!(ShardedStep::shards_for(1 << 20, 12, 2), 2);
+        assert_eq!(ShardedStep::shards_for(1 << 20, 1, 2), 1);
+        assert_eq!(ShardedStep::shards_for(100 << 20, 12, 2), 1);
     }
 
     #[test]
