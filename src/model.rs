@@ -1754,6 +1754,84 @@ impl StepKv for CacheRows<'_> {
     }
 }
 
+/// A [`KvCache`] of one sequence taking a prompt of R tokens at positions `past..past + R`:
+/// the rows' keys and values gathered `(R, nkv·hs)`, written into the layer's
+/// `(1, nkv, capacity, hs)` tensors in place, and each row's query reading the positions up to
+/// its own (causal within the prompt).
+struct PromptRows<'a> {
+    cache: &'a mut KvCache,
+    k: Vec<f32>, // (R, nkv·hs)
+    v: Vec<f32>,
+}
+
+impl StepKv for PromptRows<'_> {
+    fn store(
+        &mut self,
+        _: usize,
+        r: usize,
+        _: usize,
+        k: &[f32],
+        v: &[f32],
+        _: Dims4,
+    ) -> Result<()> {
+        if r == 0 {
+            self.k.clear();
+            self.v.clear();
+        }
+        self.k.extend_from_slice(k);
+        self.v.extend_from_slice(v);
+        Ok(())
+    }
+
+    fn attend(
+        &mut self,
+        l: usize,
+        q: &[f32],
+        pos: &[usize],
+        dims: Dims4,
+        scale: f32,
+    ) -> Result<Vec<f32>> {
+        let (nh, nkv, hs, block_size) = dims;
+        let (rows, past) = (pos.len(), pos.first().copied().unwrap_or(0));
+        let device = candle_core::Device::Cpu;
+        let slot =
+            self.cache.layers.get_mut(l).ok_or_else(|| {
+                Error::InvalidArgument(format!("prompt: the cache has no layer {l}"))
+            })?;
+        let kv = reserve_kv(
+            slot,
+            (1, nkv, hs, block_size),
+            past,
+            past + rows,
+            DType::F32,
+            &device,
+        )?;
+        // (R, nkv, hs) → (1, nkv, R, hs), written in place at `past..past + R`.
+        let new = |x: &[f32]| -> Result<Tensor> {
+            Ok(Tensor::from_slice(x, (1, rows, nkv, hs), &device)?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        kv.k.slice_set(&new(&self.k)?, 2, past)?;
+        kv.v.slice_set(&new(&self.v)?, 2, past)?;
+        let cap = kv.k.dim(2)?;
+        let dims = (nh, nkv, hs, cap);
+        layers::with_slices(&[&kv.k, &kv.v], |s| {
+            let caches: Vec<RowCache> = pos
+                .iter()
+                .map(|&p| RowCache {
+                    k: s[0],
+                    v: s[1],
+                    len: p + 1,
+                })
+                .collect();
+            attention::decode_rows(q, &caches, dims, scale)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        })
+        .map_err(Error::from)
+    }
+}
+
 /// The decoder: token embeddings (+ GPT-2's learned position embeddings) → `n_layer` blocks →
 /// final norm → `lm_head` (tied to the token embedding, or Llama's own `lm_head.weight`).
 /// [`GptConfig::arch`] chooses GPT-2's or Llama's layers; everything else — the stages, the
@@ -2060,7 +2138,11 @@ impl Gpt {
     }
 
     /// Incremental decoding: feeds `input_ids` (B, T) at positions `cache.len()..` and returns
-    /// the logits of the **last** position only, (B, vocab_size). The cache grows by T.
+    /// the logits of the **last** position only, (B, vocab_size). The cache grows by T. On the
+    /// CPU with f16, f32 or Q8_0 weights a step of one position per row, and a prompt of one
+    /// sequence of up to 64 tokens, run on plain rows ([`crate::kernels::decode_step`]): the
+    /// prompt's tokens as the rows of one step, each attending to the positions up to its
+    /// own, the head applied to the last row only.
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] if the cache would exceed `block_size` (positions past the
@@ -2077,10 +2159,34 @@ impl Gpt {
                     .to_dtype(DType::U32)?
                     .flatten_all()?
                     .to_vec1::<u32>()?;
-                let logits =
-                    self.decode_by_rows(&tokens, &vec![past; b], &mut CacheRows::new(cache, b))?;
+                let logits = self.decode_by_rows(
+                    &tokens,
+                    &vec![past; b],
+                    &mut CacheRows::new(cache, b),
+                    false,
+                )?;
                 cache.len = past + 1;
                 return Ok(logits); // (B, V)
+            }
+        }
+        if let (Ok((1, t)), true) = (input_ids.dims2(), self.decodes_by_rows()) {
+            // A short prompt of one sequence: its tokens as the rows of one step, each
+            // attending to the positions up to its own; the head for the last row only.
+            let past = cache.len();
+            if (2..=crate::gemv::MAX_ROWS).contains(&t) && past + t <= self.cfg.block_size {
+                let tokens = input_ids
+                    .to_dtype(DType::U32)?
+                    .flatten_all()?
+                    .to_vec1::<u32>()?;
+                let pos: Vec<usize> = (past..past + t).collect();
+                let mut rows = PromptRows {
+                    cache,
+                    k: Vec::new(),
+                    v: Vec::new(),
+                };
+                let logits = self.decode_by_rows(&tokens, &pos, &mut rows, true)?;
+                cache.len = past + t;
+                return Ok(logits); // (1, V)
             }
         }
         // A prompt through the cache: f32 weights stream too (inference only, so no trained
@@ -2106,7 +2212,7 @@ impl Gpt {
     ) -> Result<Tensor> {
         let mut slots = SlotRows(kv);
         if self.decodes_by_rows() {
-            return self.decode_by_rows(tokens, pos, &mut slots);
+            return self.decode_by_rows(tokens, pos, &mut slots, false);
         }
         let cfg = &self.cfg;
         let (r, c) = (tokens.len(), cfg.n_embd);
@@ -2174,18 +2280,20 @@ impl Gpt {
     /// ([`crate::kernels::decode_step`]): token `tokens[r]` at position `pos[r]`, its key and
     /// value stored through `kv`, its query attending to its row's positions `0..=pos[r]`.
     /// The same layers as [`Gpt::hidden_states`], in the same order and with the same row
-    /// kernels, without a tensor per op. Returns the logits (R, V).
+    /// kernels, without a tensor per op. Returns the logits (R, V), or with `last_only` those
+    /// of the last row (1, V) (a prompt, whose other rows' predictions nobody reads).
     fn decode_by_rows(
         &self,
         tokens: &[u32],
         pos: &[usize],
         kv: &mut impl StepKv,
+        last_only: bool,
     ) -> Result<Tensor> {
         if rayon::current_thread_index().is_none() {
             // Run the step on one of rayon's threads: each product then splits from there,
             // its other half taken by a thread still awake from the last one, where a call
             // from outside the pool would wake a sleeping thread ~150 times a token.
-            return rayon::scope(|_| self.decode_by_rows(tokens, pos, kv));
+            return rayon::scope(|_| self.decode_by_rows(tokens, pos, kv, last_only));
         }
         let cfg = &self.cfg;
         let (r, c, v) = (tokens.len(), cfg.n_embd, cfg.vocab_size);
@@ -2228,12 +2336,18 @@ impl Gpt {
             block.mlp.forward_rows(&h, r, &mut y)?; // (R, C)
             add_assign(&mut x, &y);
         }
-        self.ln_f.forward_rows(&x, &mut h)?;
+        let (r, x) = if last_only && r > 0 {
+            (1, &x[(r - 1) * c..]) // the last row's residual stream
+        } else {
+            (r, &x[..])
+        };
+        let h = &mut h[..r * c];
+        self.ln_f.forward_rows(x, h)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.wte); // (V, C)
         let mut logits = vec![0f32; r * v];
         match self.head_q8() {
-            Some(q) => q.linear_into(&h, r, &mut logits)?,
-            None => crate::gemv::linear_into(&h, r, &head.t()?, &mut logits)?, // (R, V)
+            Some(q) => q.linear_into(h, r, &mut logits)?,
+            None => crate::gemv::linear_into(h, r, &head.t()?, &mut logits)?, // (R, V)
         }
         Ok(Tensor::from_vec(logits, (r, v), device)?)
     }

@@ -555,13 +555,31 @@ struct FusedQkvAttention {
 
 /// What [`FusedQkvAttention`]'s forward (and [`qkv_attention_forward`]) keeps for the
 /// backward: head-major `q`, `o` `(B · nh, T, hs)`, `k`, `v` `(B · nkv, T, hs)`, and the LSE
-/// `(B · nh, T)`.
+/// `(B · nh, T)`. Empty by default; [`qkv_attention_forward`] fills one in place, reusing
+/// its vectors from the last call.
+#[derive(Default)]
 pub(crate) struct QkvSaved {
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
     o: Vec<f32>,
     lse: Vec<f32>,
+}
+
+/// The backward's own head-major buffers (`dO`, `dQ`, `dK`, `dV`), kept by a caller that runs
+/// [`qkv_attention_backward`] again and again so that no call allocates them anew.
+#[derive(Default)]
+pub(crate) struct QkvBackwardBuffers {
+    d_o: Vec<f32>,
+    dq: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+}
+
+/// `v` resized to `len` zeros, its allocation kept when large enough.
+fn zeroed(v: &mut Vec<f32>, len: usize) {
+    v.clear();
+    v.resize(len, 0.0);
 }
 
 /// Sizes of a `qkv` (B, T, (nh + 2·nkv)·hs) split into `nh` query heads and `nkv` key and
@@ -616,14 +634,14 @@ impl QkvDims {
         }
     }
 
-    /// Head-major copy of the `n` heads at column `col` of a (B, T, width) tensor.
-    fn gather(&self, x: &[f32], width: usize, col: usize, n: usize) -> Vec<f32> {
+    /// Head-major copy of the `n` heads at column `col` of a (B, T, width) tensor, into `out`
+    /// (resized; every element written).
+    fn gather_into(&self, x: &[f32], width: usize, col: usize, n: usize, out: &mut Vec<f32>) {
         let hs = self.hs;
-        let mut out = vec![0f32; self.b * self.t * n * hs];
+        out.resize(self.b * self.t * n * hs, 0.0);
         self.rows(width, n, |hm, rm| {
             out[hm..hm + hs].copy_from_slice(&x[rm + col..rm + col + hs])
         });
-        out
     }
 
     /// Writes `n` head-major heads `x` at column `col` of `out` (B, T, width).
@@ -679,6 +697,7 @@ impl candle_core::CustomOp1 for FusedQkvAttention {
         qkv_backward(
             qd,
             saved,
+            &mut QkvBackwardBuffers::default(),
             cpu_f32(gs, gl, "output gradient")?,
             self.scale,
             &mut dqkv,
@@ -690,39 +709,61 @@ impl candle_core::CustomOp1 for FusedQkvAttention {
 /// The fused forward over a packed `qkv` (B, T, width) into `y` (B, T, nh·hs), keeping what
 /// the backward needs.
 fn qkv_forward(qd: QkvDims, x: &[f32], scale: f32, y: &mut [f32]) -> QkvSaved {
-    let (w, c, ckv) = (qd.width(), qd.nh * qd.hs, qd.nkv * qd.hs);
-    let (q, k, v) = (
-        qd.gather(x, w, 0, qd.nh),
-        qd.gather(x, w, c, qd.nkv),
-        qd.gather(x, w, c + ckv, qd.nkv),
-    );
-    let d = qd.kernel_dims(scale);
-    let (o, lse) = forward(Isa::detect(), &q, (&k, d.tk * d.hs), (&v, d.tk * d.hs), d);
-    qd.scatter(&o, y, c, 0, qd.nh);
-    QkvSaved { q, k, v, o, lse }
+    let mut saved = QkvSaved::default();
+    qkv_forward_into(qd, x, scale, y, &mut saved);
+    saved
 }
 
-/// The fused backward: `dqkv` (B, T, width) from the output gradient `dy` (B, T, nh·hs).
-fn qkv_backward(qd: QkvDims, saved: &QkvSaved, dy: &[f32], scale: f32, dqkv: &mut [f32]) {
+/// [`qkv_forward`] into `saved`'s vectors (reused).
+fn qkv_forward_into(qd: QkvDims, x: &[f32], scale: f32, y: &mut [f32], saved: &mut QkvSaved) {
     let (w, c, ckv) = (qd.width(), qd.nh * qd.hs, qd.nkv * qd.hs);
-    let d_o = qd.gather(dy, c, 0, qd.nh);
+    let QkvSaved { q, k, v, o, lse } = saved;
+    qd.gather_into(x, w, 0, qd.nh, q);
+    qd.gather_into(x, w, c, qd.nkv, k);
+    qd.gather_into(x, w, c + ckv, qd.nkv, v);
+    let d = qd.kernel_dims(scale);
+    forward_into(
+        Isa::detect(),
+        q,
+        (k, d.tk * d.hs),
+        (v, d.tk * d.hs),
+        d,
+        (o, lse),
+    );
+    qd.scatter(o, y, c, 0, qd.nh);
+}
+
+/// The fused backward: `dqkv` (B, T, width) from the output gradient `dy` (B, T, nh·hs),
+/// through the head-major buffers `bufs` (reused).
+fn qkv_backward(
+    qd: QkvDims,
+    saved: &QkvSaved,
+    bufs: &mut QkvBackwardBuffers,
+    dy: &[f32],
+    scale: f32,
+    dqkv: &mut [f32],
+) {
+    let (w, c, ckv) = (qd.width(), qd.nh * qd.hs, qd.nkv * qd.hs);
+    let QkvBackwardBuffers { d_o, dq, dk, dv } = bufs;
+    qd.gather_into(dy, c, 0, qd.nh, d_o);
     let inputs = BwdInputs {
         q: &saved.q,
         k: &saved.k,
         v: &saved.v,
         o: &saved.o,
-        d_o: &d_o,
+        d_o,
         lse: &saved.lse,
     };
-    let (dq, dk, dv) = backward(Isa::detect(), inputs, qd.kernel_dims(scale));
-    qd.scatter(&dq, dqkv, w, 0, qd.nh);
-    qd.scatter(&dk, dqkv, w, c, qd.nkv);
-    qd.scatter(&dv, dqkv, w, c + ckv, qd.nkv);
+    backward_into(Isa::detect(), inputs, qd.kernel_dims(scale), (dq, dk, dv));
+    qd.scatter(dq, dqkv, w, 0, qd.nh);
+    qd.scatter(dk, dqkv, w, c, qd.nkv);
+    qd.scatter(dv, dqkv, w, c + ckv, qd.nkv);
 }
 
 /// [`causal_attention_gqa_qkv`]'s CPU kernel on plain slices, for the hand-written training
 /// step ([`super::train_step`]): `qkv` (B, T, (nh + 2·nkv)·hs) → `y` (B, T, nh·hs), and what
-/// [`qkv_attention_backward`] needs. `scale` is usually `1 / sqrt(hs)`.
+/// [`qkv_attention_backward`] needs into `saved` (its vectors reused: no allocation once they
+/// have their size). `scale` is usually `1 / sqrt(hs)`.
 ///
 /// # Errors
 /// When `nkv` does not divide `nh`, the width is not `(nh + 2·nkv)·hs` or `y` has another size.
@@ -731,7 +772,8 @@ pub(crate) fn qkv_attention_forward(
     (b, t, nh, nkv): (usize, usize, usize, usize),
     scale: f32,
     y: &mut [f32],
-) -> candle_core::Result<QkvSaved> {
+    saved: &mut QkvSaved,
+) -> candle_core::Result<()> {
     let width = qkv.len() / (b * t).max(1);
     let qd = QkvDims::of(b, t, width, nh, nkv)?;
     if qkv.len() != b * t * width || y.len() != b * t * nh * qd.hs {
@@ -741,16 +783,18 @@ pub(crate) fn qkv_attention_forward(
             y.len()
         );
     }
-    Ok(qkv_forward(qd, qkv, scale, y))
+    qkv_forward_into(qd, qkv, scale, y, saved);
+    Ok(())
 }
 
 /// The backward of [`qkv_attention_forward`]: `dqkv` (B, T, (nh + 2·nkv)·hs), overwritten,
-/// from `dy` (B, T, nh·hs).
+/// from `dy` (B, T, nh·hs), through the head-major buffers `bufs` (reused).
 ///
 /// # Errors
 /// As [`qkv_attention_forward`], for `dqkv` and `dy`.
 pub(crate) fn qkv_attention_backward(
     saved: &QkvSaved,
+    bufs: &mut QkvBackwardBuffers,
     dy: &[f32],
     (b, t, nh, nkv): (usize, usize, usize, usize),
     scale: f32,
@@ -768,7 +812,7 @@ pub(crate) fn qkv_attention_backward(
             dy.len()
         );
     }
-    qkv_backward(qd, saved, dy, scale, dqkv);
+    qkv_backward(qd, saved, bufs, dy, scale, dqkv);
     Ok(())
 }
 
@@ -785,11 +829,25 @@ fn forward(
     (v, v_head): (&[f32], usize),
     d: Dims,
 ) -> (Vec<f32>, Vec<f32>) {
+    let (mut out, mut lse) = (Vec::new(), Vec::new());
+    forward_into(isa, q, (k, k_head), (v, v_head), d, (&mut out, &mut lse));
+    (out, lse)
+}
+
+/// [`forward`] into `out` and `lse` (resized, zeroed, their allocations kept).
+fn forward_into(
+    isa: Isa,
+    q: &[f32],
+    (k, k_head): (&[f32], usize),
+    (v, v_head): (&[f32], usize),
+    d: Dims,
+    (out, lse): (&mut Vec<f32>, &mut Vec<f32>),
+) {
     let (tq, tk, hs) = (d.tq, d.tk, d.hs);
-    let mut out = vec![0f32; d.heads * tq * hs];
-    let mut lse = vec![0f32; d.heads * tq];
+    zeroed(out, d.heads * tq * hs);
+    zeroed(lse, d.heads * tq);
     if out.is_empty() {
-        return (out, lse);
+        return;
     }
     let heads = out.chunks_mut(tq * hs).zip(lse.chunks_mut(tq)).collect();
     let run = |scratch: &mut FwdScratch, h: usize, (o, lse): (&mut [f32], &mut [f32])| {
@@ -805,7 +863,6 @@ fn forward(
         isa.forward_head(job, scratch);
     };
     for_each_head(heads, d.parallel(), || FwdScratch::new(d), run);
-    (out, lse)
 }
 
 /// One row's cache for [`decode_rows`]: keys and values `(nkv, capacity, hs)`, the first `len`
@@ -908,21 +965,32 @@ struct BwdInputs<'a> {
 /// after the other on one thread, adding into the same `dK`, `dV`. With parts, each part has
 /// its own `dK`, `dV`, summed here afterwards. MHA (`group` 1) is one head a piece, as before.
 fn backward(isa: Isa, x: BwdInputs, d: Dims) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (mut dq, mut dk, mut dv) = (Vec::new(), Vec::new(), Vec::new());
+    backward_into(isa, x, d, (&mut dq, &mut dk, &mut dv));
+    (dq, dk, dv)
+}
+
+/// [`backward`] into `dq`, `dk`, `dv` (resized, their allocations kept; with parts, the
+/// parts' sums are vectors of their own).
+fn backward_into(
+    isa: Isa,
+    x: BwdInputs,
+    d: Dims,
+    (dq, dk, dv): (&mut Vec<f32>, &mut Vec<f32>, &mut Vec<f32>),
+) {
     let (tq, tk, hs) = (d.tq, d.tk, d.hs);
     let (kv_heads, parts) = (d.kv_heads(), d.kv_parts());
     let per = d.group / parts; // query heads per piece
-    let mut dq = vec![0f32; d.heads * tq * hs];
+    zeroed(dq, d.heads * tq * hs);
     if dq.is_empty() {
-        return (
-            dq,
-            vec![0f32; kv_heads * tk * hs],
-            vec![0f32; kv_heads * tk * hs],
-        );
+        zeroed(dk, kv_heads * tk * hs);
+        zeroed(dv, kv_heads * tk * hs);
+        return;
     }
     // Piece i: kv head i / parts, query heads i·per..(i + 1)·per (consecutive, so its dq is
     // one chunk), its own dk, dv.
-    let mut dk = vec![0f32; kv_heads * parts * tk * hs];
-    let mut dv = vec![0f32; kv_heads * parts * tk * hs];
+    zeroed(dk, kv_heads * parts * tk * hs);
+    zeroed(dv, kv_heads * parts * tk * hs);
     type Grads<'g> = ((&'g mut [f32], &'g mut [f32]), &'g mut [f32]);
     let pieces = dq
         .chunks_mut(per * tq * hs)
@@ -964,9 +1032,9 @@ fn backward(isa: Isa, x: BwdInputs, d: Dims) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
             }
             out
         };
-        return (dq, reduce(dk), reduce(dv));
+        *dk = reduce(std::mem::take(dk));
+        *dv = reduce(std::mem::take(dv));
     }
-    (dq, dk, dv)
 }
 
 /// Runs `run(scratch, h, item)` for every head `h`, on candle's CPU thread pool when

@@ -16,7 +16,9 @@
 use candle_core::{Storage, Var};
 use rayon::prelude::*;
 
-use super::attention::{qkv_attention_backward, qkv_attention_forward, QkvSaved};
+use super::attention::{
+    qkv_attention_backward, qkv_attention_forward, QkvBackwardBuffers, QkvSaved,
+};
 use super::gemm::gemm_into;
 use super::layers::{
     exp, gelu_grad_rows, gelu_rows, layer_norm_backward_rows, layer_norm_rows_stats, sum,
@@ -44,7 +46,7 @@ struct BlockActs {
     qkv: Vec<f32>,
     /// The attention's output, heads merged, `(N, C)`, and its kernel's saved state.
     att: Vec<f32>,
-    att_saved: Option<QkvSaved>,
+    att_saved: QkvSaved,
     /// The residual stream after the attention, `x + c_proj(att)` `(N, C)`.
     x_mid: Vec<f32>,
     /// `ln_2(x_mid)` `(N, C)` and its statistics.
@@ -82,6 +84,8 @@ pub(crate) struct Gpt2Step {
     d_att: Vec<f32>,
     d_qkv: Vec<f32>,
     d_h: Vec<f32>,
+    /// The attention backward's head-major buffers, shared by the blocks.
+    att_bwd: QkvBackwardBuffers,
     /// Every parameter's gradient, in the parameter list's order, each its parameter's size.
     grads: Vec<Vec<f32>>,
 }
@@ -188,7 +192,7 @@ impl Gpt2Step {
                 ln_1_stats: z(n * 2),
                 qkv: z(n * 3 * c),
                 att: z(n * c),
-                att_saved: None,
+                att_saved: QkvSaved::default(),
                 x_mid: z(n * c),
                 ln_2: z(n * c),
                 ln_2_stats: z(n * 2),
@@ -221,6 +225,7 @@ impl Gpt2Step {
             d_att: z(n * c),
             d_qkv: z(n * 3 * c),
             d_h: z(n * 4 * c),
+            att_bwd: QkvBackwardBuffers::default(),
             grads: params.iter().map(|(_, p)| z(p.elem_count())).collect(),
         })
     }
@@ -329,7 +334,7 @@ impl Gpt2Step {
             let a = &mut rest[0];
             ln_forward(w, bp.ln_1, x, (&mut a.ln_1, &mut a.ln_1_stats), eps);
             linear(w, bp.c_attn, &a.ln_1, &mut a.qkv, (n, c, 3 * c))?;
-            a.att_saved = Some(qkv_attention_forward(&a.qkv, dims, scale, &mut a.att)?);
+            qkv_attention_forward(&a.qkv, dims, scale, &mut a.att, &mut a.att_saved)?;
             linear(w, bp.attn_proj, &a.att, &mut a.x_mid, (n, c, c))?;
             super::layers::add_assign(&mut a.x_mid, x);
             ln_forward(w, bp.ln_2, &a.x_mid, (&mut a.ln_2, &mut a.ln_2_stats), eps);
@@ -439,10 +444,14 @@ impl Gpt2Step {
                 &mut self.d_att,
                 (n, c, c),
             )?;
-            let saved = a.att_saved.as_ref().ok_or_else(|| {
-                Error::InvalidArgument("training step: backward before forward".into())
-            })?;
-            qkv_attention_backward(saved, &self.d_att, dims, scale, &mut self.d_qkv)?;
+            qkv_attention_backward(
+                &a.att_saved,
+                &mut self.att_bwd,
+                &self.d_att,
+                dims,
+                scale,
+                &mut self.d_qkv,
+            )?;
             linear_backward(
                 grads,
                 w,
