@@ -29,6 +29,8 @@ pub struct Pretraining {
     /// The hand-written training step and the parameters it reads, built at the first step;
     /// `Some(None)`: the model trains through autograd ([`Gpt2Step::supports`]).
     owned: Option<Option<OwnedStep>>,
+    /// Whether a training step has run through `owned` (the evaluations then do too).
+    owned_trained: bool,
 }
 
 impl Pretraining {
@@ -54,6 +56,7 @@ impl Pretraining {
             data,
             batch_size,
             owned: None,
+            owned_trained: false,
         })
     }
 
@@ -133,6 +136,7 @@ impl Objective for Pretraining {
             rng,
             self.model.device(),
         );
+        self.owned_trained = true;
         let (b, owned) = (self.batch_size, self.owned_step()?);
         let run = || -> Result<(f64, usize)> {
             let (x, y) = batch?;
@@ -184,7 +188,7 @@ impl Objective for Pretraining {
                 // After a hand-written training step, its forward on its own buffers; else
                 // (autograd, or no step built yet) candle's.
                 let loss = match &mut self.owned {
-                    Some(Some((step, params))) => {
+                    Some(Some((step, params))) if self.owned_trained => {
                         let ids = x.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
                         let targets = y.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
                         step.loss(params, &ids, &targets)?
