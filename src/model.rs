@@ -1671,21 +1671,24 @@ impl StepKv for SlotRows<'_, '_> {
     }
 }
 
-/// A [`KvCache`] of B rows at one position `past`: the step's keys and values gathered as
-/// `(B, nkv, 1, hs)`, written into the layer's `(B, nkv, capacity, hs)` tensors in place,
-/// and the attention read from those tensors' storage.
+/// A [`KvCache`] taking a step of B sequences × T positions `past..past + T` (B rows at one
+/// position, or a prompt of T tokens of one sequence): the rows' keys and values gathered
+/// `(B, T, nkv·hs)`, written into the layer's `(B, nkv, capacity, hs)` tensors in place, and
+/// each row's query reading its sequence's positions up to its own (causal within a prompt).
 struct CacheRows<'a> {
     cache: &'a mut KvCache,
     b: usize,
-    k: Vec<f32>, // (B, nkv, 1, hs)
+    t: usize,
+    k: Vec<f32>, // (B, T, nkv·hs)
     v: Vec<f32>,
 }
 
 impl<'a> CacheRows<'a> {
-    fn new(cache: &'a mut KvCache, b: usize) -> Self {
+    fn new(cache: &'a mut KvCache, b: usize, t: usize) -> Self {
         Self {
             cache,
             b,
+            t,
             k: Vec::new(),
             v: Vec::new(),
         }
@@ -1720,7 +1723,7 @@ impl StepKv for CacheRows<'_> {
         scale: f32,
     ) -> Result<Vec<f32>> {
         let (nh, nkv, hs, block_size) = dims;
-        let (b, past) = (self.b, pos.first().copied().unwrap_or(0));
+        let (b, t, past) = (self.b, self.t, pos.first().copied().unwrap_or(0));
         let device = candle_core::Device::Cpu;
         let slot = self.cache.layers.get_mut(l).ok_or_else(|| {
             Error::InvalidArgument(format!("decoding: the cache has no layer {l}"))
@@ -1729,100 +1732,36 @@ impl StepKv for CacheRows<'_> {
             slot,
             (b, nkv, hs, block_size),
             past,
-            past + 1,
+            past + t,
             DType::F32,
             &device,
         )?;
-        let new = |x: &[f32]| Tensor::from_slice(x, (b, nkv, 1, hs), &device);
-        kv.k.slice_set(&new(&self.k)?, 2, past)?; // written in place at `past`
+        // (B, T, nkv, hs) → (B, nkv, T, hs), written in place at `past..past + T`.
+        let new = |x: &[f32]| -> Result<Tensor> {
+            let x = Tensor::from_slice(x, (b, t, nkv, hs), &device)?;
+            Ok(if t == 1 {
+                x.reshape((b, nkv, 1, hs))?
+            } else {
+                x.transpose(1, 2)?.contiguous()?
+            })
+        };
+        kv.k.slice_set(&new(&self.k)?, 2, past)?;
         kv.v.slice_set(&new(&self.v)?, 2, past)?;
         let cap = kv.k.dim(2)?; // the buffers' positions, `block_size` at most
         let dims = (nh, nkv, hs, cap);
         let row = nkv * cap * hs;
         layers::with_slices(&[&kv.k, &kv.v], |s| {
-            let caches: Vec<RowCache> = (0..b)
-                .map(|i| RowCache {
-                    k: &s[0][i * row..(i + 1) * row],
-                    v: &s[1][i * row..(i + 1) * row],
-                    len: past + 1,
-                })
-                .collect();
-            attention::decode_rows(q, &caches, dims, scale)
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))
-        })
-        .map_err(Error::from)
-    }
-}
-
-/// A [`KvCache`] of one sequence taking a prompt of R tokens at positions `past..past + R`:
-/// the rows' keys and values gathered `(R, nkv·hs)`, written into the layer's
-/// `(1, nkv, capacity, hs)` tensors in place, and each row's query reading the positions up to
-/// its own (causal within the prompt).
-struct PromptRows<'a> {
-    cache: &'a mut KvCache,
-    k: Vec<f32>, // (R, nkv·hs)
-    v: Vec<f32>,
-}
-
-impl StepKv for PromptRows<'_> {
-    fn store(
-        &mut self,
-        _: usize,
-        r: usize,
-        _: usize,
-        k: &[f32],
-        v: &[f32],
-        _: Dims4,
-    ) -> Result<()> {
-        if r == 0 {
-            self.k.clear();
-            self.v.clear();
-        }
-        self.k.extend_from_slice(k);
-        self.v.extend_from_slice(v);
-        Ok(())
-    }
-
-    fn attend(
-        &mut self,
-        l: usize,
-        q: &[f32],
-        pos: &[usize],
-        dims: Dims4,
-        scale: f32,
-    ) -> Result<Vec<f32>> {
-        let (nh, nkv, hs, block_size) = dims;
-        let (rows, past) = (pos.len(), pos.first().copied().unwrap_or(0));
-        let device = candle_core::Device::Cpu;
-        let slot =
-            self.cache.layers.get_mut(l).ok_or_else(|| {
-                Error::InvalidArgument(format!("prompt: the cache has no layer {l}"))
-            })?;
-        let kv = reserve_kv(
-            slot,
-            (1, nkv, hs, block_size),
-            past,
-            past + rows,
-            DType::F32,
-            &device,
-        )?;
-        // (R, nkv, hs) → (1, nkv, R, hs), written in place at `past..past + R`.
-        let new = |x: &[f32]| -> Result<Tensor> {
-            Ok(Tensor::from_slice(x, (1, rows, nkv, hs), &device)?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        kv.k.slice_set(&new(&self.k)?, 2, past)?;
-        kv.v.slice_set(&new(&self.v)?, 2, past)?;
-        let cap = kv.k.dim(2)?;
-        let dims = (nh, nkv, hs, cap);
-        layers::with_slices(&[&kv.k, &kv.v], |s| {
+            // Row r: sequence r / T at position pos[r], seeing its positions up to its own.
             let caches: Vec<RowCache> = pos
                 .iter()
-                .map(|&p| RowCache {
-                    k: s[0],
-                    v: s[1],
-                    len: p + 1,
+                .enumerate()
+                .map(|(r, &p)| {
+                    let i = r / t.max(1);
+                    RowCache {
+                        k: &s[0][i * row..(i + 1) * row],
+                        v: &s[1][i * row..(i + 1) * row],
+                        len: p + 1,
+                    }
                 })
                 .collect();
             attention::decode_rows(q, &caches, dims, scale)
@@ -2162,7 +2101,7 @@ impl Gpt {
                 let logits = self.decode_by_rows(
                     &tokens,
                     &vec![past; b],
-                    &mut CacheRows::new(cache, b),
+                    &mut CacheRows::new(cache, b, 1),
                     false,
                 )?;
                 cache.len = past + 1;
@@ -2179,11 +2118,7 @@ impl Gpt {
                     .flatten_all()?
                     .to_vec1::<u32>()?;
                 let pos: Vec<usize> = (past..past + t).collect();
-                let mut rows = PromptRows {
-                    cache,
-                    k: Vec::new(),
-                    v: Vec::new(),
-                };
+                let mut rows = CacheRows::new(cache, 1, t);
                 let logits = self.decode_by_rows(&tokens, &pos, &mut rows, true)?;
                 cache.len = past + t;
                 return Ok(logits); // (1, V)

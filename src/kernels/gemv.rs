@@ -44,15 +44,6 @@ thread_local! {
     static STREAM_F32: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Restores [`STREAM_F32`] when [`streaming_f32`]'s scope ends, however it ends.
-struct StreamF32Scope(bool);
-
-impl Drop for StreamF32Scope {
-    fn drop(&mut self) {
-        STREAM_F32.with(|s| s.set(self.0));
-    }
-}
-
 /// Runs `f` with [`matmul`] streaming f32 weights (as it always streams f16 ones) on this
 /// thread: for inference through a KV cache ([`crate::Gpt::forward_with_cache`]: prompts and
 /// decoding). Elsewhere f32 weights keep candle's gemm, so that a frozen f32 model gives the
@@ -67,8 +58,7 @@ pub(crate) fn streaming_f32<T>(f: impl FnOnce() -> T) -> T {
     if rayon::current_thread_index().is_some() {
         return f();
     }
-    let _restore = StreamF32Scope(STREAM_F32.with(|s| s.replace(true)));
-    f()
+    super::with_flag(&STREAM_F32, f)
 }
 
 /// From this many rows on, the AVX-512 `(in, out)` kernel keeps its sums in registers

@@ -21,6 +21,7 @@
 //! device and dtype; the tests hold the two to 1e-4 in values and gradients.
 
 use std::cell::Cell;
+use std::thread::LocalKey;
 
 pub mod attention;
 pub(crate) mod decode_step;
@@ -40,13 +41,17 @@ thread_local! {
     static SERIAL: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Restores [`SERIAL`] when [`serial`]'s scope ends, however it ends.
-struct SerialScope(bool);
-
-impl Drop for SerialScope {
-    fn drop(&mut self) {
-        SERIAL.with(|s| s.set(self.0));
+/// Runs `f` with the thread-local switch `flag` on, restoring it when `f` ends, however it
+/// ends.
+pub(crate) fn with_flag<T>(flag: &'static LocalKey<Cell<bool>>, f: impl FnOnce() -> T) -> T {
+    struct Restore(&'static LocalKey<Cell<bool>>, bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            self.0.with(|s| s.set(self.1));
+        }
     }
+    let _restore = Restore(flag, flag.with(|s| s.replace(true)));
+    f()
 }
 
 /// Runs `f` with the kernels it calls on this thread (gemm, attention heads, row passes) kept
@@ -54,8 +59,7 @@ impl Drop for SerialScope {
 /// thread (a training step's shards of the batch, [`train_step::ShardedStep`]), where
 /// splitting each product again would only hand work back and forth.
 pub(crate) fn serial<T>(f: impl FnOnce() -> T) -> T {
-    let _restore = SerialScope(SERIAL.with(|s| s.replace(true)));
-    f()
+    with_flag(&SERIAL, f)
 }
 
 /// Whether the calling thread is inside [`serial`].
